@@ -1,0 +1,369 @@
+"""One typed configuration tree for every stage, with YAML presets and ``--set`` overrides.
+
+    cfg = load_config("configs/cpu_demo.yaml", ["train.epochs=3", "model.backbone=efficientnet_b3"])
+    cfg.validate()                     # ValueError naming the key and what to change
+    save_config(cfg, "runs/x/config.yaml")   # plus versions and git revision
+
+Unknown keys (a typo such as ``train.epoch``) are rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+KAGGLE_DATA_DIR = "/kaggle/input/ranzcr-clip-catheter-line-classification"
+
+
+@dataclass
+class PreprocessConfig:
+    """How a source radiograph becomes a stored image (shared by converter and kernel)."""
+
+    image_size: int = 768
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8  # tiles per side, as cv2.createCLAHE(tileGridSize=(8, 8))
+    interpolation: str = "area"  # area | linear | cubic | lanczos
+    jpeg_quality: int = 95
+    reduced_decode: bool = True  # JPEG DCT-domain downscale when the source is >= 2x the target
+
+    def validate(self) -> None:
+        _check(self.image_size >= 32, "preprocess.image_size", self.image_size, "an integer >= 32")
+        _check(self.clahe_clip_limit >= 0, "preprocess.clahe_clip_limit", self.clahe_clip_limit, ">= 0 (0 disables CLAHE)")
+        _check(self.clahe_tile_grid >= 1, "preprocess.clahe_tile_grid", self.clahe_tile_grid, ">= 1")
+        _check(self.interpolation in ("area", "linear", "cubic", "lanczos"), "preprocess.interpolation",
+               self.interpolation, "one of area, linear, cubic, lanczos")
+        _check(1 <= self.jpeg_quality <= 100, "preprocess.jpeg_quality", self.jpeg_quality, "in 1..100")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is split and batched."""
+
+    data_dir: str = KAGGLE_DATA_DIR
+    tfrecords: str = "tfrecords"
+    folds: int = 5
+    fold_seed: int = 42
+    shard_mb: int = 150  # target shard size of the converter
+    image_size: int = 0  # size fed to the model; 0 = the records' size (from the manifest)
+    image_dtype: str = "auto"  # auto | uint8 | float32 | bfloat16 (what the pipeline hands the model)
+    shuffle_buffer: int = 2048
+    cache: bool = False  # cache decoded validation images in memory
+
+    def validate(self) -> None:
+        _check(self.folds >= 2, "data.folds", self.folds, "an integer >= 2")
+        _check(self.shard_mb >= 1, "data.shard_mb", self.shard_mb, ">= 1")
+        _check(self.image_size == 0 or self.image_size >= 32, "data.image_size", self.image_size, "0 or >= 32")
+        _check(self.image_dtype in ("auto", "uint8", "float32", "bfloat16"), "data.image_dtype",
+               self.image_dtype, "one of auto, uint8, float32, bfloat16")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
+
+
+@dataclass
+class AugmentConfig:
+    """In-graph training augmentations; each ``*_prob`` is the chance it is applied to an image."""
+
+    hflip_prob: float = 0.5
+    affine_prob: float = 0.75
+    shift: float = 0.0625  # fraction of the side
+    scale: float = 0.1  # +- relative zoom
+    rotate_deg: float = 15.0
+    shear_deg: float = 5.0
+    crop_prob: float = 0.3
+    crop_scale_min: float = 0.9  # random resized crop keeps at least this share of the area
+    brightness_contrast_prob: float = 0.5
+    brightness: float = 0.1  # +- fraction of 255
+    contrast: float = 0.1  # +- relative
+    gamma_prob: float = 0.3
+    gamma_min: float = 0.8
+    gamma_max: float = 1.25
+    cutout_prob: float = 0.5
+    cutout_holes: int = 4
+    cutout_size: float = 0.1  # hole side as a fraction of the image side
+    noise_prob: float = 0.0
+    noise_std: float = 5.0  # in 0..255 pixel units
+    blur_prob: float = 0.0
+    blur_sigma: float = 1.0
+
+    def validate(self) -> None:
+        for f in fields(self):
+            if f.name.endswith("_prob"):
+                v = getattr(self, f.name)
+                _check(0.0 <= v <= 1.0, f"augment.{f.name}", v, "a probability in [0, 1]")
+        _check(0 < self.crop_scale_min <= 1, "augment.crop_scale_min", self.crop_scale_min, "in (0, 1]")
+        _check(0 < self.gamma_min <= self.gamma_max, "augment.gamma_min/gamma_max",
+               (self.gamma_min, self.gamma_max), "0 < gamma_min <= gamma_max")
+        _check(0 <= self.cutout_size < 1, "augment.cutout_size", self.cutout_size, "in [0, 1)")
+        _check(self.cutout_holes >= 0, "augment.cutout_holes", self.cutout_holes, ">= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, head and numerics."""
+
+    backbone: str = "efficientnet_b0"
+    weights: Optional[str] = None  # None | "imagenet" (offline, from the Keras cache) | path to a weights file
+    input_channels: int = 1  # 1: grayscale in, expanded to 3 inside the model when the backbone needs it
+    pooling: str = "avg"  # avg | gem
+    gem_p: float = 3.0
+    dropout_rate: float = 0.2
+    head: str = "single"  # single | per_group
+    output: str = "logits"  # logits | probabilities (the loss matches)
+    mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
+
+    def validate(self) -> None:
+        _check(self.input_channels in (1, 3), "model.input_channels", self.input_channels, "1 or 3")
+        _check(self.pooling in ("avg", "gem"), "model.pooling", self.pooling, "avg or gem")
+        _check(self.gem_p > 0, "model.gem_p", self.gem_p, "> 0")
+        _check(0 <= self.dropout_rate < 1, "model.dropout_rate", self.dropout_rate, "in [0, 1)")
+        _check(self.head in ("single", "per_group"), "model.head", self.head, "single or per_group")
+        _check(self.output in ("logits", "probabilities"), "model.output", self.output, "logits or probabilities")
+        _check(self.mixed_precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+               "model.mixed_precision", self.mixed_precision, "auto, float32, mixed_float16 or mixed_bfloat16")
+
+
+@dataclass
+class LossConfig:
+    """Training loss."""
+
+    name: str = "weighted_bce"  # weighted_bce | bce | focal
+    pos_weight_cap: float = 10.0  # cap on the per-class positive weight (neg/pos ratio)
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+
+    def validate(self) -> None:
+        _check(self.name in ("weighted_bce", "bce", "focal"), "loss.name", self.name, "weighted_bce, bce or focal")
+        _check(self.pos_weight_cap >= 1, "loss.pos_weight_cap", self.pos_weight_cap, ">= 1")
+        _check(0 <= self.label_smoothing < 0.5, "loss.label_smoothing", self.label_smoothing, "in [0, 0.5)")
+        _check(self.focal_gamma >= 0, "loss.focal_gamma", self.focal_gamma, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, placement and callbacks."""
+
+    epochs: int = 10
+    batch_size: int = 16  # per replica; global batch = batch_size x replicas
+    steps_per_epoch: int = 0  # 0 = one pass over the training folds
+    learning_rate: float = 1e-3  # for a global batch of lr_reference_batch
+    lr_reference_batch: int = 0  # 0 = no scaling; else lr x global_batch / lr_reference_batch
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 1e-5
+    schedule: str = "cosine"  # cosine | exponential | plateau | constant
+    warmup_epochs: float = 1.0
+    min_learning_rate: float = 1e-6
+    frozen_epochs: int = 0  # first epochs with the backbone frozen
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+    use_ema: bool = False
+    ema_momentum: float = 0.99
+    grad_accum_steps: int = 1
+    early_stopping_patience: int = 0  # 0 = off
+    strategy: str = "auto"  # auto | tpu | mirrored | multiworker | jax | default
+    seed: int = 42
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, ">= 0")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
+        _check(self.lr_reference_batch >= 0, "train.lr_reference_batch", self.lr_reference_batch, ">= 0")
+        _check(self.optimizer in ("adam", "adamw"), "train.optimizer", self.optimizer, "adam or adamw")
+        _check(self.schedule in ("cosine", "exponential", "plateau", "constant"), "train.schedule",
+               self.schedule, "cosine, exponential, plateau or constant")
+        _check(0 <= self.frozen_epochs <= self.epochs, "train.frozen_epochs", self.frozen_epochs, "in 0..train.epochs")
+        _check(self.steps_per_execution >= 1, "train.steps_per_execution", self.steps_per_execution, ">= 1")
+        _check(0 < self.ema_momentum < 1, "train.ema_momentum", self.ema_momentum, "in (0, 1)")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, ">= 1")
+        _check(self.strategy in ("auto", "tpu", "mirrored", "multiworker", "jax", "default"), "train.strategy",
+               self.strategy, "auto, tpu, mirrored, multiworker, jax or default")
+
+
+@dataclass
+class InferConfig:
+    """Submission: test-time augmentation and ensembling."""
+
+    tta: list = field(default_factory=lambda: ["identity", "hflip"])
+    ensemble: str = "mean"  # mean | rank_mean | weighted
+    weights: list = field(default_factory=list)  # one per model when ensemble = weighted
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        _check(len(self.tta) >= 1 and all(t in ("identity", "hflip") for t in self.tta), "infer.tta", self.tta,
+               "a non-empty list of identity, hflip")
+        _check(self.ensemble in ("mean", "rank_mean", "weighted"), "infer.ensemble", self.ensemble,
+               "mean, rank_mean or weighted")
+        _check(self.batch_size >= 1, "infer.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
+class Config:
+    """The whole tree; ``validate()`` checks every section once at start-up."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config {key} = {value!r} is invalid: expected {expected}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/command-line value to the field's declared type, or raise naming the key."""
+    origin = get_origin(annotation)
+    if origin is Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in get_args(annotation) if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if isinstance(value, str) and annotation is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config {key}: cannot parse {value!r}: {exc}") from None
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if annotation is str:
+            return str(value)
+        if annotation is list or origin is list:
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return list(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ValueError(f"config {key} = {value!r}: expected a value of type {getattr(annotation, '__name__', annotation)}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config {path!r} is a section; give its keys, e.g. {path}.{names[0]}=...")
+            _merge(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """``["train.epochs=3", "model.weights=none"]`` -> nested dict."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.epochs=3)")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = raw
+    return nested
+
+
+def config_from_dict(values: dict | None) -> Config:
+    cfg = Config()
+    _merge(cfg, values or {})
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML preset (if given; a saved run config is accepted too) <- ``--set`` overrides; validated."""
+    values: dict = {}
+    if path:
+        if not os.path.exists(path):
+            presets = sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
+            raise ValueError(f"config file {path} not found; presets in configs/: {', '.join(presets)}")
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+        values.pop("_meta", None)
+    cfg = config_from_dict(values)
+    _merge(cfg, parse_overrides(overrides))
+    return cfg.validate()
+
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def run_metadata() -> dict:
+    """Package versions, git revision, host and time: saved beside every artifact."""
+    versions = {}
+    for dist in ("ranzcr-tf", "tensorflow", "tensorflow-cpu", "tensorflow-tpu", "keras", "jax", "jaxlib", "numpy",
+                 "opencv-python-headless", "opencv-python", "pandas", "scikit-learn"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {
+        "versions": versions,
+        "git_revision": git_revision(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
+    }
+
+
+def git_revision() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def config_to_yaml(cfg: Config, with_meta: bool = True) -> str:
+    values = cfg.to_dict()
+    if with_meta:
+        values["_meta"] = run_metadata()
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config plus ``_meta`` (versions, git revision) atomically; works for gs:// via tf.io.gfile."""
+    text = config_to_yaml(cfg)
+    from ranzcr_tf.io_utils import atomic_write_text
+
+    atomic_write_text(path, text)

@@ -1,0 +1,89 @@
+"""Small file helpers: atomic writes that work on local paths and, through ``tf.io.gfile``, on ``gs://``.
+
+TensorFlow is imported only for remote paths, so converter workers and tools that touch only local
+files stay light (and fork-safe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def makedirs(path: str) -> None:
+    if is_remote(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def exists(path: str) -> bool:
+    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def listdir(path: str) -> list[str]:
+    return sorted(_gfile().listdir(path)) if is_remote(path) else sorted(os.listdir(path))
+
+
+def remove(path: str) -> None:
+    if is_remote(path):
+        _gfile().remove(path)
+    else:
+        os.remove(path)
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1] if is_remote(parts[0]) else os.path.join(*parts)
+
+
+def read_text(path: str) -> str:
+    if is_remote(path):
+        with _gfile().GFile(path, "r") as fh:
+            return fh.read()
+    with open(path) as fh:
+        return fh.read()
+
+
+def temp_name(path: str) -> str:
+    """A sibling name that readers ignore (``.tmp-`` prefix) and that no other writer shares."""
+    head, tail = os.path.split(path) if not is_remote(path) else path.rsplit("/", 1)
+    name = f".tmp-{uuid.uuid4().hex[:8]}-{tail}"
+    return join(head, name) if head else name
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary sibling, then rename: readers see the old file or the whole new one."""
+    parent = os.path.dirname(path) if not is_remote(path) else path.rsplit("/", 1)[0]
+    if parent:
+        makedirs(parent)
+    tmp = temp_name(path)
+    if is_remote(path):
+        gfile = _gfile()
+        with gfile.GFile(tmp, "wb") as fh:
+            fh.write(data)
+        gfile.rename(tmp, path, overwrite=True)
+        return
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

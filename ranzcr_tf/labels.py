@@ -1,0 +1,54 @@
+"""The 11 RANZCR CLiP targets: the only place their order is written.
+
+The order is the column order of Kaggle's ``sample_submission.csv`` and
+``train.csv``; every array of 11 targets or probabilities in this project
+follows it.
+"""
+
+from __future__ import annotations
+
+LABELS: tuple[str, ...] = (
+    "ETT - Abnormal",
+    "ETT - Borderline",
+    "ETT - Normal",
+    "NGT - Abnormal",
+    "NGT - Borderline",
+    "NGT - Incompletely Imaged",
+    "NGT - Normal",
+    "CVC - Abnormal",
+    "CVC - Borderline",
+    "CVC - Normal",
+    "Swan Ganz Catheter Present",
+)
+NUM_CLASSES = len(LABELS)
+
+ID_COLUMN = "StudyInstanceUID"
+PATIENT_COLUMN = "PatientID"
+TRAIN_COLUMNS: tuple[str, ...] = (ID_COLUMN, *LABELS, PATIENT_COLUMN)
+SUBMISSION_COLUMNS: tuple[str, ...] = (ID_COLUMN, *LABELS)
+ANNOTATION_COLUMNS: tuple[str, ...] = (ID_COLUMN, "label", "data")
+
+# Tube families, in label order; each maps to the slice of LABELS it owns.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ETT": LABELS[0:3],
+    "NGT": LABELS[3:7],
+    "CVC": LABELS[7:10],
+    "Swan Ganz": LABELS[10:11],
+}
+
+
+def group_slices() -> dict[str, slice]:
+    """Slice of the 11-vector owned by each tube family, in label order."""
+    slices, start = {}, 0
+    for name, members in GROUPS.items():
+        slices[name] = slice(start, start + len(members))
+        start += len(members)
+    return slices
+
+
+def group_of(label: str) -> str:
+    """The tube family ('ETT', 'NGT', 'CVC', 'Swan Ganz') a label belongs to."""
+    for name, members in GROUPS.items():
+        if label in members:
+            return name
+    raise ValueError(f"unknown label {label!r}; expected one of {list(LABELS)}")

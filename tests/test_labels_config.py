@@ -1,0 +1,93 @@
+import dataclasses
+import os
+
+import pytest
+import yaml
+
+from ranzcr_tf import labels
+from ranzcr_tf.config import Config, load_config, save_config, PRESET_DIR
+
+
+def test_label_order_is_the_submission_order():
+    assert labels.LABELS == (
+        "ETT - Abnormal", "ETT - Borderline", "ETT - Normal",
+        "NGT - Abnormal", "NGT - Borderline", "NGT - Incompletely Imaged", "NGT - Normal",
+        "CVC - Abnormal", "CVC - Borderline", "CVC - Normal",
+        "Swan Ganz Catheter Present",
+    )
+    assert labels.NUM_CLASSES == 11
+    assert labels.SUBMISSION_COLUMNS == ("StudyInstanceUID", *labels.LABELS)
+    assert labels.TRAIN_COLUMNS == ("StudyInstanceUID", *labels.LABELS, "PatientID")
+
+
+def test_groups_cover_labels_in_order():
+    sizes = {name: len(members) for name, members in labels.GROUPS.items()}
+    assert sizes == {"ETT": 3, "NGT": 4, "CVC": 3, "Swan Ganz": 1}
+    flattened = [label for members in labels.GROUPS.values() for label in members]
+    assert tuple(flattened) == labels.LABELS
+    for name, sl in labels.group_slices().items():
+        assert labels.LABELS[sl] == labels.GROUPS[name]
+        for label in labels.LABELS[sl]:
+            assert labels.group_of(label) == name
+    with pytest.raises(ValueError, match="unknown label"):
+        labels.group_of("PICC - Normal")
+
+
+@pytest.mark.parametrize("preset", sorted(p for p in os.listdir(PRESET_DIR) if p.endswith(".yaml")))
+def test_every_preset_loads_and_validates(preset):
+    cfg = load_config(os.path.join(PRESET_DIR, preset))
+    assert isinstance(cfg, Config)
+
+
+def test_mission_preset_is_b7_at_768():
+    cfg = load_config(os.path.join(PRESET_DIR, "b7_768_tpu.yaml"))
+    assert cfg.model.backbone == "efficientnet_b7" and cfg.preprocess.image_size == 768
+
+
+def test_load_override_validate_save_roundtrip(tmp_path):
+    cfg = load_config(os.path.join(PRESET_DIR, "cpu_demo.yaml"),
+                      ["train.epochs=3", "model.weights=none", "augment.hflip_prob=0.25",
+                       "infer.tta=[identity]", "model.backbone=efficientnet_b3", "train.jit_compile=true"])
+    assert cfg.train.epochs == 3 and cfg.model.weights is None
+    assert cfg.augment.hflip_prob == 0.25 and cfg.infer.tta == ["identity"]
+    assert cfg.model.backbone == "efficientnet_b3" and cfg.train.jit_compile is True
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, str(path))
+    saved = yaml.safe_load(path.read_text())
+    meta = saved["_meta"]
+    assert "keras" in meta["versions"] and "created" in meta and "git_revision" in meta
+    again = load_config(str(path))
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    assert not [p for p in os.listdir(path.parent) if p.startswith(".tmp-")]
+
+
+def test_misspelt_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown config key 'train\.epoch'"):
+        load_config(None, ["train.epoch=3"])
+    with pytest.raises(ValueError, match=r"unknown config key 'trian'"):
+        load_config(None, ["trian.epochs=3"])
+
+
+def test_misspelt_key_in_yaml_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  backbon: efficientnet_b0\n")
+    with pytest.raises(ValueError, match=r"model\.backbon"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=zero", r"train\.epochs"),
+    ("train.epochs=0", r"train\.epochs = 0 is invalid"),
+    ("augment.hflip_prob=1.5", r"augment\.hflip_prob"),
+    ("model.pooling=max", r"model\.pooling = 'max' is invalid: expected avg or gem"),
+    ("train.jit_compile=maybe", r"train\.jit_compile"),
+    ("train.epochs", r"section\.key=value"),
+])
+def test_bad_values_are_rejected_with_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_preset_lists_presets():
+    with pytest.raises(ValueError, match="cpu_demo"):
+        load_config("configs/nope.yaml")
