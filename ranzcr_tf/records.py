@@ -1,0 +1,253 @@
+"""The TFRecord schema: feature keys, ``serialize_example`` and ``parse_example`` side by side (one owner).
+
+One record is one study. Version 1 holds:
+
+=================  ==========  ==============================================================
+key                type        meaning
+=================  ==========  ==============================================================
+image              bytes       single-channel JPEG, already CLAHE'd and resized (preprocess.py)
+StudyInstanceUID   bytes       the study's ID
+target             float x 11  the labels in ``labels.LABELS`` order (zeros for test records)
+has_target         int64       1 for train records, 0 for test records
+fold               int64       validation fold of the study (-1 for test)
+height, width      int64       stored image size
+orig_height/width  int64       source image size
+ann_label          int64 x n   label index (into LABELS) of each annotated line
+ann_num_points     int64 x n   points in each line
+ann_xy             float x 2P  all lines' points, x then y, scaled into the stored image
+=================  ==========  ==============================================================
+
+New keys may be added in later versions; readers parse only the keys they know, so old readers keep
+working. Shard files are named with their record count (``fold3-007-412.tfrec``) so that readers never
+need a counting pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ranzcr_tf import io_utils
+from ranzcr_tf.labels import NUM_CLASSES
+
+SCHEMA_VERSION = 1
+
+IMAGE = "image"
+ID = "StudyInstanceUID"
+TARGET = "target"
+HAS_TARGET = "has_target"
+FOLD = "fold"
+HEIGHT = "height"
+WIDTH = "width"
+ORIG_HEIGHT = "orig_height"
+ORIG_WIDTH = "orig_width"
+ANN_LABEL = "ann_label"
+ANN_NUM_POINTS = "ann_num_points"
+ANN_XY = "ann_xy"
+
+# The single decoder setting for stored JPEGs: libjpeg's accurate integer IDCT. TensorFlow's default
+# (fast) IDCT differs from OpenCV on about half of the pixels; with this one both decode identically.
+DCT_METHOD = "INTEGER_ACCURATE"
+
+MANIFEST = "manifest.json"
+FOLDS_CSV = "folds.csv"
+TRAIN_DIR = "train"
+TEST_DIR = "test"
+SHARD_SUFFIX = ".tfrec"
+_SHARD_RE = re.compile(r"^(?P<prefix>fold(?P<fold>\d+)|test)-(?P<index>\d{3,})-(?P<count>\d+)\.tfrec$")
+
+
+# ----------------------------------------------------------------------------------------------- naming
+def shard_name(fold: int | None, index: int, count: int) -> str:
+    """``fold{k}-{i:03d}-{count}.tfrec`` for train (fold k), ``test-{i:03d}-{count}.tfrec`` when fold is None."""
+    prefix = "test" if fold is None else f"fold{fold}"
+    return f"{prefix}-{index:03d}-{count}{SHARD_SUFFIX}"
+
+
+def parse_shard_name(name: str) -> dict | None:
+    """``{'fold': k or None, 'index': i, 'count': n}`` for a shard file name, ``None`` for anything else."""
+    match = _SHARD_RE.match(os.path.basename(name))
+    if not match:
+        return None
+    fold = match.group("fold")
+    return {"fold": None if fold is None else int(fold), "index": int(match.group("index")),
+            "count": int(match.group("count"))}
+
+
+def list_shards(tfrecords_dir: str, split: str, folds: Iterable[int] | None = None) -> list[str]:
+    """Complete shards of ``split`` ('train' or 'test'), sorted; train shards filtered to ``folds``.
+
+    Temporary files of an interrupted writer (``.tmp-*``) are never listed.
+    """
+    if split not in (TRAIN_DIR, TEST_DIR):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = io_utils.join(tfrecords_dir, split)
+    if not io_utils.exists(folder):
+        return []
+    wanted = None if folds is None else set(int(f) for f in folds)
+    paths = []
+    for name in io_utils.listdir(folder):
+        info = parse_shard_name(name)
+        if info is None:
+            continue
+        if split == TRAIN_DIR and (info["fold"] is None or (wanted is not None and info["fold"] not in wanted)):
+            continue
+        paths.append(io_utils.join(folder, name))
+    return sorted(paths)
+
+
+def count_records(paths: Sequence[str]) -> int:
+    """Number of records in shards, read from their names."""
+    total = 0
+    for path in paths:
+        info = parse_shard_name(path)
+        if info is None:
+            raise ValueError(f"{path} is not a shard name of this project (expected e.g. fold0-000-123.tfrec)")
+        total += info["count"]
+    return total
+
+
+def read_manifest(tfrecords_dir: str) -> dict:
+    """The converter's ``manifest.json``; a clear error if the folder holds no converted records."""
+    path = io_utils.join(tfrecords_dir, MANIFEST)
+    if not io_utils.exists(path):
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {tfrecords_dir}: convert the data first with "
+            f"`python make_tfrecords.py --data-dir DATA --out-dir {tfrecords_dir}`")
+    manifest = json.loads(io_utils.read_text(path))
+    version = manifest.get("schema_version")
+    if version is None or version > SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema version {version}; this ranzcr-tf reads up to {SCHEMA_VERSION}: upgrade it")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _bytes(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+def _ints(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def _floats(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def serialize_example(
+    image_jpeg: bytes,
+    study_id: str,
+    *,
+    target: Sequence[float] | None,
+    fold: int,
+    height: int,
+    width: int,
+    orig_height: int,
+    orig_width: int,
+    annotations: Sequence[tuple[int, np.ndarray]] = (),
+) -> bytes:
+    """One study as a serialized ``tf.train.Example``.
+
+    ``target`` is None for test studies. ``annotations`` is a sequence of ``(label_index, points)``
+    with ``points`` an ``(n, 2)`` array of x, y already scaled into the stored image.
+    """
+    import tensorflow as tf
+
+    if target is not None and len(target) != NUM_CLASSES:
+        raise ValueError(f"target of {study_id} has {len(target)} values, expected {NUM_CLASSES}")
+    points = [np.asarray(p, dtype=np.float32).reshape(-1, 2) for _, p in annotations]
+    feature = {
+        IMAGE: _bytes([image_jpeg]),
+        ID: _bytes([study_id.encode("utf-8")]),
+        TARGET: _floats(target if target is not None else [0.0] * NUM_CLASSES),
+        HAS_TARGET: _ints([target is not None]),
+        FOLD: _ints([fold]),
+        HEIGHT: _ints([height]),
+        WIDTH: _ints([width]),
+        ORIG_HEIGHT: _ints([orig_height]),
+        ORIG_WIDTH: _ints([orig_width]),
+        ANN_LABEL: _ints([label for label, _ in annotations]),
+        ANN_NUM_POINTS: _ints([len(p) for p in points]),
+        ANN_XY: _floats(np.concatenate(points).ravel() if points else []),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def feature_spec(with_annotations: bool = False) -> dict:
+    import tensorflow as tf
+
+    spec = {
+        IMAGE: tf.io.FixedLenFeature([], tf.string),
+        ID: tf.io.FixedLenFeature([], tf.string),
+        TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32),
+        HAS_TARGET: tf.io.FixedLenFeature([], tf.int64),
+        FOLD: tf.io.FixedLenFeature([], tf.int64),
+        HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+        WIDTH: tf.io.FixedLenFeature([], tf.int64),
+        ORIG_HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+        ORIG_WIDTH: tf.io.FixedLenFeature([], tf.int64),
+    }
+    if with_annotations:
+        spec[ANN_LABEL] = tf.io.VarLenFeature(tf.int64)
+        spec[ANN_NUM_POINTS] = tf.io.VarLenFeature(tf.int64)
+        spec[ANN_XY] = tf.io.VarLenFeature(tf.float32)
+    return spec
+
+
+def parse_example(serialized, with_annotations: bool = False) -> dict:
+    """Apply the schema to one serialized record (no decoding, no augmentation).
+
+    Annotation fields, when asked for, come back dense: ``ann_label`` (n,), ``ann_num_points`` (n,),
+    ``ann_xy`` (P, 2).
+    """
+    import tensorflow as tf
+
+    parsed = tf.io.parse_single_example(serialized, feature_spec(with_annotations))
+    if with_annotations:
+        for key in (ANN_LABEL, ANN_NUM_POINTS, ANN_XY):
+            parsed[key] = tf.sparse.to_dense(parsed[key])
+        parsed[ANN_XY] = tf.reshape(parsed[ANN_XY], [-1, 2])
+    return parsed
+
+
+def decode_image(image_jpeg, channels: int = 1):
+    """Decode a stored JPEG to uint8 ``(h, w, channels)`` with the project's one decoder setting."""
+    import tensorflow as tf
+
+    image = tf.io.decode_jpeg(image_jpeg, channels=1, dct_method=DCT_METHOD)
+    if channels == 3:
+        image = tf.image.grayscale_to_rgb(image)
+    return image
+
+
+def decode_image_numpy(image_jpeg: bytes) -> np.ndarray:
+    """The same decode with OpenCV (bit-identical to ``decode_image``), ``(h, w)`` uint8; no TensorFlow needed."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(image_jpeg, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError("stored image bytes are not a decodable JPEG")
+    return image
+
+
+def annotations_from_parsed(parsed: dict) -> list[tuple[int, np.ndarray]]:
+    """Eager helper: split a parsed record's annotation fields back into ``[(label_index, (n, 2) points)]``."""
+    labels = np.asarray(parsed[ANN_LABEL])
+    counts = np.asarray(parsed[ANN_NUM_POINTS])
+    xy = np.asarray(parsed[ANN_XY]).reshape(-1, 2)
+    out, start = [], 0
+    for label, count in zip(labels, counts):
+        out.append((int(label), xy[start:start + count]))
+        start += count
+    return out
