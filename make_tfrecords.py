@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Convert the RANZCR CLiP Kaggle layout into CLAHE TFRecord shards with patient-grouped folds.
+
+    python make_tfrecords.py --data-dir /path/to/ranzcr --out-dir tfrecords --image-size 768
+    python make_tfrecords.py --config configs/cpu_demo.yaml --data-dir demo/data --out-dir demo/tfrecords
+
+Settings come from the config tree (defaults <- --config preset <- --set overrides) and explicit flags
+override both. Rerunning the same command resumes an interrupted conversion; --overwrite starts over.
+This file only parses arguments: the work is in ranzcr_tf/convert.py (TensorFlow is imported there,
+lazily, so spawned worker processes that re-import this module stay light).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow start-up chatter would hide the progress bar
+
+FLAG_TO_KEY = {  # flag dest -> config key it overrides
+    "image_size": "preprocess.image_size",
+    "clahe_clip": "preprocess.clahe_clip_limit",
+    "clahe_grid": "preprocess.clahe_tile_grid",
+    "jpeg_quality": "preprocess.jpeg_quality",
+    "interpolation": "preprocess.interpolation",
+    "folds": "data.folds",
+    "seed": "data.fold_seed",
+    "shard_mb": "data.shard_mb",
+    "data_dir": "data.data_dir",
+    "out_dir": "data.tfrecords",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python make_tfrecords.py --data-dir data/synthetic --out-dir tfrecords --image-size 512 "
+               "--workers 2. Make synthetic data with: python -m ranzcr_tf.synthetic --out data/synthetic "
+               "--n-train 200 --n-test 50",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = parser.add_argument_group("data")
+    io.add_argument("--data-dir", help="competition folder (train.csv, train/, test/, train_annotations.csv); "
+                    "default: the Kaggle input folder when it exists, else data.data_dir of --config")
+    io.add_argument("--out-dir", help="output folder, local or gs:// (default: data.tfrecords, i.e. tfrecords)")
+    io.add_argument("--no-test", action="store_true", help="convert the training images only")
+    io.add_argument("--limit", type=int, default=0, help="only the first N train rows and N test IDs (smoke runs)")
+    pre = parser.add_argument_group("preprocessing (stored in manifest.json; the kernel reuses it)")
+    pre.add_argument("--image-size", type=int, help="stored square side in pixels (default 768)")
+    pre.add_argument("--clahe-clip", type=float, help="CLAHE clip limit, 0 disables CLAHE (default 2.0)")
+    pre.add_argument("--clahe-grid", type=int, help="CLAHE tiles per side (default 8)")
+    pre.add_argument("--jpeg-quality", type=int, help="stored JPEG quality 1..100 (default 95)")
+    pre.add_argument("--interpolation", choices=["area", "linear", "cubic", "lanczos"], help="resize filter (default area)")
+    split = parser.add_argument_group("folds and shards")
+    split.add_argument("--folds", type=int, help="number of patient-grouped folds (default 5)")
+    split.add_argument("--seed", type=int, help="fold and shard-order seed (default 42)")
+    split.add_argument("--shard-mb", type=int, help="target shard size in MB (default 150)")
+    split.add_argument("--shard-records", type=int, default=0,
+                       help="records per shard, overriding the size estimate (tests, tiny data)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--workers", type=int, default=0, help="worker processes; 0 = all available cores")
+    run.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    run.add_argument("--overwrite", action="store_true", help="delete this converter's earlier output in --out-dir first")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--config", help="preset YAML (e.g. configs/b7_768_tpu.yaml): its preprocess and data sections "
+                     "give the defaults")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override such as preprocess.image_size=512 (repeatable)")
+    return parser
+
+
+def resolve(args: argparse.Namespace):
+    """Config tree (preset <- --set <- explicit flags), validated, and the converter options."""
+    from ranzcr_tf.config import KAGGLE_DATA_DIR, load_config
+    from ranzcr_tf.convert import ConvertOptions
+
+    flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items() if getattr(args, dest) is not None]
+    cfg = load_config(args.config, list(args.overrides) + flags)
+    data_dir = cfg.data.data_dir
+    if not os.path.isdir(data_dir):
+        hint = ("no --data-dir given and the Kaggle folder " + KAGGLE_DATA_DIR + " does not exist"
+                if args.data_dir is None and data_dir == KAGGLE_DATA_DIR else f"data folder {data_dir} does not exist")
+        raise ValueError(f"{hint}: point --data-dir at the competition folder (train.csv, train/, test/), or make "
+                         f"a synthetic set with `python -m ranzcr_tf.synthetic --out data/synthetic --n-train 200 "
+                         f"--n-test 50` and pass --data-dir data/synthetic")
+    options = ConvertOptions(
+        data_dir=data_dir, out_dir=cfg.data.tfrecords, preprocess=cfg.preprocess, num_folds=cfg.data.folds,
+        fold_seed=cfg.data.fold_seed, workers=args.workers, shard_mb=float(cfg.data.shard_mb),
+        shard_records=args.shard_records, include_test=not args.no_test, limit=args.limit, strict=args.strict,
+        overwrite=args.overwrite, progress=not args.no_progress)
+    return cfg, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _, options = resolve(args)
+        from ranzcr_tf.convert import convert
+
+        manifest = convert(options)
+    except ValueError as exc:  # bad input or settings: one clear line, no traceback
+        print(f"make_tfrecords: error: {exc}", file=sys.stderr)
+        return 2
+    skipped = len(manifest["skipped"])
+    print(f"wrote {manifest['num_train']} train records in {len(manifest['shards']['train'])} shards over "
+          f"{manifest['num_folds']} folds and {manifest['num_test']} test records in "
+          f"{len(manifest['shards']['test'])} shards to {options.out_dir}"
+          + (f"; skipped {skipped} unreadable images (listed in manifest.json)" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

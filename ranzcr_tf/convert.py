@@ -1,0 +1,305 @@
+"""Parallel, resumable conversion of the Kaggle layout into CLAHE TFRecord shards plus ``manifest.json``.
+
+    manifest = convert(ConvertOptions(data_dir="data", out_dir="tfrecords", preprocess=cfg.preprocess))
+
+Output (``out_dir``, local or ``gs://``)::
+
+    train/fold{k}-{i:03d}-{count}.tfrec    test/test-{i:03d}-{count}.tfrec    folds.csv    manifest.json
+    .progress/settings.json, .progress/<shard>.json   (resume state; readers ignore it)
+
+How it stays correct when interrupted: the **shard plan** (which IDs go into which shard, in which
+order) is a pure function of the CSVs and the settings, and is saved in ``.progress/settings.json``
+with the settings. Each shard is written under a ``.tmp-`` name, renamed when complete, and then its
+progress file (IDs written, skipped, notes) is saved. A rerun removes ``.tmp-*`` leftovers, keeps
+every shard that has both its final file and its progress file, and redoes the rest, so a run
+killed with ``kill -9`` and rerun ends byte-identical to an uninterrupted run.
+
+Parallelism: worker processes (``spawn``; TensorFlow is never imported in them) read, decode, CLAHE,
+resize and encode images and return JPEG bytes; the main process consumes results strictly in plan
+order through a bounded window of in-flight tasks (memory stays flat, and 1 or N workers write the
+same bytes), and writes shards with ``tf.io.TFRecordWriter``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ranzcr_tf import io_utils, records
+from ranzcr_tf.config import PreprocessConfig, run_metadata
+from ranzcr_tf.csv_checks import (ANNOTATIONS_CSV, TRAIN_CSV, read_annotations, read_test_ids, read_train_csv,
+                                  scale_points)
+from ranzcr_tf.folds import assign_folds, fold_positives, folds_frame
+from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.preprocess import BadImageError, preprocess_file
+from ranzcr_tf.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
+                                  preprocess_settings, read_json, remove_stale, rename, sha256_file, slot_name)
+
+KILL_HOOK_ENV = "RANZCR_CONVERT_KILL_AFTER"  # tests: SIGKILL this process after N records (mid-shard)
+RECORD_OVERHEAD_BYTES = 600  # ID, targets, sizes, typical annotations and TFRecord framing per record
+SIZE_SAMPLE = 8  # images preprocessed up front to estimate the stored bytes per image
+
+
+@dataclass
+class ConvertOptions:
+    """Everything the converter needs; ``make_tfrecords.py`` fills it from flags and the config tree."""
+
+    data_dir: str
+    out_dir: str
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    num_folds: int = 5
+    fold_seed: int = 42
+    workers: int = 0  # 0 = every available core
+    shard_mb: float = 150.0
+    shard_records: int = 0  # > 0 overrides the size estimate (records per shard)
+    include_test: bool = True
+    limit: int = 0  # > 0: only the first N train rows and N test IDs (smoke runs)
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.preprocess.validate()
+        if self.num_folds < 2:
+            raise ValueError(f"--folds {self.num_folds}: need at least 2")
+        if self.shard_mb <= 0 or self.shard_records < 0 or self.limit < 0 or self.workers < 0:
+            raise ValueError("--shard-mb must be > 0 and --shard-records, --limit, --workers >= 0")
+        if io_utils.is_remote(self.data_dir):
+            raise ValueError(f"--data-dir {self.data_dir}: source images must be on a local disk "
+                             f"(copy them, e.g. with gsutil -m cp -r); --out-dir may be gs://")
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------ worker side
+def _process(task: tuple) -> tuple:
+    """Worker: one image -> ('ok', jpeg, info) or ('bad', reason, None). No TensorFlow here."""
+    path, settings = task
+    try:
+        data, info = preprocess_file(path, settings)
+    except BadImageError as exc:
+        reason = str(exc)
+        return "bad", reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason, None
+    return "ok", data, info
+
+
+def ordered_map(fn, items, pool, window: int):
+    """``map(fn, items)`` in order, at most ``window`` tasks in flight (``pool`` None = in this process)."""
+    if pool is None:
+        for item in items:
+            yield fn(item)
+        return
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# --------------------------------------------------------------------------------------------- planning
+def _requested_settings(opts: ConvertOptions, test_ids: list[str]) -> dict:
+    return {
+        "schema_version": records.SCHEMA_VERSION,
+        "preprocess": preprocess_settings(opts.preprocess),
+        "num_folds": opts.num_folds,
+        "fold_seed": opts.fold_seed,
+        "shard_mb": opts.shard_mb,
+        "shard_records": opts.shard_records,
+        "include_test": opts.include_test,
+        "limit": opts.limit,
+        "inputs": {  # a changed table means a different plan: refuse to mix it with old shards
+            "train_csv_sha256": sha256_file(os.path.join(opts.data_dir, TRAIN_CSV)),
+            "annotations_sha256": sha256_file(os.path.join(opts.data_dir, ANNOTATIONS_CSV)),
+            "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
+        },
+    }
+
+
+def _estimate_records_per_shard(opts: ConvertOptions, paths: list[str], pool) -> tuple[int, float]:
+    """Records per shard = shard_mb / (mean stored JPEG bytes of a few evenly spaced train images + overhead).
+
+    The sample is fixed by the inputs (every len/SIZE_SAMPLE-th image) and the encoder is
+    deterministic, so a rerun computes the same number; it is also saved with the settings.
+    """
+    picks = sorted(set(np.linspace(0, len(paths) - 1, num=min(SIZE_SAMPLE, len(paths))).astype(int).tolist()))
+    sizes = [len(r[1]) for r in ordered_map(_process, [(paths[i], opts.preprocess) for i in picks], pool, 64)
+             if r[0] == "ok"]
+    size = opts.preprocess.image_size
+    per_image = float(np.mean(sizes)) if sizes else size * size * 0.25  # fallback: ~2 bits per pixel
+    per_image += RECORD_OVERHEAD_BYTES
+    return max(1, int(opts.shard_mb * 1e6 // per_image)), per_image
+
+
+# -------------------------------------------------------------------------------------------- writing
+def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool, window: int) -> None:
+    """Write every pending shard; results arrive in plan order whatever the number of workers."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    size = opts.preprocess.image_size
+    kill_after = int(os.environ.get(KILL_HOOK_ENV, "0") or 0)
+    image_path = lambda split, sid: os.path.join(opts.data_dir, split, f"{sid}.jpg")  # noqa: E731
+    tasks = ((image_path(s["split"], sid), opts.preprocess) for s in pending for sid in s["ids"])
+    results = ordered_map(_process, tasks, pool, window)
+    bar = tqdm(total=sum(len(s["ids"]) for s in pending), unit="img", desc="converting", file=sys.stderr,
+               disable=not opts.progress, smoothing=0.1)
+    written = 0
+    for shard in pending:
+        split, fold = shard["split"], shard["fold"]
+        folder = io_utils.join(opts.out_dir, split)
+        io_utils.makedirs(folder)
+        tmp = io_utils.temp_name(io_utils.join(folder, records.shard_name(fold, shard["index"], 0)))
+        state = {"ids_planned": shard["ids"], "shard": None, "ids": [], "skipped": [], "notes": []}
+        writer = tf.io.TFRecordWriter(tmp)
+        try:
+            for sid in shard["ids"]:
+                status, payload, info = next(results)
+                bar.update(1)
+                if status == "bad":
+                    path = image_path(split, sid)
+                    if opts.strict:
+                        raise BadImageError(f"--strict: {split} image {path}: {payload}")
+                    bar.write(f"skipped {split} image {path}: {payload}", file=sys.stderr)
+                    state["skipped"].append({"split": split, "id": sid, "path": path, "reason": payload})
+                    continue
+                annotations = []
+                if split == records.TRAIN_DIR:
+                    annotations = [(label, scale_points(points, info["orig_height"], info["orig_width"], size))
+                                   for label, points in lookup["annotations"].get(sid, ())]
+                writer.write(records.serialize_example(
+                    payload, sid, target=lookup["targets"].get(sid), fold=-1 if fold is None else fold,
+                    height=info["height"], width=info["width"], orig_height=info["orig_height"],
+                    orig_width=info["orig_width"], annotations=annotations))
+                state["ids"].append(sid)
+                if info.get("note"):
+                    state["notes"].append({"split": split, "id": sid, "note": info["note"]})
+                written += 1
+                if kill_after and written >= kill_after:  # test hook: a real SIGKILL in the middle of a shard
+                    writer.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            writer.close()
+        except BaseException:
+            writer.close()
+            if io_utils.exists(tmp):
+                io_utils.remove(tmp)
+            bar.close()
+            raise
+        if state["ids"]:
+            name = records.shard_name(fold, shard["index"], len(state["ids"]))
+            rename(tmp, io_utils.join(folder, name))
+            state["shard"] = f"{split}/{name}"
+        else:  # every image of the shard was bad: no empty file
+            io_utils.remove(tmp)
+        io_utils.atomic_write_json(io_utils.join(opts.out_dir, PROGRESS_DIR, slot_name(shard) + ".json"), state)
+    bar.close()
+
+
+def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, folds, saved: dict) -> dict:
+    """folds.csv and manifest.json from the progress of every shard."""
+    ordered = [states[slot_name(s)] for s in plan]
+    written = {sid for st in ordered for sid in st["ids"]}
+    good = train_df[ID_COLUMN].isin(written).to_numpy()
+    table = folds_frame(train_df[good], folds[good])
+    io_utils.atomic_write_text(io_utils.join(opts.out_dir, records.FOLDS_CSV), table.to_csv(index=False))
+    targets = train_df[list(LABELS)].to_numpy()[good]
+    shards = {records.TRAIN_DIR: [], records.TEST_DIR: []}
+    for shard, st in zip(plan, ordered):
+        if st["shard"]:
+            shards[shard["split"]].append(st["shard"])
+    num_test = sum(len(st["ids"]) for s, st in zip(plan, ordered) if s["split"] == records.TEST_DIR)
+    manifest = {
+        "schema_version": records.SCHEMA_VERSION,
+        "preprocess": preprocess_settings(opts.preprocess),
+        "image_size": opts.preprocess.image_size,
+        "num_folds": opts.num_folds,
+        "fold_seed": opts.fold_seed,
+        "fold_stratification": "rarest positive label of the row (index into labels), 11 = no positive label",
+        "labels": list(LABELS),
+        "num_train": int(good.sum()),
+        "num_test": num_test,
+        "fold_counts": {str(k): int((folds[good] == k).sum()) for k in range(opts.num_folds)},
+        "fold_positives": fold_positives(targets, folds[good], opts.num_folds),
+        "test_count": num_test,
+        "records_per_shard": saved["records_per_shard"],
+        "bytes_per_image_estimate": saved["bytes_per_image_estimate"],
+        "shards": shards,
+        "skipped": [entry for st in ordered for entry in st["skipped"]],
+        "notes": [entry for st in ordered for entry in st["notes"]],
+        "source": {"data_dir": os.path.abspath(opts.data_dir), "limit": opts.limit, **saved["inputs"]},
+        "_meta": run_metadata(),
+    }
+    io_utils.atomic_write_json(io_utils.join(opts.out_dir, records.MANIFEST), manifest)
+    return manifest
+
+
+def convert(opts: ConvertOptions) -> dict:
+    """Validate the CSVs, assign folds, write (or resume) every shard, then folds.csv and manifest.json.
+
+    Returns the manifest. CSV problems raise ``ValueError`` before any image is read; unreadable
+    images are skipped and listed (``strict`` makes the first one fatal).
+    """
+    opts.validate()
+    train_csv = os.path.join(opts.data_dir, TRAIN_CSV)
+    if not os.path.exists(train_csv):
+        raise ValueError(f"{train_csv} not found: --data-dir must be the competition folder "
+                         f"(train.csv, train/, test/, train_annotations.csv)")
+    train_df = read_train_csv(train_csv)
+    annotations_csv = os.path.join(opts.data_dir, ANNOTATIONS_CSV)
+    annotations = (read_annotations(annotations_csv, train_df[ID_COLUMN])
+                   if os.path.exists(annotations_csv) else {})
+    test_ids = read_test_ids(opts.data_dir) if opts.include_test else []
+    if opts.limit:
+        train_df, test_ids = train_df.head(opts.limit).reset_index(drop=True), test_ids[:opts.limit]
+    folds = assign_folds(train_df, opts.num_folds, opts.fold_seed)
+
+    if opts.overwrite:
+        for path in own_files(opts.out_dir):
+            io_utils.remove(path)
+    settings_path = io_utils.join(opts.out_dir, PROGRESS_DIR, SETTINGS_FILE)
+    requested = _requested_settings(opts, test_ids)
+    saved = read_json(settings_path)
+    check_resume(opts.out_dir, saved, requested)
+
+    workers = opts.workers or available_cores()
+    # spawn, not fork: the parent may already hold TensorFlow (not fork-safe); workers never import it.
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        if saved is None:
+            ids = train_df[ID_COLUMN].tolist()
+            if opts.shard_records:
+                per_shard, per_image = opts.shard_records, None
+            else:
+                per_shard, per_image = _estimate_records_per_shard(
+                    opts, [os.path.join(opts.data_dir, records.TRAIN_DIR, f"{i}.jpg") for i in ids], pool)
+            saved = {**json.loads(json.dumps(requested)), "records_per_shard": per_shard,
+                     "bytes_per_image_estimate": per_image}
+            io_utils.atomic_write_json(settings_path, saved)
+        plan = plan_shards(train_df, folds, test_ids, saved["records_per_shard"], opts.fold_seed, opts.num_folds)
+        states = remove_stale(opts.out_dir, plan)
+        pending = [s for s in plan if slot_name(s) not in states]
+        if len(pending) < len(plan):
+            print(f"resuming: {len(plan) - len(pending)} of {len(plan)} shards already complete", file=sys.stderr)
+        lookup = {"targets": dict(zip(train_df[ID_COLUMN], train_df[list(LABELS)].to_numpy(np.float32).tolist())),
+                  "annotations": annotations}
+        _write_shards(pending, opts, lookup, pool, window=4 * workers)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    states = remove_stale(opts.out_dir, plan)
+    return _finish(opts, plan, states, train_df, folds, saved)

@@ -1,0 +1,232 @@
+"""How a source radiograph becomes a stored image: THE single definition (converter and Kaggle kernel).
+
+    stored_jpeg, info = preprocess_file("train/1.2.3.jpg", cfg.preprocess)
+
+Steps, in this order:
+
+1. **Decode to 8-bit grayscale with OpenCV** (``cv2.imdecode``; EXIF orientation ignored, like
+   TensorFlow's decoder, so pixel coordinates match ``train_annotations.csv``).
+   JPEG sources are decoded with libjpeg's DCT-domain downscaling (``IMREAD_REDUCED_GRAYSCALE_2/4/8``)
+   when ``reduced_decode`` is on: the largest factor that keeps the **short side** of the decoded image
+   at least ``image_size``. The short side is the one that matters because the square resize that
+   follows shrinks both sides to ``image_size``: with the short side still >= the target, no axis is
+   ever upsampled, so the reduction throws away only detail the resize would discard anyway
+   (decoding is most of the cost: a 2,500 px radiograph decodes ~2x faster at 1/2 scale).
+   Other formats (PNG behind a ``.jpg`` name, TIFF, ...) are decoded in full: 16-bit and float images
+   are scaled to 8 bits by their own min..max range (the range actually used, as DICOM exports
+   often hold 10-12 bit data in 16-bit containers), colour and CMYK are converted to luminance.
+2. **CLAHE** (``cv2.createCLAHE(clip_limit, (tile_grid, tile_grid))``; clip limit 0 disables it) on the
+   decoded image, before the resize, as in the public RANZCR notebooks.
+3. **Resize** to ``image_size`` x ``image_size`` with the named interpolation (``area`` by default).
+   Sources smaller than the target are upscaled and ``info['upscaled']`` says so.
+4. **Encode** a single-channel baseline JPEG at ``jpeg_quality``. The stored JPEG is decoded with
+   ``records.decode_image`` (libjpeg accurate integer IDCT) or ``records.decode_image_numpy``
+   (OpenCV); both give identical pixels.
+
+Unreadable input (missing, zero-byte, truncated, not an image) raises :class:`BadImageError`, a
+``ValueError`` whose message names the file and the reason. No TensorFlow here: converter workers
+import only this module, OpenCV and NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from ranzcr_tf.config import PreprocessConfig
+
+INTERPOLATIONS = {
+    "area": cv2.INTER_AREA,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# SOFn markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+class BadImageError(ValueError):
+    """The input cannot be read as an image (missing, empty, truncated, corrupt, not an image)."""
+
+
+# --------------------------------------------------------------------------------------------- decoding
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG's frame header without decoding, or None if it cannot be found."""
+    if not data.startswith(_JPEG_SOI):
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # stand-alone markers have no length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+        if marker == 0xDA:  # start of scan before any frame header: malformed
+            return None
+        pos += 2 + length
+    return None
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    # libjpeg decodes a truncated file into a partly grey image with only a warning, so truncation is
+    # detected here: a complete JPEG ends with the EOI marker (some writers pad a few bytes after it).
+    # 0xFF in entropy-coded data is always followed by 0x00 or a restart marker, so FFD9 in the last
+    # bytes can only be the EOI marker itself.
+    return _JPEG_EOI in data[-64:]
+
+
+def reduction_factor(height: int, width: int, target: int) -> int:
+    """Largest of 1, 2, 4, 8 that keeps the short side of the reduced decode >= ``target``."""
+    short = min(height, width)
+    factor = 1
+    for candidate in (2, 4, 8):
+        # libjpeg rounds scaled sizes up (ceil), so the reduced short side is ceil(short / candidate).
+        if -(-short // candidate) >= target:
+            factor = candidate
+    return factor
+
+
+def _to_gray_uint8(image: np.ndarray) -> np.ndarray:
+    """Any decoded array (gray/BGR/BGRA, 8/16-bit/float) to 2-D uint8 grayscale."""
+    if image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 1:
+            image = image[:, :, 0]
+        elif channels == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        elif channels == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+        else:
+            raise BadImageError(f"unsupported number of channels: {channels}")
+    if image.dtype != np.uint8:
+        values = image.astype(np.float64)
+        if not np.isfinite(values).all():
+            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), float(values.max())
+        if high > low:
+            values = (values - low) * (255.0 / (high - low))
+        else:
+            values = np.zeros_like(values)
+        image = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+def decode_source(data: bytes, settings: PreprocessConfig, name: str = "image") -> tuple[np.ndarray, dict]:
+    """Decode source bytes to 2-D uint8 grayscale (possibly DCT-reduced), plus info.
+
+    ``info`` holds ``orig_height``, ``orig_width`` (the full source size, whatever the reduction),
+    ``format`` ('jpeg', 'png', 'other') and ``reduction`` (1, 2, 4 or 8).
+    """
+    if len(data) == 0:
+        raise BadImageError(f"{name}: empty file (0 bytes)")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    info: dict = {"reduction": 1}
+    if data.startswith(_JPEG_SOI):
+        info["format"] = "jpeg"
+        if not _jpeg_is_complete(data):
+            raise BadImageError(f"{name}: truncated JPEG (no end-of-image marker)")
+        size = jpeg_size(data)
+        flag = cv2.IMREAD_GRAYSCALE
+        if size is not None and settings.reduced_decode:
+            info["reduction"] = reduction_factor(size[0], size[1], settings.image_size)
+            flag = _REDUCED_FLAGS.get(info["reduction"], cv2.IMREAD_GRAYSCALE)
+        image = cv2.imdecode(buffer, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None:
+            raise BadImageError(f"{name}: corrupt JPEG (OpenCV could not decode it)")
+        if size is None:
+            info["reduction"] = 1
+            size = image.shape[:2]
+        info["orig_height"], info["orig_width"] = int(size[0]), int(size[1])
+        return _to_gray_uint8(image), info
+
+    info["format"] = "png" if data.startswith(_PNG_SIGNATURE) else "other"
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None or image.size == 0:
+        raise BadImageError(f"{name}: not a readable image ({len(data)} bytes that OpenCV cannot decode)")
+    image = _to_gray_uint8(image)
+    info["orig_height"], info["orig_width"] = int(image.shape[0]), int(image.shape[1])
+    return image, info
+
+
+# ----------------------------------------------------------------------------------------- transforming
+def apply_clahe(gray: np.ndarray, settings: PreprocessConfig) -> np.ndarray:
+    """CLAHE with the configured clip limit and tile grid (a no-op when the clip limit is 0)."""
+    if settings.clahe_clip_limit <= 0:
+        return gray
+    grid = int(settings.clahe_tile_grid)
+    clahe = cv2.createCLAHE(clipLimit=float(settings.clahe_clip_limit), tileGridSize=(grid, grid))
+    return clahe.apply(gray)
+
+
+def preprocess_array(gray_uint8: np.ndarray, settings: PreprocessConfig) -> np.ndarray:
+    """CLAHE then square resize of a 2-D uint8 image: ``(image_size, image_size)`` uint8 (no encoding)."""
+    gray = np.asarray(gray_uint8)
+    if gray.ndim == 3 and gray.shape[2] == 1:
+        gray = gray[:, :, 0]
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"preprocess_array expects a 2-D uint8 array, got shape {gray.shape} dtype {gray.dtype}")
+    if settings.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {settings.interpolation!r} unknown; use one of {sorted(INTERPOLATIONS)}")
+    image = apply_clahe(np.ascontiguousarray(gray), settings)
+    size = int(settings.image_size)
+    if image.shape != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=INTERPOLATIONS[settings.interpolation])
+    return image
+
+
+def encode_jpeg(array: np.ndarray, quality: int) -> bytes:
+    """Single-channel baseline JPEG of a 2-D uint8 array (deterministic bytes for the same input)."""
+    ok, buffer = cv2.imencode(".jpg", np.asarray(array, dtype=np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("OpenCV failed to encode a JPEG")
+    return buffer.tobytes()
+
+
+def preprocess_bytes(data: bytes, settings: PreprocessConfig, name: str = "image") -> tuple[bytes, dict]:
+    """Source image bytes -> (stored JPEG bytes, info).
+
+    ``info``: ``orig_height``, ``orig_width``, ``height``, ``width`` (stored size), ``upscaled`` (bool),
+    ``reduction``, ``format`` and, when something is worth recording in the manifest, ``note``.
+    Raises :class:`BadImageError` for undecodable input.
+    """
+    gray, info = decode_source(data, settings, name)
+    size = int(settings.image_size)
+    info["upscaled"] = min(info["orig_height"], info["orig_width"]) < size
+    notes = []
+    if info["upscaled"]:
+        notes.append(f"upscaled from {info['orig_width']}x{info['orig_height']} to {size}x{size}")
+    if info["format"] != "jpeg":
+        notes.append(f"source is {info['format'].upper()} data, not JPEG")
+    if notes:
+        info["note"] = "; ".join(notes)
+    stored = encode_jpeg(preprocess_array(gray, settings), settings.jpeg_quality)
+    info["height"] = info["width"] = size
+    return stored, info
+
+
+def preprocess_file(path: str, settings: PreprocessConfig) -> tuple[bytes, dict]:
+    """:func:`preprocess_bytes` on a local file; a missing or unreadable file is a :class:`BadImageError`."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise BadImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return preprocess_bytes(data, settings, name=os.fspath(path))
