@@ -87,6 +87,7 @@ class AugmentConfig:
     cutout_prob: float = 0.5
     cutout_holes: int = 4
     cutout_size: float = 0.1  # hole side as a fraction of the image side
+    cutout_fill: str = "zero"  # zero | mean (the image's mean grey level)
     noise_prob: float = 0.0
     noise_std: float = 5.0  # in 0..255 pixel units
     blur_prob: float = 0.0
@@ -102,6 +103,15 @@ class AugmentConfig:
                (self.gamma_min, self.gamma_max), "0 < gamma_min <= gamma_max")
         _check(0 <= self.cutout_size < 1, "augment.cutout_size", self.cutout_size, "in [0, 1)")
         _check(self.cutout_holes >= 0, "augment.cutout_holes", self.cutout_holes, ">= 0")
+        _check(self.cutout_fill in ("zero", "mean"), "augment.cutout_fill", self.cutout_fill, "zero or mean")
+        _check(0 <= self.shift < 0.5, "augment.shift", self.shift, "in [0, 0.5)")
+        _check(0 <= self.scale < 1, "augment.scale", self.scale, "in [0, 1)")
+        _check(self.rotate_deg >= 0 and self.shear_deg >= 0, "augment.rotate_deg/shear_deg",
+               (self.rotate_deg, self.shear_deg), ">= 0 (a symmetric range +-value is drawn)")
+        _check(0 <= self.brightness <= 1 and 0 <= self.contrast < 1, "augment.brightness/contrast",
+               (self.brightness, self.contrast), "brightness in [0, 1], contrast in [0, 1)")
+        _check(self.noise_std >= 0, "augment.noise_std", self.noise_std, ">= 0")
+        _check(0 <= self.blur_sigma <= 10, "augment.blur_sigma", self.blur_sigma, "in [0, 10]")
 
 
 @dataclass

@@ -1,0 +1,408 @@
+"""tf.data pipelines from the converted TFRecords: training (all folds but k), validation (fold k), test.
+
+    ds = build_train_dataset(cfg, "tfrecords", fold=0, global_batch_size=32)        # (images, targets), endless
+    ev = build_eval_dataset(cfg, "tfrecords", "valid", 32, fold=0)                    # ordered, padded
+    probs = ev.unpad(model.predict(ev.dataset, steps=ev.steps))                       # rows line up with ev.ids
+
+Every batch has the full batch size on every split (TPUs and JAX data parallelism reject a short last
+batch): training drops its remainder (it repeats anyway), validation and test pad their last batch with
+zero images that ``EvalData.unpad`` removes again, so padding never reaches a metric or a submission.
+StudyInstanceUIDs travel beside the batches (``EvalData.ids``), never inside the Keras tuple: a third
+element would be read as sample weights, and strings cannot go to a TPU or a JAX device.
+
+Run ``python -m ranzcr_tf.data --tfrecords DIR --fold 0 --show grid.png`` to see what the model sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from ranzcr_tf import records
+from ranzcr_tf.augment import augment_image
+from ranzcr_tf.config import Config
+from ranzcr_tf.labels import NUM_CLASSES
+
+AUTOTUNE = tf.data.AUTOTUNE
+log = logging.getLogger(__name__)
+
+# Files read concurrently by the training interleave: enough to hide GCS latency, few enough that the
+# per-file read-ahead buffers stay small.
+_MAX_PARALLEL_FILES = 16
+
+
+# ----------------------------------------------------------------------------------------------- devices
+def hide_accelerators_from_tf() -> None:
+    """Keep TensorFlow (used only for tf.data) off the GPUs/TPUs so the JAX backend owns them.
+
+    Call before anything initialises TensorFlow's devices; afterwards it is too late and a warning is
+    logged (TF would already have reserved GPU memory).
+    """
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError) as exc:  # devices already initialised, or no such device type
+            if "initialized" in str(exc).lower():
+                log.warning("could not hide %s devices from TensorFlow: %s", kind, exc)
+
+
+def _current_accelerator() -> str:
+    if tf.distribute.has_strategy():
+        name = type(tf.distribute.get_strategy()).__name__
+        if "TPU" in name:
+            return "tpu"
+    try:
+        if tf.config.list_logical_devices("TPU"):
+            return "tpu"
+        if tf.config.get_visible_devices("GPU"):
+            return "gpu"
+    except RuntimeError:
+        pass
+    return "cpu"
+
+
+def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
+    """The dtype of the images handed to the model (the model casts to its compute dtype itself).
+
+    - ``cfg.data.image_dtype`` other than ``auto`` wins.
+    - uint8 on CPU and GPU (TF backend) and on every JAX device: a quarter of float32's host-to-device
+      traffic (2.4 MB instead of 9.4 MB per 768 px image, ×3 again for RGB), and it is the stored pixels
+      exactly.
+    - TF ``TPUStrategy``: uint8 infeed was unsupported on some TF-TPU versions, so a float type:
+      bfloat16 (0..255 are exact in bfloat16, half of float32's infeed) unless the model runs in plain
+      float32 (``model.mixed_precision: float32``), then float32.
+    """
+    if cfg.data.image_dtype != "auto":
+        return tf.as_dtype(cfg.data.image_dtype)
+    if backend == "tensorflow" and accelerator == "tpu":
+        return tf.float32 if cfg.model.mixed_precision == "float32" else tf.bfloat16
+    return tf.uint8
+
+
+def _resolve_dtype(cfg: Config, image_dtype) -> tf.DType:
+    if image_dtype is not None:
+        return tf.as_dtype(image_dtype)
+    import keras
+
+    return image_dtype_for(cfg, keras.backend.backend(), _current_accelerator())
+
+
+# ----------------------------------------------------------------------------------------------- decode
+def decode_for_model(image_bytes, image_size: int, channels: int = 1):
+    """Decode a stored JPEG to uint8 ``(image_size, image_size, channels)`` with a static shape.
+
+    Uses the project's one decoder setting (``records.decode_image``), so a stored image gives the same
+    pixels in training, validation, test and in the converter's checks. When the records hold another
+    size than asked for, resizes: ``area`` when shrinking (no aliasing), ``bilinear`` when enlarging.
+    """
+    image = records.decode_image(image_bytes, channels=1)
+    shape = tf.shape(image)
+
+    def resize():
+        shrink = tf.logical_or(shape[0] > image_size, shape[1] > image_size)
+        method = functools.partial(tf.image.resize, image, [image_size, image_size])
+        out = tf.cond(shrink, lambda: method(method="area"), lambda: method(method="bilinear"))
+        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+    same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+    image = tf.cond(same, lambda: image, resize)
+    image = tf.ensure_shape(image, [image_size, image_size, 1])
+    return expand_channels(image, channels)
+
+
+def expand_channels(image, channels: int):
+    """Grey ``(..., 1)`` to the model's channel count (1 or 3), after augmentation: 3x cheaper before."""
+    if channels == 1:
+        return image
+    if channels == 3:
+        return tf.repeat(image, 3, axis=-1)
+    raise ValueError(f"model.input_channels must be 1 or 3, got {channels}")
+
+
+def _to_model_dtype(image, dtype: tf.DType):
+    return image if image.dtype == dtype else tf.cast(image, dtype)
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+def _manifest_info(tfrecords_dir: str) -> tuple[dict, int, int]:
+    manifest = records.read_manifest(tfrecords_dir)
+    return manifest, int(manifest["num_folds"]), int(manifest["image_size"])
+
+
+def _check_fold(fold, num_folds: int) -> int:
+    if fold is None or not 0 <= int(fold) < num_folds:
+        raise ValueError(f"fold must be an integer in 0..{num_folds - 1} (the records have {num_folds} folds), got {fold!r}")
+    return int(fold)
+
+
+def _model_image_size(cfg: Config, stored_size: int, image_size: int | None) -> int:
+    size = image_size or cfg.data.image_size or stored_size
+    if size < 32:
+        raise ValueError(f"image size {size} is too small: use data.image_size >= 32 (or 0 for the records' size)")
+    return int(size)
+
+
+def training_positive_counts(tfrecords_dir: str, fold: int) -> tuple[np.ndarray, int]:
+    """Per-class positives (11,) and the number of studies in all folds but ``fold``, from the manifest."""
+    manifest, num_folds, _ = _manifest_info(tfrecords_dir)
+    fold = _check_fold(fold, num_folds)
+    positives = np.zeros(NUM_CLASSES, dtype=np.int64)
+    total = 0
+    for k in range(num_folds):
+        if k == fold:
+            continue
+        positives += np.asarray(manifest["fold_positives"][str(k)], dtype=np.int64)
+        total += int(manifest["fold_counts"][str(k)])
+    return positives, total
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _train_files(tfrecords_dir: str, fold: int, num_folds: int) -> list[str]:
+    folds = [k for k in range(num_folds) if k != fold]
+    files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, folds)
+    # By construction: the validation fold's shards are not in the list, so they are never opened.
+    if any(records.parse_shard_name(f)["fold"] == fold for f in files):
+        raise RuntimeError(f"validation fold {fold} leaked into the training file list")
+    if not files:
+        raise ValueError(f"no training shards for folds {folds} in {tfrecords_dir}/train: convert the data first")
+    return files
+
+
+def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch_size: int, *,
+                        image_size: int | None = None, input_context=None, seed: int | None = None,
+                        image_dtype=None, augment: bool = True, deterministic: bool = False) -> tf.data.Dataset:
+    """Endless, shuffled, augmented ``(images, targets)`` batches from every fold except ``fold``.
+
+    images: ``(B, S, S, model.input_channels)`` of ``image_dtype`` (default ``image_dtype_for`` the
+    current Keras backend and accelerator); targets: ``(B, 11)`` float32. ``B`` is the global batch,
+    or its per-replica share under ``input_context`` (``distribute_datasets_from_function``), which
+    also shards the input: by file when there are at least as many files as input pipelines, else by
+    record. Reads are interleaved across files and element order is not deterministic (faster); a fixed
+    ``seed`` fixes the shuffles and the sequence of augmentation seeds. Batches drop their remainder.
+    ``augment=False`` yields the stored pixels (for checks and previews); ``deterministic=True`` with a
+    ``seed`` makes the element order reproducible too (slower: for debugging and tests).
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    _, num_folds, stored_size = _manifest_info(tfrecords_dir)
+    fold = _check_fold(fold, num_folds)
+    size = _model_image_size(cfg, stored_size, image_size)
+    channels = int(cfg.model.input_channels)
+    dtype = _resolve_dtype(cfg, image_dtype)
+    files = _train_files(tfrecords_dir, fold, num_folds)
+
+    batch_size = global_batch_size
+    pipelines, pipeline_id = 1, 0
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+        pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
+
+    file_ds = tf.data.Dataset.from_tensor_slices(files)
+    if pipelines > 1 and len(files) >= pipelines:
+        file_ds = file_ds.shard(pipelines, pipeline_id)
+        num_files = len(range(pipeline_id, len(files), pipelines))
+        file_ds = file_ds.shuffle(num_files, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = file_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(num_files, _MAX_PARALLEL_FILES),
+                                block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    elif pipelines > 1:
+        # Fewer files than workers: every worker reads all files in the same fixed order and keeps every
+        # pipelines-th record, so the workers' shares partition the data exactly.
+        ds = tf.data.TFRecordDataset(files).shard(pipelines, pipeline_id).repeat()
+    else:
+        file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = file_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), _MAX_PARALLEL_FILES),
+                                block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    # Shuffle serialized records (~100 KB at 768 px), not decoded images: a big buffer stays cheap.
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    # One independent [2] seed per element for the stateless augmentation ops.
+    element_seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+    ds = tf.data.Dataset.zip((ds, element_seeds))
+    aug_cfg = cfg.augment
+
+    def prepare(serialized, element_seed):
+        parsed = records.parse_example(serialized)
+        image = decode_for_model(parsed[records.IMAGE], size, channels=1)
+        if augment:
+            image = augment_image(image, aug_cfg, element_seed)
+        image = _to_model_dtype(expand_channels(image, channels), dtype)
+        return image, parsed[records.TARGET]
+
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+class EvalData:
+    """An ordered, padded evaluation dataset and, beside it, the IDs and targets of its real rows.
+
+    ``dataset`` yields ``num_batches`` full batches of ``batch_size``: ``(images, targets)``, or
+    ``images`` alone, or ``(images, targets, weights)`` with weight 0 on padding rows (so
+    ``model.evaluate`` ignores them). Row ``i < num_examples`` of the concatenated predictions belongs
+    to ``ids[i]``; ``unpad(predictions)`` drops the padding rows.
+    """
+
+    def __init__(self, dataset, files, num_examples: int, batch_size: int, split: str):
+        self.dataset = dataset
+        self.files = list(files)
+        self.num_examples = int(num_examples)
+        self.batch_size = int(batch_size)
+        self.split = split
+        self.num_batches = math.ceil(self.num_examples / self.batch_size)
+        self.steps = self.num_batches
+        self.num_padding = self.num_batches * self.batch_size - self.num_examples
+
+    @functools.cached_property
+    def _labels(self) -> tuple[np.ndarray, np.ndarray]:
+        # A pass over the same files in the same order, parsing only two small features (no decoding).
+        spec = {records.ID: tf.io.FixedLenFeature([], tf.string),
+                records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
+        ds = _ordered_records(self.files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
+        ids, targets = [], []
+        for batch in ds.as_numpy_iterator():
+            ids.extend(x.decode("utf-8") for x in batch[records.ID])
+            targets.append(batch[records.TARGET])
+        ids = np.asarray(ids, dtype=object)
+        targets = np.concatenate(targets) if targets else np.zeros((0, NUM_CLASSES), np.float32)
+        if len(ids) != self.num_examples:
+            raise ValueError(f"the shards hold {len(ids)} records but their names say {self.num_examples}: "
+                             "re-run the converter on this folder")
+        return ids, targets
+
+    @property
+    def ids(self) -> np.ndarray:
+        """StudyInstanceUIDs of the real rows, in dataset order."""
+        return self._labels[0]
+
+    @property
+    def targets(self) -> np.ndarray:
+        """``(num_examples, 11)`` float32 targets in dataset order (zeros for test)."""
+        return self._labels[1]
+
+    def unpad(self, predictions):
+        """Drop the padding rows: ``predictions[:num_examples]`` (after checking the row count)."""
+        predictions = np.asarray(predictions)
+        if predictions.shape[0] != self.num_batches * self.batch_size:
+            raise ValueError(f"expected {self.num_batches * self.batch_size} predicted rows "
+                             f"({self.num_batches} batches of {self.batch_size}), got {predictions.shape[0]}: "
+                             f"predict with steps={self.steps}")
+        return predictions[:self.num_examples]
+
+
+def _ordered_records(files):
+    # One file after another: the order is the sorted file order, identical on every pass.
+    return tf.data.TFRecordDataset(files, buffer_size=8 << 20)
+
+
+def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch_size: int, *,
+                       fold: int | None = None, image_size: int | None = None, tta: str = "identity",
+                       with_targets: bool = True, with_weights: bool = False, image_dtype=None) -> EvalData:
+    """Validation (``split='valid'``, fold ``fold``) or test data, in a fixed order, every batch full.
+
+    No augmentation; ``tta='hflip'`` mirrors every image (test-time augmentation). The last batch is
+    padded with zero images (targets 0, weight 0) up to ``global_batch_size``; drop them from
+    predictions with ``EvalData.unpad``. ``with_targets=False`` yields images only (prediction);
+    ``with_weights=True`` adds per-row weights (0 on padding) for ``model.evaluate``.
+    """
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    if tta not in ("identity", "hflip"):
+        raise ValueError(f"tta must be 'identity' or 'hflip', got {tta!r}")
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    _, num_folds, stored_size = _manifest_info(tfrecords_dir)
+    if split == "valid":
+        fold = _check_fold(fold, num_folds)
+        files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, [fold])
+    else:
+        files = records.list_shards(tfrecords_dir, records.TEST_DIR)
+    if not files:
+        raise ValueError(f"no {split} shards in {tfrecords_dir} (fold {fold}): convert the data first")
+    size = _model_image_size(cfg, stored_size, image_size)
+    channels = int(cfg.model.input_channels)
+    dtype = _resolve_dtype(cfg, image_dtype)
+    num_examples = records.count_records(files)
+
+    def prepare(serialized):
+        parsed = records.parse_example(serialized)
+        image = decode_for_model(parsed[records.IMAGE], size, channels=1)
+        if tta == "hflip":
+            image = tf.reverse(image, axis=[1])
+        image = _to_model_dtype(expand_channels(image, channels), dtype)
+        return image, parsed[records.TARGET], tf.constant(1.0)
+
+    ds = _ordered_records(files).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if cfg.data.cache and split == "valid":
+        ds = ds.cache()
+    pad = math.ceil(num_examples / global_batch_size) * global_batch_size - num_examples
+    if pad:
+        padding = (tf.zeros([size, size, channels], dtype), tf.zeros([NUM_CLASSES], tf.float32), tf.constant(0.0))
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
+    if with_targets and with_weights:
+        pass
+    elif with_targets:
+        ds = ds.map(lambda x, y, w: (x, y))
+    else:
+        ds = ds.map(lambda x, y, w: x)
+    ds = ds.batch(global_batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    return EvalData(ds, files, num_examples, global_batch_size, split)
+
+
+# ----------------------------------------------------------------------------------------------- preview
+def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16, seed: int = 0,
+              augment: bool = True) -> str:
+    """Write a PNG grid of ``n`` training samples (augmented unless told) titled with their positive labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ranzcr_tf.labels import LABELS
+
+    ds = build_train_dataset(cfg, tfrecords_dir, fold, n, seed=seed, image_dtype=tf.uint8, augment=augment)
+    images, targets = next(iter(ds))
+    images, targets = images.numpy(), targets.numpy()
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i][..., 0], cmap="gray", vmin=0, vmax=255)
+        names = [LABELS[j] for j in np.flatnonzero(targets[i] > 0.5)]
+        ax.set_title("\n".join(names) or "no tube", fontsize=7)
+    fig.suptitle(f"training samples (folds != {fold}), augment={'on' if augment else 'off'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    from ranzcr_tf.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.data",
+                                     description="Preview the training input: a grid of augmented samples with their labels.")
+    parser.add_argument("--tfrecords", required=True, help="converted records folder (holds manifest.json)")
+    parser.add_argument("--fold", type=int, default=0, help="validation fold; the grid shows the other folds")
+    parser.add_argument("--show", required=True, metavar="PNG", help="output image path")
+    parser.add_argument("--n", type=int, default=16, help="number of samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-augment", action="store_true", help="show the stored pixels")
+    parser.add_argument("--config", help="YAML preset (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. augment.hflip_prob=1")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    print(show_grid(cfg, args.tfrecords, args.fold, args.show, n=args.n, seed=args.seed, augment=not args.no_augment))
+
+
+if __name__ == "__main__":
+    main()
