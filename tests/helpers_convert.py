@@ -21,7 +21,7 @@ from ranzcr_tf.labels import ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUM
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _phantom(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def phantom(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     image = 50 + 140 * np.exp(-(((xx - width / 2) / (width * 0.35)) ** 2 + ((yy - height / 2) / (height * 0.4)) ** 2))
     image += 20 * np.sin(yy / max(4.0, height / 40))
@@ -43,7 +43,7 @@ def make_tiny_dataset(out_dir: str, n_train: int = 24, n_test: int = 6, seed: in
     for i in range(n_train):
         study = f"1.2.826.0.1.{seed}.{i}"
         height, width = (int(v) for v in rng.integers(*size_range, size=2))
-        cv2.imwrite(os.path.join(out_dir, "train", f"{study}.jpg"), _phantom(rng, height, width),
+        cv2.imwrite(os.path.join(out_dir, "train", f"{study}.jpg"), phantom(rng, height, width),
                     [cv2.IMWRITE_JPEG_QUALITY, 92])
         labels = (rng.random(len(LABELS)) < 0.3).astype(int)
         rows.append({ID_COLUMN: study, **dict(zip(LABELS, labels)), PATIENT_COLUMN: f"pt{i // 2}"})
@@ -57,7 +57,7 @@ def make_tiny_dataset(out_dir: str, n_train: int = 24, n_test: int = 6, seed: in
     test_ids = [f"1.2.826.0.2.{seed}.{i}" for i in range(n_test)]
     for study in test_ids:
         height, width = (int(v) for v in rng.integers(*size_range, size=2))
-        cv2.imwrite(os.path.join(out_dir, "test", f"{study}.jpg"), _phantom(rng, height, width))
+        cv2.imwrite(os.path.join(out_dir, "test", f"{study}.jpg"), phantom(rng, height, width))
     sub = pd.DataFrame({ID_COLUMN: test_ids, **{label: 0.5 for label in LABELS}})[list(SUBMISSION_COLUMNS)]
     sub.to_csv(os.path.join(out_dir, "sample_submission.csv"), index=False)
     return out_dir
