@@ -1,0 +1,373 @@
+"""Training callbacks: exact validation AUC, best-model checkpoint, resumable state, NaN guard, EMA swap.
+
+Order matters at the end of an epoch (``build_callbacks`` in train.py keeps it):
+
+    NaNGuard -> LearningRateLogger -> SwapEMAIn -> Validation (puts val_auc in logs) -> BestCheckpoint
+    -> EarlyStopping -> ReduceLROnPlateau -> CSVLogger -> TensorBoard -> SwapEMAOut -> RunState -> Backup
+    -> KillAfterEpoch (tests only)
+
+so the checkpoint, early stopping and the CSV log all read the validation AUC of this epoch, and the
+backup (which decides where a restarted run continues) is written last: whatever a kill interrupts,
+the restarted run repeats at most the epoch whose backup was missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import sys
+
+import keras
+import numpy as np
+
+from ranzcr_tf import io_utils
+from ranzcr_tf.labels import LABELS
+from ranzcr_tf.schedules import learning_rate_value
+
+KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this process after that epoch's backup
+
+NAN_ADVICE = ("try a lower learning rate (--set train.learning_rate=...; a tenth of the current value is a good "
+              "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.data --tfrecords DIR "
+              "--fold K --show grid.png`), or train in float32 (--set model.mixed_precision=float32)")
+
+
+def label_slug(label: str) -> str:
+    """``"NGT - Incompletely Imaged"`` -> ``"ngt_incompletely_imaged"`` (for log keys and CSV columns)."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+class RunFlags:
+    """State shared by the callbacks of one fit: did the loss diverge, and where."""
+
+    def __init__(self):
+        self.diverged = False
+        self.message = ""
+
+
+# ----------------------------------------------------------------------------------------------- prediction
+def _indexed_model(model: keras.Model, from_logits: bool) -> keras.Model:
+    """``{"image", "index"} -> {"probabilities", "index"}``: the row index travels through the model.
+
+    Whatever order a strategy hands batches to replicas or workers in, each prediction comes back with
+    the row it belongs to, so gathering is exact on every placement.
+    """
+    source = model.inputs[0]
+    image = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype, name="image")
+    index = keras.Input(shape=(), dtype="int32", name="index")
+    outputs = model(image)
+    if from_logits:
+        outputs = keras.layers.Activation("sigmoid", dtype="float32", name="to_probabilities")(outputs)
+    return keras.Model({"image": image, "index": index},
+                       {"probabilities": outputs, "index": keras.layers.Identity(name="row_index")(index)},
+                       name="indexed_predictor")
+
+
+def _indexed_dataset(eval_data, placement):
+    import tensorflow as tf
+
+    batch = eval_data.batch_size
+
+    def add_index(step, element):
+        images = element[0] if isinstance(element, (tuple, list)) else element
+        index = tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32)
+        return {"image": images, "index": index}
+
+    # A known length lets predict stop without probing (and warning about) the end of the data.
+    ds = eval_data.dataset.enumerate().map(add_index).apply(tf.data.experimental.assert_cardinality(eval_data.steps))
+    if placement is not None and placement.kind == "multiworker":
+        # Every worker reads the whole set (no sharding, so no worker runs out of batches early and
+        # the collective ops stay in step); duplicates are dropped by index afterwards.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(options)
+    return ds
+
+
+def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=None) -> np.ndarray:
+    """Probabilities ``(eval_data.num_examples, 11)`` in ``eval_data.ids`` order (padding removed)."""
+    with placement.scope() if placement is not None else _null():
+        predictor = _indexed_model(model, from_logits)
+    out = predictor.predict(_indexed_dataset(eval_data, placement), verbose=0)
+    index = np.asarray(out["index"]).reshape(-1)
+    probs = np.asarray(out["probabilities"], dtype=np.float32).reshape(len(index), -1)
+    keep = index < eval_data.num_examples  # padding rows sit past the real ones
+    index, probs = index[keep], probs[keep]
+    unique, first = np.unique(index, return_index=True)
+    if len(unique) != eval_data.num_examples:
+        raise RuntimeError(f"prediction returned {len(unique)} of {eval_data.num_examples} validation rows")
+    return probs[first]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+class NaNGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss and records what to try (read by the trainer)."""
+
+    def __init__(self, flags: RunFlags):
+        super().__init__()
+        self.flags = flags
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def _check(self, logs, where):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and not self.flags.diverged:
+            self.flags.diverged = True
+            self.flags.message = f"the training loss became {float(loss)} at epoch {self._epoch} {where}; {NAN_ADVICE}"
+            print(f"\nSTOPPING: {self.flags.message}", file=sys.stderr, flush=True)
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, f"step {batch}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs, "(epoch mean)")
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Puts the optimizer's current learning rate into the epoch logs (CSV, TensorBoard)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = learning_rate_value(self.model.optimizer)
+
+
+class EMASwapper:
+    """Swaps the optimizer's moving-average weights into the model and back (Keras' SwapEMAWeights logic)."""
+
+    def __init__(self):
+        self._impl = keras.callbacks.SwapEMAWeights(swap_on_epoch=False)
+        self.in_model = False
+
+    def swap(self, model, want_ema: bool):
+        if self.in_model != want_ema:
+            self._impl.set_model(model)
+            self._impl._swap_variables()
+            self.in_model = want_ema
+
+
+class SwapEMAIn(keras.callbacks.Callback):
+    def __init__(self, swapper: EMASwapper, flags: RunFlags):
+        super().__init__()
+        self.swapper, self.flags = swapper, flags
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.flags.diverged:
+            self.swapper.swap(self.model, True)
+
+
+class SwapEMAOut(keras.callbacks.Callback):
+    def __init__(self, swapper: EMASwapper):
+        super().__init__()
+        self.swapper = swapper
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.swapper.swap(self.model, False)
+
+    def on_train_end(self, logs=None):
+        self.swapper.swap(self.model, False)
+
+
+class Validation(keras.callbacks.Callback):
+    """Each epoch: predict the whole validation fold, score it with ``metrics.competition_metric``.
+
+    Adds ``val_auc`` (mean over the classes that have both labels) and ``val_auc_<label slug>`` to the
+    epoch logs, for the callbacks after it.
+    """
+
+    def __init__(self, eval_data, *, from_logits: bool, placement, flags: RunFlags, verbose: bool = True):
+        super().__init__()
+        self.eval_data, self.from_logits, self.placement = eval_data, from_logits, placement
+        self.flags, self.verbose = flags, verbose
+        self.targets = np.asarray(eval_data.targets)
+        self.best = -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        from ranzcr_tf.metrics import competition_metric
+
+        logs = logs if logs is not None else {}
+        if self.flags.diverged:
+            logs["val_auc"] = math.nan
+            return
+        probs = predict_eval(self.model, self.eval_data, from_logits=self.from_logits, placement=self.placement)
+        mean_auc, per_class = competition_metric(self.targets, probs)
+        logs["val_auc"] = float(mean_auc)
+        for label in LABELS:
+            logs[f"val_auc_{label_slug(label)}"] = float(per_class[label])
+        self.best = max(self.best, float(mean_auc)) if math.isfinite(mean_auc) else self.best
+        if self.verbose:
+            print(f"epoch {epoch}: loss {logs.get('loss', math.nan):.4f}  val_auc {mean_auc:.4f}", flush=True)
+
+
+def _atomic_save_model(model: keras.Model, path: str) -> None:
+    """Save to a temporary sibling, then rename: a kill mid-save never leaves a broken best.keras."""
+    tmp = io_utils.temp_name(path)
+    model.save(tmp)
+    if io_utils.is_remote(path):
+        import tensorflow as tf
+
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    else:
+        os.replace(tmp, path)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model as ``best.keras`` whenever ``val_auc`` beats the best so far (never a worse one).
+
+    ``best`` survives restarts: the trainer restores it from ``best.json`` and the run state.
+    """
+
+    def __init__(self, path: str, monitor: str = "val_auc"):
+        super().__init__()
+        self.path, self.monitor = path, monitor
+        self.best = -math.inf
+        self.best_epoch = None
+        self.info_path = os.path.splitext(path)[0] + ".json"
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if current is None or not math.isfinite(current) or current <= self.best:
+            return
+        _atomic_save_model(self.model, self.path)
+        self.best, self.best_epoch = float(current), int(epoch)
+        io_utils.atomic_write_json(self.info_path, {"epoch": self.best_epoch, self.monitor: self.best})
+
+    def get_state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def set_state(self, state: dict) -> None:
+        best = state.get("best")
+        if best is not None and math.isfinite(best) and best > self.best:
+            self.best, self.best_epoch = float(best), state.get("best_epoch")
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose patience counter and best value carry over a restart."""
+
+    pending_state: dict | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.pending_state:
+            self.wait = int(self.pending_state.get("wait", 0))
+            self.best = self.pending_state.get("best", self.best)
+
+    def get_state(self) -> dict:
+        return {"wait": int(self.wait), "best": None if self.best is None else float(self.best)}
+
+
+class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose counters carry over a restart (the lowered rate itself is in the backup)."""
+
+    pending_state: dict | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.pending_state:
+            self.wait = int(self.pending_state.get("wait", 0))
+            self.cooldown_counter = int(self.pending_state.get("cooldown_counter", 0))
+            self.best = float(self.pending_state.get("best", self.best))
+
+    def get_state(self) -> dict:
+        return {"wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter), "best": float(self.best)}
+
+
+class RunState(keras.callbacks.Callback):
+    """Writes ``train_state.json`` each epoch: the stateful callbacks' counters, keyed by epoch."""
+
+    def __init__(self, path: str, stateful: dict, flags: RunFlags, writer: bool = True):
+        super().__init__()
+        self.path, self.stateful, self.flags, self.writer = path, stateful, flags, writer
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.flags.diverged or not self.writer:
+            return
+        state = read_state(self.path)
+        snapshots = state.setdefault("snapshots", {})
+        snapshots[str(epoch)] = {name: cb.get_state() for name, cb in self.stateful.items()}
+        for key in sorted(snapshots, key=int)[:-3]:  # a restart needs only the latest ones
+            del snapshots[key]
+        io_utils.atomic_write_json(self.path, state)
+
+
+def read_state(path: str) -> dict:
+    return json.loads(io_utils.read_text(path)) if io_utils.exists(path) else {}
+
+
+BACKUP_METADATA = "training_metadata.json"
+
+
+def backup_epoch(backup_dir: str) -> int | None:
+    """Epochs completed according to a backup folder, or None when there is no backup."""
+    path = io_utils.join(backup_dir, BACKUP_METADATA)
+    if not io_utils.exists(path):
+        return None
+    return int(json.loads(io_utils.read_text(path))["epoch"])
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` made safe to kill at any moment, chief-only, and NaN-aware.
+
+    Weights go to ``epoch{N}.weights.h5`` and only then does the metadata (written atomically) point at
+    them, so a restart always finds a complete pair. Non-chief workers read the chief's folder and write
+    nothing. Weights of a diverged epoch are never backed up. The backup is kept after training.
+    """
+
+    def __init__(self, backup_dir: str, *, flags: RunFlags, writer: bool = True):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+        self.flags, self.writer = flags, writer
+
+    def on_train_begin(self, logs=None):
+        self._load_model()
+
+    def _load_model(self):
+        epoch = backup_epoch(self.backup_dir)
+        if epoch is None:
+            return
+        meta = json.loads(io_utils.read_text(io_utils.join(self.backup_dir, BACKUP_METADATA)))
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(io_utils.join(self.backup_dir, meta["weights"]))
+        self.model._initial_epoch = epoch
+        print(f"resumed from {self.backup_dir}: {epoch} epoch(s) already done", flush=True)
+
+    def _save_model(self):
+        if not self.writer or self.flags.diverged:
+            return
+        io_utils.makedirs(self.backup_dir)
+        name = f"epoch{self._current_epoch}.weights.h5"
+        self.model.save_weights(io_utils.join(self.backup_dir, name), overwrite=True)
+        io_utils.atomic_write_json(io_utils.join(self.backup_dir, BACKUP_METADATA),
+                                   {"epoch": self._current_epoch, "batch": 0, "weights": name})
+        for old in io_utils.listdir(self.backup_dir):
+            if old.endswith(".weights.h5") and old != name:
+                io_utils.remove(io_utils.join(self.backup_dir, old))
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+class KillAfterEpoch(keras.callbacks.Callback):
+    """Test hook: with ``RANZCR_TF_KILL_AFTER_EPOCH=N`` the process SIGKILLs itself after epoch N's backup."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = int(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)

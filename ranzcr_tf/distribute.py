@@ -1,0 +1,196 @@
+"""Where training runs: one TPU, several GPUs, several hosts, the JAX backend, or the default device.
+
+    placement = choose_placement("auto")     # prints nothing; placement.describe() says what and why
+    with placement.scope():
+        model = build_model(...)
+    global_batch = cfg.train.batch_size * placement.num_replicas
+
+``auto`` picks, in this order:
+
+1. the JAX backend (``KERAS_BACKEND=jax``) -> ``keras.distribution.DataParallel`` over every JAX device
+   (TensorFlow, which only feeds tf.data there, is kept off the accelerators);
+2. a TPU that ``TPUClusterResolver`` can reach -> ``TPUStrategy``;
+3. ``TF_CONFIG`` set -> ``MultiWorkerMirroredStrategy`` (several hosts, or several processes on one);
+4. more than one GPU -> ``MirroredStrategy``;
+5. otherwise the default strategy (one CPU or one GPU).
+
+A strategy must be created before TensorFlow touches its devices, so call ``choose_placement`` first,
+before building datasets or models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")
+
+
+@dataclass
+class Placement:
+    """The chosen distribution and the facts the trainer needs about it."""
+
+    kind: str  # tpu | mirrored | multiworker | jax | default
+    reason: str
+    num_replicas: int
+    accelerator: str = "cpu"  # tpu | gpu | cpu (for the precision policy and the image dtype)
+    strategy: Any = None  # tf.distribute.Strategy on the TensorFlow backend, None under JAX
+    distribution: Any = None  # keras.distribution.Distribution under JAX
+    num_workers: int = 1
+    worker_index: int = 0
+    is_chief: bool = True
+    devices: list = field(default_factory=list)
+
+    def scope(self):
+        """Context in which variables (model, optimizer) must be created."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def global_batch_size(self, per_replica_batch: int) -> int:
+        return int(per_replica_batch) * self.num_replicas
+
+    def describe(self) -> str:
+        where = f"{self.num_replicas} replica(s) on {self.accelerator}"
+        if self.num_workers > 1:
+            role = "chief" if self.is_chief else "non-chief"
+            where += f", worker {self.worker_index} of {self.num_workers} ({role})"
+        return f"placement: {self.kind} -- {where}; because {self.reason}"
+
+
+def keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+def choose_placement(requested: str = "auto") -> Placement:
+    """Create the distribution for ``requested`` (one of ``KINDS``); ``auto`` decides as the module says.
+
+    Raises ``ValueError`` when the requested placement cannot run here, saying what to use instead.
+    """
+    if requested not in KINDS:
+        raise ValueError(f"strategy {requested!r} is unknown: use one of {', '.join(KINDS)}")
+    backend = keras_backend()
+    if backend == "jax":
+        if requested not in ("auto", "jax", "default"):
+            raise ValueError(f"strategy {requested!r} is a TensorFlow strategy but KERAS_BACKEND=jax: "
+                             "use --strategy jax (or auto), or run with KERAS_BACKEND=tensorflow")
+        return _jax_placement(requested)
+    if backend != "tensorflow":
+        raise ValueError(f"Keras backend {backend!r} is not supported: set KERAS_BACKEND to tensorflow or jax")
+    if requested == "jax":
+        raise ValueError("strategy jax needs the JAX backend: run with KERAS_BACKEND=jax")
+
+    import tensorflow as tf
+
+    if requested == "tpu" or (requested == "auto" and _tpu_hint()):
+        placement = _tpu_placement(tf, required=requested == "tpu")
+        if placement is not None:
+            return placement
+    if requested == "multiworker" or (requested == "auto" and os.environ.get("TF_CONFIG")):
+        return _multiworker_placement(tf)
+    gpus = tf.config.list_physical_devices("GPU")
+    if requested == "mirrored" or (requested == "auto" and len(gpus) > 1):
+        strategy = tf.distribute.MirroredStrategy()
+        devices = list(strategy.extended.worker_devices)
+        why = ("--strategy mirrored was asked for" if requested == "mirrored"
+               else f"{len(gpus)} GPUs are visible")
+        return Placement("mirrored", why, strategy.num_replicas_in_sync, "gpu" if gpus else "cpu",
+                         strategy=strategy, devices=devices)
+    strategy = tf.distribute.get_strategy()
+    why = ("--strategy default was asked for" if requested == "default"
+           else f"no TPU, no TF_CONFIG and {len(gpus)} GPU(s) visible")
+    return Placement("default", why, 1, "gpu" if gpus else "cpu", strategy=strategy,
+                     devices=["/gpu:0" if gpus else "/cpu:0"])
+
+
+# ----------------------------------------------------------------------------------------------- TPU
+def _tpu_hint() -> bool:
+    """Cheap signs that a TPU may exist; the resolver itself can wait on a metadata server elsewhere."""
+    if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE"):
+        return True
+    return os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+
+
+def _tpu_placement(tf, required: bool) -> Placement | None:
+    name = os.environ.get("TPU_NAME")
+    if not name and not os.environ.get("COLAB_TPU_ADDR") and (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")):
+        name = "local"  # a TPU VM: the chips are attached to this host
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=name)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as exc:
+        if required:
+            raise ValueError(f"--strategy tpu was asked for but no TPU could be reached ({exc}); "
+                             "check TPU_NAME, or use --strategy auto") from None
+        return None
+    strategy = tf.distribute.TPUStrategy(resolver)
+    why = "--strategy tpu was asked for" if required else f"TPUClusterResolver found TPU {resolver.master() or name!r}"
+    return Placement("tpu", why, strategy.num_replicas_in_sync, "tpu", strategy=strategy,
+                     devices=list(strategy.extended.worker_devices))
+
+
+# ----------------------------------------------------------------------------------------------- several hosts
+def worker_info(tf_config: str | None = None) -> tuple[int, int, bool]:
+    """``(num_workers, worker_index, is_chief)`` from ``TF_CONFIG`` (a single worker without it).
+
+    The chief is the ``chief`` task, or worker 0 when the cluster names no chief (TensorFlow's rule).
+    """
+    raw = os.environ.get("TF_CONFIG") if tf_config is None else tf_config
+    if not raw:
+        return 1, 0, True
+    try:
+        conf = json.loads(raw)
+        cluster, task = conf["cluster"], conf["task"]
+        task_type, task_index = task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"TF_CONFIG is not valid ({exc}): it must be JSON like "
+                         '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}') from None
+    num_workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    is_chief = task_type == "chief" or (task_type == "worker" and task_index == 0 and "chief" not in cluster)
+    index = task_index + (1 if "chief" in cluster and task_type == "worker" else 0)
+    return max(num_workers, 1), index, is_chief
+
+
+def _multiworker_placement(tf) -> Placement:
+    if not os.environ.get("TF_CONFIG"):
+        raise ValueError("--strategy multiworker needs TF_CONFIG (the cluster and this task) in the environment")
+    num_workers, index, is_chief = worker_info()
+    gpus = tf.config.list_physical_devices("GPU")
+    # NCCL between GPUs; RING (gRPC) between CPU-only hosts, where NCCL does not exist.
+    implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                      else tf.distribute.experimental.CommunicationImplementation.RING)
+    options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    return Placement("multiworker", f"TF_CONFIG names {num_workers} workers", strategy.num_replicas_in_sync,
+                     "gpu" if gpus else "cpu", strategy=strategy, num_workers=num_workers,
+                     worker_index=index, is_chief=is_chief, devices=list(strategy.extended.worker_devices))
+
+
+# ----------------------------------------------------------------------------------------------- JAX
+def _jax_placement(requested: str) -> Placement:
+    import jax
+    import keras
+
+    try:  # TensorFlow only feeds tf.data here: it must not reserve GPU/TPU memory that JAX needs.
+        from ranzcr_tf.data import hide_accelerators_from_tf
+
+        hide_accelerators_from_tf()
+    except ImportError:  # TensorFlow absent: tf.data cannot run either, the data module says so later
+        pass
+    devices = jax.devices()
+    platform = devices[0].platform
+    accelerator = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "cpu")
+    if requested == "default":
+        return Placement("default", "--strategy default was asked for (JAX backend, first device only)", 1,
+                         accelerator, devices=[str(devices[0])])
+    keras_devices = keras.distribution.list_devices()
+    distribution = keras.distribution.DataParallel(devices=keras_devices)
+    keras.distribution.set_distribution(distribution)
+    why = f"KERAS_BACKEND=jax with {len(keras_devices)} {platform} device(s): batch split over all of them"
+    return Placement("jax", why, len(keras_devices), accelerator, distribution=distribution,
+                     num_workers=jax.process_count(), worker_index=jax.process_index(),
+                     is_chief=jax.process_index() == 0, devices=keras_devices)

@@ -1,0 +1,354 @@
+"""Train one fold (or all): data -> model -> staged fit with resumable callbacks -> best model, OOF, metrics.
+
+    placement = choose_placement(cfg.train.strategy)
+    result = train_fold(cfg, "tfrecords", fold=0, out_dir="runs/demo", placement=placement)
+
+The run folder ``<out>/fold{k}/`` holds:
+
+=====================  ===========================================================================
+config.yaml            the resolved config + versions + git revision (``config.save_config``)
+preprocess.json        the records' preprocessing settings (from their manifest) + the model's input size
+best.keras / best.json the best model by validation mean AUC, and its epoch and AUC
+log.csv                one row per epoch: loss, learning_rate, val_auc, val_auc_<label> (appended on resume)
+metrics.json           validation mean AUC, per-class AUCs and the best epoch (from the reloaded best.keras)
+oof.csv                StudyInstanceUID, fold, the 11 predicted probabilities under the label names, and
+                       the 11 targets as ``target_<label>``
+train_state.json       counters that must survive a restart (best value, patience, plateau)
+backup/                BackupAndRestore's weights + optimizer (a restarted command continues from here)
+tensorboard/           TensorBoard logs
+=====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import tempfile
+
+import keras
+import numpy as np
+
+from ranzcr_tf import callbacks as cbs
+from ranzcr_tf import io_utils, records
+from ranzcr_tf.config import Config, save_config
+from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.schedules import build_learning_rate, scaled_learning_rate
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says what to try."""
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+def resolve_image_size(cfg: Config, manifest: dict) -> tuple[int, str]:
+    """The model's input size and a sentence about it: the records' size, or a resize in the pipeline."""
+    stored = int(manifest["image_size"])
+    wanted = int(cfg.data.image_size) or stored
+    if wanted == stored:
+        return wanted, f"image size {wanted} px (as stored in the records)"
+    return wanted, (f"NOTE: the records hold {stored} px images but data.image_size = {wanted}: every image is "
+                    f"resized to {wanted} px in the input pipeline (convert at {wanted} px to avoid this)")
+
+
+def build_optimizer(train_cfg, learning_rate) -> keras.optimizers.Optimizer:
+    """Adam or AdamW with Keras' built-in weight EMA and gradient accumulation as configured."""
+    kwargs = dict(learning_rate=learning_rate, use_ema=bool(train_cfg.use_ema), ema_momentum=train_cfg.ema_momentum,
+                  gradient_accumulation_steps=train_cfg.grad_accum_steps if train_cfg.grad_accum_steps > 1 else None)
+    if train_cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(weight_decay=train_cfg.weight_decay, **kwargs)
+    return keras.optimizers.Adam(**kwargs)
+
+
+def steps_per_epoch_for(cfg: Config, manifest: dict, fold: int, global_batch: int) -> int:
+    if cfg.train.steps_per_epoch:
+        return int(cfg.train.steps_per_epoch)
+    num_train = sum(int(n) for k, n in manifest["fold_counts"].items() if int(k) != fold)
+    steps = num_train // global_batch
+    if steps < 1:
+        raise ValueError(f"the training folds hold {num_train} studies, fewer than one global batch of {global_batch}: "
+                         "lower train.batch_size or set train.steps_per_epoch")
+    return steps
+
+
+def make_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int, seed=None,
+                       deterministic: bool = False):
+    """The training input for ``placement``: per-replica pipelines under a TF strategy, one global one under JAX."""
+    from ranzcr_tf import data
+
+    dtype = data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
+    global_batch = placement.global_batch_size(cfg.train.batch_size)
+
+    def build(input_context=None):
+        return data.build_train_dataset(cfg, tfrecords_dir, fold, global_batch, image_size=image_size,
+                                        input_context=input_context, seed=seed, image_dtype=dtype,
+                                        deterministic=deterministic)
+
+    if placement.strategy is not None and placement.num_replicas > 1:
+        # Each input pipeline builds its own share (exact sharding even with fewer shards than workers).
+        return placement.strategy.distribute_datasets_from_function(build)
+    return build()
+
+
+def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int):
+    from ranzcr_tf import data
+
+    dtype = data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
+    batch = placement.global_batch_size(cfg.infer.batch_size)
+    return data.build_eval_dataset(cfg, tfrecords_dir, "valid", batch, fold=fold, image_size=image_size,
+                                   with_targets=False, image_dtype=dtype)
+
+
+def load_trained_model(path: str) -> keras.Model:
+    """Load a saved ``best.keras`` for prediction (safe mode; the optimizer is not needed)."""
+    import ranzcr_tf.layers  # noqa: F401  (registers the custom layers)
+    import ranzcr_tf.schedules  # noqa: F401
+
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------- run folder
+def fold_dir(out_dir: str, fold: int) -> str:
+    return io_utils.join(out_dir, f"fold{fold}")
+
+
+def _truncate_log(path: str, keep_before_epoch: int) -> None:
+    """Drop log rows of epochs a restart will repeat, so the appended log has each epoch once."""
+    if not io_utils.exists(path):
+        return
+    rows = list(csv.reader(io_utils.read_text(path).splitlines()))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    col = header.index("epoch") if "epoch" in header else 0
+    kept = [r for r in body if r and int(float(r[col])) < keep_before_epoch]
+    if len(kept) == len(body):
+        return
+    lines = [",".join(header)] + [",".join(r) for r in kept]
+    io_utils.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_oof(path: str, ids, fold: int, probs: np.ndarray, targets: np.ndarray) -> None:
+    """``oof.csv``: StudyInstanceUID, fold, 11 probability columns named by label, 11 ``target_<label>`` columns."""
+    import pandas as pd
+
+    frame = pd.DataFrame({ID_COLUMN: list(ids), "fold": fold})
+    for c, label in enumerate(LABELS):
+        frame[label] = probs[:, c]
+    for c, label in enumerate(LABELS):
+        frame[f"target_{label}"] = targets[:, c].astype(int)
+    io_utils.atomic_write_text(path, frame.to_csv(index=False))
+
+
+def _preprocess_info(manifest: dict, image_size: int, cfg: Config) -> dict:
+    info = dict(manifest.get("preprocess", {}))
+    info.update({"stored_image_size": int(manifest["image_size"]), "model_image_size": int(image_size),
+                 "input_channels": int(cfg.model.input_channels), "schema_version": manifest.get("schema_version"),
+                 "labels": list(LABELS), "model_output": cfg.model.output})
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- training
+def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placement, *, verbose: int = 1) -> dict:
+    """Train fold ``fold`` (validate on it, train on the others) into ``out_dir/fold{fold}``; returns metrics.
+
+    Re-running the same call after a kill continues from the backup. A finished fold is not retrained
+    (delete its folder to start over). Raises ``TrainingDiverged`` on a NaN loss.
+    """
+    from ranzcr_tf import data, losses, models, precision
+
+    cfg.validate()
+    manifest = records.read_manifest(tfrecords_dir)
+    num_folds = int(manifest["num_folds"])
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"--fold {fold} is out of range: the records in {tfrecords_dir} have folds 0..{num_folds - 1}")
+    chief_dir = fold_dir(out_dir, fold)
+    # Only the chief writes the run folder; other workers write their copies to a private temp folder.
+    run_dir = chief_dir if placement.is_chief else os.path.join(
+        tempfile.mkdtemp(prefix=f"ranzcr-worker{placement.worker_index}-"), f"fold{fold}")
+    io_utils.makedirs(run_dir)
+    paths = {name: io_utils.join(run_dir, name) for name in
+             ("config.yaml", "preprocess.json", "best.keras", "log.csv", "metrics.json", "oof.csv", "train_state.json")}
+    state = cbs.read_state(io_utils.join(chief_dir, "train_state.json"))
+    if state.get("completed") and io_utils.exists(paths["metrics.json"]) and io_utils.exists(paths["oof.csv"]):
+        print(f"fold {fold} already finished in {chief_dir} (delete that folder to train it again)", flush=True)
+        return json.loads(io_utils.read_text(paths["metrics.json"]))
+
+    image_size, size_note = resolve_image_size(cfg, manifest)
+    save_config(cfg, paths["config.yaml"])
+    io_utils.atomic_write_json(paths["preprocess.json"], _preprocess_info(manifest, image_size, cfg))
+    keras.utils.set_random_seed(cfg.train.seed + fold)
+    policy = precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
+
+    global_batch = placement.global_batch_size(cfg.train.batch_size)
+    steps_per_epoch = steps_per_epoch_for(cfg, manifest, fold, global_batch)
+    peak_lr = scaled_learning_rate(cfg.train, global_batch)
+    print(f"fold {fold}: {size_note}; dtype policy {policy}; global batch {global_batch} "
+          f"({cfg.train.batch_size} x {placement.num_replicas} replicas); {steps_per_epoch} steps/epoch; "
+          f"peak learning rate {peak_lr:.3g} ({cfg.train.schedule})", flush=True)
+
+    train_ds = make_train_dataset(cfg, tfrecords_dir, fold, placement, image_size=image_size, seed=cfg.train.seed + fold)
+    eval_data = make_eval_data(cfg, tfrecords_dir, fold, placement, image_size=image_size)
+    positives, num_train = data.training_positive_counts(tfrecords_dir, fold)
+    from_logits = cfg.model.output == "logits"
+    with placement.scope():
+        model = models.build_model(cfg.model, image_size)
+        loss = losses.build_loss(cfg.loss, positives, num_train, from_logits=from_logits)
+    schedule = build_learning_rate(cfg.train, steps_per_epoch, peak_lr)
+
+    flags = cbs.RunFlags()
+    stages = _stages(cfg.train)
+    start = max([i for i, st in enumerate(stages) if cbs.backup_epoch(_backup_dir(chief_dir, i)) is not None],
+                default=0)
+    previous_iterations = None
+    for index in range(start, len(stages)):
+        first_epoch, last_epoch, backbone_trainable = stages[index]
+        if len(stages) > 1 or cfg.train.frozen_epochs:
+            models.set_backbone_trainable(model, backbone_trainable)
+            if verbose:
+                print(f"epochs {first_epoch}..{last_epoch - 1}: backbone {'trainable' if backbone_trainable else 'frozen'}")
+        with placement.scope():
+            optimizer = build_optimizer(cfg.train, schedule)
+            model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
+                          jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
+            if previous_iterations is not None:  # the new stage's optimizer continues the step count
+                optimizer.build(model.trainable_variables)
+                optimizer._iterations.assign(previous_iterations)
+        backup_dir = _backup_dir(chief_dir, index)
+        initial_epoch = cbs.backup_epoch(backup_dir) or first_epoch
+        callbacks, stateful = _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags,
+                                               from_logits, verbose)
+        snapshot = state.get("snapshots", {}).get(str(initial_epoch - 1), {}) if initial_epoch > 0 else {}
+        best_info = cbs.read_state(paths["best.keras"][:-len(".keras")] + ".json")
+        stateful["checkpoint"].set_state(snapshot.get("checkpoint", {}))
+        stateful["checkpoint"].set_state({"best": best_info.get("val_auc"), "best_epoch": best_info.get("epoch")})
+        for name in ("early_stopping", "plateau"):
+            if name in stateful:
+                stateful[name].pending_state = snapshot.get(name)
+        if placement.is_chief:
+            _truncate_log(paths["log.csv"], initial_epoch)
+        model._initial_epoch = None  # a previous stage's restore must not leak into this fit
+        if initial_epoch < last_epoch:
+            model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch, steps_per_epoch=steps_per_epoch,
+                      callbacks=callbacks, verbose=verbose)
+        else:  # this stage already finished: restore its weights for the next one
+            _restore(model, backup_dir, flags)
+        if flags.diverged:
+            raise TrainingDiverged(f"fold {fold}: {flags.message}")
+        previous_iterations = int(keras.ops.convert_to_numpy(optimizer._iterations))
+        if "early_stopping" in stateful and stateful["early_stopping"].stopped_epoch > 0:
+            print(f"early stopping after epoch {stateful['early_stopping'].stopped_epoch}", flush=True)
+            break
+
+    result = _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits)
+    if placement.is_chief:
+        state = cbs.read_state(paths["train_state.json"])
+        state["completed"] = True
+        io_utils.atomic_write_json(paths["train_state.json"], state)
+    return result
+
+
+def _restore(model, backup_dir, flags):
+    backup = cbs.Backup(backup_dir, flags=flags, writer=False)
+    backup.set_model(model)
+    backup._load_model()
+
+
+def _stages(train_cfg) -> list[tuple[int, int, bool]]:
+    """``(first_epoch, end_epoch, backbone_trainable)`` per stage; the epoch counter runs on across stages."""
+    stages = []
+    if train_cfg.frozen_epochs:
+        stages.append((0, train_cfg.frozen_epochs, False))
+    if train_cfg.frozen_epochs < train_cfg.epochs:
+        stages.append((train_cfg.frozen_epochs, train_cfg.epochs, True))
+    return stages
+
+
+def _backup_dir(run_dir: str, stage: int) -> str:
+    return io_utils.join(run_dir, "backup", f"stage{stage}")
+
+
+def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags, from_logits, verbose):
+    """The callbacks in the order the module docstring of ``callbacks`` explains."""
+    swapper = cbs.EMASwapper()
+    checkpoint = cbs.BestCheckpoint(paths["best.keras"])
+    stateful = {"checkpoint": checkpoint}
+    callbacks = [cbs.NaNGuard(flags), cbs.LearningRateLogger()]
+    if cfg.train.use_ema:
+        callbacks.append(cbs.SwapEMAIn(swapper, flags))
+    callbacks += [cbs.Validation(eval_data, from_logits=from_logits, placement=placement, flags=flags,
+                                 verbose=bool(verbose)), checkpoint]
+    if cfg.train.early_stopping_patience:
+        stateful["early_stopping"] = cbs.ResumableEarlyStopping(monitor="val_auc", mode="max",
+                                                                patience=cfg.train.early_stopping_patience)
+        callbacks.append(stateful["early_stopping"])
+    if cfg.train.schedule == "plateau":
+        stateful["plateau"] = cbs.ResumablePlateau(monitor="val_auc", mode="max", factor=0.5, patience=1,
+                                                   min_lr=cfg.train.min_learning_rate, verbose=1)
+        callbacks.append(stateful["plateau"])
+    callbacks.append(keras.callbacks.CSVLogger(paths["log.csv"], append=True))
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(keras.callbacks.TensorBoard(io_utils.join(run_dir, "tensorboard"), write_graph=False))
+    elif verbose:
+        print("note: the tensorboard package is not installed, so no TensorBoard logs (pip install tensorboard)")
+    if cfg.train.use_ema:
+        callbacks.append(cbs.SwapEMAOut(swapper))
+    callbacks += [cbs.RunState(paths["train_state.json"], stateful, flags, writer=placement.is_chief),
+                  cbs.Backup(backup_dir, flags=flags, writer=placement.is_chief)]
+    kill_after = os.environ.get(cbs.KILL_AFTER_EPOCH_ENV)
+    if kill_after:
+        callbacks.append(cbs.KillAfterEpoch(int(kill_after)))
+    return callbacks, stateful
+
+
+def _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits) -> dict:
+    """Reload best.keras, predict the validation fold in order, write oof.csv and metrics.json."""
+    from ranzcr_tf.metrics import competition_metric
+
+    if not io_utils.exists(paths["best.keras"]):
+        raise RuntimeError(f"no best.keras in {run_dir}: no epoch produced a finite validation AUC")
+    with placement.scope():
+        best = load_trained_model(paths["best.keras"])
+    probs = cbs.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
+    targets = np.asarray(eval_data.targets)
+    mean_auc, per_class = competition_metric(targets, probs)
+    info = cbs.read_state(paths["best.keras"][:-len(".keras")] + ".json")
+    result = {"fold": fold, "val_auc": mean_auc, "per_class_auc": per_class, "best_epoch": info.get("epoch"),
+              "logged_val_auc": info.get("val_auc"), "num_examples": int(eval_data.num_examples),
+              "placement": placement.kind, "num_replicas": placement.num_replicas}
+    if placement.is_chief:
+        write_oof(paths["oof.csv"], eval_data.ids, fold, probs, targets)
+        io_utils.atomic_write_json(paths["metrics.json"], result)
+    print(f"fold {fold}: best epoch {result['best_epoch']}, validation mean AUC {mean_auc:.4f} "
+          f"(written to {run_dir})", flush=True)
+    return result
+
+
+def parse_folds(value: str, num_folds: int) -> list[int]:
+    """``"all"`` -> every fold; ``"0"`` or ``"0,2"`` -> those folds (checked against the records)."""
+    if value == "all":
+        return list(range(num_folds))
+    try:
+        folds = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        raise ValueError(f"--fold {value!r}: give a fold number, a comma list (0,2) or 'all'") from None
+    bad = [f for f in folds if not 0 <= f < num_folds]
+    if bad:
+        raise ValueError(f"--fold {bad}: the records have folds 0..{num_folds - 1}")
+    return folds
+
+
+def train(cfg: Config, tfrecords_dir: str, folds: list[int], out_dir: str, placement, *, verbose: int = 1) -> list[dict]:
+    """Train each fold in turn into ``out_dir/fold{k}``; returns their metrics."""
+    results = []
+    for fold in folds:
+        results.append(train_fold(cfg, tfrecords_dir, fold, out_dir, placement, verbose=verbose))
+    if len(results) > 1:
+        aucs = [r["val_auc"] for r in results]
+        print(f"folds {folds}: mean AUC per fold {', '.join(f'{a:.4f}' for a in aucs)}; "
+              f"run `python -m ranzcr_tf.cv {out_dir}` for the pooled CV score", flush=True)
+    if any(not math.isfinite(r["val_auc"]) for r in results):
+        print("warning: some folds have no finite AUC", flush=True)
+    return results
