@@ -181,10 +181,13 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
                 if split == records.TRAIN_DIR:
                     annotations = [(label, scale_points(points, info["orig_height"], info["orig_width"], size))
                                    for label, points in lookup["annotations"].get(sid, ())]
-                writer.write(records.serialize_example(
+                example = records.serialize_example(
                     payload, sid, target=lookup["targets"].get(sid), fold=-1 if fold is None else fold,
                     height=info["height"], width=info["width"], orig_height=info["orig_height"],
-                    orig_width=info["orig_width"], annotations=annotations))
+                    orig_width=info["orig_width"], annotations=annotations)
+                # Protobuf writes the feature map in a per-process hash order; the deterministic
+                # serialization sorts it, so reruns and resumed runs write byte-identical shards.
+                writer.write(tf.train.Example.FromString(example).SerializeToString(deterministic=True))
                 state["ids"].append(sid)
                 if info.get("note"):
                     state["notes"].append({"split": split, "id": sid, "note": info["note"]})

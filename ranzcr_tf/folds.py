@@ -10,7 +10,8 @@ positive label**, rarity measured by that label's positive count over the whole 
 class ``NUM_CLASSES`` ("no tube") for rows with no positive label. Rare labels (ETT - Abnormal at
 0.3%) are therefore spread over the folds first, instead of being drowned by the CVC - Normal
 majority that almost every row carries; a multi-label combination key would give hundreds of
-singleton classes on the real data, which stratifies nothing.
+singleton classes on the real data, which stratifies nothing. (A table so small that no class has
+``num_folds`` rows is split by patient only.)
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def assign_folds(train_df: pd.DataFrame, num_folds: int, seed: int) -> np.ndarra
         raise ValueError(f"only {num_patients} distinct patients for {num_folds} folds: "
                          f"use fewer folds (--folds) or more data")
     key = stratification_key(train_df)
+    if np.bincount(key).max() < num_folds:
+        # Tiny tables (smoke runs): no class is big enough to stratify, so group only.
+        key = np.zeros_like(key)
     splitter = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
     folds = np.full(len(train_df), -1, dtype=np.int64)
     with warnings.catch_warnings():

@@ -115,3 +115,13 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 240) -> sub
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(REPO, "make_tfrecords.py"), *args], cwd=REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_cli_module():
+    """``make_tfrecords.py`` (repo root) as a module, whatever the current directory."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tfrecords", os.path.join(REPO, "make_tfrecords.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
