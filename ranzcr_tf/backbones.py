@@ -1,0 +1,208 @@
+"""Backbone registry: name -> constructor, default resolution, channels; offline weight resolution.
+
+    spec = BACKBONES["efficientnet_b7"]          # spec.default_size == 600
+    backbone = build_backbone("efficientnet_b7", image_size=768, weights="imagenet")
+
+Every backbone is a ``keras.Model`` named ``"backbone"`` that maps float pixels in [0, 255] (of its
+``channels``) to a 4-D feature map; it normalises its input itself.
+
+Weights (nothing is ever downloaded):
+
+* ``None``: random initialisation.
+* ``"imagenet"``: the file Keras would download, looked up under its original name in the Keras
+  cache, ``$KERAS_HOME/models`` (default ``~/.keras/models``), e.g. ``efficientnetb0_notop.h5``.
+  A missing file is a ``ValueError`` saying which file to put where.
+* a local path (``.h5`` in the Keras-applications layout, or a ``.weights.h5`` such as the output of
+  ``convert_efficientnet_package_weights``).
+
+Both non-``None`` cases build the *same* graph: ``keras.applications.EfficientNet`` adds one extra
+``Rescaling(1/sqrt(stddev))`` layer after its ``Normalization`` only when ``weights == "imagenet"``
+(the published ImageNet files store the standard deviation where the variance belongs), so passing
+a path straight to Keras would compute something different from the ``"imagenet"`` model. We always
+pass ``weights="imagenet"`` and temporarily swap the application module's ``file_utils`` for a proxy
+whose ``get_file`` returns the local file. That also skips Keras' hash check, which would otherwise
+try to re-download a cached file whose hash differs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import keras
+
+BACKBONE_NAME = "backbone"
+
+KAGGLE_HINT = (
+    "On Kaggle (no internet): attach a dataset that holds the file and copy it into the cache in the "
+    "first cell: `mkdir -p ~/.keras/models && cp /kaggle/input/<your-dataset>/{fname} ~/.keras/models/` "
+    "(or set KERAS_HOME before importing keras, or give model.weights=/kaggle/input/<your-dataset>/{fname})."
+)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registered backbone.
+
+    ``channels``: 3 when the backbone needs RGB (a grayscale input is repeated to 3 channels inside the
+    model); ``None`` when it takes whatever the model input has. ``application``: the
+    ``keras.applications`` constructor, or ``None`` for our own architectures (random init only).
+    """
+
+    name: str
+    default_size: int
+    build: Callable[[tuple, Optional[str]], keras.Model]
+    channels: Optional[int]
+    application: Optional[str] = None
+
+
+def keras_cache_dir() -> str:
+    """``$KERAS_HOME/models`` (read now, not at keras import) or Keras' default ``~/.keras/models``."""
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        from keras.src.backend.config import keras_home
+
+        home = keras_home()
+    return os.path.join(os.path.expanduser(home), "models")
+
+
+class _OfflineFileUtils:
+    """Stands in for an application module's ``file_utils``: ``get_file`` serves a local file."""
+
+    def __init__(self, original, backbone: str, weights: str):
+        self._original = original
+        self._backbone = backbone
+        self._weights = weights
+        self.resolved: Optional[str] = None
+
+    def __getattr__(self, name):  # exists(), etc. keep their real behaviour
+        return getattr(self._original, name)
+
+    def get_file(self, fname=None, origin=None, cache_subdir="models", **_ignored):
+        if self._weights != "imagenet":
+            self.resolved = self._weights
+            return self._weights
+        folder = keras_cache_dir() if cache_subdir == "models" else os.path.join(os.path.dirname(keras_cache_dir()), cache_subdir)
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"ImageNet weights for backbone {self._backbone!r} are not in the Keras cache: put {fname} "
+                f"into {folder} (download it from {origin} on a machine with internet). "
+                + KAGGLE_HINT.format(fname=fname)
+                + " Or set model.weights=none to train from scratch."
+            )
+        self.resolved = path
+        return path
+
+
+# Swapping a module attribute is process-global: serialise concurrent builds.
+_PATCH_LOCK = threading.Lock()
+
+
+def _application(name: str, constructor_name: str, module_name: str, **extra):
+    def build(input_shape: tuple, weights: Optional[str]) -> keras.Model:
+        import importlib
+
+        constructor = getattr(keras.applications, constructor_name)
+        if weights is None:
+            return constructor(include_top=False, weights=None, input_shape=input_shape, **extra)
+        module = importlib.import_module(f"keras.src.applications.{module_name}")
+        with _PATCH_LOCK:
+            original = module.file_utils
+            module.file_utils = _OfflineFileUtils(original, name, weights)
+            try:
+                return constructor(include_top=False, weights="imagenet", input_shape=input_shape, **extra)
+            finally:
+                module.file_utils = original
+
+    return build
+
+
+def _compact_cnn(input_shape: tuple, weights: Optional[str]) -> keras.Model:
+    """A small CNN for CPUs: five stride-2 stages of conv-BN-swish (+ one depthwise-separable conv).
+
+    About 0.16 M parameters and 0.07 G multiply-adds at 128 px: trains from scratch on two CPU cores in
+    minutes. Its BatchNorm layers make freezing behaviour testable like the big backbones'.
+    """
+    if weights == "imagenet":
+        raise ValueError("backbone compact_cnn has no ImageNet weights: set model.weights=none (or a local file)")
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    for stage, filters in enumerate((24, 32, 48, 64, 96), start=1):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"stage{stage}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"stage{stage}_bn")(x)
+        x = keras.layers.Activation("swish", name=f"stage{stage}_act")(x)
+        if stage >= 2:
+            y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"stage{stage}_dwconv")(x)
+            y = keras.layers.BatchNormalization(name=f"stage{stage}_dwbn")(y)
+            y = keras.layers.Activation("swish", name=f"stage{stage}_dwact")(y)
+            y = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"stage{stage}_pwconv")(y)
+            y = keras.layers.BatchNormalization(name=f"stage{stage}_pwbn")(y)
+            x = keras.layers.Add(name=f"stage{stage}_add")([x, y])
+    x = keras.layers.Conv2D(192, 1, use_bias=False, name="top_conv")(x)
+    x = keras.layers.BatchNormalization(name="top_bn")(x)
+    x = keras.layers.Activation("swish", name="top_act")(x)
+    model = keras.Model(inputs, x, name="compact_cnn")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+_EFFICIENTNET_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
+# V2-M / V2-L are left out: each takes long to build, and at RANZCR sizes they are slower than B7 on TPUs.
+_EFFICIENTNETV2 = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384}
+
+BACKBONES: dict[str, BackboneSpec] = {}
+for _i, _size in enumerate(_EFFICIENTNET_SIZES):
+    BACKBONES[f"efficientnet_b{_i}"] = BackboneSpec(
+        f"efficientnet_b{_i}", _size, _application(f"efficientnet_b{_i}", f"EfficientNetB{_i}", "efficientnet"), 3, f"EfficientNetB{_i}")
+for _variant, _size in _EFFICIENTNETV2.items():
+    _ctor = f"EfficientNetV2{_variant.upper()}"
+    BACKBONES[f"efficientnetv2_{_variant}"] = BackboneSpec(
+        f"efficientnetv2_{_variant}", _size, _application(f"efficientnetv2_{_variant}", _ctor, "efficientnet_v2", include_preprocessing=True), 3, _ctor)
+BACKBONES["mobilenetv3_small"] = BackboneSpec(
+    "mobilenetv3_small", 224, _application("mobilenetv3_small", "MobileNetV3Small", "mobilenet_v3", include_preprocessing=True), 3,
+    "MobileNetV3Small")
+BACKBONES["compact_cnn"] = BackboneSpec("compact_cnn", 128, _compact_cnn, None)
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, in registry order."""
+    return list(BACKBONES)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry of ``name``; a ``ValueError`` listing the valid names otherwise."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; set model.backbone to one of: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def check_weights(weights: Optional[str]) -> Optional[str]:
+    """Normalise ``model.weights``: None/"none" -> None, "imagenet", or an existing local file."""
+    if weights is None or str(weights).lower() in ("none", "null", ""):
+        return None
+    if weights == "imagenet":
+        return weights
+    path = os.path.expanduser(str(weights))
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"model.weights = {weights!r}: no such file; expected none, imagenet or the path of a weights file")
+    return path
+
+
+def build_backbone(name: str, image_size: int, channels: int = 3, weights: Optional[str] = None) -> keras.Model:
+    """Build backbone ``name`` for square ``image_size`` inputs, as a ``keras.Model`` named ``"backbone"``.
+
+    ``channels`` is used only by backbones that take any channel count (``spec.channels is None``);
+    the others always take 3. See the module docstring for ``weights``.
+    """
+    spec = get_spec(name)
+    if image_size < 32:
+        raise ValueError(f"image size {image_size} is too small for {name}: expected >= 32")
+    in_channels = spec.channels or channels
+    model = spec.build((image_size, image_size, in_channels), check_weights(weights))
+    model.name = BACKBONE_NAME
+    return model

@@ -1,0 +1,94 @@
+"""Custom Keras layers of our models, registered so saved ``.keras`` files reload in safe mode.
+
+Every layer here is a plain ``keras.layers.Layer`` subclass written with ``keras.ops`` (runs on the
+TensorFlow and JAX backends) and registered under the package name ``"ranzcr_tf"``, so
+``keras.models.load_model(path, safe_mode=True)`` rebuilds our models without ``custom_objects``
+once ``ranzcr_tf.layers`` is imported. A ``keras.layers.Lambda`` would serialise Python bytecode,
+which safe mode refuses to load; that is why the channel repeat and the cast are layers of their own.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+PACKAGE = "ranzcr_tf"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CastToComputeDtype(keras.layers.Layer):
+    """Cast pixels (uint8, float32 or bfloat16, values in [0, 255]) to this layer's compute dtype.
+
+    Keras only auto-casts *floating* inputs to the compute dtype; uint8 pixels straight from the input
+    pipeline need an explicit cast. Values are not rescaled: the backbones normalise internally.
+    """
+
+    def call(self, inputs):
+        return ops.cast(inputs, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class RepeatChannels(keras.layers.Layer):
+    """Repeat the last (channel) axis ``repeats`` times: a grayscale image for an RGB backbone."""
+
+    def __init__(self, repeats: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        if int(repeats) < 1:
+            raise ValueError(f"RepeatChannels repeats = {repeats}: expected an integer >= 1")
+        self.repeats = int(repeats)
+
+    def call(self, inputs):
+        return ops.repeat(inputs, self.repeats, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        channels = None if input_shape[-1] is None else input_shape[-1] * self.repeats
+        return (*input_shape[:-1], channels)
+
+    def get_config(self):
+        return {**super().get_config(), "repeats": self.repeats}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GeMPooling2D(keras.layers.Layer):
+    """Generalised-mean pooling over height and width, with a learnable exponent ``p``.
+
+    ``gem(x) = mean(max(x, eps) ** p) ** (1 / p)`` per channel: ``p = 1`` is average pooling and a
+    large ``p`` approaches max pooling. ``p`` is clamped at ``min_p`` (1.0 by default) inside ``call``
+    so training can never drive it to zero (1/p). The computation runs in float32 even under mixed
+    precision because ``x ** 3`` of ordinary activations can overflow float16.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, min_p: float = 1.0, trainable_p: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if p <= 0:
+            raise ValueError(f"GeMPooling2D p = {p}: expected > 0 (3.0 is the usual start)")
+        self.initial_p = float(p)
+        self.eps = float(eps)
+        self.min_p = float(min_p)
+        self.trainable_p = bool(trainable_p)
+
+    def build(self, input_shape):
+        self.p = self.add_weight(
+            name="p",
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_p),
+            trainable=self.trainable_p,
+            dtype="float32",
+        )
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        p = ops.maximum(ops.cast(self.p, "float32"), self.min_p)
+        x = ops.power(ops.maximum(x, self.eps), p)
+        x = ops.mean(x, axis=(1, 2))
+        return ops.cast(ops.power(x, 1.0 / p), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.initial_p, "eps": self.eps, "min_p": self.min_p,
+                "trainable_p": self.trainable_p}
