@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Kaggle submission kernel (offline): ensemble of trained runs -> submission.csv.
+
+    python kaggle_kernel.py                                   # on Kaggle: every default works
+    python kaggle_kernel.py --data-dir demo/data --models runs/demo --out submission.csv --max-minutes 10
+
+A thin stub over ``ranzcr_tf.kernel`` (also runnable as ``python -m ranzcr_tf.kernel``); see --help.
+"""
+
+import sys
+
+from ranzcr_tf.kernel import main
+
+if __name__ == "__main__":  # the guard matters: preprocessing workers are spawned and re-import this file
+    sys.exit(main())

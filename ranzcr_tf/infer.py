@@ -1,0 +1,332 @@
+"""Ensemble prediction on the test set: runs x folds x TTA views, under a time budget.
+
+    models = modelio.discover_models(["runs/b7_768", "runs/b5_512"])
+    source = TestSource.from_paths(data_dir="...", tfrecords=None, work_dir="/tmp/x")
+    probs, report = predict_ensemble(models, source, InferConfig(tta=["identity", "hflip"]), Budget(8 * 3600))
+    write_submission(build_submission(source.template, probs), "submission.csv", source.template)
+
+What is averaged (see ``ensemble.py``): a fold's probabilities over its TTA views (mean), a model's
+over its folds (mean), and models with ``infer.ensemble`` (mean, rank_mean or weighted). Every model
+gets the test images preprocessed with the settings saved in ITS run folder (``preprocess.json``) and
+at ITS input size, so models trained on different sizes or CLAHE settings ensemble correctly: raw
+test JPEGs are preprocessed once per distinct setting (``testimages.py``); converter test records
+are used for the models whose settings they match.
+
+The passes run model by model, fold by fold (each model file is loaded once). Before every pass the
+plan is re-chosen from measured times (``budget.py`` states the degrade order), and a pass still
+running at the deadline is abandoned, so the caller always has time to write a complete file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ranzcr_tf import ensemble, records
+from ranzcr_tf.budget import (DEGRADE_ORDER, Budget, CostModel, choose_plan, degrade_levels, describe_plan)
+from ranzcr_tf.config import InferConfig, PreprocessConfig
+from ranzcr_tf.labels import NUM_CLASSES
+from ranzcr_tf.modelio import FoldSpec, ModelSpec, load_fold_model
+from ranzcr_tf.submission import SAMPLE_SUBMISSION, read_sample_submission, template_from_ids
+from ranzcr_tf.testimages import DeadlineReached, preprocess_test_images
+
+CALIBRATION_BATCHES = 3  # timed batches (after the first, which includes tracing) before estimating
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+@dataclass
+class TestSource:
+    """Where the test images come from and in which row order the submission lists them."""
+
+    template: object  # pandas DataFrame in the submission layout; its row order is the submission's
+    data_dir: str | None = None  # competition folder (raw test/*.jpg)
+    tfrecords: str | None = None  # converter output folder (test/ shards + manifest.json)
+    work_dir: str = "."  # where raw test images are preprocessed to (one sub-folder per setting)
+    workers: int = 0  # preprocessing processes (0 = every core)
+    _prepared: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)  # group key -> unreadable images
+
+    @property
+    def ids(self) -> list[str]:
+        return self.template[self.template.columns[0]].astype(str).tolist()
+
+    @classmethod
+    def from_paths(cls, data_dir: str | None, tfrecords: str | None, work_dir: str, workers: int = 0) -> "TestSource":
+        """Template from ``data_dir/sample_submission.csv``, else from the test records' IDs (their order)."""
+        if data_dir is None and tfrecords is None:
+            raise ValueError("give the competition folder (--data-dir) or converted test records (--tfrecords)")
+        sample = os.path.join(data_dir, SAMPLE_SUBMISSION) if data_dir else None
+        if sample and os.path.exists(sample):
+            template = read_sample_submission(sample)
+        elif tfrecords:
+            _log(f"warning: no {SAMPLE_SUBMISSION} given; rows follow the test records' order")
+            template = template_from_ids(_record_ids(tfrecords))
+        else:
+            raise ValueError(f"{sample} not found: --data-dir must be the competition folder")
+        return cls(template=template, data_dir=data_dir, tfrecords=tfrecords, work_dir=work_dir, workers=workers)
+
+    def records_for(self, fold: FoldSpec, budget: Budget | None = None,
+                    on_measured: Callable[[float], None] | None = None) -> str | None:
+        """A test-records folder preprocessed exactly as ``fold``'s training records (``None``: no image readable)."""
+        key = fold.preprocess_key()
+        if key in self._prepared:
+            return self._prepared[key]
+        if self.tfrecords and _records_settings(self.tfrecords) == fold.preprocess:
+            self._prepared[key] = self.tfrecords
+            return self.tfrecords
+        if not self.data_dir or not os.path.isdir(os.path.join(self.data_dir, "test")):
+            where = (f"the records in {self.tfrecords} were made with {_records_settings(self.tfrecords)}"
+                     if self.tfrecords else "no records were given")
+            raise ValueError(f"{fold.name} was trained on images preprocessed with {fold.preprocess}, but {where} "
+                             f"and there are no raw test images to preprocess: pass --data-dir (the competition "
+                             f"folder with test/) or --tfrecords made with the run's settings")
+        out = os.path.join(self.work_dir, f"test-{len(self._prepared)}-{fold.preprocess.image_size}px")
+        _log(f"preprocessing test images for {fold.name}: {fold.preprocess}")
+        start = budget.clock() if budget else 0.0
+
+        def first(count: int, seconds: float) -> None:
+            if on_measured is not None and budget is not None:
+                on_measured((budget.clock() - start) / count)
+
+        _, skipped = preprocess_test_images(self.data_dir, self.ids, fold.preprocess, out, workers=self.workers,
+                                            expired=budget.expired if budget else None, on_first=first)
+        if on_measured is not None and budget is not None:
+            on_measured((budget.clock() - start) / max(1, len(self.ids)))
+        self.skipped[key] = skipped
+        self._prepared[key] = out if len(skipped) < len(self.ids) else None
+        return self._prepared[key]
+
+
+def _records_settings(tfrecords: str) -> PreprocessConfig:
+    block = records.read_manifest(tfrecords).get("preprocess", {})
+    known = {f.name for f in dataclasses.fields(PreprocessConfig)}
+    return PreprocessConfig(**{k: v for k, v in block.items() if k in known})
+
+
+def _record_ids(tfrecords: str) -> list[str]:
+    import tensorflow as tf
+
+    files = records.list_shards(tfrecords, records.TEST_DIR)
+    if not files:
+        raise ValueError(f"no test shards in {tfrecords}/test: convert the test images first (make_tfrecords.py)")
+    spec = {records.ID: tf.io.FixedLenFeature([], tf.string)}
+    ds = tf.data.TFRecordDataset(files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
+    return [x.decode("utf-8") for batch in ds.as_numpy_iterator() for x in batch[records.ID]]
+
+
+# ----------------------------------------------------------------------------------------------- report
+@dataclass
+class InferReport:
+    """What was predicted and why: the plan levels used, timings, rows filled."""
+
+    full_plan: str = ""
+    final_plan: str = ""
+    level: int = 0
+    done: list = field(default_factory=list)  # (model, fold, view) in completion order
+    aborted: list = field(default_factory=list)  # passes abandoned at the deadline
+    estimated_total_seconds: float | None = None
+    filled_rows: int = 0
+    partial_fallback: bool = False  # no pass finished: the rows of the unfinished one were used
+    models_used: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- maths
+def to_probabilities(outputs, output: str) -> np.ndarray:
+    """Model outputs to probabilities: sigmoid of logits, or the probabilities as they are."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return ensemble.sigmoid(outputs) if output == "logits" else outputs
+
+
+def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConfig) -> tuple[np.ndarray, list[int]]:
+    """Views -> folds -> models, over the passes present in ``results``; returns ``(probs, models used)``."""
+    used = sorted({m for m, _, _ in results})
+    per_model = []
+    for m in used:
+        folds = sorted({f for mm, f, _ in results if mm == m})
+        fold_probs = [ensemble.average_views([results[k] for k in sorted(results) if k[:2] == (m, f)])
+                      for f in folds]
+        per_model.append(ensemble.average_folds(fold_probs))
+    weights = None
+    if infer_cfg.ensemble == "weighted":
+        weights = [ensemble.check_weights(infer_cfg.weights, len(models))[m] for m in used]
+    return ensemble.combine_models(per_model, infer_cfg.ensemble, weights), used
+
+
+# ----------------------------------------------------------------------------------------------- passes
+def _run_pass(model, fold: FoldSpec, records_dir: str, view: str, batch_size: int, row_of: dict, budget: Budget,
+              on_calibrated: Callable[[float], None], progress: bool) -> tuple[np.ndarray, bool, float]:
+    """One fold x one view: ``(probs in template rows with NaN where absent, complete?, seconds per image)``."""
+    from tqdm.auto import tqdm
+
+    from ranzcr_tf.data import build_eval_dataset
+
+    data = build_eval_dataset(fold.cfg, records_dir, "test", batch_size, tta=view, image_size=fold.image_size,
+                              with_targets=False)
+    rows = np.array([row_of.get(i, -1) for i in data.ids])
+    probs = np.full((len(row_of), NUM_CLASSES), np.nan)
+    pass_start, timed_from, complete = budget.clock(), None, True
+    now = pass_start
+    bar = tqdm(total=data.num_examples, desc=f"{fold.name} {view}", unit="img", disable=not progress, file=sys.stderr)
+    for index, batch in enumerate(data.dataset.as_numpy_iterator()):
+        if budget.expired():
+            complete = False
+            break
+        outputs = np.asarray(model.predict_on_batch(batch))
+        if outputs.shape != (batch_size, NUM_CLASSES):
+            raise ValueError(f"{fold.path}: predicted shape {outputs.shape}, expected ({batch_size}, {NUM_CLASSES})")
+        start, stop = index * batch_size, min((index + 1) * batch_size, data.num_examples)
+        batch_rows = rows[start:stop]
+        keep = batch_rows >= 0
+        probs[batch_rows[keep]] = to_probabilities(outputs[:stop - start][keep], fold.output)
+        bar.update(stop - start)
+        now = budget.clock()
+        if index == 0:
+            timed_from = now  # the first batch includes tracing/compilation: not representative
+            if data.num_batches == 1:
+                on_calibrated((now - pass_start) / stop)
+        elif index == min(CALIBRATION_BATCHES, data.num_batches - 1):
+            on_calibrated((now - timed_from) / (index * batch_size))
+    bar.close()
+    if data.num_batches > 1 and complete:
+        seconds_per_image = (now - timed_from) / ((data.num_batches - 1) * batch_size)
+    else:
+        seconds_per_image = (now - pass_start) / max(1, data.num_examples)
+    return probs, complete, seconds_per_image
+
+
+def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: InferConfig, budget: Budget, *,
+                     batch_size: int | None = None, progress: bool = True,
+                     checkpoint: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, InferReport]:
+    """Predict every test row with the largest plan that fits the budget; ``(probs, report)``.
+
+    ``probs`` has the template's rows and ``labels.LABELS`` columns, every value in [0, 1], no NaN:
+    rows no finished pass covers (unreadable images) get the column means. ``checkpoint(probs)`` is
+    called after every finished pass with the ensemble so far (the kernel writes it out atomically).
+    ``batch_size`` None uses each fold's own ``infer.batch_size`` from its saved config.
+    If no pass finishes in time, the rows the unfinished pass did predict are used and the rest filled.
+    """
+    infer_cfg.validate()
+    if not models:
+        raise ValueError("no models to predict with")
+    views = list(infer_cfg.tta)
+    if infer_cfg.ensemble == "weighted":
+        weights = ensemble.check_weights(infer_cfg.weights, len(models))
+        priority = sorted(range(len(models)), key=lambda m: -weights[m])
+    else:
+        priority = list(range(len(models)))
+    fold_counts = [len(m.folds) for m in models]
+    levels = degrade_levels(fold_counts, len(views), priority)
+    costs = CostModel(num_images=len(source.ids),
+                      image_sizes={(m, f): fold.image_size for m, spec in enumerate(models)
+                                   for f, fold in enumerate(spec.folds)},
+                      groups={(m, f): fold.preprocess_key() for m, spec in enumerate(models)
+                              for f, fold in enumerate(spec.folds)})
+    report = InferReport(full_plan=describe_plan(levels[0], fold_counts, len(views)))
+    row_of = {sid: row for row, sid in enumerate(source.ids)}
+    results: dict = {}
+    partial = None
+    announced: set = set()
+
+    def replan() -> frozenset:
+        index, plan = choose_plan(levels, costs, budget.remaining())
+        if index != report.level:
+            reason = "over budget" if index > report.level else "time to spare"
+            _log(f"budget: {reason} -> plan {describe_plan(plan, fold_counts, len(views))} "
+                 f"(degrade order: {'; then '.join(DEGRADE_ORDER)})")
+            report.level = index
+        return plan
+
+    def calibrated(key, seconds_per_image: float) -> None:
+        costs.predict_seconds_per_image[key] = seconds_per_image
+        if key[0] in announced:
+            return
+        announced.add(key[0])
+        plan = levels[report.level]
+        total = budget.elapsed() + costs.estimate(plan) / costs.safety
+        report.estimated_total_seconds = total
+        limit = "no limit" if budget.max_seconds is None else f"budget {budget.max_seconds / 60:.1f} min"
+        _log(f"estimated total time: {total / 60:.1f} min for {describe_plan(plan, fold_counts, len(views))} "
+             f"({seconds_per_image * 1000:.1f} ms/image for {models[key[0]].name}; {limit})")
+
+    try:
+        for m, spec in enumerate(models):
+            for f, fold in enumerate(spec.folds):
+                plan = replan()
+                wanted = [v for v in range(len(views)) if (m, f, v) in plan]
+                if not wanted:
+                    costs.passed.update((m, f, v) for v in range(len(views)))
+                    continue
+                if budget.expired():
+                    raise DeadlineReached("time budget spent")
+                group = fold.preprocess_key()
+                records_dir = source.records_for(
+                    fold, budget, on_measured=lambda s: costs.preprocess_seconds_per_image.__setitem__(group, s))
+                costs.prepared.add(fold.preprocess_key())
+                if records_dir is None:
+                    _log(f"warning: no readable test image for {fold.name}'s preprocessing; skipping it")
+                    costs.passed.update((m, f, v) for v in range(len(views)))
+                    continue
+                load_start = budget.clock()
+                model = load_fold_model(fold)
+                costs.load_seconds.append(budget.clock() - load_start)
+                costs.loaded.add((m, f))
+                for v in range(len(views)):
+                    key = (m, f, v)
+                    if key not in replan():
+                        costs.passed.add(key)
+                        continue
+                    probs, complete, seconds_per_image = _run_pass(
+                        model, fold, records_dir, views[v], batch_size or int(fold.cfg.infer.batch_size), row_of,
+                        budget, lambda s, key=key: calibrated(key, s), progress)
+                    if not complete:
+                        report.aborted.append(key)
+                        partial = probs
+                        raise DeadlineReached(f"time budget spent during {fold.name} {views[v]}")
+                    costs.predict_seconds_per_image[key] = seconds_per_image
+                    results[key] = probs
+                    costs.done.add(key)
+                    report.done.append(key)
+                    if checkpoint is not None:
+                        checkpoint(_finish(results, models, infer_cfg, report, quiet=True))
+                del model
+                _release_memory()
+    except DeadlineReached as exc:
+        _log(f"budget: {exc}; writing the ensemble of the {len(results)} finished pass(es)")
+    if not results:
+        if partial is None:
+            _log("warning: no prediction finished within the budget: every row gets 0.5")
+            partial = np.full((len(source.ids), NUM_CLASSES), np.nan)
+        report.partial_fallback = True
+        filled, report.filled_rows = ensemble.fill_missing_rows(partial)
+        return np.clip(filled, 0.0, 1.0), report
+    return _finish(results, models, infer_cfg, report), report
+
+
+def _finish(results: dict, models: list[ModelSpec], infer_cfg: InferConfig, report: InferReport,
+            quiet: bool = False) -> np.ndarray:
+    probs, used = combine_results(results, models, infer_cfg)
+    filled, count = ensemble.fill_missing_rows(probs)
+    if not quiet:
+        report.filled_rows = count
+        report.models_used = [models[m].name for m in used]
+        report.final_plan = describe_plan(results.keys(), [len(m.folds) for m in models], len(infer_cfg.tta))
+        if count:
+            _log(f"warning: {count} test row(s) had no prediction (unreadable image): filled with column means")
+    return np.clip(filled, 0.0, 1.0)
+
+
+def _release_memory() -> None:
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()

@@ -1,0 +1,187 @@
+"""The Kaggle submission kernel: ``python kaggle_kernel.py`` or ``python -m ranzcr_tf.kernel``.
+
+Offline (no network), batched, with progress bars; every setting of every model comes from its run
+folder. See ``--help`` for the time-budget behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from ranzcr_tf.budget import DEGRADE_ORDER, Budget
+from ranzcr_tf.config import KAGGLE_DATA_DIR, InferConfig
+
+KAGGLE_INPUT = "/kaggle/input"
+KAGGLE_WORKING = "/kaggle/working"
+KAGGLE_TMP = "/kaggle/tmp"
+DEFAULT_MAX_MINUTES = 480.0  # Kaggle's GPU/TPU notebooks stop at 9 h; leave room for start-up and installs
+
+EPILOG = f"""
+inputs and defaults:
+  On Kaggle every default works: --data-dir {KAGGLE_DATA_DIR},
+  --models = every folder under {KAGGLE_INPUT} holding best.keras files (your attached datasets),
+  --out {KAGGLE_WORKING}/submission.csv. Elsewhere pass --models and --data-dir (or --tfrecords).
+  A --models path may be a run folder (runs/NAME with fold*/best.keras), one fold folder, a .keras
+  file, or a folder of several runs; each run is one model of the ensemble, its folds are averaged.
+  Each fold is fed images preprocessed with its own preprocess.json and input size (raw test JPEGs
+  are preprocessed once per distinct setting; --tfrecords are used for folds whose settings match).
+
+averaging:
+  probabilities (sigmoid of logits) are averaged over TTA views, then over a run's folds, then
+  combined over runs with --ensemble: mean, rank_mean (per-column ranks, for differently
+  calibrated models), or weighted (--weights, one per run, in the order runs are listed).
+
+time budget (--max-minutes, default {DEFAULT_MAX_MINUTES:g}):
+  After the first batches the estimated total time is printed. The plan is re-chosen before every
+  pass from measured times; if it would overrun the budget, work is dropped in this order:
+    1. {DEGRADE_ORDER[0]}, down to the first --tta view only;
+    2. {DEGRADE_ORDER[1]}, down to one fold per model;
+    3. {DEGRADE_ORDER[2]}, down to one model.
+  A pass still running at the deadline is abandoned; the submission is the ensemble of every
+  finished pass. If not even one pass finished, the rows the unfinished pass predicted are used and
+  the remaining rows get the column means of those (0.5 if none): the file is always complete.
+  submission.csv is rewritten atomically after every finished pass (a complete file, never a partial
+  one), so stopping the kernel early still leaves a valid submission. Unreadable test images get the
+  column means of the other rows (a warning names them).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kaggle_kernel.py", description="Predict the RANZCR CLiP test set with an ensemble of trained runs "
+        "(TTA x folds x models) and write submission.csv.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help=f"competition folder with sample_submission.csv and test/*.jpg "
+                        f"(default on Kaggle: {KAGGLE_DATA_DIR})")
+    parser.add_argument("--models", nargs="+", metavar="RUN_DIR", help="run folders (or fold folders / .keras "
+                        f"files); default on Kaggle: every folder under {KAGGLE_INPUT} holding best.keras")
+    parser.add_argument("--tfrecords", help="converter output folder whose test/ shards to predict instead of "
+                        "preprocessing raw test JPEGs (used for the folds trained with the same preprocessing)")
+    parser.add_argument("--out", help=f"submission path (default: {KAGGLE_WORKING}/submission.csv on Kaggle, "
+                        "else ./submission.csv)")
+    parser.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
+                        help="wall-clock budget for the whole kernel (0 = no limit)")
+    parser.add_argument("--tta", nargs="+", choices=("identity", "hflip"), help="TTA views, most important first "
+                        f"(default {' '.join(InferConfig().tta)}); the last ones are dropped first under the budget")
+    parser.add_argument("--ensemble", choices=("mean", "rank_mean", "weighted"), default=InferConfig().ensemble,
+                        help="how runs are combined (default %(default)s)")
+    parser.add_argument("--weights", nargs="+", type=float, default=[], help="one weight per run for --ensemble weighted")
+    parser.add_argument("--batch-size", type=int, help="prediction batch size (default: each run's infer.batch_size)")
+    parser.add_argument("--workers", type=int, default=0, help="processes preprocessing raw test images (0 = all cores)")
+    parser.add_argument("--work-dir", help=f"scratch folder for preprocessed test images (default: {KAGGLE_TMP} "
+                        "on Kaggle, else the system temp folder); removed at the end")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _on_kaggle() -> bool:
+    return os.path.isdir(KAGGLE_INPUT)
+
+
+def kaggle_model_dirs(input_dir: str = KAGGLE_INPUT, competition_dir: str = KAGGLE_DATA_DIR) -> list[str]:
+    """Every attached dataset folder under ``input_dir`` (except the competition's) holding a best.keras."""
+    found = []
+    for name in sorted(os.listdir(input_dir)):
+        folder = os.path.join(input_dir, name)
+        if not os.path.isdir(folder) or os.path.abspath(folder) == os.path.abspath(competition_dir):
+            continue
+        if any("best.keras" in files for _, _, files in os.walk(folder, followlinks=True)):
+            found.append(folder)
+    return found
+
+
+def resolve_paths(args) -> tuple[str | None, list[str], str]:
+    """Fill the Kaggle defaults, or stop with a message saying what to pass."""
+    on_kaggle = _on_kaggle()
+    data_dir = args.data_dir
+    if data_dir is None and on_kaggle and os.path.isdir(KAGGLE_DATA_DIR):
+        data_dir = KAGGLE_DATA_DIR
+    if data_dir is None and args.tfrecords is None:
+        raise ValueError("no test data: pass --data-dir DIR (the competition folder with sample_submission.csv "
+                         "and test/) or --tfrecords DIR (converted test records)")
+    models = args.models
+    if not models:
+        if not on_kaggle:
+            raise ValueError("no models: pass --models RUN_DIR [RUN_DIR ...] (run folders written by train_tpu.py, "
+                             "e.g. runs/NAME with fold*/best.keras)")
+        models = kaggle_model_dirs()
+        if not models:
+            raise ValueError(f"no best.keras under {KAGGLE_INPUT}: attach the dataset made by "
+                             f"`python -m ranzcr_tf.package` (Add data -> Your datasets), or pass --models")
+    out = args.out or (os.path.join(KAGGLE_WORKING, "submission.csv") if os.path.isdir(KAGGLE_WORKING)
+                       else "submission.csv")
+    return data_dir, models, out
+
+
+def run(args) -> dict:
+    """Everything ``main`` does, returning a summary (tests call this)."""
+    start = time.monotonic()
+    data_dir, model_paths, out = resolve_paths(args)
+    infer_cfg = InferConfig(tta=list(args.tta or InferConfig().tta), ensemble=args.ensemble,
+                            weights=list(args.weights), batch_size=args.batch_size or 1)
+    infer_cfg.validate()
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    max_seconds = None if not args.max_minutes else args.max_minutes * 60.0
+    clock = getattr(args, "clock", None) or time.monotonic
+    # Kept back at the end for writing the file and exiting: 5% of the budget, at most 2 minutes.
+    budget = Budget(max_seconds, clock=clock, reserve_seconds=min(120.0, 0.05 * max_seconds) if max_seconds else 0.0)
+
+    import keras
+
+    from ranzcr_tf import data as data_module
+    from ranzcr_tf.infer import TestSource, predict_ensemble
+    from ranzcr_tf.modelio import discover_models
+    from ranzcr_tf.submission import build_submission, write_submission
+
+    if keras.backend.backend() == "jax":
+        data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
+    models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
+    if infer_cfg.ensemble == "weighted":
+        from ranzcr_tf.ensemble import check_weights
+
+        check_weights(infer_cfg.weights, len(models))
+    for index, spec in enumerate(models):
+        weight = f", weight {infer_cfg.weights[index]:g}" if infer_cfg.ensemble == "weighted" else ""
+        sizes = sorted({fold.image_size for fold in spec.folds})
+        print(f"model {index}: {spec.name} ({len(spec.folds)} fold(s), {'/'.join(map(str, sizes))} px{weight})",
+              file=sys.stderr)
+    scratch_parent = args.work_dir or (KAGGLE_TMP if os.path.isdir(KAGGLE_TMP) else None)
+    if scratch_parent:
+        os.makedirs(scratch_parent, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
+    try:
+        source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers)
+        template = source.template
+
+        def checkpoint(probs):
+            write_submission(build_submission(template, probs), out, template)
+
+        probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=args.batch_size,
+                                         progress=not args.no_progress, checkpoint=checkpoint)
+        write_submission(build_submission(template, probs), out, template)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    elapsed = time.monotonic() - start
+    print(f"wrote {out}: {len(template)} rows; plan used: {report.final_plan or 'fallback (no pass finished)'} "
+          f"of {report.full_plan}; {elapsed / 60:.1f} min", file=sys.stderr)
+    return {"out": out, "report": report, "models": models, "rows": len(template), "elapsed_seconds": elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as exc:
+        parser.exit(2, f"kaggle_kernel.py: error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

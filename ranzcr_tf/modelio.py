@@ -1,0 +1,228 @@
+"""Finding trained runs and loading their models safely (Keras safe mode; no legacy ``.h5``; no ``Lambda``).
+
+    models = discover_models(["runs/b7_768"])       # one ModelSpec per run, one FoldSpec per best.keras
+    model = load_fold_model(models[0].folds[0])     # keras.Model, compile=False, safe_mode=True
+
+A run folder (written by training) looks like ``runs/NAME/fold{k}/`` holding ``best.keras``,
+``config.yaml`` (the resolved Config), ``preprocess.json`` (the converter's preprocessing of the
+records it was trained on), ``metrics.json`` and ``oof.csv``. A path given as a model may be a run
+folder, a single fold folder, a ``best.keras`` file, or a folder holding several runs (an attached
+Kaggle dataset): every ``best.keras`` under it is found and grouped by run (the folder above the
+``fold{k}`` folders). Every setting inference needs comes from the files beside each model.
+
+Discovery and the checks here import no TensorFlow or Keras; only :func:`load_fold_model` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+
+from ranzcr_tf import records
+from ranzcr_tf.config import Config, PreprocessConfig, load_config
+
+MODEL_FILE = "best.keras"
+CONFIG_FILE = "config.yaml"
+PREPROCESS_FILE = "preprocess.json"
+LEGACY_SUFFIXES = (".h5", ".hdf5")
+_FOLD_DIR = re.compile(r"^fold\d+$")
+
+
+@dataclass
+class FoldSpec:
+    """One fold's model file and every setting needed to feed it."""
+
+    path: str  # the .keras file
+    name: str  # "RUN/fold0"
+    cfg: Config
+    preprocess: PreprocessConfig
+
+    @property
+    def image_size(self) -> int:
+        """Model input size: ``data.image_size`` when training resized the records, else the stored size."""
+        return int(self.cfg.data.image_size or self.preprocess.image_size)
+
+    @property
+    def output(self) -> str:
+        return self.cfg.model.output
+
+    def preprocess_key(self) -> tuple:
+        """Hashable identity of the preprocessing: folds with equal keys share preprocessed test images."""
+        return tuple(sorted(dataclasses.asdict(self.preprocess).items()))
+
+
+@dataclass
+class ModelSpec:
+    """One trained run (a model of the ensemble) and its folds."""
+
+    name: str
+    root: str
+    folds: list[FoldSpec] = field(default_factory=list)
+
+
+def legacy_error(path: str) -> ValueError:
+    return ValueError(f"{path}: legacy HDF5 model files (.h5/.hdf5) are refused: they load without Keras safe "
+                      f"mode. Re-save the model in the Keras 3 format: keras.models.load_model(old).save('best.keras') "
+                      f"on a trusted machine, then point --models at the folder holding best.keras")
+
+
+def _find_upwards(folder: str, name: str, stop: str) -> str | None:
+    """``name`` in ``folder`` or one of its parents up to ``stop`` (a run-level config serves every fold)."""
+    folder, stop = os.path.abspath(folder), os.path.abspath(stop)
+    while True:
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return candidate
+        if folder == stop or os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+
+
+def read_preprocess_json(path: str) -> PreprocessConfig:
+    """A run's ``preprocess.json`` (the converter manifest's ``preprocess`` block) as a PreprocessConfig.
+
+    Refuses records decoded with another decoder than the project's (the pixels would differ).
+    """
+    with open(path) as fh:
+        values = json.load(fh)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object with the preprocessing settings")
+    decoder, dct = values.get("decoder", "opencv"), values.get("stored_dct_method", records.DCT_METHOD)
+    if decoder != "opencv" or dct != records.DCT_METHOD:
+        raise ValueError(f"{path}: records made with decoder={decoder!r}, stored_dct_method={dct!r}; this ranzcr-tf "
+                         f"preprocesses with decoder='opencv' and decodes with {records.DCT_METHOD!r}: retrain on "
+                         f"records from this version's converter")
+    known = {f.name for f in dataclasses.fields(PreprocessConfig)}
+    settings = PreprocessConfig(**{k: v for k, v in values.items() if k in known})
+    settings.validate()
+    return settings
+
+
+def check_model_file(path: str) -> None:
+    """Refuse legacy HDF5 files and ``.keras`` files that hold a ``Lambda`` layer, before loading anything.
+
+    A Lambda layer carries Python bytecode; Keras safe mode would refuse it at load time too, but
+    checking the archive's ``config.json`` first gives one clear message for every bad fold up front.
+    """
+    if path.lower().endswith(LEGACY_SUFFIXES):
+        raise legacy_error(path)
+    if not path.endswith(".keras"):
+        raise ValueError(f"{path}: expected a Keras 3 '.keras' model file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .keras model archive ({exc})") from None
+    lambdas = list(_lambda_layers(config))
+    if lambdas:
+        raise ValueError(f"{path}: the model contains Lambda layer(s) {lambdas}; Lambda layers hold arbitrary "
+                         f"Python code and are refused (Keras safe mode). Replace them with registered layers "
+                         f"(see ranzcr_tf/layers.py) and retrain or re-save the model")
+
+
+def _lambda_layers(node):
+    if isinstance(node, dict):
+        if node.get("class_name") == "Lambda":
+            yield (node.get("config") or {}).get("name", "?")
+        for value in node.values():
+            yield from _lambda_layers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _lambda_layers(value)
+
+
+def _fold_spec(model_path: str, search_stop: str, name: str) -> FoldSpec:
+    folder = os.path.dirname(os.path.abspath(model_path))
+    config_path = _find_upwards(folder, CONFIG_FILE, search_stop)
+    if config_path is None:
+        raise ValueError(f"{model_path}: no {CONFIG_FILE} beside it (or in its run folder); inference needs the "
+                         f"run's saved config to rebuild the input pipeline")
+    cfg = load_config(config_path)
+    preprocess_path = _find_upwards(folder, PREPROCESS_FILE, search_stop)
+    if preprocess_path is not None:
+        settings = read_preprocess_json(preprocess_path)
+    else:  # older runs: the config's preprocess section is the best record of the training records
+        print(f"warning: {model_path}: no {PREPROCESS_FILE}; using the preprocess section of {config_path}")
+        settings = cfg.preprocess
+    return FoldSpec(path=os.path.abspath(model_path), name=name, cfg=cfg, preprocess=settings)
+
+
+def _run_folder(model_path: str) -> str:
+    fold_folder = os.path.dirname(os.path.abspath(model_path))
+    return os.path.dirname(fold_folder) if _FOLD_DIR.match(os.path.basename(fold_folder)) else fold_folder
+
+
+def discover_models(paths: list[str], exclude: tuple[str, ...] = ()) -> list[ModelSpec]:
+    """One :class:`ModelSpec` per run found under ``paths`` (in the order given; sorted within a path).
+
+    Raises ``ValueError`` naming the path when nothing usable is found, when a folder holds only
+    legacy ``.h5`` models, or when a fold lacks its ``config.yaml``.
+    """
+    models: dict[str, ModelSpec] = {}
+    for given in paths:
+        if not os.path.exists(given):
+            raise ValueError(f"--models {given}: no such file or folder")
+        if os.path.isfile(given):
+            check_model_file(given)
+            found = [given]
+        else:
+            found, legacy = [], []
+            for folder, dirs, files in os.walk(given, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                                 and os.path.abspath(os.path.join(folder, d)) not in exclude)
+                found += [os.path.join(folder, f) for f in sorted(files) if f == MODEL_FILE]
+                legacy += [os.path.join(folder, f) for f in files if f.lower().endswith(LEGACY_SUFFIXES)]
+            if not found:
+                if legacy:
+                    raise legacy_error(legacy[0])
+                raise ValueError(f"--models {given}: no {MODEL_FILE} under it; pass a run folder written by "
+                                 f"train_tpu.py (runs/NAME with fold*/best.keras)")
+        base = os.path.dirname(os.path.abspath(given))
+        for model_path in found:
+            run = _run_folder(model_path)
+            run_name = os.path.relpath(run, base)
+            if run_name == "." or run_name.startswith(".."):
+                run_name = os.path.basename(run)
+            fold_name = os.path.relpath(os.path.dirname(os.path.abspath(model_path)), run)
+            spec = models.setdefault(run, ModelSpec(name=run_name, root=run))
+            if any(f.path == os.path.abspath(model_path) for f in spec.folds):
+                continue
+            spec.folds.append(_fold_spec(model_path, run, run_name if fold_name == "." else f"{run_name}/{fold_name}"))
+    for spec in models.values():
+        for fold in spec.folds:
+            check_model_file(fold.path)
+    return list(models.values())
+
+
+def load_fold_model(fold: FoldSpec):
+    """Load one fold's model with Keras safe mode (``compile=False``), with a clear error when refused."""
+    import keras
+
+    import ranzcr_tf.models  # noqa: F401  (registers our custom layers so safe mode can rebuild them)
+
+    check_model_file(fold.path)
+    try:
+        model = keras.models.load_model(fold.path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        text = str(exc)
+        if "safe_mode" in text or "Lambda" in text or "lambda" in text:
+            raise ValueError(f"{fold.path}: refused by Keras safe mode (it would run code stored in the file): "
+                             f"{text.splitlines()[0][:200]}") from None
+        raise ValueError(f"{fold.path}: cannot load the model: {text.splitlines()[0][:300]}") from None
+    except TypeError as exc:  # an unregistered custom class
+        raise ValueError(f"{fold.path}: cannot rebuild the model ({str(exc)[:300]}); was it saved by a newer or "
+                         f"different ranzcr-tf? Install the version that trained it") from None
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise ValueError(f"{fold.path}: the model has {len(shape)} inputs; expected one image input")
+    if shape[1] is not None and (shape[1] != fold.image_size or shape[2] != fold.image_size):
+        raise ValueError(f"{fold.path}: the model takes {shape[1]}x{shape[2]} images but its config says "
+                         f"{fold.image_size}: the run folder's config.yaml does not belong to this model")
+    if shape[-1] != fold.cfg.model.input_channels:
+        raise ValueError(f"{fold.path}: the model takes {shape[-1]} channel(s) but its config says "
+                         f"model.input_channels={fold.cfg.model.input_channels}")
+    return model

@@ -1,0 +1,117 @@
+"""Raw test JPEGs -> test TFRecords with a run's own preprocessing, so both kernel inputs are one path.
+
+    records_dir, skipped = preprocess_test_images("data", ids, settings, "/tmp/ranzcr-test/g0")
+
+Each image goes through the converter's function (``preprocess.preprocess_file``: decode, CLAHE,
+resize, JPEG encode) with the settings saved in the run folder (``preprocess.json``), in a pool of
+``spawn`` worker processes that never import TensorFlow; the main process writes the stored JPEGs,
+in ``ids`` order, into one ``test`` shard plus a minimal ``manifest.json``. Prediction then reads
+them with ``data.build_eval_dataset`` exactly like the converter's own test records, so raw-JPEG
+and TFRecord inference decode the same bytes with the same function and see the same pixels.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from typing import Callable
+
+from ranzcr_tf import io_utils, records
+from ranzcr_tf.config import PreprocessConfig
+from ranzcr_tf.preprocess import BadImageError, preprocess_file
+
+TEST_IMAGE_DIR = "test"
+
+
+class DeadlineReached(RuntimeError):
+    """The time budget ran out before the work finished (the caller falls back)."""
+
+
+def _work(task: tuple) -> tuple:
+    """Worker: ``(status, jpeg or reason, info)``; no TensorFlow in this process."""
+    path, settings = task
+    try:
+        data, info = preprocess_file(path, settings)
+    except BadImageError as exc:
+        return "bad", str(exc), None
+    return "ok", data, info
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessConfig, out_dir: str, *,
+                           workers: int = 0, expired: Callable[[], bool] | None = None,
+                           progress: bool = True, on_first: Callable[[int, float], None] | None = None
+                           ) -> tuple[str, list[dict]]:
+    """Preprocess ``data_dir/test/{id}.jpg`` for every ID into ``out_dir`` (a test-only records folder).
+
+    Returns ``(out_dir, skipped)`` where ``skipped`` lists ``{'id', 'reason'}`` of unreadable images
+    (left out of the records; the kernel fills their rows). ``expired()`` is polled per image; when it
+    says the budget is spent, :class:`DeadlineReached` is raised and nothing usable is left behind.
+    ``on_first(n, seconds)`` is called once after the first ``n`` images with their wall time.
+    """
+    import tensorflow as tf
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    folder = os.path.join(out_dir, records.TEST_DIR)
+    os.makedirs(folder, exist_ok=True)
+    tasks = [(os.path.join(data_dir, TEST_IMAGE_DIR, f"{sid}.jpg"), settings) for sid in ids]
+    workers = workers or default_workers()
+    # spawn, not fork: this process already holds TensorFlow, which is not fork-safe.
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
+    results = pool.imap(_work, tasks, chunksize=4) if pool is not None else map(_work, tasks)
+    tmp = io_utils.temp_name(os.path.join(folder, "test.tfrec"))
+    skipped, written, start = [], 0, time.monotonic()
+    bar = tqdm(total=len(tasks), desc=f"preprocess {settings.image_size}px", unit="img", disable=not progress,
+               file=sys.stderr)
+    try:
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for index, (sid, (status, payload, info)) in enumerate(zip(ids, results)):
+                bar.update(1)
+                if expired is not None and expired():
+                    raise DeadlineReached(f"time budget spent while preprocessing test images ({index}/{len(ids)})")
+                if on_first is not None and index + 1 == min(len(ids), max(8, 2 * workers)):
+                    on_first(index + 1, time.monotonic() - start)
+                if status == "bad":
+                    bar.write(f"warning: unreadable test image, its row gets the column means: {payload}",
+                              file=sys.stderr)
+                    skipped.append({"id": sid, "reason": payload})
+                    continue
+                writer.write(records.serialize_example(
+                    payload, sid, target=None, fold=-1, height=info["height"], width=info["width"],
+                    orig_height=info["orig_height"], orig_width=info["orig_width"]))
+                written += 1
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if written:
+        os.replace(tmp, os.path.join(folder, records.shard_name(None, 0, written)))
+    else:
+        os.remove(tmp)
+    # The fields build_eval_dataset reads, as the converter writes them.
+    io_utils.atomic_write_json(os.path.join(out_dir, records.MANIFEST), {
+        "schema_version": records.SCHEMA_VERSION,
+        "preprocess": {**vars(settings), "decoder": "opencv", "stored_dct_method": records.DCT_METHOD},
+        "image_size": settings.image_size,
+        "num_folds": 2,  # unused for the test split; present because readers expect it
+        "num_test": written,
+        "test_count": written,
+        "shards": {records.TRAIN_DIR: [], records.TEST_DIR: [f"test/{records.shard_name(None, 0, written)}"]},
+        "skipped": [{"split": "test", **s} for s in skipped],
+        "source": {"data_dir": os.path.abspath(data_dir)},
+    })
+    return out_dir, skipped
