@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ranzcr_tf import records
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
+from ranzcr_tf.labels import LABELS
 
 MODEL_FILE = "best.keras"
 CONFIG_FILE = "config.yaml"
@@ -40,11 +41,12 @@ class FoldSpec:
     name: str  # "RUN/fold0"
     cfg: Config
     preprocess: PreprocessConfig
+    model_image_size: int = 0  # from preprocess.json when training wrote it
 
     @property
     def image_size(self) -> int:
-        """Model input size: ``data.image_size`` when training resized the records, else the stored size."""
-        return int(self.cfg.data.image_size or self.preprocess.image_size)
+        """Model input size: as recorded by training, else ``data.image_size``, else the stored size."""
+        return int(self.model_image_size or self.cfg.data.image_size or self.preprocess.image_size)
 
     @property
     def output(self) -> str:
@@ -96,10 +98,19 @@ def read_preprocess_json(path: str) -> PreprocessConfig:
         raise ValueError(f"{path}: records made with decoder={decoder!r}, stored_dct_method={dct!r}; this ranzcr-tf "
                          f"preprocesses with decoder='opencv' and decodes with {records.DCT_METHOD!r}: retrain on "
                          f"records from this version's converter")
+    saved_labels = values.get("labels")
+    if saved_labels is not None and list(saved_labels) != list(LABELS):
+        raise ValueError(f"{path}: the model was trained with label order {saved_labels}, this ranzcr-tf uses "
+                         f"{list(LABELS)}: its outputs would land in the wrong submission columns")
     known = {f.name for f in dataclasses.fields(PreprocessConfig)}
     settings = PreprocessConfig(**{k: v for k, v in values.items() if k in known})
     settings.validate()
     return settings
+
+
+def _model_image_size(path: str) -> int:
+    with open(path) as fh:
+        return int(json.load(fh).get("model_image_size") or 0)
 
 
 def check_model_file(path: str) -> None:
@@ -143,12 +154,15 @@ def _fold_spec(model_path: str, search_stop: str, name: str) -> FoldSpec:
                          f"run's saved config to rebuild the input pipeline")
     cfg = load_config(config_path)
     preprocess_path = _find_upwards(folder, PREPROCESS_FILE, search_stop)
+    model_size = 0
     if preprocess_path is not None:
         settings = read_preprocess_json(preprocess_path)
+        model_size = _model_image_size(preprocess_path)
     else:  # older runs: the config's preprocess section is the best record of the training records
         print(f"warning: {model_path}: no {PREPROCESS_FILE}; using the preprocess section of {config_path}")
         settings = cfg.preprocess
-    return FoldSpec(path=os.path.abspath(model_path), name=name, cfg=cfg, preprocess=settings)
+    return FoldSpec(path=os.path.abspath(model_path), name=name, cfg=cfg, preprocess=settings,
+                    model_image_size=model_size)
 
 
 def _run_folder(model_path: str) -> str:

@@ -1,0 +1,178 @@
+"""Bundle the package, the wheels Kaggle lacks and chosen runs into one folder to upload as a Kaggle dataset.
+
+    python -m ranzcr_tf.package --runs runs/b7_768 runs/b5_512 --out bundle/ [--name ranzcr-bundle]
+
+Result::
+
+    bundle/wheels/ranzcr_tf-<version>-py3-none-any.whl   built with `pip wheel --no-deps`
+    bundle/wheels/keras-<version>-py3-none-any.whl       --wheel specs (default: the installed keras)
+    bundle/runs/<run>/fold<k>/{best.keras, config.yaml, preprocess.json, metrics.json}
+    bundle/kaggle_kernel.py                              the kernel stub (runnable without installing)
+    bundle/README.md                                     the notebook cell to paste
+    bundle/dataset-metadata.json                         for `kaggle datasets create -p bundle`
+
+Which wheels: Kaggle's images ship TensorFlow, NumPy, pandas, scikit-learn, OpenCV, tqdm, PyYAML and
+matplotlib, so only ranzcr-tf itself and Keras (>= 3.14 for the safe-mode loading fixes; Kaggle's
+own Keras is often older) are bundled. Keras' dependencies (absl-py, h5py, ml-dtypes, namex, optree,
+rich) come with Kaggle's Keras 3. Add more with ``--wheel SPEC`` (downloaded with ``pip download
+--no-deps``, from PyPI, so on a machine with internet) or drop Keras with ``--no-keras``.
+Every run is checked first (no legacy .h5, no Lambda layer, config.yaml present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from ranzcr_tf.modelio import CONFIG_FILE, PREPROCESS_FILE, discover_models
+
+RUN_FILES = ("best.keras", CONFIG_FILE, PREPROCESS_FILE, "metrics.json", "best.json")
+PACKAGE_NAME = "ranzcr-tf"
+SOURCE_ITEMS = ("pyproject.toml", "README.md", "ranzcr_tf")
+
+
+def source_root() -> str:
+    """The checkout holding pyproject.toml (the wheel is built from source)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "pyproject.toml")):
+        raise ValueError(f"no pyproject.toml in {root}: run the packager from a source checkout of ranzcr-tf "
+                         f"(pip install -e .)")
+    return root
+
+
+def build_wheel(wheel_dir: str, root: str | None = None) -> str:
+    """``pip wheel --no-deps`` of a clean copy of the package (no build/ or egg-info left in the checkout)."""
+    root = root or source_root()
+    with tempfile.TemporaryDirectory(prefix="ranzcr-wheel-") as tmp:
+        for item in SOURCE_ITEMS:
+            src = os.path.join(root, item)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(tmp, item), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            elif os.path.exists(src):
+                shutil.copy2(src, os.path.join(tmp, item))
+        before = set(glob.glob(os.path.join(wheel_dir, "*.whl")))
+        base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", wheel_dir]
+        # Without build isolation first: works offline with the setuptools already installed.
+        result = subprocess.run([*base, "--no-build-isolation", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            result = subprocess.run([*base, tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"pip wheel failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    built = sorted(set(glob.glob(os.path.join(wheel_dir, "ranzcr_tf-*.whl"))) - before) or \
+        sorted(glob.glob(os.path.join(wheel_dir, "ranzcr_tf-*.whl")))
+    if not built:
+        raise RuntimeError(f"pip wheel reported success but no ranzcr_tf wheel is in {wheel_dir}")
+    return built[-1]
+
+
+def download_wheels(specs: list[str], wheel_dir: str) -> list[str]:
+    """``pip download --no-deps --only-binary=:all:`` each spec into ``wheel_dir`` (needs PyPI access)."""
+    if not specs:
+        return []
+    before = set(os.listdir(wheel_dir))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest",
+           wheel_dir, *specs]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip download {' '.join(specs)} failed (it needs PyPI access; or pass --no-keras and "
+                           f"no --wheel):\n{result.stderr[-2000:]}")
+    return sorted(set(os.listdir(wheel_dir)) - before)
+
+
+def copy_runs(run_paths: list[str], out_dir: str) -> list[str]:
+    """Copy each fold's model, config and preprocessing (not checkpoints or logs) to ``out_dir/runs``."""
+    models = discover_models(run_paths)  # validates: no .h5, no Lambda, configs present
+    copied = []
+    for spec in models:
+        for fold in spec.folds:
+            src = os.path.dirname(fold.path)
+            rel = os.path.relpath(src, os.path.dirname(spec.root))
+            dst = os.path.join(out_dir, "runs", rel)
+            os.makedirs(dst, exist_ok=True)
+            for name in RUN_FILES:
+                for folder in (src, spec.root):  # a run-level config serves every fold: copy it beside each
+                    if os.path.exists(os.path.join(folder, name)):
+                        shutil.copy2(os.path.join(folder, name), os.path.join(dst, name))
+                        break
+            copied.append(os.path.relpath(dst, out_dir))
+    return copied
+
+
+def notebook_cell(name: str) -> str:
+    """The Kaggle notebook cell that installs offline from the bundle and runs the kernel."""
+    return (f"!pip install --no-index --find-links /kaggle/input/{name}/wheels {PACKAGE_NAME}\n"
+            f"!python -m ranzcr_tf.kernel --models /kaggle/input/{name}/runs --max-minutes 480\n"
+            f"# TPU notebooks (JAX backend): !KERAS_BACKEND=jax python -m ranzcr_tf.kernel "
+            f"--models /kaggle/input/{name}/runs\n")
+
+
+def bundle_readme(name: str, wheels: list[str], runs: list[str]) -> str:
+    return (f"# {name}: ranzcr-tf offline bundle\n\n"
+            f"Upload this folder as a Kaggle dataset named `{name}` (`kaggle datasets create -p .` uses\n"
+            f"dataset-metadata.json), attach it to a notebook with internet off, and run:\n\n"
+            f"```\n{notebook_cell(name)}```\n\n"
+            f"`python /kaggle/input/{name}/kaggle_kernel.py ...` runs the same kernel once the package is installed.\n"
+            f"Every default of the kernel fits Kaggle; see `python -m ranzcr_tf.kernel --help`.\n\n"
+            f"Wheels: {', '.join(wheels)}\n\nRuns (folds):\n" + "".join(f"- {r}\n" for r in runs))
+
+
+def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: list[str] | None = None,
+                keras_wheel: bool = True) -> dict:
+    """Build the bundle folder; returns ``{'wheels': [...], 'runs': [...], 'out': out_dir}``."""
+    if not runs:
+        raise ValueError("pass at least one run folder: --runs runs/NAME [runs/NAME2 ...]")
+    name = name or os.path.basename(os.path.abspath(out_dir)).lower().replace("_", "-")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir} is not empty: choose a new --out folder (or delete it)")
+    wheel_dir = os.path.join(out_dir, "wheels")
+    os.makedirs(wheel_dir, exist_ok=True)
+    copied = copy_runs(runs, out_dir)  # first: a refused model stops before any slow build
+    build_wheel(wheel_dir)
+    specs = list(wheels or [])
+    if keras_wheel:
+        specs.append(f"keras=={importlib.metadata.version('keras')}")
+    download_wheels(specs, wheel_dir)
+    stub = os.path.join(source_root(), "kaggle_kernel.py")
+    if os.path.exists(stub):
+        shutil.copy2(stub, os.path.join(out_dir, "kaggle_kernel.py"))
+    wheel_names = sorted(os.listdir(wheel_dir))
+    with open(os.path.join(out_dir, "README.md"), "w") as fh:
+        fh.write(bundle_readme(name, wheel_names, copied))
+    with open(os.path.join(out_dir, "dataset-metadata.json"), "w") as fh:
+        json.dump({"title": name, "id": f"KAGGLE_USERNAME/{name}", "licenses": [{"name": "other"}]}, fh, indent=2)
+    return {"out": out_dir, "wheels": wheel_names, "runs": copied, "name": name}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ranzcr_tf.package", description=__doc__.split("\n\n")[0],
+        epilog="Upload the folder as a Kaggle dataset; its README.md holds the notebook cell.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders (runs/NAME) to include")
+    parser.add_argument("--out", required=True, help="new (or empty) folder for the bundle")
+    parser.add_argument("--name", help="Kaggle dataset slug, i.e. the folder name under /kaggle/input "
+                        "(default: the --out folder's name)")
+    parser.add_argument("--wheel", action="append", default=[], metavar="SPEC",
+                        help="extra wheel to bundle, e.g. --wheel 'timm==1.0.9' (pip download --no-deps)")
+    parser.add_argument("--no-keras", action="store_true", help="do not bundle the installed Keras wheel "
+                        "(when the target image already has Keras >= 3.14)")
+    args = parser.parse_args(argv)
+    try:
+        result = make_bundle(args.runs, args.out, args.name, args.wheel, keras_wheel=not args.no_keras)
+    except ValueError as exc:
+        parser.exit(2, f"package: error: {exc}\n")
+    print(f"bundle {result['out']} ({result['name']}): wheels {', '.join(result['wheels'])}; "
+          f"{len(result['runs'])} fold(s)")
+    print("notebook cell:\n" + notebook_cell(result["name"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
