@@ -341,7 +341,8 @@ class Backup(keras.callbacks.BackupAndRestore):
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(io_utils.join(self.backup_dir, meta["weights"]))
         self.model._initial_epoch = epoch
-        print(f"resumed from {self.backup_dir}: {epoch} epoch(s) already done", flush=True)
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer._iterations)) if self.model.optimizer else 0
+        print(f"resumed from {self.backup_dir}: {epoch} epoch(s) already done, optimizer step {step}", flush=True)
 
     def _save_model(self):
         if not self.writer or self.flags.diverged:

@@ -238,6 +238,8 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
         if flags.diverged:
             raise TrainingDiverged(f"fold {fold}: {flags.message}")
         previous_iterations = int(keras.ops.convert_to_numpy(optimizer._iterations))
+        if verbose:
+            print(f"after epoch {last_epoch - 1}: optimizer step {previous_iterations}", flush=True)
         if "early_stopping" in stateful and stateful["early_stopping"].stopped_epoch > 0:
             print(f"early stopping after epoch {stateful['early_stopping'].stopped_epoch}", flush=True)
             break

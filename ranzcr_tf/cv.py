@@ -1,0 +1,120 @@
+"""Cross-validation score of a run: pool the folds' ``oof.csv`` files, per-class AUCs, ROC curves.
+
+    python -m ranzcr_tf.cv runs/NAME            # prints the table, writes runs/NAME/cv.json and roc.png
+
+The score is the competition metric on the pooled out-of-fold predictions (every study predicted by
+the model that did not train on it); the mean of the per-fold scores is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+from ranzcr_tf import io_utils
+from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
+
+
+def merge_oof(run_dir: str) -> pd.DataFrame:
+    """All ``run_dir/fold*/oof.csv`` rows in one frame; every study must appear once."""
+    paths = sorted(glob.glob(os.path.join(run_dir, "fold*", "oof.csv")))
+    if not paths:
+        raise ValueError(f"no fold*/oof.csv under {run_dir}: train folds first (python train_tpu.py --fold all --out {run_dir})")
+    frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    missing = [c for c in [ID_COLUMN, *LABELS, *(f"target_{label}" for label in LABELS)] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"OOF files under {run_dir} lack columns {missing}: were they written by ranzcr_tf.train?")
+    duplicated = frame[ID_COLUMN][frame[ID_COLUMN].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"{len(duplicated)} studies appear in more than one fold's oof.csv (e.g. {duplicated[0]}): "
+                         "the folds come from different conversions")
+    return frame
+
+
+def cv_report(frame: pd.DataFrame) -> dict:
+    """Pooled mean AUC, per-class AUCs, positives per class and per-fold mean AUCs."""
+    from ranzcr_tf.metrics import competition_metric
+
+    targets = frame[[f"target_{label}" for label in LABELS]].to_numpy()
+    probs = frame[list(LABELS)].to_numpy()
+    mean_auc, per_class = competition_metric(targets, probs)
+    per_fold = {}
+    if "fold" in frame.columns:
+        for fold, part in frame.groupby("fold"):
+            per_fold[int(fold)] = competition_metric(part[[f"target_{label}" for label in LABELS]].to_numpy(),
+                                                     part[list(LABELS)].to_numpy())[0]
+    return {"cv_auc": mean_auc, "per_class_auc": per_class, "num_studies": int(len(frame)),
+            "positives": {label: int(targets[:, c].sum()) for c, label in enumerate(LABELS)},
+            "per_fold_auc": per_fold,
+            "mean_fold_auc": float(np.nanmean(list(per_fold.values()))) if per_fold else float("nan")}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'label':<28} {'AUC':>7} {'positives':>10}"]
+    for label in LABELS:
+        lines.append(f"{label:<28} {report['per_class_auc'][label]:>7.4f} {report['positives'][label]:>10d}")
+    lines.append(f"{'CV mean AUC (pooled OOF)':<28} {report['cv_auc']:>7.4f} {report['num_studies']:>10d} studies")
+    if report["per_fold_auc"]:
+        folds = ", ".join(f"fold {k}: {v:.4f}" for k, v in sorted(report["per_fold_auc"].items()))
+        lines.append(f"per fold: {folds}; mean {report['mean_fold_auc']:.4f}")
+    return "\n".join(lines)
+
+
+def plot_roc(frame: pd.DataFrame, path: str, title: str = "") -> str:
+    """One figure, one panel per tube family (ETT, NGT, CVC, Swan Ganz), one ROC curve per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(4.2 * len(GROUPS), 4.4), squeeze=False)
+    for ax, (group, members) in zip(axes[0], GROUPS.items()):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        for label in members:
+            y, p = frame[f"target_{label}"].to_numpy(), frame[label].to_numpy()
+            if len(np.unique(y)) < 2:
+                ax.plot([], [], label=f"{label}: one class only")
+                continue
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, linewidth=1.5, label=f"{label.split(' - ')[-1]}  AUC {roc_auc_score(y, p):.3f}")
+        ax.set_title(group)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Pool a run's out-of-fold predictions: CV AUC, per-class AUCs, ROC plot.")
+    parser.add_argument("run_dir", help="the --out folder of train_tpu.py (holding fold*/oof.csv)")
+    parser.add_argument("--plot", default=None, help="ROC figure path (default: RUN_DIR/roc.png)")
+    args = parser.parse_args(argv)
+    try:
+        frame = merge_oof(args.run_dir)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = cv_report(frame)
+    print(format_report(report))
+    plot = plot_roc(frame, args.plot or os.path.join(args.run_dir, "roc.png"),
+                    title=f"{os.path.basename(os.path.normpath(args.run_dir))}: CV AUC {report['cv_auc']:.4f}")
+    io_utils.atomic_write_json(os.path.join(args.run_dir, "cv.json"), report)
+    print(f"ROC curves: {plot}; report: {os.path.join(args.run_dir, 'cv.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
