@@ -67,6 +67,12 @@ def test_flip_at_probability_one_is_exact_mirror():
     np.testing.assert_array_equal(run(image, only(hflip_prob=1.0)), image[:, ::-1])
 
 
+def test_flip_folded_into_the_resampling_is_still_an_exact_mirror():
+    image = radiograph()
+    cfg = only(hflip_prob=1.0, affine_prob=1.0, shift=0.0, scale=0.0, rotate_deg=0.0, shear_deg=0.0)
+    np.testing.assert_array_equal(run(image, cfg), image[:, ::-1])
+
+
 def test_affine_with_zero_parameters_is_identity():
     image = radiograph()
     cfg = only(affine_prob=1.0, shift=0.0, scale=0.0, rotate_deg=0.0, shear_deg=0.0)
