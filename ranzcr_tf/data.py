@@ -380,7 +380,7 @@ def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16
         names = [LABELS[j] for j in np.flatnonzero(targets[i] > 0.5)]
         ax.set_title("\n".join(names) or "no tube", fontsize=7)
     fig.suptitle(f"training samples (folds != {fold}), augment={'on' if augment else 'off'}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave the top strip to the suptitle
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
