@@ -102,7 +102,8 @@ def _geometric(image, draws, do_flip, do_crop, do_affine, aug: AugmentConfig):
     return tf.ensure_shape(out[0], image.shape)
 
 
-def _mirror(image):
+def mirror(image):
+    """Exact horizontal mirror of an ``(S, S, C)`` image (also the inference ``hflip`` TTA)."""
     if image.shape[-1] == 1:  # reversing the (S, S) view is ~3x faster than reversing (S, S, 1) on CPU
         return tf.reverse(image[..., 0], axis=[1])[..., tf.newaxis]
     return tf.reverse(image, axis=[1])
@@ -190,7 +191,10 @@ def augment_image(image, aug_cfg: AugmentConfig, seed):
     """
     aug = aug_cfg
     if image.shape.rank != 3 or image.shape[0] is None or image.shape[0] != image.shape[1]:
-        raise ValueError(f"augment_image needs a square (S, S, C) image with a static size, got {image.shape}")
+        raise ValueError(f"augment_image needs a square (S, S, 1) image with a static size, got {image.shape}")
+    if image.shape[2] != 1:
+        raise ValueError(f"augment_image works on the single grey channel (3x cheaper): augment before "
+                         f"expanding to the model's channels (data.expand_channels), got {image.shape}")
     seed = tf.cast(seed, tf.int64)
     seeds = tf.random.experimental.stateless_split(seed, num=3)
     draws = tf.random.stateless_uniform([_NUM_DRAWS], seed=seeds[0])
@@ -204,9 +208,9 @@ def augment_image(image, aug_cfg: AugmentConfig, seed):
         do_affine = chance(_AFFINE, aug.affine_prob)
         resample = do_crop | do_affine
         image = tf.cond(resample, lambda: _geometric(image, draws, do_flip, do_crop, do_affine, aug),
-                        lambda: tf.cond(do_flip, lambda: _mirror(image), lambda: image))
+                        lambda: tf.cond(do_flip, lambda: mirror(image), lambda: image))
     elif aug.hflip_prob > 0:
-        image = tf.cond(do_flip, lambda: _mirror(image), lambda: image)
+        image = tf.cond(do_flip, lambda: mirror(image), lambda: image)
 
     # Each flag is None when its op is configured off (no graph at all), else a boolean tensor.
     flags = (

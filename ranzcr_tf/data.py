@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from ranzcr_tf import records
-from ranzcr_tf.augment import augment_image
+from ranzcr_tf.augment import augment_image, mirror
 from ranzcr_tf.config import Config
 from ranzcr_tf.labels import NUM_CLASSES
 
@@ -334,7 +334,7 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
         parsed = records.parse_example(serialized)
         image = decode_for_model(parsed[records.IMAGE], size, channels=1)
         if tta == "hflip":
-            image = tf.reverse(image, axis=[1])
+            image = mirror(image)
         image = _to_model_dtype(expand_channels(image, channels), dtype)
         return image, parsed[records.TARGET], tf.constant(1.0)
 
@@ -371,7 +371,7 @@ def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16
     images, targets = images.numpy(), targets.numpy()
     cols = int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.7 * rows), squeeze=False)
     for i, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if i >= n:

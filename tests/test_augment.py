@@ -174,3 +174,5 @@ def test_blur_stays_within_input_range_and_smooths():
 def test_non_square_or_dynamic_images_are_rejected():
     with pytest.raises(ValueError, match="square"):
         augment_image(tf.zeros([32, 48, 1], tf.uint8), AugmentConfig(), tf.constant([1, 2]))
+    with pytest.raises(ValueError, match="grey channel"):
+        augment_image(tf.zeros([32, 32, 3], tf.uint8), AugmentConfig(), tf.constant([1, 2]))
