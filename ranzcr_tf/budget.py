@@ -148,10 +148,14 @@ class CostModel:
         return total * self.safety
 
 
-def choose_plan(levels: Sequence[frozenset[Pass]], costs: CostModel, remaining_seconds: float
+def choose_plan(levels: Sequence[frozenset[Pass]], costs: CostModel, remaining_seconds: float, start: int = 0
                 ) -> tuple[int, frozenset[Pass]]:
-    """The first (largest) level whose remaining estimate fits; the minimum level if none does."""
-    for index, level in enumerate(levels):
-        if costs.estimate(level) <= remaining_seconds:
-            return index, level
+    """The first (largest) level from ``start`` on whose remaining estimate fits; the minimum if none does.
+
+    The kernel passes its current level as ``start``: plans only ever get smaller, so work skipped
+    once is never half-restored later and the result follows the stated order.
+    """
+    for index in range(start, len(levels)):
+        if costs.estimate(levels[index]) <= remaining_seconds:
+            return index, levels[index]
     return len(levels) - 1, levels[-1]

@@ -238,10 +238,9 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
     announced: set = set()
 
     def replan() -> frozenset:
-        index, plan = choose_plan(levels, costs, budget.remaining())
+        index, plan = choose_plan(levels, costs, budget.remaining(), start=report.level)
         if index != report.level:
-            reason = "over budget" if index > report.level else "time to spare"
-            _log(f"budget: {reason} -> plan {describe_plan(plan, fold_counts, len(views))} "
+            _log(f"budget: the estimate exceeds the time left -> plan {describe_plan(plan, fold_counts, len(views))} "
                  f"(degrade order: {'; then '.join(DEGRADE_ORDER)})")
             report.level = index
         return plan

@@ -1,0 +1,243 @@
+"""kaggle_kernel.py end to end on a tiny converted dataset with models of known outputs.
+
+The dataset is converted once by the real converter (``make_tfrecords.py``) with non-default
+preprocessing; the run folders record those settings, and the kernel must find them there.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import rankdata
+
+from helpers_convert import make_tiny_dataset, run_cli
+from helpers_infer import (BIASES, SLOPES, asymmetry, asymmetry_model, constant_model, expected_asymmetry_probs,
+                           sigmoid, stored_pixels, write_run)
+from ranzcr_tf import kernel
+from ranzcr_tf.config import PreprocessConfig
+from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
+
+# Non-default on every axis the converter exposes: size, CLAHE clip and grid, interpolation, quality.
+S1 = PreprocessConfig(image_size=40, clahe_clip_limit=3.5, clahe_tile_grid=4, interpolation="linear", jpeg_quality=70)
+S2 = PreprocessConfig(image_size=32, clahe_clip_limit=0.0, jpeg_quality=90)
+CONSTANT = np.linspace(0.1, 0.9, 11)
+BAD_INDEX = 3  # this test image is corrupt: converter and kernel both skip it; its row gets column means
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kernel")
+    data = make_tiny_dataset(str(root / "data"), n_train=8, n_test=7, seed=3, size_range=(90, 150))
+    ids = pd.read_csv(os.path.join(data, "sample_submission.csv"), dtype=str)[ID_COLUMN].tolist()
+    with open(os.path.join(data, "test", f"{ids[BAD_INDEX]}.jpg"), "wb") as fh:
+        fh.write(b"\xff\xd8 not really a jpeg")
+    records = str(root / "records")
+    result = run_cli(["--data-dir", data, "--out-dir", records, "--image-size", "40", "--clahe-clip", "3.5",
+                      "--clahe-grid", "4", "--interpolation", "linear", "--jpeg-quality", "70", "--folds", "2",
+                      "--workers", "1", "--shard-records", "4", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    sub_only = root / "sample_only"  # a data dir without test/: forces the kernel onto the records
+    sub_only.mkdir()
+    shutil.copy(os.path.join(data, "sample_submission.csv"), sub_only)
+    runs = root / "runs"
+    write_run(str(runs), "asym_s1", [asymmetry_model(40), constant_model(40, CONSTANT, output="logits")], S1,
+              output="logits", batch_size=2)
+    write_run(str(runs), "asym_s2", [asymmetry_model(32, slopes=-0.5 * SLOPES, biases=0.3 + 0 * BIASES,
+                                                     output="probabilities")], S2, output="probabilities", batch_size=3)
+    return {"root": root, "data": data, "records": records, "sample_only": str(sub_only), "ids": ids,
+            "runs": str(runs)}
+
+
+def run_kernel(argv: list[str], clock=None) -> dict:
+    args = kernel.build_parser().parse_args([*argv, "--no-progress"])
+    args.clock = clock
+    return kernel.run(args)
+
+
+def read_submission(path: str) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype={ID_COLUMN: str})
+    assert list(frame.columns) == list(SUBMISSION_COLUMNS)
+    return frame
+
+
+def good_asymmetries(dataset, settings) -> dict:
+    return {sid: asymmetry(stored_pixels(os.path.join(dataset["data"], "test", f"{sid}.jpg"), settings))
+            for i, sid in enumerate(dataset["ids"]) if i != BAD_INDEX}
+
+
+def with_filled_row(dataset, rows: dict) -> np.ndarray:
+    """Rows in sample order; the unreadable image's row is the column mean of the others."""
+    good = np.array([rows[sid] for sid in dataset["ids"] if sid in rows])
+    return np.array([rows.get(sid, good.mean(axis=0)) for sid in dataset["ids"]])
+
+
+def test_raw_jpegs_and_records_give_identical_predictions_with_the_runs_settings(dataset, tmp_path):
+    run = os.path.join(dataset["runs"], "asym_s1")
+    raw = run_kernel(["--data-dir", dataset["data"], "--models", run, "--out", str(tmp_path / "raw.csv"),
+                      "--workers", "2"])
+    rec = run_kernel(["--data-dir", dataset["sample_only"], "--tfrecords", dataset["records"], "--models", run,
+                      "--out", str(tmp_path / "rec.csv")])
+    assert raw["report"].done == rec["report"].done == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+    raw_frame = read_submission(raw["out"])
+    assert raw_frame[ID_COLUMN].tolist() == dataset["ids"]  # every ID once, sample order
+    assert (tmp_path / "raw.csv").read_bytes() == (tmp_path / "rec.csv").read_bytes()
+
+    # What the ensemble claims: fold 0 = mean of identity and hflip views, fold 1 constant, folds averaged.
+    d = good_asymmetries(dataset, S1)
+    expected = with_filled_row(dataset, {sid: 0.5 * (expected_asymmetry_probs(v) + CONSTANT) for sid, v in d.items()})
+    got = raw_frame[list(LABELS)].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert raw["report"].filled_rows == 1
+    # The settings matter: the defaults at the same size would give other pixels, other predictions.
+    d_default = good_asymmetries(dataset, PreprocessConfig(image_size=40))
+    assert max(abs(d[k] - d_default[k]) for k in d) > 1e-3
+    # hflip really flips: the two views differ for these asymmetric images.
+    assert max(np.abs(sigmoid(SLOPES * v + BIASES) - sigmoid(-SLOPES * v + BIASES)).max() for v in d.values()) > 0.01
+
+    single = run_kernel(["--data-dir", dataset["data"], "--models", run, "--out", str(tmp_path / "id.csv"),
+                         "--tta", "identity", "--workers", "1"])
+    expected = with_filled_row(dataset, {sid: 0.5 * (sigmoid(SLOPES * v + BIASES) + CONSTANT) for sid, v in d.items()})
+    np.testing.assert_allclose(read_submission(single["out"])[list(LABELS)].to_numpy(), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("method", ["mean", "rank_mean", "weighted"])
+def test_models_with_different_preprocessing_ensemble_as_claimed(dataset, tmp_path, method):
+    # Run 1 (40 px, CLAHE) is narrowed to its asymmetry fold; run 2 is 32 px without CLAHE, a probabilities model.
+    run1 = os.path.join(dataset["runs"], "asym_s1", "fold0")
+    run2 = os.path.join(dataset["runs"], "asym_s2")
+    extra = ["--weights", "3", "1"] if method == "weighted" else []
+    result = run_kernel(["--data-dir", dataset["data"], "--models", run1, run2, "--tta", "identity",
+                         "--ensemble", method, "--out", str(tmp_path / "sub.csv"), "--workers", "1", *extra])
+    d1, d2 = good_asymmetries(dataset, S1), good_asymmetries(dataset, S2)
+    ids = list(d1)
+    p1 = np.array([sigmoid(SLOPES * d1[s] + BIASES) for s in ids])
+    p2 = np.array([sigmoid(-0.5 * SLOPES * d2[s] + 0.3) for s in ids])
+    if method == "mean":
+        combined = (p1 + p2) / 2
+    elif method == "weighted":
+        combined = 0.75 * p1 + 0.25 * p2
+    else:
+        ranks = [np.column_stack([(rankdata(p[:, c]) - 0.5) / len(ids) for c in range(11)]) for p in (p1, p2)]
+        combined = (ranks[0] + ranks[1]) / 2
+    expected = with_filled_row(dataset, dict(zip(ids, combined)))
+    np.testing.assert_allclose(read_submission(result["out"])[list(LABELS)].to_numpy(), expected, atol=2e-6)
+
+
+class SteppingClock:
+    """A deterministic clock: every reading is ``step`` seconds after the previous one (simulated slowness)."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_time_budget_degrades_in_the_stated_order_and_still_writes_a_complete_file(dataset, tmp_path):
+    runs = tmp_path / "runs"
+    constants = {"m0": [CONSTANT, 1 - CONSTANT], "m1": [CONSTANT ** 2, 1 - CONSTANT ** 2]}
+    for name, probs in constants.items():
+        write_run(str(runs), name, [constant_model(32, p) for p in probs], S2, output="probabilities", batch_size=2)
+    argv = ["--data-dir", dataset["sample_only"], "--tfrecords", dataset["records"],
+            "--models", str(runs / "m0"), str(runs / "m1"), "--workers", "1"]
+    # The records are 40 px CLAHE; these models want 32 px without CLAHE and there are no raw images here.
+    with pytest.raises(ValueError, match="no raw test images"):
+        run_kernel([*argv, "--out", str(tmp_path / "x.csv")])
+    argv[1] = dataset["data"]
+
+    # Simulated slowness: every clock reading costs a second, so each pass takes tens of "seconds".
+    # The budgets below were chosen to land in each degrade step (the clock makes the run deterministic).
+    reports, values = {}, {}
+    for minutes in (0, 1.25, 0.8, 0.5, 0.1):
+        out = tmp_path / f"b{minutes}.csv"
+        reports[minutes] = run_kernel([*argv, "--out", str(out), "--max-minutes", str(minutes)],
+                                      clock=SteppingClock(1.0))["report"]
+        frame = read_submission(str(out))
+        assert frame[ID_COLUMN].tolist() == dataset["ids"]  # complete, in order, whatever the budget
+        values[minutes] = frame[list(LABELS)].to_numpy()
+        assert np.isfinite(values[minutes]).all()
+    done = {m: set(r.done) for m, r in reports.items()}
+    every_fold = {(m, f) for m in range(2) for f in range(2)}
+    assert done[0] == {(m, f, v) for m, f in every_fold for v in range(2)}
+    assert done[1.25] == {(m, f, 0) for m, f in every_fold}  # 1. fewer TTA views
+    assert done[0.8] == {(0, 0, 0), (1, 0, 0)}  # 2. fewer folds
+    assert done[0.5] == {(0, 0, 0)}  # 3. fewer models
+    assert reports[0.1].partial_fallback and not done[0.1]  # nothing finished: still a complete file
+    # The file holds the ensemble of exactly the finished passes.
+    np.testing.assert_allclose(values[1.25], 0.5, atol=1e-6)
+    np.testing.assert_allclose(values[0.8], np.tile((CONSTANT + CONSTANT ** 2) / 2, (7, 1)), atol=1e-6)
+    np.testing.assert_allclose(values[0.5], np.tile(CONSTANT, (7, 1)), atol=1e-6)
+    np.testing.assert_allclose(values[0.1], 0.5)
+
+
+def test_refusals_and_missing_arguments_stop_with_a_message(dataset, tmp_path, capsys):
+    import keras
+
+    inputs = keras.Input((32, 32, 1), name="image")
+    x = keras.layers.Lambda(lambda t: t + 1.0)(inputs)
+    lambda_run = write_run(str(tmp_path), "lam", [keras.Model(inputs, keras.layers.Dense(11)(keras.layers.Flatten()(x)))], S2)
+    out = tmp_path / "sub.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        kernel.main(["--data-dir", dataset["data"], "--models", lambda_run, "--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 2 and "Lambda" in capsys.readouterr().err and not out.exists()
+    if not os.path.isdir(kernel.KAGGLE_INPUT):
+        with pytest.raises(SystemExit):
+            kernel.main([])
+        assert "--data-dir" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            kernel.main(["--data-dir", dataset["data"]])
+        assert "--models RUN_DIR" in capsys.readouterr().err
+    help_text = kernel.build_parser().format_help()
+    assert "fewer TTA views" in help_text and help_text.index("views") < help_text.index("fewer models")
+
+
+def test_score_cli_prints_mean_and_per_class_auc(dataset, tmp_path, capsys):
+    from ranzcr_tf import score
+
+    rng = np.random.default_rng(1)
+    targets = (rng.random((len(dataset["ids"]), 11)) < 0.5).astype(int)
+    targets[0], targets[1] = 1, 0
+    pd.DataFrame({ID_COLUMN: dataset["ids"], **dict(zip(LABELS, targets.T))}).to_csv(tmp_path / "labels.csv", index=False)
+    pd.DataFrame({ID_COLUMN: dataset["ids"][::-1], **dict(zip(LABELS, targets[::-1].T * 0.9))}).to_csv(
+        tmp_path / "sub.csv", index=False)
+    assert score.main([str(tmp_path / "sub.csv"), str(tmp_path / "labels.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "mean AUC" in printed and "1.0000" in printed and LABELS[10] in printed
+
+
+@pytest.mark.slow
+def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dataset, tmp_path):
+    from ranzcr_tf.package import make_bundle
+
+    bundle = tmp_path / "bundle"
+    result = make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), name="ranzcr-bundle",
+                         keras_wheel=False)
+    wheels = glob.glob(str(bundle / "wheels" / "ranzcr_tf-*.whl"))
+    assert len(wheels) == 1 and result["wheels"] == [os.path.basename(wheels[0])]
+    for fold in ("fold0", "fold1"):
+        for name in ("best.keras", "config.yaml", "preprocess.json"):
+            assert (bundle / "runs" / "asym_s1" / fold / name).is_file()
+    readme = (bundle / "README.md").read_text()
+    assert "pip install --no-index --find-links /kaggle/input/ranzcr-bundle/wheels ranzcr-tf" in readme
+    assert (bundle / "kaggle_kernel.py").is_file()
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
+                              str(bundle / "wheels"), "ranzcr-tf", "--no-deps", "--target", str(target), "--quiet"],
+                             capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    for module in ("kernel.py", "infer.py", "preprocess.py", "package.py"):
+        assert (target / "ranzcr_tf" / module).is_file()
+    # The bundled runs are what the kernel finds on Kaggle: one model, its two folds.
+    from ranzcr_tf.modelio import discover_models
+
+    assert [len(m.folds) for m in discover_models([str(bundle / "runs")])] == [2]
+    with pytest.raises(ValueError, match="not empty"):
+        make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), keras_wheel=False)
