@@ -89,6 +89,15 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
     return keras.Model(inputs, outputs, name=f"ranzcr_{model_cfg.backbone}")
 
 
+def load_model(path: str, compile: bool = False) -> keras.Model:
+    """Load a saved ``.keras`` model in safe mode; importing this module registers our custom layers.
+
+    ``keras.models.load_model`` only finds registered classes whose module has been imported, so a
+    process that loads our models must import ``ranzcr_tf.layers`` (done here) first.
+    """
+    return keras.models.load_model(path, compile=compile, safe_mode=True)
+
+
 def _slug(group: str) -> str:
     return group.lower().replace(" ", "_")
 
