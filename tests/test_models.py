@@ -32,6 +32,7 @@ def test_every_backbone_builds_with_1_and_3_channels():
     assert {f"efficientnet_b{i}" for i in range(8)} <= set(list_backbones())
     assert [BACKBONES[f"efficientnet_b{i}"].default_size for i in range(8)] == [224, 240, 260, 300, 380, 456, 528, 600]
     gray = _images(2, 32, 1)
+    inputs = {1: gray, 3: np.repeat(gray, 3, axis=-1)}
     for name in list_backbones():
         if BACKBONES[name].channels is None:  # takes the model's channels natively: two separate builds
             models = {ch: build_model(ModelConfig(backbone=name, input_channels=ch), 32) for ch in (1, 3)}
@@ -39,13 +40,18 @@ def test_every_backbone_builds_with_1_and_3_channels():
             backbone = build_backbone(name, 32, weights=None)
             models = {ch: assemble_model(ModelConfig(backbone=name, input_channels=ch), backbone) for ch in (1, 3)}
             _copy_head(models[1], models[3])
-            # Same backbone, same head: a grayscale image equals its 3-channel repeat.
-            np.testing.assert_allclose(models[1](gray), models[3](np.repeat(gray, 3, axis=-1)), rtol=1e-5, atol=1e-5)
             assert "repeat_channels" in [layer.name for layer in models[1].layers]
+        outputs = {}
         for ch, model in models.items():
             assert model.input.shape == (None, 32, 32, ch) and model.input.name == "image"
-            out = np.asarray(model(_images(2, 32, ch)))
-            assert out.shape == (2, labels.NUM_CLASSES) and out.dtype == np.float32 and np.isfinite(out).all(), name
+            outputs[ch] = np.asarray(model(inputs[ch]))
+            assert outputs[ch].shape == (2, labels.NUM_CLASSES) and outputs[ch].dtype == np.float32, name
+            assert np.isfinite(outputs[ch]).all(), name
+        if BACKBONES[name].channels == 3:
+            # Same backbone, same head: a grayscale image gives what its 3-channel repeat gives.
+            scale = np.abs(outputs[3]).max()
+            assert scale > 0, name
+            np.testing.assert_allclose(outputs[1], outputs[3], rtol=1e-4, atol=1e-4 * scale, err_msg=name)
         keras.backend.clear_session()
 
 
