@@ -28,6 +28,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -96,19 +98,54 @@ def _process(task: tuple) -> tuple:
     return "ok", data, info
 
 
+def _init_worker(parent_pid: int) -> None:
+    # One OpenCV thread per worker: parallelism comes from the processes, and OpenCV's own thread
+    # pool on top of them would oversubscribe the cores.
+    import cv2
+
+    cv2.setNumThreads(1)
+    # Exit when the converter dies (kill -9 included): orphaned workers would otherwise linger and
+    # keep the parent's stdout/stderr pipes open.
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def ordered_map(fn, items, pool, window: int):
-    """``map(fn, items)`` in order, at most ``window`` tasks in flight (``pool`` None = in this process)."""
+    """``map(fn, items)`` in order, at most ``window`` tasks in flight (``pool`` None = in this process).
+
+    Consuming strictly in submission order is what makes 1 and N workers write the same bytes; the
+    window is what keeps memory flat (finished results wait at most ``window`` deep).
+    """
     if pool is None:
         for item in items:
             yield fn(item)
         return
     pending: deque = deque()
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append(pool.submit(fn, item))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
+
+
+def _start_pool(workers: int):
+    """Spawned worker processes (the parent may hold TensorFlow, which is not fork-safe), or None for 1.
+
+    A ``ProcessPoolExecutor`` rather than ``multiprocessing.Pool``: if a worker dies (out of memory,
+    a crash in a decoder) it raises ``BrokenProcessPool`` instead of waiting forever.
+    """
+    if workers <= 1:
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -279,8 +316,7 @@ def convert(opts: ConvertOptions) -> dict:
     check_resume(opts.out_dir, saved, requested)
 
     workers = opts.workers or available_cores()
-    # spawn, not fork: the parent may already hold TensorFlow (not fork-safe); workers never import it.
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = _start_pool(workers)
     try:
         if saved is None:
             ids = train_df[ID_COLUMN].tolist()
@@ -302,7 +338,6 @@ def convert(opts: ConvertOptions) -> dict:
         _write_shards(pending, opts, lookup, pool, window=4 * workers)
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     states = remove_stale(opts.out_dir, plan)
     return _finish(opts, plan, states, train_df, folds, saved)

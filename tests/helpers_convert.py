@@ -68,6 +68,8 @@ def make_dataset(out_dir: str, n_train: int = 24, n_test: int = 6, seed: int = 0
     try:
         from ranzcr_tf import synthetic
     except ImportError:
+        synthetic = None
+    if getattr(synthetic, "make_dataset", None) is None:
         return make_tiny_dataset(out_dir, n_train, n_test, seed)
     synthetic.make_dataset(out_dir, n_train, n_test, seed=seed, workers=0, scale=0.12)
     return out_dir

@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Converter throughput against a naive serial reference, on the same full-size synthetic images.
+
+    python benchmarks/bench_convert.py                      # 200 images at 768 px, all cores
+    python benchmarks/bench_convert.py --n 200 2000         # memory flatness: peak RSS at both sizes
+
+(a) the converter (``ranzcr_tf.convert``: DCT-reduced decode, CLAHE on the reduced image, resize,
+encode, in ``--workers`` processes, written to TFRecord shards) and (b) the naive reference (serial,
+full-resolution decode, CLAHE at full resolution, resize, encode) process the same images in the
+same run. Printed: images/s of each and their ratio, the mean PSNR of the converter's stored images
+against the reference's (speed must not come from worse pictures: target >= 35 dB), and the peak
+resident memory of the converter (main process plus workers, sampled every 50 ms) for each ``--n``.
+Target on a 2-core machine at 768 px: ratio >= 4x, peak memory flat from 200 to 2,000 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class PeakRSS:
+    """Peak of the summed RSS of this process and all its children, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._process, self._interval = psutil.Process(), interval
+        self.peak, self.peak_single = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for proc in [self._process, *self._process.children(recursive=True)]:
+                try:
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                total += rss
+                self.peak_single = max(self.peak_single, rss)
+            self.peak = max(self.peak, total)
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_images(data_dir: str, n: int, seed: int) -> None:
+    """Full-size synthetic studies in the Kaggle layout (the shared generator when present)."""
+    if os.path.exists(os.path.join(data_dir, "train.csv")):
+        import pandas as pd
+
+        if len(pd.read_csv(os.path.join(data_dir, "train.csv"))) >= n:
+            return
+    try:
+        from ranzcr_tf import synthetic
+    except ImportError:
+        synthetic = None
+    if getattr(synthetic, "make_dataset", None) is not None:
+        synthetic.make_dataset(data_dir, n, 1, seed=seed, workers=0, scale=1.0)
+        return
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from helpers_convert import make_tiny_dataset
+
+    make_tiny_dataset(data_dir, n_train=n, n_test=0, seed=seed, size_range=(1500, 2600))
+
+
+def reference_convert(paths: list[str], settings) -> list[bytes]:
+    """The naive pipeline: full-resolution decode, CLAHE at full resolution, resize, encode (serial)."""
+    import cv2
+
+    grid = (settings.clahe_tile_grid, settings.clahe_tile_grid)
+    clahe = cv2.createCLAHE(clipLimit=settings.clahe_clip_limit, tileGridSize=grid)
+    size = settings.image_size
+    out = []
+    for path in paths:
+        image = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        image = cv2.resize(clahe.apply(image), (size, size), interpolation=cv2.INTER_AREA)
+        out.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, settings.jpeg_quality])[1].tobytes())
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[200], help="images to convert (one run per value)")
+    parser.add_argument("--reference-n", type=int, default=200, help="images the serial reference converts")
+    parser.add_argument("--image-size", type=int, default=768)
+    parser.add_argument("--workers", type=int, default=0, help="converter processes; 0 = all available cores")
+    parser.add_argument("--data-dir", help="reuse/keep the generated images here (default: a temp folder)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import cv2
+    import tensorflow as tf  # imported before timing: the reference does not need it, the converter does
+
+    from ranzcr_tf import records
+    from ranzcr_tf.config import PreprocessConfig
+    from ranzcr_tf.convert import ConvertOptions, available_cores, convert
+    from ranzcr_tf.preprocess import decode_source
+
+    workers = args.workers or available_cores()
+    work = tempfile.mkdtemp(prefix="bench_convert_")
+    data_dir = args.data_dir or os.path.join(work, "data")
+    started = time.perf_counter()
+    make_images(data_dir, max(args.n), args.seed)
+    print(f"images: {max(args.n)} full-size synthetic studies in {data_dir} "
+          f"(made in {time.perf_counter() - started:.0f} s); workers={workers}, image_size={args.image_size}")
+    settings = PreprocessConfig(image_size=args.image_size)
+    results = []
+    first_out = None
+    for n in args.n:
+        out = os.path.join(work, f"out{n}")
+        options = ConvertOptions(data_dir=data_dir, out_dir=out, preprocess=settings, num_folds=2, workers=workers,
+                                 include_test=False, limit=n, progress=False, overwrite=True)
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            manifest = convert(options)
+            seconds = time.perf_counter() - start
+        results.append((n, manifest["num_train"] / seconds, memory.peak, memory.peak_single))
+        first_out = first_out or out
+
+    # The reference on the first reference_n images, compared image by image with the converter's records.
+    stored = {}
+    for path in records.list_shards(first_out, "train"):
+        for raw in tf.data.TFRecordDataset(path):
+            parsed = records.parse_example(raw)
+            stored[parsed[records.ID].numpy().decode()] = parsed[records.IMAGE].numpy()
+    import pandas as pd
+
+    ids = pd.read_csv(os.path.join(data_dir, "train.csv"), dtype=str)["StudyInstanceUID"].tolist()
+    ids = [i for i in ids if i in stored][: args.reference_n]
+    paths = [os.path.join(data_dir, "train", f"{i}.jpg") for i in ids]
+    default_threads = cv2.getNumThreads()
+    start = time.perf_counter()
+    reference_convert(paths, settings)  # as naive code runs: OpenCV may use its thread pool inside one call
+    threaded_rate = len(paths) / (time.perf_counter() - start)
+    cv2.setNumThreads(1)  # strictly serial: one image at a time on one core
+    start = time.perf_counter()
+    reference = reference_convert(paths, settings)
+    reference_rate = len(paths) / (time.perf_counter() - start)
+    cv2.setNumThreads(default_threads)
+
+    # Stored-image fidelity. Sources whose short side is < 2x the target are decoded in full by both
+    # pipelines (identical pixels, infinite PSNR), so the per-image mean is over DCT-reduced images only;
+    # the pooled figure uses the mean squared error over all images.
+    errors, reduced_scores = [], []
+    for study, path, ref in zip(ids, paths, reference):
+        ours = records.decode_image_numpy(stored[study]).astype(np.float64)
+        mse = np.mean((ours - cv2.imdecode(np.frombuffer(ref, np.uint8), 0)) ** 2)
+        errors.append(mse)
+        with open(path, "rb") as fh:
+            if decode_source(fh.read(), settings)[1]["reduction"] > 1:
+                reduced_scores.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+    print(f"\nreference (serial, full-resolution decode + CLAHE), 1 OpenCV thread: {reference_rate:7.1f} images/s "
+          f"over {len(paths)}  ({threaded_rate:.1f} images/s with OpenCV's default {default_threads} threads)")
+    for n, rate, peak, single in results:
+        print(f"converter ({workers} workers), n={n:5d}: {rate:7.1f} images/s   ratio {rate / reference_rate:4.1f}x "
+              f"({rate / threaded_rate:.1f}x vs threaded reference)   peak RSS {peak / 2**20:6.0f} MiB "
+              f"(all processes), {single / 2**20:5.0f} MiB (largest one)")
+    pooled = 10 * np.log10(255.0 ** 2 / max(float(np.mean(errors)), 1e-10))
+    if reduced_scores:
+        print(f"PSNR converter vs reference: mean {np.mean(reduced_scores):.2f} dB over the {len(reduced_scores)} "
+              f"DCT-reduced images (min {np.min(reduced_scores):.2f}); {pooled:.2f} dB pooled over all "
+              f"{len(errors)} (target >= 35)")
+    else:
+        print(f"PSNR converter vs reference: {pooled:.2f} dB pooled (no source was large enough to reduce)")
+    if len(results) > 1:
+        growth = results[-1][2] / results[0][2]
+        print(f"peak memory n={results[-1][0]} / n={results[0][0]}: {growth:.2f}x (flat means ~1.0)")
+    shutil.rmtree(work, ignore_errors=True)  # outputs, and the images unless --data-dir keeps them
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
