@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 
-PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cpu_demo.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET = os.path.join(ROOT, "configs", "cpu_demo.yaml")
 
 
 def _run(step: str, argv: list[str]) -> None:
@@ -33,6 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     _run("synthetic data", ["-m", "ranzcr_tf.synthetic", "--out", data, "--n-train", str(args.n_train),
                             "--n-test", str(args.n_test), "--seed", str(args.seed),
                             "--preview", os.path.join(data, "preview.png")])
+    records = os.path.join(args.out, "tfrecords")
+    run = os.path.join(args.out, "runs", "cpu_demo")
+    submission = os.path.join(args.out, "submission.csv")
+    script = lambda name: os.path.join(ROOT, name)  # noqa: E731
+    _run("convert to TFRecords",
+         [script("make_tfrecords.py"), "--config", PRESET, "--data-dir", data, "--out-dir", records])
+    _run("train fold 0",
+         [script("train_tpu.py"), "--config", PRESET, "--tfrecords", records, "--fold", "0", "--out", run, "--quiet"])
+    _run("submission",
+         [script("kaggle_kernel.py"), "--data-dir", data, "--models", run, "--out", submission, "--max-minutes", "10"])
+    _run("score against the synthetic test labels",
+         ["-m", "ranzcr_tf.score", submission, os.path.join(data, "test_labels.csv")])
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {args.out}/")
 
 
