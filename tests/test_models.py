@@ -83,6 +83,12 @@ def test_imagenet_from_cache_and_local_path_compute_identically(tmp_path, monkey
     cfg = ModelConfig(backbone="efficientnet_b0", weights="imagenet", input_channels=1, pooling="avg")
     with pytest.raises(ValueError, match=r"efficientnetb0_notop\.h5.*keras_home/models"):
         build_model(cfg, 64)
+    with pytest.raises(ValueError, match="no such file"):
+        build_model(ModelConfig(backbone="efficientnet_b0", weights=str(tmp_path / "missing.h5")), 64)
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_model(ModelConfig(backbone="compact_cnn", weights="imagenet"), 64)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_model(ModelConfig(backbone="efficientnet_b9"), 64)
 
     # A random B0 stands in for the published file, with non-trivial normalisation statistics.
     source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(64, 64, 3))
