@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import signal
 import sys
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +37,8 @@ from ranzcr_tf.csv_checks import (ANNOTATIONS_CSV, TRAIN_CSV, read_annotations, 
                                   scale_points)
 from ranzcr_tf.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.preprocess import BadImageError, preprocess_file
+from ranzcr_tf.convert_worker import ordered_map, process_image, start_pool
+from ranzcr_tf.preprocess import BadImageError
 from ranzcr_tf.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
                                   preprocess_settings, read_json, remove_stale, rename, sha256_file, slot_name)
 
@@ -86,68 +83,6 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# ------------------------------------------------------------------------------------------ worker side
-def _process(task: tuple) -> tuple:
-    """Worker: one image -> ('ok', jpeg, info) or ('bad', reason, None). No TensorFlow here."""
-    path, settings = task
-    try:
-        data, info = preprocess_file(path, settings)
-    except BadImageError as exc:
-        reason = str(exc)
-        return "bad", reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason, None
-    return "ok", data, info
-
-
-def _init_worker(parent_pid: int) -> None:
-    # One OpenCV thread per worker: parallelism comes from the processes, and OpenCV's own thread
-    # pool on top of them would oversubscribe the cores.
-    import cv2
-
-    cv2.setNumThreads(1)
-    # Exit when the converter dies (kill -9 included): orphaned workers would otherwise linger and
-    # keep the parent's stdout/stderr pipes open.
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def ordered_map(fn, items, pool, window: int):
-    """``map(fn, items)`` in order, at most ``window`` tasks in flight (``pool`` None = in this process).
-
-    Consuming strictly in submission order is what makes 1 and N workers write the same bytes; the
-    window is what keeps memory flat (finished results wait at most ``window`` deep).
-    """
-    if pool is None:
-        for item in items:
-            yield fn(item)
-        return
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def _start_pool(workers: int):
-    """Spawned worker processes (the parent may hold TensorFlow, which is not fork-safe), or None for 1.
-
-    A ``ProcessPoolExecutor`` rather than ``multiprocessing.Pool``: if a worker dies (out of memory,
-    a crash in a decoder) it raises ``BrokenProcessPool`` instead of waiting forever.
-    """
-    if workers <= 1:
-        return None
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(os.getpid(),))
-
-
 # --------------------------------------------------------------------------------------------- planning
 def _requested_settings(opts: ConvertOptions, test_ids: list[str]) -> dict:
     return {
@@ -167,23 +102,26 @@ def _requested_settings(opts: ConvertOptions, test_ids: list[str]) -> dict:
     }
 
 
-def _estimate_records_per_shard(opts: ConvertOptions, paths: list[str], pool) -> tuple[int, float]:
+def _estimate_records_per_shard(opts: ConvertOptions, paths: list[str], pool) -> tuple[int, float, dict]:
     """Records per shard = shard_mb / (mean stored JPEG bytes of a few evenly spaced train images + overhead).
 
     The sample is fixed by the inputs (every len/SIZE_SAMPLE-th image) and the encoder is
-    deterministic, so a rerun computes the same number; it is also saved with the settings.
+    deterministic, so a rerun computes the same number; it is also saved with the settings. The
+    sampled results are returned (by path) so the writing pass does not process them twice.
     """
     picks = sorted(set(np.linspace(0, len(paths) - 1, num=min(SIZE_SAMPLE, len(paths))).astype(int).tolist()))
-    sizes = [len(r[1]) for r in ordered_map(_process, [(paths[i], opts.preprocess) for i in picks], pool, 64)
-             if r[0] == "ok"]
+    tasks = [(paths[i], opts.preprocess) for i in picks]
+    sampled = dict(zip((t[0] for t in tasks), ordered_map(process_image, tasks, pool, len(tasks))))
+    sizes = [len(r[1]) for r in sampled.values() if r[0] == "ok"]
     size = opts.preprocess.image_size
     per_image = float(np.mean(sizes)) if sizes else size * size * 0.25  # fallback: ~2 bits per pixel
     per_image += RECORD_OVERHEAD_BYTES
-    return max(1, int(opts.shard_mb * 1e6 // per_image)), per_image
+    return max(1, int(opts.shard_mb * 1e6 // per_image)), per_image, sampled
 
 
 # -------------------------------------------------------------------------------------------- writing
-def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool, window: int) -> None:
+def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool, window: int,
+                  ready: dict) -> None:
     """Write every pending shard; results arrive in plan order whatever the number of workers."""
     import tensorflow as tf
     from tqdm import tqdm
@@ -192,7 +130,7 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
     kill_after = int(os.environ.get(KILL_HOOK_ENV, "0") or 0)
     image_path = lambda split, sid: os.path.join(opts.data_dir, split, f"{sid}.jpg")  # noqa: E731
     tasks = ((image_path(s["split"], sid), opts.preprocess) for s in pending for sid in s["ids"])
-    results = ordered_map(_process, tasks, pool, window)
+    results = ordered_map(process_image, tasks, pool, window, ready)
     bar = tqdm(total=sum(len(s["ids"]) for s in pending), unit="img", desc="converting", file=sys.stderr,
                disable=not opts.progress, smoothing=0.1)
     written = 0
@@ -287,13 +225,8 @@ def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, fold
     return manifest
 
 
-def convert(opts: ConvertOptions) -> dict:
-    """Validate the CSVs, assign folds, write (or resume) every shard, then folds.csv and manifest.json.
-
-    Returns the manifest. CSV problems raise ``ValueError`` before any image is read; unreadable
-    images are skipped and listed (``strict`` makes the first one fatal).
-    """
-    opts.validate()
+def _read_tables(opts: ConvertOptions):
+    """train.csv, train_annotations.csv and the test IDs, validated (ValueError naming column / line)."""
     train_csv = os.path.join(opts.data_dir, TRAIN_CSV)
     if not os.path.exists(train_csv):
         raise ValueError(f"{train_csv} not found: --data-dir must be the competition folder "
@@ -305,26 +238,36 @@ def convert(opts: ConvertOptions) -> dict:
     test_ids = read_test_ids(opts.data_dir) if opts.include_test else []
     if opts.limit:
         train_df, test_ids = train_df.head(opts.limit).reset_index(drop=True), test_ids[:opts.limit]
-    folds = assign_folds(train_df, opts.num_folds, opts.fold_seed)
+    return train_df, annotations, test_ids
 
-    if opts.overwrite:
-        for path in own_files(opts.out_dir):
-            io_utils.remove(path)
-    settings_path = io_utils.join(opts.out_dir, PROGRESS_DIR, SETTINGS_FILE)
-    requested = _requested_settings(opts, test_ids)
-    saved = read_json(settings_path)
-    check_resume(opts.out_dir, saved, requested)
 
+def convert(opts: ConvertOptions) -> dict:
+    """Validate the CSVs, assign folds, write (or resume) every shard, then folds.csv and manifest.json.
+
+    Returns the manifest. CSV problems raise ``ValueError`` before any image is read; unreadable
+    images are skipped and listed (``strict`` makes the first one fatal).
+    """
+    opts.validate()
     workers = opts.workers or available_cores()
-    pool = _start_pool(workers)
+    pool = start_pool(workers)  # worker start-up overlaps the CSV checks; no image is touched before they pass
     try:
+        train_df, annotations, test_ids = _read_tables(opts)
+        folds = assign_folds(train_df, opts.num_folds, opts.fold_seed)
+        if opts.overwrite:
+            for path in own_files(opts.out_dir):
+                io_utils.remove(path)
+        settings_path = io_utils.join(opts.out_dir, PROGRESS_DIR, SETTINGS_FILE)
+        requested = _requested_settings(opts, test_ids)
+        saved = read_json(settings_path)
+        check_resume(opts.out_dir, saved, requested)
+
+        sampled: dict = {}
         if saved is None:
-            ids = train_df[ID_COLUMN].tolist()
             if opts.shard_records:
                 per_shard, per_image = opts.shard_records, None
             else:
-                per_shard, per_image = _estimate_records_per_shard(
-                    opts, [os.path.join(opts.data_dir, records.TRAIN_DIR, f"{i}.jpg") for i in ids], pool)
+                paths = [os.path.join(opts.data_dir, records.TRAIN_DIR, f"{i}.jpg") for i in train_df[ID_COLUMN]]
+                per_shard, per_image, sampled = _estimate_records_per_shard(opts, paths, pool)
             saved = {**json.loads(json.dumps(requested)), "records_per_shard": per_shard,
                      "bytes_per_image_estimate": per_image}
             io_utils.atomic_write_json(settings_path, saved)
@@ -335,7 +278,7 @@ def convert(opts: ConvertOptions) -> dict:
             print(f"resuming: {len(plan) - len(pending)} of {len(plan)} shards already complete", file=sys.stderr)
         lookup = {"targets": dict(zip(train_df[ID_COLUMN], train_df[list(LABELS)].to_numpy(np.float32).tolist())),
                   "annotations": annotations}
-        _write_shards(pending, opts, lookup, pool, window=4 * workers)
+        _write_shards(pending, opts, lookup, pool, 4 * workers, sampled)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
