@@ -35,16 +35,18 @@ FLAG_TO_KEY = {  # flag dest -> config key it overrides
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Example: python make_tfrecords.py --data-dir data/synthetic --out-dir tfrecords --image-size 512 "
-               "--workers 2. Make synthetic data with: python -m ranzcr_tf.synthetic --out data/synthetic "
-               "--n-train 200 --n-test 50",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Records per shard = --shard-mb / (mean stored size of 8 evenly spaced training images, "
+               "preprocessed up front, + 600 bytes of record overhead). Rerunning the same command resumes an "
+               "interrupted run (complete shards are kept, the result is byte-identical); different settings "
+               "need --overwrite or another --out-dir. Example: python make_tfrecords.py --data-dir data/synthetic "
+               "--out-dir tfrecords --image-size 512. Synthetic data: python -m ranzcr_tf.synthetic --out "
+               "data/synthetic --n-train 200 --n-test 50")
     io = parser.add_argument_group("data")
     io.add_argument("--data-dir", help="competition folder (train.csv, train/, test/, train_annotations.csv); "
-                    "default: the Kaggle input folder when it exists, else data.data_dir of --config")
+                    "default: data.data_dir of --config, else the Kaggle input folder")
     io.add_argument("--out-dir", help="output folder, local or gs:// (default: data.tfrecords, i.e. tfrecords)")
     io.add_argument("--no-test", action="store_true", help="convert the training images only")
-    io.add_argument("--limit", type=int, default=0, help="only the first N train rows and N test IDs (smoke runs)")
+    io.add_argument("--limit", type=int, default=0, help="only the first N train rows and N test IDs (smoke runs; default 0 = all)")
     pre = parser.add_argument_group("preprocessing (stored in manifest.json; the kernel reuses it)")
     pre.add_argument("--image-size", type=int, help="stored square side in pixels (default 768)")
     pre.add_argument("--clahe-clip", type=float, help="CLAHE clip limit, 0 disables CLAHE (default 2.0)")
@@ -56,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, help="fold and shard-order seed (default 42)")
     split.add_argument("--shard-mb", type=int, help="target shard size in MB (default 150)")
     split.add_argument("--shard-records", type=int, default=0,
-                       help="records per shard, overriding the size estimate (tests, tiny data)")
+                       help="records per shard, overriding the size estimate (tests, tiny data; default 0 = estimate)")
     run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=0, help="worker processes; 0 = all available cores")
+    run.add_argument("--workers", type=int, default=0, help="worker processes (default 0 = all available cores)")
     run.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     run.add_argument("--overwrite", action="store_true", help="delete this converter's earlier output in --out-dir first")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
