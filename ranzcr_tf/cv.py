@@ -25,7 +25,7 @@ def merge_oof(run_dir: str) -> pd.DataFrame:
     paths = sorted(glob.glob(os.path.join(run_dir, "fold*", "oof.csv")))
     if not paths:
         raise ValueError(f"no fold*/oof.csv under {run_dir}: train folds first (python train_tpu.py --fold all --out {run_dir})")
-    frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    frame = pd.concat([pd.read_csv(p, dtype={ID_COLUMN: str}) for p in paths], ignore_index=True)
     missing = [c for c in [ID_COLUMN, *LABELS, *(f"target_{label}" for label in LABELS)] if c not in frame.columns]
     if missing:
         raise ValueError(f"OOF files under {run_dir} lack columns {missing}: were they written by ranzcr_tf.train?")

@@ -75,21 +75,30 @@ def steps_per_epoch_for(cfg: Config, manifest: dict, fold: int, global_batch: in
 
 def make_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int, seed=None,
                        deterministic: bool = False):
-    """The training input for ``placement``: per-replica pipelines under a TF strategy, one global one under JAX."""
+    """Global batches for ``placement`` (Keras splits them across replicas); under several workers, this worker's share."""
     from ranzcr_tf import data
 
     dtype = data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
     global_batch = placement.global_batch_size(cfg.train.batch_size)
 
-    def build(input_context=None):
-        return data.build_train_dataset(cfg, tfrecords_dir, fold, global_batch, image_size=image_size,
-                                        input_context=input_context, seed=seed, image_dtype=dtype,
-                                        deterministic=deterministic)
+    input_context = None
+    if placement.num_workers > 1 and placement.strategy is not None:
+        import tensorflow as tf
 
-    if placement.strategy is not None and placement.num_replicas > 1:
-        # Each input pipeline builds its own share (exact sharding even with fewer shards than workers).
-        return placement.strategy.distribute_datasets_from_function(build)
-    return build()
+        # Each worker reads only its own share (by shard, or by record when there are fewer shards than
+        # workers) in global-size batches; Keras must then not shard again. A context with one "replica"
+        # makes the data module batch at the global size it is given.
+        input_context = tf.distribute.InputContext(num_input_pipelines=placement.num_workers,
+                                                   input_pipeline_id=placement.worker_index, num_replicas_in_sync=1)
+    dataset = data.build_train_dataset(cfg, tfrecords_dir, fold, global_batch, image_size=image_size,
+                                       input_context=input_context, seed=seed, image_dtype=dtype,
+                                       deterministic=deterministic)
+    if input_context is not None:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options)
+    # Single-host strategies split every global batch across their replicas in order.
+    return dataset
 
 
 def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int):
@@ -213,6 +222,8 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
             optimizer = build_optimizer(cfg.train, schedule)
             model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
                           jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
+            if placement.num_workers > 1 and placement.strategy is not None:
+                _build_from_plain_batch(model, cfg, image_size, placement)
             if previous_iterations is not None:  # the new stage's optimizer continues the step count
                 optimizer.build(model.trainable_variables)
                 optimizer._iterations.assign(previous_iterations)
@@ -250,6 +261,23 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
         state["completed"] = True
         io_utils.atomic_write_json(paths["train_state.json"], state)
     return result
+
+
+def _build_from_plain_batch(model, cfg, image_size, placement) -> None:
+    """Keras 3.15 workaround for MultiWorkerMirroredStrategy.
+
+    ``fit`` builds loss/metric/optimizer state from the first distributed batch, averaged across workers
+    with ``strategy.reduce``, which fails there ("Attempt to convert a value (PerReplica...)"). Build from
+    a plain zero batch instead, on this model instance only.
+    """
+    images = np.zeros((1, image_size, image_size, cfg.model.input_channels), np.float32)
+    batch = (images, np.zeros((1, len(LABELS)), np.float32))
+
+    def build(iterator=None, data_batch=None):
+        with placement.scope():
+            model._symbolic_build(data_batch=batch)
+
+    model._maybe_symbolic_build = build
 
 
 def _restore(model, backup_dir, flags):
