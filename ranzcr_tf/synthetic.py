@@ -41,7 +41,8 @@ seed and are what ``tests/test_synthetic.py`` checks on the pixels:
 Label frequencies follow the real ``train.csv`` roughly, with a floor of ``min(20, ceil(n / 15))``
 positives per column in each split, so column-wise AUC is defined even on a few hundred images.
 Everything is a function of ``(seed, split, index)``: the output is byte-identical for any worker
-count.
+count. The zone rules hold exactly from ``scale=0.1`` (long side >= 150 px) up; smaller images are
+fine for smoke tests, but a 2-px tube tip may then land on the wrong side of a band edge.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import sys
 import time
 
 import cv2
@@ -65,7 +65,8 @@ from ranzcr_tf.labels import ANNOTATION_COLUMNS, GROUPS, ID_COLUMN, LABELS, PATI
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 JPEG_QUALITY = 90
 _SPLITS = {"train": 0, "test": 1}
-_ETT, _NGT, _CVC, _SWAN = (tuple(x.split(" - ", 1)[-1] for x in GROUPS[g]) for g in ("ETT", "NGT", "CVC", "Swan Ganz"))
+# Tube states in label order, e.g. _NGT[2] == "Incompletely Imaged" is column 3 + 2.
+_ETT, _NGT, _CVC = (tuple(x.split(" - ", 1)[1] for x in GROUPS[g]) for g in ("ETT", "NGT", "CVC"))
 # Real train.csv rates (RANZCR_DATA.md): group-state probabilities, "none" first.
 _ETT_P = [0.719, 0.003, 0.038, 0.240]  # none, Abnormal, Borderline, Normal
 _NGT_P = [0.723, 0.009, 0.018, 0.090, 0.160]  # none, Abnormal, Borderline, Incompletely Imaged, Normal
@@ -244,15 +245,14 @@ def _validate(n_train, n_test, seed, workers, scale, annotate_share) -> None:
         raise ValueError(f"annotate_share={annotate_share}: use a share in [0, 1]")
 
 
-def _split_table(seed: int, split: str, n: int, id_rng: np.random.Generator, patient_ids: list[str]):
-    code = _SPLITS[split]
+def _split_table(seed: int, split: str, uids: list[str]) -> tuple[pd.DataFrame, list[list[int]]]:
+    """Labels (floored), patient index and CVC line states of one split."""
+    code, n = _SPLITS[split], len(uids)
     ett, ngt, cvc, swan = _sample_split(_rng(seed, 99, code, 0), n)
     _enforce_floor(_rng(seed, 99, code, 1), ett, ngt, cvc, swan, positive_floor(n))
-    labels = _to_labels(ett, ngt, cvc, swan)
-    patients = _patients(_rng(seed, 99, code, 2), n) if split == "train" else np.arange(n)
-    frame = pd.DataFrame(labels, columns=list(LABELS))
-    frame.insert(0, ID_COLUMN, _unique_ids(id_rng, n, _uids) if not patient_ids else patient_ids)
-    frame[PATIENT_COLUMN] = patients
+    frame = pd.DataFrame(_to_labels(ett, ngt, cvc, swan), columns=list(LABELS))
+    frame.insert(0, ID_COLUMN, uids)
+    frame[PATIENT_COLUMN] = _patients(_rng(seed, 99, code, 2), n) if split == "train" else np.arange(n)
     return frame, cvc
 
 
@@ -267,10 +267,9 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     """
     _validate(n_train, n_test, seed, workers, scale, annotate_share)
     n_train, n_test, seed = int(n_train), int(n_test), int(seed)
-    id_rng = _rng(seed, 99, 7)
-    uids = _unique_ids(id_rng, n_train + n_test, _uids)
-    train, train_cvc = _split_table(seed, "train", n_train, id_rng, uids[:n_train])
-    test, test_cvc = _split_table(seed, "test", n_test, id_rng, uids[n_train:])
+    uids = _unique_ids(_rng(seed, 99, 7), n_train + n_test, _uids)
+    train, train_cvc = _split_table(seed, "train", uids[:n_train])
+    test, test_cvc = _split_table(seed, "test", uids[n_train:])
     patient_names = _unique_ids(_rng(seed, 99, 8), int(train[PATIENT_COLUMN].max()) + 1, _patient_ids)
     train_patients = train[PATIENT_COLUMN].to_numpy()
     train[PATIENT_COLUMN] = [patient_names[p] for p in train_patients]
@@ -302,10 +301,9 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
                 annotations[index_rows[0]] = index_rows[1]
             bar.update()
     else:
-        # fork is fast and needs no `if __name__ == "__main__"` guard in the caller's script, but a
-        # parent already running TensorFlow / JAX threads must not be forked: spawn then.
-        heavy = any(name in sys.modules for name in ("tensorflow", "jax"))
-        with mp.get_context("spawn" if heavy else "fork").Pool(workers, initializer=_init_worker) as pool:
+        # spawn, not fork: a forked child deadlocks in OpenCV's (or TensorFlow's) thread pool once the
+        # parent has used it. The price: a calling script needs the `if __name__ == "__main__":` guard.
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
             for index_rows, job in zip(pool.imap(_work, jobs, chunksize=4), jobs):
                 if job[1] == "train":
                     annotations[index_rows[0]] = index_rows[1]
