@@ -3,8 +3,8 @@
     python benchmarks/bench_pipeline.py                 # 256 synthetic 768 px records, batch 16
     python benchmarks/bench_pipeline.py --n 128 --batches 20 --json out.json
 
-Writes ``--n`` realistic records (smooth chest-like phantoms with tubes and film grain, single-channel
-JPEG quality 95, the converter's shard layout) to a temporary folder, then measures images/s of, in the
+Writes ``--n`` realistic records (the synthetic chest phantoms of ``ranzcr_tf.synthetic`` through the
+converter's CLAHE + resize, single-channel JPEG quality 95, the converter's shard layout) to a temporary folder, then measures images/s of, in the
 same run and the same way (warm-up batches, then ``--batches`` timed batches):
 
 * ``ranzcr_tf``  ``data.build_train_dataset`` with the default ``AugmentConfig`` (every probability as
@@ -13,7 +13,8 @@ same run and the same way (warm-up batches, then ``--batches`` timed batches):
   resize, its rotation/shear/zoom/shift (a ``gather_nd`` of every pixel), random flip, brightness,
   contrast and saturation; ``reference_color_only`` is the same without the geometric part (it then
   does much less than ours: no affine, crop, gamma or cutout), shown for scale;
-* ``decode``     parse + decode only: the ceiling for any pipeline reading these records.
+* ``decode``     parse + decode only: the ceiling for any pipeline reading these records;
+* ``ranzcr_tf_xla_warp``  ours with ``augment.warp=xla`` (the resampling as an XLA-fused gather).
 
 Targets (2-core CPU): ranzcr_tf >= 100 images/s and >= 2x the reference.
 """
@@ -21,6 +22,7 @@ Targets (2-core CPU): ranzcr_tf >= 100 images/s and >= 2x the reference.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -56,6 +58,36 @@ def phantom(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def _random_labels(rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """Consistent labels for ``synthetic.render_study``: at most one ETT and one NGT state, 0-2 CVC lines."""
+    labels = np.zeros(NUM_CLASSES, np.float32)
+    if rng.random() < 0.4:
+        labels[rng.integers(0, 3)] = 1
+    if rng.random() < 0.3:
+        labels[rng.integers(3, 7)] = 1
+    cvc_states = [int(v) for v in rng.integers(0, 3, rng.integers(0, 3))]
+    for state in cvc_states:
+        labels[7 + state] = 1
+    labels[10] = float(rng.random() < 0.05)
+    return labels, cvc_states
+
+
+def stored_image(rng: np.random.Generator, index: int, size: int) -> tuple[bytes, np.ndarray]:
+    """A record's JPEG as the converter stores it: the synthetic chest phantom (``ranzcr_tf.synthetic``,
+    1,400-2,600 px) through the converter's CLAHE + resize (``ranzcr_tf.preprocess``); without those
+    modules, a smooth phantom encoded at quality 95."""
+    try:
+        from ranzcr_tf import preprocess, synthetic
+        from ranzcr_tf.config import PreprocessConfig
+    except ImportError:
+        target = (rng.random(NUM_CLASSES) < 0.2).astype(np.float32)
+        return cv2.imencode(".jpg", phantom(rng, size), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), target
+    labels, cvc_states = _random_labels(rng)
+    source, _, _ = synthetic.render_study(0, "train", index, index, labels, cvc_states)
+    jpeg, _ = preprocess.preprocess_bytes(source, PreprocessConfig(image_size=size, jpeg_quality=95))
+    return jpeg, labels
+
+
 def write_dataset(root: str, n: int, size: int, folds: int = 4, per_shard: int = 32, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "train"), exist_ok=True)
@@ -69,8 +101,7 @@ def write_dataset(root: str, n: int, size: int, folds: int = 4, per_shard: int =
                 path = os.path.join(root, "train", records.shard_name(fold, shard, count))
                 with tf.io.TFRecordWriter(path) as writer:
                     for _ in range(count):
-                        jpeg = cv2.imencode(".jpg", phantom(rng, size), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-                        target = (rng.random(NUM_CLASSES) < 0.2).astype(np.float32)
+                        jpeg, target = stored_image(rng, written, size)
                         targets.append(target)
                         writer.write(records.serialize_example(jpeg, f"1.2.{written}", target=target, fold=fold,
                                                                height=size, width=size, orig_height=2500, orig_width=2500))
@@ -191,10 +222,14 @@ def main(argv=None) -> dict:
         mean_kb = sum(os.path.getsize(f) for f in files) / records.count_records(files) / 1024
         cfg = Config()
         cfg.data.shuffle_buffer = 512
+        xla_cfg = copy.deepcopy(cfg)
+        xla_cfg.augment.warp = "xla"
         pipelines = {
             "decode_only": lambda: decode_only_dataset(files, args.size, args.batch),
             "ranzcr_tf": lambda: data.build_train_dataset(cfg, root, fold=0, global_batch_size=args.batch,
                                                           image_size=args.size, image_dtype=tf.uint8, seed=0),
+            "ranzcr_tf_xla_warp": lambda: data.build_train_dataset(xla_cfg, root, fold=0, global_batch_size=args.batch,
+                                                                   image_size=args.size, image_dtype=tf.uint8, seed=0),
             "reference": lambda: reference_dataset(files, args.size, args.batch, geometric=True),
             "reference_color_only": lambda: reference_dataset(files, args.size, args.batch, geometric=False),
         }
@@ -213,12 +248,14 @@ def main(argv=None) -> dict:
     results["runs"] = runs
     results["ratio_ours_over_reference"] = results["ranzcr_tf"] / results["reference"]
     results["ratio_ours_over_reference_color_only"] = results["ranzcr_tf"] / results["reference_color_only"]
+    results["ratio_ours_xla_warp_over_reference"] = results["ranzcr_tf_xla_warp"] / results["reference"]
     results.update(size=args.size, batch=args.batch, records=records.count_records(files), mean_record_kb=mean_kb,
                    cpus=cores, load_average=os.getloadavg()[0], tensorflow=tf.__version__)
     print(f"\n{args.size} px, batch {args.batch}, {results['records']} training records (~{mean_kb:.0f} KB each), "
           f"{cores} CPUs (load average {results['load_average']:.1f}), TF {tf.__version__}, best of {args.repeats}")
     print(f"  {'pipeline':42s} {'images/s':>9s} {'CPU ms/img':>11s} {'idle-projected/s':>17s}")
     labels = {"decode_only": "decode only (ceiling)", "ranzcr_tf": "ranzcr_tf: full augmentation, uint8 gray",
+              "ranzcr_tf_xla_warp": "ranzcr_tf, same with augment.warp=xla",
               "reference": "reference notebook: float32 RGB + affine",
               "reference_color_only": "reference notebook without its affine"}
     for name, label in labels.items():
@@ -229,6 +266,10 @@ def main(argv=None) -> dict:
           f"{projected['ranzcr_tf'] / projected['reference']:.2f}x CPU   (target >= 2; ours >= 100 images/s)")
     print(f"  ours / reference without affine: {results['ratio_ours_over_reference_color_only']:.2f}x wall, "
           f"{projected['ranzcr_tf'] / projected['reference_color_only']:.2f}x CPU")
+    print(f"  ours (warp=xla) / reference:   {results['ratio_ours_xla_warp_over_reference']:.2f}x wall, "
+          f"{projected['ranzcr_tf_xla_warp'] / projected['reference']:.2f}x CPU; "
+          f"/ reference without affine {results['ranzcr_tf_xla_warp'] / results['reference_color_only']:.2f}x wall, "
+          f"{projected['ranzcr_tf_xla_warp'] / projected['reference_color_only']:.2f}x CPU")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -92,6 +92,9 @@ class AugmentConfig:
     noise_std: float = 5.0  # in 0..255 pixel units
     blur_prob: float = 0.0
     blur_sigma: float = 1.0
+    # How the one combined flip/crop/affine resampling runs: "projective" = tf.raw_ops.ImageProjectiveTransformV3;
+    # "xla" = the same bilinear warp as an XLA-compiled gather (~2.5x less CPU at 768 px; rounds instead of truncating).
+    warp: str = "projective"
 
     def validate(self) -> None:
         for f in fields(self):
@@ -104,6 +107,7 @@ class AugmentConfig:
         _check(0 <= self.cutout_size < 1, "augment.cutout_size", self.cutout_size, "in [0, 1)")
         _check(self.cutout_holes >= 0, "augment.cutout_holes", self.cutout_holes, ">= 0")
         _check(self.cutout_fill in ("zero", "mean"), "augment.cutout_fill", self.cutout_fill, "zero or mean")
+        _check(self.warp in ("projective", "xla"), "augment.warp", self.warp, "projective or xla")
         _check(0 <= self.shift < 0.5, "augment.shift", self.shift, "in [0, 0.5)")
         _check(0 <= self.scale < 1, "augment.scale", self.scale, "in [0, 1)")
         _check(self.rotate_deg >= 0 and self.shear_deg >= 0, "augment.rotate_deg/shear_deg",

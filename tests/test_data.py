@@ -233,9 +233,18 @@ def test_pipeline_graph_has_no_python_function_ops(tiny):
     cfg = _cfg(noise_prob=0.5, blur_prob=0.5)
     train_ops = _graph_ops(data.build_train_dataset(cfg, root, fold=0, global_batch_size=4))
     assert "ImageProjectiveTransformV3" in train_ops and "DecodeJpeg" in train_ops  # the inspection sees maps
+    xla_ops = _graph_ops(data.build_train_dataset(_cfg(warp="xla"), root, fold=0, global_batch_size=4))
+    assert "GatherV2" in xla_ops and "ImageProjectiveTransformV3" not in xla_ops
     eval_ops = _graph_ops(data.build_eval_dataset(cfg, root, "test", 4, tta="hflip").dataset)
-    for ops in (train_ops, eval_ops):
+    for ops in (train_ops, xla_ops, eval_ops):
         assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction"}
+
+
+def test_xla_warp_runs_inside_the_pipeline(tiny):
+    root, _ = tiny
+    cfg = _cfg(warp="xla", affine_prob=1.0)
+    images, targets = next(iter(data.build_train_dataset(cfg, root, fold=0, global_batch_size=4, seed=2)))
+    assert images.shape == (4, SIZE, SIZE, 1) and images.dtype == tf.uint8 and targets.shape == (4, NUM_CLASSES)
 
 
 def test_input_context_shards_by_file_or_by_record(tiny):
