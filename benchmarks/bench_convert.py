@@ -29,6 +29,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its reaped children (the converter's workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class PeakRSS:
     """Peak of the summed RSS of this process and all its children, sampled in a thread."""
 
@@ -133,10 +141,11 @@ def main(argv=None) -> int:
         options = ConvertOptions(data_dir=data_dir, out_dir=out, preprocess=settings, num_folds=2, workers=workers,
                                  include_test=False, limit=n, progress=False, overwrite=True)
         with PeakRSS() as memory:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), cpu_seconds()
             manifest = convert(options)
-            seconds = time.perf_counter() - start
-        results.append((n, manifest["num_train"] / seconds, memory.peak, memory.peak_single))
+            seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        count = manifest["num_train"]
+        results.append((n, count / seconds, memory.peak, memory.peak_single, 1000 * cpu / count))
         first_out = first_out or out
 
     # The reference on the first reference_n images, compared image by image with the converter's records.
@@ -155,9 +164,10 @@ def main(argv=None) -> int:
     reference_convert(paths, settings)  # as naive code runs: OpenCV may use its thread pool inside one call
     threaded_rate = len(paths) / (time.perf_counter() - start)
     cv2.setNumThreads(1)  # strictly serial: one image at a time on one core
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     reference = reference_convert(paths, settings)
     reference_rate = len(paths) / (time.perf_counter() - start)
+    reference_cpu = 1000 * (cpu_seconds() - cpu_start) / len(paths)
     cv2.setNumThreads(default_threads)
 
     # Stored-image fidelity. Sources whose short side is < 2x the target are decoded in full by both
@@ -173,11 +183,15 @@ def main(argv=None) -> int:
                 reduced_scores.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
     print(f"\nreference (serial, full-resolution decode + CLAHE), 1 OpenCV thread: {reference_rate:7.1f} images/s "
-          f"over {len(paths)}  ({threaded_rate:.1f} images/s with OpenCV's default {default_threads} threads)")
-    for n, rate, peak, single in results:
+          f"over {len(paths)}, {reference_cpu:.1f} CPU ms/image  ({threaded_rate:.1f} images/s with OpenCV's "
+          f"default {default_threads} threads)")
+    for n, rate, peak, single, cpu in results:
         print(f"converter ({workers} workers), n={n:5d}: {rate:7.1f} images/s   ratio {rate / reference_rate:4.1f}x "
-              f"({rate / threaded_rate:.1f}x vs threaded reference)   peak RSS {peak / 2**20:6.0f} MiB "
+              f"({rate / threaded_rate:.1f}x vs threaded reference)   {cpu:.1f} CPU ms/image (all processes; "
+              f"reference/converter CPU {reference_cpu / cpu:.1f}x)   peak RSS {peak / 2**20:6.0f} MiB "
               f"(all processes), {single / 2**20:5.0f} MiB (largest one)")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+          f"(timings are only comparable on an otherwise idle machine)")
     pooled = 10 * np.log10(255.0 ** 2 / max(float(np.mean(errors)), 1e-10))
     if reduced_scores:
         print(f"PSNR converter vs reference: mean {np.mean(reduced_scores):.2f} dB over the {len(reduced_scores)} "
