@@ -160,9 +160,7 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
                     payload, sid, target=lookup["targets"].get(sid), fold=-1 if fold is None else fold,
                     height=info["height"], width=info["width"], orig_height=info["orig_height"],
                     orig_width=info["orig_width"], annotations=annotations)
-                # Protobuf writes the feature map in a per-process hash order; the deterministic
-                # serialization sorts it, so reruns and resumed runs write byte-identical shards.
-                writer.write(tf.train.Example.FromString(example).SerializeToString(deterministic=True))
+                writer.write(example)
                 state["ids"].append(sid)
                 if info.get("note"):
                     state["notes"].append({"split": split, "id": sid, "note": info["note"]})

@@ -180,7 +180,9 @@ def serialize_example(
         ANN_NUM_POINTS: _ints([len(p) for p in points]),
         ANN_XY: _floats(np.concatenate(points).ravel() if points else []),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # Protobuf writes the feature map in a per-process hash order; deterministic serialization sorts it,
+    # so reruns, resumed runs and any number of workers write byte-identical shards.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 # ----------------------------------------------------------------------------------------------- reading
