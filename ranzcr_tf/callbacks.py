@@ -65,7 +65,7 @@ def _indexed_model(model: keras.Model, from_logits: bool) -> keras.Model:
                        name="indexed_predictor")
 
 
-def _indexed_dataset(eval_data, placement):
+def _indexed_dataset(eval_data):
     import tensorflow as tf
 
     batch = eval_data.batch_size
@@ -76,21 +76,19 @@ def _indexed_dataset(eval_data, placement):
         return {"image": images, "index": index}
 
     # A known length lets predict stop without probing (and warning about) the end of the data.
-    ds = eval_data.dataset.enumerate().map(add_index).apply(tf.data.experimental.assert_cardinality(eval_data.steps))
-    if placement is not None and placement.kind == "multiworker":
-        # Every worker reads the whole set (no sharding, so no worker runs out of batches early and
-        # the collective ops stay in step); duplicates are dropped by index afterwards.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        ds = ds.with_options(options)
-    return ds
+    return eval_data.dataset.enumerate().map(add_index).apply(tf.data.experimental.assert_cardinality(eval_data.steps))
 
 
 def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=None) -> np.ndarray:
     """Probabilities ``(eval_data.num_examples, 11)`` in ``eval_data.ids`` order (padding removed)."""
-    with placement.scope() if placement is not None else _null():
+    # Several workers: each predicts the whole set by itself (a predictor built outside the strategy runs
+    # on this worker's copy of the weights, which equals every other's), with no collective ops. Keras'
+    # multi-worker predict hands each worker the same first part of an unsharded set, and a sharded set
+    # would leave workers with unequal numbers of batches.
+    local = placement is not None and placement.kind == "multiworker"
+    with placement.scope() if placement is not None and not local else _null():
         predictor = _indexed_model(model, from_logits)
-    out = predictor.predict(_indexed_dataset(eval_data, placement), verbose=0)
+    out = predictor.predict(_indexed_dataset(eval_data), verbose=0)
     index = np.asarray(out["index"]).reshape(-1)
     probs = np.asarray(out["probabilities"], dtype=np.float32).reshape(len(index), -1)
     keep = index < eval_data.num_examples  # padding rows sit past the real ones
@@ -213,8 +211,19 @@ class Validation(keras.callbacks.Callback):
 
 def _atomic_save_model(model: keras.Model, path: str) -> None:
     """Save to a temporary sibling, then rename: a kill mid-save never leaves a broken best.keras."""
+    from ranzcr_tf.distribute import batchnorm_layers
+
     tmp = io_utils.temp_name(path)
-    model.save(tmp)
+    # Saved with BatchNorm synchronisation off: it only matters in training, and a saved
+    # ``synchronized=True`` would stop the model loading under the JAX backend.
+    synced = [layer for layer in batchnorm_layers(model) if layer.synchronized]
+    for layer in synced:
+        layer.synchronized = False
+    try:
+        model.save(tmp)
+    finally:
+        for layer in synced:
+            layer.synchronized = True
     if io_utils.is_remote(path):
         import tensorflow as tf
 

@@ -16,6 +16,11 @@
 
 A strategy must be created before TensorFlow touches its devices, so call ``choose_placement`` first,
 before building datasets or models.
+
+After building and compiling a model for a TensorFlow strategy, call ``prepare_model(model, placement,
+input_shape)``: it synchronises BatchNorm statistics across replicas on GPU/CPU strategies (so N replicas
+of batch B compute what one device computes on batch N x B) and works around two Keras 3.15 defects
+under ``tf.distribute`` (see ``prepare_model``).
 """
 
 from __future__ import annotations
@@ -194,3 +199,87 @@ def _jax_placement(requested: str) -> Placement:
     return Placement("jax", why, len(keras_devices), accelerator, distribution=distribution,
                      num_workers=jax.process_count(), worker_index=jax.process_index(),
                      is_chief=jax.process_index() == 0, devices=keras_devices)
+
+
+# ----------------------------------------------------------------------------------------------- models under a strategy
+def wants_synchronized_batchnorm(placement: Placement) -> bool:
+    """Whether BatchNorm should use statistics of the whole global batch (all replicas) in training.
+
+    Yes on ``mirrored`` and ``multiworker`` with more than one replica: without it each replica normalises
+    with its own per-replica batch (4 images, say, at RANZCR resolutions on a GPU), so N replicas train a
+    different, noisier function than one device at the global batch. The price is three all-reduces of
+    one vector per BatchNorm layer and step, small next to the gradient all-reduce. Not on TPUs (their
+    per-core batches are large and cross-core sums per layer cost more there), nor under JAX (Keras
+    supports ``synchronized`` only on the TensorFlow backend).
+    """
+    return placement.kind in ("mirrored", "multiworker") and placement.num_replicas > 1
+
+
+def batchnorm_layers(model) -> list:
+    """Every ``keras.layers.BatchNormalization`` in ``model``, nested sub-models included."""
+    import keras
+
+    found, stack = [], [model]
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        stack.extend(getattr(layer, "layers", []))
+    return found
+
+
+def set_batchnorm_synchronized(model, synchronized: bool) -> int:
+    """Switch cross-replica BatchNorm statistics on or off in place; returns the number of BN layers.
+
+    Keras reads the flag each time it traces the training step, so set it before ``fit``. The flag is
+    also saved in the layer config; ``callbacks`` saves models with it off, because inference uses the
+    moving statistics anyway and the JAX backend refuses ``synchronized=True``.
+    """
+    layers = batchnorm_layers(model)
+    for layer in layers:
+        layer.synchronized = bool(synchronized)
+    return len(layers)
+
+
+def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: str = "float32",
+                  num_classes: int = 11) -> None:
+    """Make a compiled ``model`` train correctly under ``placement``'s TensorFlow strategy (no-op otherwise).
+
+    ``input_shape`` is one image's shape ``(H, W, C)``. Call it after every ``compile``. It
+
+    - synchronises BatchNorm across replicas where ``wants_synchronized_batchnorm`` says so;
+    - builds the model, loss, metrics and optimizer from symbolic shapes. Under a strategy, Keras 3.15's
+      ``fit`` otherwise draws a batch from a throw-away iterator of the training data just to learn the
+      shapes: that fills the shuffle buffer twice, makes the first trained batch differ from a
+      single-device run with the same seed (the reshuffled second iterator), and under
+      ``MultiWorkerMirroredStrategy`` fails outright (it averages the batch with ``strategy.reduce``:
+      "Attempt to convert a value (PerReplica...) to a Tensor");
+    - under ``MultiWorkerMirroredStrategy``, returns the training step's logs as 1-element vectors:
+      Keras 3.15 averages them across workers with ``strategy.reduce("MEAN", v, axis=0)``, which fails
+      on scalars ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow#72388).
+    """
+    strategy = placement.strategy
+    if strategy is None or getattr(model, "_distribute_strategy", None) is None:
+        return  # default strategy (Keras builds lazily on first trace) or JAX
+    import keras
+    from keras import ops
+
+    set_batchnorm_synchronized(model, wants_synchronized_batchnorm(placement))
+
+    symbolic = (keras.KerasTensor((1, *tuple(input_shape)), dtype=input_dtype),
+                keras.KerasTensor((1, num_classes), dtype="float32"))
+
+    def build_from_shapes(iterator=None, data_batch=None):
+        with strategy.scope():
+            model._symbolic_build(data_batch=symbolic)
+
+    model._maybe_symbolic_build = build_from_shapes  # this instance only
+    if placement.kind == "multiworker":
+        train_step = type(model).train_step.__get__(model)
+
+        def train_step_vector_logs(data):
+            logs = train_step(data)
+            return {name: ops.reshape(value, (1,)) if len(getattr(value, "shape", (0,))) == 0 else value
+                    for name, value in logs.items()}
+
+        model.train_step = train_step_vector_logs

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import keras
@@ -75,36 +76,69 @@ def steps_per_epoch_for(cfg: Config, manifest: dict, fold: int, global_batch: in
 
 def make_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int, seed=None,
                        deterministic: bool = False):
-    """Global batches for ``placement`` (Keras splits them across replicas); under several workers, this worker's share."""
+    """The training batches for ``placement``, ready for ``model.fit``.
+
+    One process (default, mirrored, TPU, JAX): global batches, which the strategy splits across its
+    replicas in order. Several workers: a distributed dataset whose every worker reads only its share
+    (``worker_dataset_fn``) in per-replica batches, so a step still trains on one global batch.
+    """
+    if placement.num_workers > 1 and placement.strategy is not None:
+        return placement.strategy.distribute_datasets_from_function(
+            worker_dataset_fn(cfg, tfrecords_dir, fold, placement, image_size=image_size, seed=seed,
+                              deterministic=deterministic))
     from ranzcr_tf import data
 
-    dtype = data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
+    return data.build_train_dataset(cfg, tfrecords_dir, fold, placement.global_batch_size(cfg.train.batch_size),
+                                    image_size=image_size, seed=seed, image_dtype=_image_dtype(cfg, placement),
+                                    deterministic=deterministic)
+
+
+def worker_dataset_fn(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int, seed=None,
+                      deterministic: bool = False):
+    """``input_context -> dataset`` for ``strategy.distribute_datasets_from_function``.
+
+    Input pipeline ``i`` of ``n`` gets every ``n``-th training shard, or, when the training folds have
+    fewer shards than pipelines, every ``n``-th record of all of them (``data.build_train_dataset``):
+    the workers' shares partition the training data either way. Batches are per replica.
+    """
+    from ranzcr_tf import data
+
     global_batch = placement.global_batch_size(cfg.train.batch_size)
+    dtype = _image_dtype(cfg, placement)
 
-    input_context = None
-    if placement.num_workers > 1 and placement.strategy is not None:
-        import tensorflow as tf
+    def dataset_fn(input_context):
+        return data.build_train_dataset(cfg, tfrecords_dir, fold, global_batch, image_size=image_size,
+                                        input_context=input_context, seed=seed, image_dtype=dtype,
+                                        deterministic=deterministic)
 
-        # Each worker reads only its own share (by shard, or by record when there are fewer shards than
-        # workers) in global-size batches; Keras must then not shard again. A context with one "replica"
-        # makes the data module batch at the global size it is given.
-        input_context = tf.distribute.InputContext(num_input_pipelines=placement.num_workers,
-                                                   input_pipeline_id=placement.worker_index, num_replicas_in_sync=1)
-    dataset = data.build_train_dataset(cfg, tfrecords_dir, fold, global_batch, image_size=image_size,
-                                       input_context=input_context, seed=seed, image_dtype=dtype,
-                                       deterministic=deterministic)
-    if input_context is not None:
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        dataset = dataset.with_options(options)
-    # Single-host strategies split every global batch across their replicas in order.
-    return dataset
+    return dataset_fn
+
+
+def _image_dtype(cfg: Config, placement):
+    from ranzcr_tf import data
+
+    return data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
+
+
+def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, placement, image_size: int):
+    """Compile ``model`` (built under ``placement.scope()``) with a fresh optimizer from ``build_optimizer``;
+    returns the optimizer. ``distribute.prepare_model`` then fits the model to the strategy (BatchNorm
+    synchronised across GPU/CPU replicas, Keras 3.15 workarounds); call it again after changing what is
+    trainable."""
+    from ranzcr_tf.distribute import prepare_model
+
+    with placement.scope():
+        optimizer = build_optimizer(cfg.train, learning_rate)
+        model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
+                      jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
+    prepare_model(model, placement, (image_size, image_size, cfg.model.input_channels), num_classes=len(LABELS))
+    return optimizer
 
 
 def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int):
     from ranzcr_tf import data
 
-    dtype = data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
+    dtype = _image_dtype(cfg, placement)
     batch = placement.global_batch_size(cfg.infer.batch_size)
     return data.build_eval_dataset(cfg, tfrecords_dir, "valid", batch, fold=fold, image_size=image_size,
                                    with_targets=False, image_dtype=dtype)
@@ -166,17 +200,27 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
     Re-running the same call after a kill continues from the backup. A finished fold is not retrained
     (delete its folder to start over). Raises ``TrainingDiverged`` on a NaN loss.
     """
-    from ranzcr_tf import data, losses, models, precision
-
     cfg.validate()
     manifest = records.read_manifest(tfrecords_dir)
     num_folds = int(manifest["num_folds"])
     if not 0 <= fold < num_folds:
         raise ValueError(f"--fold {fold} is out of range: the records in {tfrecords_dir} have folds 0..{num_folds - 1}")
     chief_dir = fold_dir(out_dir, fold)
-    # Only the chief writes the run folder; other workers write their copies to a private temp folder.
-    run_dir = chief_dir if placement.is_chief else os.path.join(
-        tempfile.mkdtemp(prefix=f"ranzcr-worker{placement.worker_index}-"), f"fold{fold}")
+    if placement.is_chief:
+        return _train_fold(cfg, tfrecords_dir, fold, chief_dir, chief_dir, manifest, placement, verbose)
+    # Only the chief writes the run folder; other workers write their copies to a private temp folder,
+    # deleted afterwards.
+    scratch = tempfile.mkdtemp(prefix=f"ranzcr-worker{placement.worker_index}-")
+    try:
+        return _train_fold(cfg, tfrecords_dir, fold, chief_dir, os.path.join(scratch, f"fold{fold}"), manifest,
+                           placement, verbose)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placement, verbose) -> dict:
+    from ranzcr_tf import data, losses, models, precision
+
     io_utils.makedirs(run_dir)
     paths = {name: io_utils.join(run_dir, name) for name in
              ("config.yaml", "preprocess.json", "best.keras", "log.csv", "metrics.json", "oof.csv", "train_state.json")}
@@ -218,12 +262,8 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
             models.set_backbone_trainable(model, backbone_trainable)
             if verbose:
                 print(f"epochs {first_epoch}..{last_epoch - 1}: backbone {'trainable' if backbone_trainable else 'frozen'}")
+        optimizer = compile_for_training(model, cfg, loss, schedule, placement, image_size)
         with placement.scope():
-            optimizer = build_optimizer(cfg.train, schedule)
-            model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
-                          jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
-            if placement.num_workers > 1 and placement.strategy is not None:
-                _build_from_plain_batch(model, cfg, image_size, placement)
             if previous_iterations is not None:  # the new stage's optimizer continues the step count
                 optimizer.build(model.trainable_variables)
                 optimizer._iterations.assign(previous_iterations)
@@ -261,23 +301,6 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
         state["completed"] = True
         io_utils.atomic_write_json(paths["train_state.json"], state)
     return result
-
-
-def _build_from_plain_batch(model, cfg, image_size, placement) -> None:
-    """Keras 3.15 workaround for MultiWorkerMirroredStrategy.
-
-    ``fit`` builds loss/metric/optimizer state from the first distributed batch, averaged across workers
-    with ``strategy.reduce``, which fails there ("Attempt to convert a value (PerReplica...)"). Build from
-    a plain zero batch instead, on this model instance only.
-    """
-    images = np.zeros((1, image_size, image_size, cfg.model.input_channels), np.float32)
-    batch = (images, np.zeros((1, len(LABELS)), np.float32))
-
-    def build(iterator=None, data_batch=None):
-        with placement.scope():
-            model._symbolic_build(data_batch=batch)
-
-    model._maybe_symbolic_build = build
 
 
 def _restore(model, backup_dir, flags):
