@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
                         help="wall-clock budget for the whole kernel (0 = no limit)")
     parser.add_argument("--tta", nargs="+", choices=("identity", "hflip"), help="TTA views, most important first "
-                        f"(default {' '.join(InferConfig().tta)}); the last ones are dropped first under the budget")
+                        "(default: the runs' saved infer.tta; views not every run lists are left out); the last ones "
+                        "are dropped first under the budget")
     parser.add_argument("--ensemble", choices=("mean", "rank_mean", "weighted"), default=InferConfig().ensemble,
                         help="how runs are combined (default %(default)s)")
     parser.add_argument("--weights", nargs="+", type=float, default=[], help="one weight per run for --ensemble weighted")
@@ -118,13 +119,25 @@ def resolve_paths(args) -> tuple[str | None, list[str], str]:
     return data_dir, models, out
 
 
+def saved_tta(models) -> list[str]:
+    """TTA views as the runs were configured (``infer.tta`` in each fold's config.yaml).
+
+    Views are shared by the whole ensemble, so only those every fold lists are used, in the first fold's order;
+    a model trained without flips (because sides matter to its labels) thus never sees a mirrored view.
+    """
+    folds = [fold for spec in models for fold in spec.folds]
+    views = [view for view in folds[0].cfg.infer.tta if all(view in fold.cfg.infer.tta for fold in folds)]
+    if not views:
+        raise ValueError("the runs' saved infer.tta lists have no view in common; pass --tta explicitly")
+    if any(list(fold.cfg.infer.tta) != views for fold in folds):
+        print(f"note: runs list different TTA views; using the ones all share: {' '.join(views)}", file=sys.stderr)
+    return views
+
+
 def run(args) -> dict:
     """Everything ``main`` does, returning a summary (tests call this)."""
     start = time.monotonic()
     data_dir, model_paths, out = resolve_paths(args)
-    infer_cfg = InferConfig(tta=list(args.tta or InferConfig().tta), ensemble=args.ensemble,
-                            weights=list(args.weights), batch_size=args.batch_size or 1)
-    infer_cfg.validate()
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     max_seconds = None if not args.max_minutes else args.max_minutes * 60.0
@@ -142,6 +155,9 @@ def run(args) -> dict:
     if keras.backend.backend() == "jax":
         data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
     models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
+    infer_cfg = InferConfig(tta=list(args.tta or saved_tta(models)), ensemble=args.ensemble,
+                            weights=list(args.weights), batch_size=args.batch_size or 1)
+    infer_cfg.validate()
     if infer_cfg.ensemble == "weighted":
         from ranzcr_tf.ensemble import check_weights
 

@@ -50,7 +50,7 @@ def constant_model(size: int, probs, channels: int = 1, output: str = "probabili
 
 
 def write_run(root: str, name: str, folds: list, settings: PreprocessConfig, output: str = "logits",
-              channels: int = 1, batch_size: int = 4, model_image_size: int = 0) -> str:
+              channels: int = 1, batch_size: int = 4, model_image_size: int = 0, tta=None) -> str:
     """``root/name/fold{k}/`` with best.keras, config.yaml and preprocess.json (as training writes them)."""
     run = os.path.join(root, name)
     for index, model in enumerate(folds):
@@ -64,6 +64,8 @@ def write_run(root: str, name: str, folds: list, settings: PreprocessConfig, out
         cfg.model.backbone = "compact_cnn"
         cfg.data.image_size = model_image_size
         cfg.infer.batch_size = batch_size
+        if tta is not None:
+            cfg.infer.tta = list(tta)
         save_config(cfg, os.path.join(folder, "config.yaml"))
         info = {**dataclasses.asdict(settings), "decoder": "opencv", "stored_dct_method": records.DCT_METHOD,
                 "stored_image_size": settings.image_size, "model_image_size": model_image_size or settings.image_size,

@@ -130,6 +130,26 @@ def test_models_with_different_preprocessing_ensemble_as_claimed(dataset, tmp_pa
     np.testing.assert_allclose(read_submission(result["out"])[list(LABELS)].to_numpy(), expected, atol=2e-6)
 
 
+def test_tta_defaults_to_the_views_the_runs_saved(dataset, tmp_path):
+    # A run trained without flips saves infer.tta = [identity]: with no --tta the kernel must not add a mirrored view.
+    run = write_run(str(tmp_path / "runs"), "no_flip", [asymmetry_model(40)], S1, output="logits", batch_size=2,
+                    tta=["identity"])
+    result = run_kernel(["--data-dir", dataset["data"], "--models", run, "--out", str(tmp_path / "sub.csv"),
+                         "--workers", "1"])
+    d = good_asymmetries(dataset, S1)
+    expected = with_filled_row(dataset, {sid: expected_asymmetry_probs(v, views=("identity",)) for sid, v in d.items()})
+    np.testing.assert_allclose(read_submission(result["out"])[list(LABELS)].to_numpy(), expected, atol=2e-6)
+    # Runs that disagree share only their common views; runs with none in common must be told apart explicitly.
+    both = write_run(str(tmp_path / "runs"), "flip", [asymmetry_model(40)], S1, tta=["hflip", "identity"])
+    only_flip = write_run(str(tmp_path / "runs"), "only_flip", [asymmetry_model(40)], S1, tta=["hflip"])
+    from ranzcr_tf.modelio import discover_models
+
+    assert kernel.saved_tta(discover_models([both, run])) == ["identity"]
+    assert kernel.saved_tta(discover_models([both])) == ["hflip", "identity"]
+    with pytest.raises(ValueError, match="--tta"):
+        kernel.saved_tta(discover_models([run, only_flip]))
+
+
 class SteppingClock:
     """A deterministic clock: every reading is ``step`` seconds after the previous one (simulated slowness)."""
 
