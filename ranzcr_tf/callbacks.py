@@ -13,6 +13,7 @@ the restarted run repeats at most the epoch whose backup was missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,15 +80,23 @@ def _indexed_dataset(eval_data):
     return eval_data.dataset.enumerate().map(add_index).apply(tf.data.experimental.assert_cardinality(eval_data.steps))
 
 
-def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=None) -> np.ndarray:
-    """Probabilities ``(eval_data.num_examples, 11)`` in ``eval_data.ids`` order (padding removed)."""
+def build_predictor(model: keras.Model, *, from_logits: bool, placement=None) -> keras.Model:
+    """The indexed predictor of ``model`` (shares its weights); build once and reuse, so ``predict`` is traced
+    (and on a TPU, compiled) once rather than every epoch."""
     # Several workers: each predicts the whole set by itself (a predictor built outside the strategy runs
     # on this worker's copy of the weights, which equals every other's), with no collective ops. Keras'
     # multi-worker predict hands each worker the same first part of an unsharded set, and a sharded set
     # would leave workers with unequal numbers of batches.
     local = placement is not None and placement.kind == "multiworker"
-    with placement.scope() if placement is not None and not local else _null():
-        predictor = _indexed_model(model, from_logits)
+    with placement.scope() if placement is not None and not local else contextlib.nullcontext():
+        return _indexed_model(model, from_logits)
+
+
+def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=None,
+                 predictor: keras.Model | None = None) -> np.ndarray:
+    """Probabilities ``(eval_data.num_examples, 11)`` in ``eval_data.ids`` order (padding removed)."""
+    if predictor is None:
+        predictor = build_predictor(model, from_logits=from_logits, placement=placement)
     out = predictor.predict(_indexed_dataset(eval_data), verbose=0)
     index = np.asarray(out["index"]).reshape(-1)
     probs = np.asarray(out["probabilities"], dtype=np.float32).reshape(len(index), -1)
@@ -97,14 +106,6 @@ def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=
     if len(unique) != eval_data.num_examples:
         raise RuntimeError(f"prediction returned {len(unique)} of {eval_data.num_examples} validation rows")
     return probs[first]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
@@ -191,6 +192,7 @@ class Validation(keras.callbacks.Callback):
         self.flags, self.verbose = flags, verbose
         self.targets = np.asarray(eval_data.targets)
         self.best = -math.inf
+        self._predictor, self._predictor_of = None, None
 
     def on_epoch_end(self, epoch, logs=None):
         from ranzcr_tf.metrics import competition_metric
@@ -199,7 +201,11 @@ class Validation(keras.callbacks.Callback):
         if self.flags.diverged:
             logs["val_auc"] = math.nan
             return
-        probs = predict_eval(self.model, self.eval_data, from_logits=self.from_logits, placement=self.placement)
+        if self._predictor_of is not self.model:
+            self._predictor = build_predictor(self.model, from_logits=self.from_logits, placement=self.placement)
+            self._predictor_of = self.model
+        probs = predict_eval(self.model, self.eval_data, from_logits=self.from_logits, placement=self.placement,
+                             predictor=self._predictor)
         mean_auc, per_class = competition_metric(self.targets, probs)
         logs["val_auc"] = float(mean_auc)
         for label in LABELS:
