@@ -283,7 +283,8 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
         model._initial_epoch = None  # a previous stage's restore must not leak into this fit
         if initial_epoch < last_epoch:
             model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch, steps_per_epoch=steps_per_epoch,
-                      callbacks=callbacks, verbose=verbose)
+                      shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
+                      callbacks=callbacks, verbose=1 if verbose == 1 else 0)  # quiet (2): Validation's line only
         else:  # this stage already finished: restore its weights for the next one
             _restore(model, backup_dir, flags)
         if flags.diverged:
