@@ -10,9 +10,10 @@ nothing, and with every probability 0 the image comes back bit-identical):
 
 1. horizontal flip (an exact mirror), random resized crop (area share crop_scale_min..1, aspect within
    1/1.15..1.15) and the affine (shift, scale, rotate, shear about the centre) composed into ONE 3x3
-   matrix and resampled by ONE ``ImageProjectiveTransformV3`` call (bilinear, constant fill 0) on the
-   uint8 image: one interpolation instead of two or three (a flip alone is a plain reverse).
-   ``augment.warp: xla`` runs the same warp as an XLA-fused gather instead (~2.5x less CPU at 768 px);
+   matrix and resampled ONCE (bilinear, constant fill 0) on the uint8 image: one interpolation instead of
+   two or three (a flip alone is a plain reverse). ``augment.warp: xla`` (default) runs it as an XLA-fused
+   gather, about 2x less CPU at 768 px than ``augment.warp: projective`` (one ``ImageProjectiveTransformV3``
+   call; same geometry, at most one grey level apart);
 2. one float32 pass for every pixel-value op: brightness (+-brightness x 255) and contrast (x 1+-contrast
    about the image mean), gamma (log-uniform in gamma_min..gamma_max), optional Gaussian noise, optional
    Gaussian blur (reflect-padded separable convolution), then coarse dropout / cutout last so its holes

@@ -230,7 +230,7 @@ def _graph_ops(ds) -> set:
 
 def test_pipeline_graph_has_no_python_function_ops(tiny):
     root, _ = tiny
-    cfg = _cfg(noise_prob=0.5, blur_prob=0.5)
+    cfg = _cfg(noise_prob=0.5, blur_prob=0.5, warp="projective")
     train_ops = _graph_ops(data.build_train_dataset(cfg, root, fold=0, global_batch_size=4))
     assert "ImageProjectiveTransformV3" in train_ops and "DecodeJpeg" in train_ops  # the inspection sees maps
     xla_ops = _graph_ops(data.build_train_dataset(_cfg(warp="xla"), root, fold=0, global_batch_size=4))
