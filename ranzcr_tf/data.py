@@ -151,14 +151,7 @@ def training_positive_counts(tfrecords_dir: str, fold: int) -> tuple[np.ndarray,
     """Per-class positives (11,) and the number of studies in all folds but ``fold``, from the manifest."""
     manifest, num_folds, _ = _manifest_info(tfrecords_dir)
     fold = _check_fold(fold, num_folds)
-    positives = np.zeros(NUM_CLASSES, dtype=np.int64)
-    total = 0
-    for k in range(num_folds):
-        if k == fold:
-            continue
-        positives += np.asarray(manifest["fold_positives"][str(k)], dtype=np.int64)
-        total += int(manifest["fold_counts"][str(k)])
-    return positives, total
+    return records.positives_from_manifest(manifest, [k for k in range(num_folds) if k != fold])
 
 
 # ----------------------------------------------------------------------------------------------- training

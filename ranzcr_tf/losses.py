@@ -8,7 +8,7 @@ Written with ``keras.ops`` only, so it runs on the TensorFlow and JAX backends.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import keras
 import numpy as np
@@ -16,6 +16,7 @@ from keras import ops
 
 from ranzcr_tf import labels
 from ranzcr_tf.config import LossConfig
+from ranzcr_tf.records import positives_from_manifest  # noqa: F401  (re-exported: the loss's input)
 
 
 def class_weights(positives: Sequence[float], num_examples: int, cap: float) -> np.ndarray:
@@ -36,22 +37,6 @@ def class_weights(positives: Sequence[float], num_examples: int, cap: float) -> 
     if cap < 1:
         raise ValueError(f"cap = {cap}: expected >= 1 (loss.pos_weight_cap)")
     return np.minimum(cap, (num_examples - pos) / np.maximum(pos, 1.0)).astype("float32")
-
-
-def positives_from_manifest(manifest: dict, train_folds: Iterable[int]) -> tuple[np.ndarray, int]:
-    """Sum the converter manifest's ``fold_positives`` / ``fold_counts`` over ``train_folds``: (P, N)."""
-    fold_positives, fold_counts = manifest.get("fold_positives"), manifest.get("fold_counts")
-    if fold_positives is None or fold_counts is None:
-        raise ValueError("manifest has no fold_positives / fold_counts: re-run the converter (make_tfrecords.py)")
-    positives = np.zeros(labels.NUM_CLASSES, dtype="int64")
-    total = 0
-    for fold in train_folds:
-        key = str(int(fold))
-        if key not in fold_positives or key not in fold_counts:
-            raise ValueError(f"fold {fold} is not in the manifest (folds: {sorted(fold_counts)})")
-        positives += np.asarray(fold_positives[key], dtype="int64")
-        total += int(fold_counts[key])
-    return positives, total
 
 
 @keras.saving.register_keras_serializable(package="ranzcr_tf")

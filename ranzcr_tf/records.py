@@ -125,6 +125,23 @@ def read_manifest(tfrecords_dir: str) -> dict:
     return manifest
 
 
+def positives_from_manifest(manifest: dict, train_folds: Iterable[int]) -> tuple[np.ndarray, int]:
+    """Sum the converter manifest's ``fold_positives`` / ``fold_counts`` over ``train_folds``: (P, N)."""
+    fold_positives, fold_counts = manifest.get("fold_positives"), manifest.get("fold_counts")
+    if fold_positives is None or fold_counts is None:
+        raise ValueError("manifest has no fold_positives / fold_counts: re-run the converter (make_tfrecords.py)")
+    positives = np.zeros(NUM_CLASSES, dtype="int64")
+    total = 0
+    for fold in train_folds:
+        key = str(int(fold))
+        if key not in fold_positives or key not in fold_counts:
+            raise ValueError(f"fold {fold} is not in the manifest (folds: {sorted(fold_counts)})")
+        positives += np.asarray(fold_positives[key], dtype="int64")
+        total += int(fold_counts[key])
+    return positives, total
+
+
+
 # ----------------------------------------------------------------------------------------------- writing
 def _bytes(values):
     import tensorflow as tf
