@@ -34,6 +34,14 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     reduced_decode: bool = True  # JPEG DCT-domain downscale when the source is >= 2x the target
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "PreprocessConfig":
+        """Validated settings from a dict that may hold other keys too (a manifest's or a run's ``preprocess``)."""
+        known = {f.name for f in fields(cls)}
+        settings = cls(**{key: value for key, value in values.items() if key in known})
+        settings.validate()
+        return settings
+
     def validate(self) -> None:
         _check(self.image_size >= 32, "preprocess.image_size", self.image_size, "an integer >= 32")
         _check(self.clahe_clip_limit >= 0, "preprocess.clahe_clip_limit", self.clahe_clip_limit, ">= 0 (0 disables CLAHE)")

@@ -19,7 +19,6 @@ running at the deadline is abandoned, so the caller always has time to write a c
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import sys
@@ -108,9 +107,7 @@ class TestSource:
 
 
 def _records_settings(tfrecords: str) -> PreprocessConfig:
-    block = records.read_manifest(tfrecords).get("preprocess", {})
-    known = {f.name for f in dataclasses.fields(PreprocessConfig)}
-    return PreprocessConfig(**{k: v for k, v in block.items() if k in known})
+    return PreprocessConfig.from_dict(records.read_manifest(tfrecords).get("preprocess", {}))
 
 
 def _record_ids(tfrecords: str) -> list[str]:

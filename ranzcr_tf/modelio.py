@@ -84,8 +84,9 @@ def _find_upwards(folder: str, name: str, stop: str) -> str | None:
         folder = os.path.dirname(folder)
 
 
-def read_preprocess_json(path: str) -> PreprocessConfig:
-    """A run's ``preprocess.json`` (the converter manifest's ``preprocess`` block) as a PreprocessConfig.
+def read_preprocess_json(path: str) -> tuple[PreprocessConfig, int]:
+    """A run's ``preprocess.json`` (the converter manifest's ``preprocess`` block): the settings, and the model
+    input size training recorded (0 when absent).
 
     Refuses records decoded with another decoder than the project's (the pixels would differ).
     """
@@ -102,15 +103,7 @@ def read_preprocess_json(path: str) -> PreprocessConfig:
     if saved_labels is not None and list(saved_labels) != list(LABELS):
         raise ValueError(f"{path}: the model was trained with label order {saved_labels}, this ranzcr-tf uses "
                          f"{list(LABELS)}: its outputs would land in the wrong submission columns")
-    known = {f.name for f in dataclasses.fields(PreprocessConfig)}
-    settings = PreprocessConfig(**{k: v for k, v in values.items() if k in known})
-    settings.validate()
-    return settings
-
-
-def _model_image_size(path: str) -> int:
-    with open(path) as fh:
-        return int(json.load(fh).get("model_image_size") or 0)
+    return PreprocessConfig.from_dict(values), int(values.get("model_image_size") or 0)
 
 
 def check_model_file(path: str) -> None:
@@ -156,8 +149,7 @@ def _fold_spec(model_path: str, search_stop: str, name: str) -> FoldSpec:
     preprocess_path = _find_upwards(folder, PREPROCESS_FILE, search_stop)
     model_size = 0
     if preprocess_path is not None:
-        settings = read_preprocess_json(preprocess_path)
-        model_size = _model_image_size(preprocess_path)
+        settings, model_size = read_preprocess_json(preprocess_path)
     else:  # older runs: the config's preprocess section is the best record of the training records
         print(f"warning: {model_path}: no {PREPROCESS_FILE}; using the preprocess section of {config_path}")
         settings = cfg.preprocess
