@@ -12,7 +12,6 @@ and TFRecord inference decode the same bytes with the same function and see the 
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
@@ -20,23 +19,13 @@ from typing import Callable
 
 from ranzcr_tf import io_utils, records
 from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.preprocess import BadImageError, preprocess_file
+from ranzcr_tf.convert_worker import ordered_map, process_image, start_pool
 
 TEST_IMAGE_DIR = "test"
 
 
 class DeadlineReached(RuntimeError):
     """The time budget ran out before the work finished (the caller falls back)."""
-
-
-def _work(task: tuple) -> tuple:
-    """Worker: ``(status, jpeg or reason, info)``; no TensorFlow in this process."""
-    path, settings = task
-    try:
-        data, info = preprocess_file(path, settings)
-    except BadImageError as exc:
-        return "bad", str(exc), None
-    return "ok", data, info
 
 
 def default_workers() -> int:
@@ -65,9 +54,10 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     os.makedirs(folder, exist_ok=True)
     tasks = [(os.path.join(data_dir, TEST_IMAGE_DIR, f"{sid}.jpg"), settings) for sid in ids]
     workers = workers or default_workers()
-    # spawn, not fork: this process already holds TensorFlow, which is not fork-safe.
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
-    results = pool.imap(_work, tasks, chunksize=4) if pool is not None else map(_work, tasks)
+    # The converter's workers: spawned (this process holds TensorFlow), one OpenCV thread each, and a dead
+    # worker raises instead of hanging; results come back in ``ids`` order.
+    pool = start_pool(workers if len(tasks) > 1 else 1)
+    results = ordered_map(process_image, tasks, pool, window=4 * workers)
     tmp = io_utils.temp_name(os.path.join(folder, "test.tfrec"))
     skipped, written, start = [], 0, time.monotonic()
     bar = tqdm(total=len(tasks), desc=f"preprocess {settings.image_size}px", unit="img", disable=not progress,
@@ -81,8 +71,8 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
                 if on_first is not None and index + 1 == min(len(ids), max(8, 2 * workers)):
                     on_first(index + 1, time.monotonic() - start)
                 if status == "bad":
-                    bar.write(f"warning: unreadable test image, its row gets the column means: {payload}",
-                              file=sys.stderr)
+                    bar.write(f"warning: unreadable test image {tasks[index][0]}, its row gets the column means: "
+                              f"{payload}", file=sys.stderr)
                     skipped.append({"id": sid, "reason": payload})
                     continue
                 writer.write(records.serialize_example(
@@ -96,8 +86,7 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     if written:
         os.replace(tmp, os.path.join(folder, records.shard_name(None, 0, written)))
     else:
