@@ -30,9 +30,9 @@ class PreprocessConfig:
     image_size: int = 768
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8  # tiles per side, as cv2.createCLAHE(tileGridSize=(8, 8))
-    interpolation: str = "area"  # area | linear | cubic | lanczos
+    interpolation: str = "linear"  # linear (bit-exact bilinear) | area | cubic | lanczos
     jpeg_quality: int = 95
-    reduced_decode: bool = True  # JPEG DCT-domain downscale when the source is >= 2x the target
+    reduced_decode: bool = True  # JPEG DCT-domain downscale (M/8) to the smallest size with short side >= target
 
     @classmethod
     def from_dict(cls, values: dict) -> "PreprocessConfig":

@@ -6,14 +6,16 @@ Result::
 
     bundle/wheels/ranzcr_tf-<version>-py3-none-any.whl   built with `pip wheel --no-deps`
     bundle/wheels/keras-<version>-py3-none-any.whl       --wheel specs (default: the installed keras)
+    bundle/wheels/simplejpeg-<version>-cp3XX-...whl      the JPEG decoder, for CPython 3.10-3.13 on x86-64
     bundle/runs/<run>/fold<k>/{best.keras, config.yaml, preprocess.json, metrics.json}
     bundle/kaggle_kernel.py                              the kernel stub (runnable without installing)
     bundle/README.md                                     the notebook cell to paste
     bundle/dataset-metadata.json                         for `kaggle datasets create -p bundle`
 
 Which wheels: Kaggle's images ship TensorFlow, NumPy, pandas, scikit-learn, OpenCV, tqdm, PyYAML and
-matplotlib, so only ranzcr-tf itself and Keras (>= 3.14 for the safe-mode loading fixes; Kaggle's
-own Keras is often older) are bundled. Keras' dependencies (absl-py, h5py, ml-dtypes, namex, optree,
+matplotlib, so only ranzcr-tf itself, Keras (>= 3.14 for the safe-mode loading fixes; Kaggle's
+own Keras is often older) and simplejpeg (the decoder ``preprocess.py`` needs to reproduce the
+converter's DCT-scaled decode; a binary wheel, fetched for each CPython Kaggle may run) are bundled. Keras' dependencies (absl-py, h5py, ml-dtypes, namex, optree,
 rich) come with Kaggle's Keras 3. Add more with ``--wheel SPEC`` (downloaded with ``pip download
 --no-deps``, from PyPI, so on a machine with internet) or drop Keras with ``--no-keras``.
 Every run is checked first (no legacy .h5, no Lambda layer, config.yaml present).
@@ -72,17 +74,27 @@ def build_wheel(wheel_dir: str, root: str | None = None) -> str:
     return built[-1]
 
 
-def download_wheels(specs: list[str], wheel_dir: str) -> list[str]:
-    """``pip download --no-deps --only-binary=:all:`` each spec into ``wheel_dir`` (needs PyPI access)."""
+BINARY_TARGETS = [("3.10", "manylinux2014_x86_64"), ("3.11", "manylinux2014_x86_64"),
+                  ("3.12", "manylinux2014_x86_64"), ("3.13", "manylinux2014_x86_64")]
+
+
+def download_wheels(specs: list[str], wheel_dir: str, targets: list[tuple[str, str]] | None = None) -> list[str]:
+    """``pip download --no-deps --only-binary=:all:`` each spec into ``wheel_dir`` (needs PyPI access).
+
+    ``targets``: ``(python_version, platform)`` pairs to fetch binary wheels for (default: this interpreter).
+    """
     if not specs:
         return []
     before = set(os.listdir(wheel_dir))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest",
-           wheel_dir, *specs]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"pip download {' '.join(specs)} failed (it needs PyPI access; or pass --no-keras and "
-                           f"no --wheel):\n{result.stderr[-2000:]}")
+    for python, platform in targets or [(None, None)]:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest",
+               wheel_dir, *specs]
+        if python:
+            cmd += ["--python-version", python, "--platform", platform]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"pip download {' '.join(specs)} failed (it needs PyPI access; or pass --no-keras, "
+                               f"--no-decoder and no --wheel):\n{result.stderr[-2000:]}")
     return sorted(set(os.listdir(wheel_dir)) - before)
 
 
@@ -124,7 +136,7 @@ def bundle_readme(name: str, wheels: list[str], runs: list[str]) -> str:
 
 
 def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: list[str] | None = None,
-                keras_wheel: bool = True) -> dict:
+                keras_wheel: bool = True, decoder_wheel: bool = True) -> dict:
     """Build the bundle folder; returns ``{'wheels': [...], 'runs': [...], 'out': out_dir}``."""
     if not runs:
         raise ValueError("pass at least one run folder: --runs runs/NAME [runs/NAME2 ...]")
@@ -139,6 +151,8 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
     if keras_wheel:
         specs.append(f"keras=={importlib.metadata.version('keras')}")
     download_wheels(specs, wheel_dir)
+    if decoder_wheel:
+        download_wheels([f"simplejpeg=={importlib.metadata.version('simplejpeg')}"], wheel_dir, BINARY_TARGETS)
     stub = os.path.join(source_root(), "kaggle_kernel.py")
     if os.path.exists(stub):
         shutil.copy2(stub, os.path.join(out_dir, "kaggle_kernel.py"))
@@ -163,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra wheel to bundle, e.g. --wheel 'timm==1.0.9' (pip download --no-deps)")
     parser.add_argument("--no-keras", action="store_true", help="do not bundle the installed Keras wheel "
                         "(when the target image already has Keras >= 3.14)")
+    parser.add_argument("--no-decoder", action="store_true", help="do not bundle simplejpeg wheels (when the "
+                        "target image already has simplejpeg)")
     args = parser.parse_args(argv)
     try:
-        result = make_bundle(args.runs, args.out, args.name, args.wheel, keras_wheel=not args.no_keras)
+        result = make_bundle(args.runs, args.out, args.name, args.wheel, keras_wheel=not args.no_keras,
+                             decoder_wheel=not args.no_decoder)
     except ValueError as exc:
         parser.exit(2, f"package: error: {exc}\n")
     print(f"bundle {result['out']} ({result['name']}): wheels {', '.join(result['wheels'])}; "

@@ -4,20 +4,26 @@
 
 Steps, in this order:
 
-1. **Decode to 8-bit grayscale with OpenCV** (``cv2.imdecode``; EXIF orientation ignored, like
-   TensorFlow's decoder, so pixel coordinates match ``train_annotations.csv``).
-   JPEG sources are decoded with libjpeg's DCT-domain downscaling (``IMREAD_REDUCED_GRAYSCALE_2/4/8``)
-   when ``reduced_decode`` is on: the largest factor that keeps the **short side** of the decoded image
-   at least ``image_size``. The short side is the one that matters because the square resize that
-   follows shrinks both sides to ``image_size``: with the short side still >= the target, no axis is
-   ever upsampled, so the reduction throws away only detail the resize would discard anyway
-   (decoding is most of the cost: a 2,500 px radiograph decodes ~2x faster at 1/2 scale).
-   Other formats (PNG behind a ``.jpg`` name, TIFF, ...) are decoded in full: 16-bit and float images
-   are scaled to 8 bits by their own min..max range (the range actually used, as DICOM exports
-   often hold 10-12 bit data in 16-bit containers), colour and CMYK are converted to luminance.
+1. **Decode to 8-bit grayscale.** JPEG sources (all of the Kaggle data) are decoded by libjpeg-turbo
+   through ``simplejpeg``, with the accurate integer IDCT; EXIF orientation is ignored, like
+   TensorFlow's decoder, so pixel coordinates match ``train_annotations.csv``. With ``reduced_decode``
+   on, libjpeg scales the image in the DCT domain by M/8 (M = 1..8), choosing the **smallest** scale
+   that keeps the **short side** of the decoded image at least ``image_size``: the square resize that
+   follows shrinks both sides to ``image_size``, so with the short side still >= the target no axis
+   is ever upsampled, and the resize is left a factor below 1.5 on the short side. The scaled IDCT
+   is an exact low-pass of each 8x8 block, cheaper than decoding in full, and every later step then
+   works on fewer pixels. At M = 8 and M = 4 the pixels are bit-identical to OpenCV's
+   ``IMREAD_GRAYSCALE`` and ``IMREAD_REDUCED_GRAYSCALE_2``.
+   Other formats (PNG behind a ``.jpg`` name, TIFF, ...) and JPEGs libjpeg-turbo cannot convert to
+   gray (CMYK) are decoded in full with OpenCV: 16-bit and float images are scaled to 8 bits by their
+   own min..max range (the range actually used, as DICOM exports often hold 10-12 bit data in 16-bit
+   containers), colour and CMYK are converted to luminance.
 2. **CLAHE** (``cv2.createCLAHE(clip_limit, (tile_grid, tile_grid))``; clip limit 0 disables it) on the
    decoded image, before the resize, as in the public RANZCR notebooks.
-3. **Resize** to ``image_size`` x ``image_size`` with the named interpolation (``area`` by default).
+3. **Resize** to ``image_size`` x ``image_size`` with the named interpolation (``linear`` by default:
+   OpenCV's bit-exact bilinear ``INTER_LINEAR_EXACT``, the same result on every CPU; after the DCT
+   scaling the remaining factor is small, where bilinear is as faithful as ``area`` at a quarter of
+   its cost).
    Sources smaller than the target are upscaled and ``info['upscaled']`` says so.
 4. **Encode** a single-channel baseline JPEG at ``jpeg_quality``. The stored JPEG is decoded with
    ``records.decode_image`` (libjpeg accurate integer IDCT) or ``records.decode_image_numpy``
@@ -35,16 +41,21 @@ import os
 import cv2
 import numpy as np
 
+try:
+    import simplejpeg
+except ImportError as exc:  # a Kaggle image without the bundle's wheels
+    raise ImportError("ranzcr_tf needs simplejpeg (libjpeg-turbo with DCT scaling) to decode JPEGs exactly as the "
+                      "converter did: `pip install simplejpeg`, or on Kaggle install the wheels of the bundle that "
+                      "`python -m ranzcr_tf.package` builds") from exc
+
 from ranzcr_tf.config import PreprocessConfig
 
 INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
-    "linear": cv2.INTER_LINEAR,
+    "linear": cv2.INTER_LINEAR_EXACT,
     "cubic": cv2.INTER_CUBIC,
     "lanczos": cv2.INTER_LANCZOS4,
 }
-_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -91,15 +102,14 @@ def _jpeg_is_complete(data: bytes) -> bool:
     return _JPEG_EOI in data[-64:]
 
 
-def reduction_factor(height: int, width: int, target: int) -> int:
-    """Largest of 1, 2, 4, 8 that keeps the short side of the reduced decode >= ``target``."""
+def decode_scale(height: int, width: int, target: int) -> int:
+    """M in 1..8: the smallest DCT scale M/8 whose decoded short side is >= ``target`` (8 = full size)."""
     short = min(height, width)
-    factor = 1
-    for candidate in (2, 4, 8):
-        # libjpeg rounds scaled sizes up (ceil), so the reduced short side is ceil(short / candidate).
-        if -(-short // candidate) >= target:
-            factor = candidate
-    return factor
+    for eighths in range(1, 8):
+        # libjpeg rounds scaled sizes up: the decoded side is ceil(side * M / 8).
+        if -(-short * eighths // 8) >= target:
+            return eighths
+    return 8
 
 
 def _to_gray_uint8(image: np.ndarray) -> np.ndarray:
@@ -130,33 +140,38 @@ def _to_gray_uint8(image: np.ndarray) -> np.ndarray:
 def decode_source(data: bytes, settings: PreprocessConfig, name: str = "image") -> tuple[np.ndarray, dict]:
     """Decode source bytes to 2-D uint8 grayscale (possibly DCT-reduced), plus info.
 
-    ``info`` holds ``orig_height``, ``orig_width`` (the full source size, whatever the reduction),
-    ``format`` ('jpeg', 'png', 'other') and ``reduction`` (1, 2, 4 or 8).
+    ``info`` holds ``orig_height``, ``orig_width`` (the full source size, whatever the scaling),
+    ``format`` ('jpeg', 'png', 'other') and ``decode_scale`` (M/8: 1.0, 0.875, ..., 0.125).
     """
     if len(data) == 0:
         raise BadImageError(f"{name}: empty file (0 bytes)")
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    info: dict = {"reduction": 1}
+    info: dict = {"decode_scale": 1.0}
     if data.startswith(_JPEG_SOI):
         info["format"] = "jpeg"
         if not _jpeg_is_complete(data):
             raise BadImageError(f"{name}: truncated JPEG (no end-of-image marker)")
-        size = jpeg_size(data)
-        flag = cv2.IMREAD_GRAYSCALE
-        if size is not None and settings.reduced_decode:
-            info["reduction"] = reduction_factor(size[0], size[1], settings.image_size)
-            flag = _REDUCED_FLAGS.get(info["reduction"], cv2.IMREAD_GRAYSCALE)
-        image = cv2.imdecode(buffer, flag | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None:
-            raise BadImageError(f"{name}: corrupt JPEG (OpenCV could not decode it)")
-        if size is None:
-            info["reduction"] = 1
-            size = image.shape[:2]
-        info["orig_height"], info["orig_width"] = int(size[0]), int(size[1])
-        return _to_gray_uint8(image), info
+        size, image = jpeg_size(data), None
+        if size is not None:
+            eighths = decode_scale(size[0], size[1], settings.image_size) if settings.reduced_decode else 8
+            try:
+                # simplejpeg picks the smallest libjpeg scale with both sides >= the minimums: exactly M/8.
+                image = simplejpeg.decode_jpeg(data, "GRAY", fastdct=False, min_height=-(-size[0] * eighths // 8),
+                                               min_width=-(-size[1] * eighths // 8), strict=False)
+            except ValueError:
+                pass  # e.g. CMYK, which libjpeg-turbo cannot turn into gray: OpenCV below decodes it
+        if image is not None:
+            info["decode_scale"] = eighths / 8
+            info["orig_height"], info["orig_width"] = int(size[0]), int(size[1])
+            return np.ascontiguousarray(image[:, :, 0]), info
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None or image.size == 0:
+            raise BadImageError(f"{name}: corrupt JPEG (libjpeg-turbo and OpenCV could not decode it)")
+        image = _to_gray_uint8(image)
+        info["orig_height"], info["orig_width"] = int(image.shape[0]), int(image.shape[1])
+        return image, info
 
     info["format"] = "png" if data.startswith(_PNG_SIGNATURE) else "other"
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None or image.size == 0:
         raise BadImageError(f"{name}: not a readable image ({len(data)} bytes that OpenCV cannot decode)")
     image = _to_gray_uint8(image)

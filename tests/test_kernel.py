@@ -239,7 +239,7 @@ def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dat
 
     bundle = tmp_path / "bundle"
     result = make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), name="ranzcr-bundle",
-                         keras_wheel=False)
+                         keras_wheel=False, decoder_wheel=False)
     wheels = glob.glob(str(bundle / "wheels" / "ranzcr_tf-*.whl"))
     assert len(wheels) == 1 and result["wheels"] == [os.path.basename(wheels[0])]
     for fold in ("fold0", "fold1"):
@@ -260,4 +260,4 @@ def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dat
 
     assert [len(m.folds) for m in discover_models([str(bundle / "runs")])] == [2]
     with pytest.raises(ValueError, match="not empty"):
-        make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), keras_wheel=False)
+        make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), keras_wheel=False, decoder_wheel=False)
