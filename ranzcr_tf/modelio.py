@@ -94,11 +94,11 @@ def read_preprocess_json(path: str) -> tuple[PreprocessConfig, int]:
         values = json.load(fh)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object with the preprocessing settings")
-    decoder, dct = values.get("decoder", "opencv"), values.get("stored_dct_method", records.DCT_METHOD)
-    if decoder != "opencv" or dct != records.DCT_METHOD:
+    decoder, dct = values.get("decoder"), values.get("stored_dct_method", records.DCT_METHOD)
+    if decoder != records.SOURCE_DECODER or dct != records.DCT_METHOD:
         raise ValueError(f"{path}: records made with decoder={decoder!r}, stored_dct_method={dct!r}; this ranzcr-tf "
-                         f"preprocesses with decoder='opencv' and decodes with {records.DCT_METHOD!r}: retrain on "
-                         f"records from this version's converter")
+                         f"preprocesses with decoder={records.SOURCE_DECODER!r} and decodes with "
+                         f"{records.DCT_METHOD!r}: retrain on records from this version's converter")
     saved_labels = values.get("labels")
     if saved_labels is not None and list(saved_labels) != list(LABELS):
         raise ValueError(f"{path}: the model was trained with label order {saved_labels}, this ranzcr-tf uses "

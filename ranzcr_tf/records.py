@@ -52,6 +52,10 @@ ANN_XY = "ann_xy"
 # The single decoder setting for stored JPEGs: libjpeg's accurate integer IDCT. TensorFlow's default
 # (fast) IDCT differs from OpenCV on about half of the pixels; with this one both decode identically.
 DCT_METHOD = "INTEGER_ACCURATE"
+# How source JPEGs were decoded before preprocessing (``preprocess.decode_source``): libjpeg-turbo's
+# accurate IDCT scaled by M/8. Records and runs carry it, so a model is never served test images
+# decoded another way.
+SOURCE_DECODER = "libjpeg-turbo-m8"
 
 MANIFEST = "manifest.json"
 FOLDS_CSV = "folds.csv"

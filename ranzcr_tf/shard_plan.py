@@ -33,7 +33,7 @@ def sha256_file(path: str) -> str | None:
 
 def preprocess_settings(settings: PreprocessConfig) -> dict:
     """The manifest's ``preprocess`` block: every PreprocessConfig field plus the decoders used."""
-    return {**dataclasses.asdict(settings), "decoder": "opencv", "stored_dct_method": records.DCT_METHOD}
+    return {**dataclasses.asdict(settings), "decoder": records.SOURCE_DECODER, "stored_dct_method": records.DCT_METHOD}
 
 
 def plan_shards(train_df, folds: np.ndarray, test_ids: list[str], per_shard: int, seed: int, num_folds: int) -> list[dict]:

@@ -94,7 +94,7 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     # The fields build_eval_dataset reads, as the converter writes them.
     io_utils.atomic_write_json(os.path.join(out_dir, records.MANIFEST), {
         "schema_version": records.SCHEMA_VERSION,
-        "preprocess": {**vars(settings), "decoder": "opencv", "stored_dct_method": records.DCT_METHOD},
+        "preprocess": {**vars(settings), "decoder": records.SOURCE_DECODER, "stored_dct_method": records.DCT_METHOD},
         "image_size": settings.image_size,
         "num_folds": 2,  # unused for the test split; present because readers expect it
         "num_test": written,

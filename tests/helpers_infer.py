@@ -67,7 +67,7 @@ def write_run(root: str, name: str, folds: list, settings: PreprocessConfig, out
         if tta is not None:
             cfg.infer.tta = list(tta)
         save_config(cfg, os.path.join(folder, "config.yaml"))
-        info = {**dataclasses.asdict(settings), "decoder": "opencv", "stored_dct_method": records.DCT_METHOD,
+        info = {**dataclasses.asdict(settings), "decoder": records.SOURCE_DECODER, "stored_dct_method": records.DCT_METHOD,
                 "stored_image_size": settings.image_size, "model_image_size": model_image_size or settings.image_size,
                 "input_channels": channels, "labels": list(LABELS), "model_output": output}
         with open(os.path.join(folder, "preprocess.json"), "w") as fh:

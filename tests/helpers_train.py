@@ -56,7 +56,8 @@ def write_tiny_records(root: str, *, num_folds: int = 3, per_fold: int = 24, siz
     manifest = {"schema_version": records.SCHEMA_VERSION, "image_size": size, "num_folds": num_folds,
                 "fold_counts": counts, "fold_positives": positives,
                 "preprocess": {"image_size": size, "clahe_clip_limit": 2.0, "clahe_tile_grid": 8,
-                               "interpolation": "area", "jpeg_quality": 95}}
+                               "interpolation": "linear", "jpeg_quality": 95, "reduced_decode": True,
+                               "decoder": records.SOURCE_DECODER, "stored_dct_method": records.DCT_METHOD}}
     with open(os.path.join(root, records.MANIFEST), "w") as fh:
         json.dump(manifest, fh)
     table = pd.DataFrame(rows)

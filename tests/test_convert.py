@@ -103,7 +103,7 @@ def test_folds_are_patient_disjoint_and_match_records_and_manifest(dataset, clea
     names = manifest["shards"]["train"]
     assert len(names) > 3 and all(records.parse_shard_name(n)["count"] <= SHARD_RECORDS for n in names)
     assert records.count_records(names) == 21
-    assert manifest["preprocess"]["decoder"] == "opencv" and manifest["preprocess"]["stored_dct_method"] == "INTEGER_ACCURATE"
+    assert manifest["preprocess"]["decoder"] == records.SOURCE_DECODER and manifest["preprocess"]["stored_dct_method"] == "INTEGER_ACCURATE"
     assert records.read_manifest(out)["labels"] == list(LABELS)
 
 

@@ -201,3 +201,8 @@ def test_preprocess_json_with_other_label_order_or_decoder_is_refused(tmp_path):
     pd.Series({**info, "stored_dct_method": "INTEGER_FAST"}).to_json(path)
     with pytest.raises(ValueError, match="INTEGER_ACCURATE"):
         discover_models([run])
+    # Records from a converter that decoded sources another way (an older OpenCV 1/2-1/4-1/8 reduction).
+    for decoder in ("opencv", None):
+        pd.Series({**info, "decoder": decoder}).to_json(path)
+        with pytest.raises(ValueError, match="libjpeg-turbo-m8"):
+            discover_models([run])
