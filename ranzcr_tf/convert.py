@@ -14,7 +14,7 @@ progress file (IDs written, skipped, notes) is saved. A rerun removes ``.tmp-*``
 every shard that has both its final file and its progress file, and redoes the rest, so a run
 killed with ``kill -9`` and rerun ends byte-identical to an uninterrupted run.
 
-Parallelism: worker processes (``spawn``; TensorFlow is never imported in them) read, decode, CLAHE,
+Parallelism: worker processes (forked from a fork server that never imports TensorFlow) read, decode, CLAHE,
 resize and encode images and return JPEG bytes; the main process consumes results strictly in plan
 order through a bounded window of in-flight tasks (memory stays flat, and 1 or N workers write the
 same bytes), and writes shards with ``tf.io.TFRecordWriter``.

@@ -163,17 +163,15 @@ def decode_source(data: bytes, settings: PreprocessConfig, name: str = "image") 
             info["decode_scale"] = eighths / 8
             info["orig_height"], info["orig_width"] = int(size[0]), int(size[1])
             return np.ascontiguousarray(image[:, :, 0]), info
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None or image.size == 0:
-            raise BadImageError(f"{name}: corrupt JPEG (libjpeg-turbo and OpenCV could not decode it)")
-        image = _to_gray_uint8(image)
-        info["orig_height"], info["orig_width"] = int(image.shape[0]), int(image.shape[1])
-        return image, info
-
+        return _decode_full_opencv(data, info, f"{name}: corrupt JPEG (libjpeg-turbo and OpenCV could not decode it)")
     info["format"] = "png" if data.startswith(_PNG_SIGNATURE) else "other"
+    return _decode_full_opencv(data, info, f"{name}: not a readable image ({len(data)} bytes that OpenCV cannot decode)")
+
+
+def _decode_full_opencv(data: bytes, info: dict, failure: str) -> tuple[np.ndarray, dict]:
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None or image.size == 0:
-        raise BadImageError(f"{name}: not a readable image ({len(data)} bytes that OpenCV cannot decode)")
+        raise BadImageError(failure)
     image = _to_gray_uint8(image)
     info["orig_height"], info["orig_width"] = int(image.shape[0]), int(image.shape[1])
     return image, info
