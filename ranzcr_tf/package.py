@@ -15,8 +15,9 @@ Result::
 Which wheels: Kaggle's images ship TensorFlow, NumPy, pandas, scikit-learn, OpenCV, tqdm, PyYAML and
 matplotlib, so only ranzcr-tf itself, Keras (>= 3.14 for the safe-mode loading fixes; Kaggle's
 own Keras is often older) and simplejpeg (the decoder ``preprocess.py`` needs to reproduce the
-converter's DCT-scaled decode; a binary wheel, fetched for each CPython Kaggle may run) are bundled. Keras' dependencies (absl-py, h5py, ml-dtypes, namex, optree,
-rich) come with Kaggle's Keras 3. Add more with ``--wheel SPEC`` (downloaded with ``pip download
+converter's DCT-scaled decode; a binary wheel, fetched for each CPython Kaggle may run) are
+bundled. Keras' dependencies (absl-py, h5py, ml-dtypes, namex, optree, rich) come with Kaggle's
+Keras 3. Add more with ``--wheel SPEC`` (downloaded with ``pip download
 --no-deps``, from PyPI, so on a machine with internet) or drop Keras with ``--no-keras``.
 Every run is checked first (no legacy .h5, no Lambda layer, config.yaml present).
 """

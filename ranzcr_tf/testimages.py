@@ -3,9 +3,9 @@
     records_dir, skipped = preprocess_test_images("data", ids, settings, "/tmp/ranzcr-test/g0")
 
 Each image goes through the converter's function (``preprocess.preprocess_file``: decode, CLAHE,
-resize, JPEG encode) with the settings saved in the run folder (``preprocess.json``), in a pool of
-``spawn`` worker processes that never import TensorFlow; the main process writes the stored JPEGs,
-in ``ids`` order, into one ``test`` shard plus a minimal ``manifest.json``. Prediction then reads
+resize, JPEG encode) with the settings saved in the run folder (``preprocess.json``), in the
+converter's pool of worker processes, which never import TensorFlow; the main process writes the
+stored JPEGs, in ``ids`` order, into one ``test`` shard plus a minimal ``manifest.json``. Prediction then reads
 them with ``data.build_eval_dataset`` exactly like the converter's own test records, so raw-JPEG
 and TFRecord inference decode the same bytes with the same function and see the same pixels.
 """
@@ -20,6 +20,7 @@ from typing import Callable
 from ranzcr_tf import io_utils, records
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.convert_worker import ordered_map, process_image, start_pool
+from ranzcr_tf.shard_plan import preprocess_settings
 
 TEST_IMAGE_DIR = "test"
 
@@ -94,7 +95,7 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     # The fields build_eval_dataset reads, as the converter writes them.
     io_utils.atomic_write_json(os.path.join(out_dir, records.MANIFEST), {
         "schema_version": records.SCHEMA_VERSION,
-        "preprocess": {**vars(settings), "decoder": records.SOURCE_DECODER, "stored_dct_method": records.DCT_METHOD},
+        "preprocess": preprocess_settings(settings),
         "image_size": settings.image_size,
         "num_folds": 2,  # unused for the test split; present because readers expect it
         "num_test": written,
