@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--clahe-clip", type=float, help="CLAHE clip limit, 0 disables CLAHE (default 2.0)")
     pre.add_argument("--clahe-grid", type=int, help="CLAHE tiles per side (default 8)")
     pre.add_argument("--jpeg-quality", type=int, help="stored JPEG quality 1..100 (default 95)")
-    pre.add_argument("--interpolation", choices=["linear", "area", "cubic", "lanczos"], help="resize filter (default linear: bit-exact bilinear)")
+    pre.add_argument("--interpolation", choices=["auto", "linear", "area", "cubic", "lanczos"], help="resize filter (default auto: bit-exact bilinear below a 2x shrink, area beyond)")
     split = parser.add_argument_group("folds and shards")
     split.add_argument("--folds", type=int, help="number of patient-grouped folds (default 5)")
     split.add_argument("--seed", type=int, help="fold and shard-order seed (default 42)")

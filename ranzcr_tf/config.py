@@ -30,7 +30,7 @@ class PreprocessConfig:
     image_size: int = 768
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8  # tiles per side, as cv2.createCLAHE(tileGridSize=(8, 8))
-    interpolation: str = "linear"  # linear (bit-exact bilinear) | area | cubic | lanczos
+    interpolation: str = "auto"  # auto (linear below a 2x shrink, area beyond) | linear | area | cubic | lanczos
     jpeg_quality: int = 95
     reduced_decode: bool = True  # JPEG DCT-domain downscale (M/8) to the smallest size with short side >= target
 
@@ -46,8 +46,8 @@ class PreprocessConfig:
         _check(self.image_size >= 32, "preprocess.image_size", self.image_size, "an integer >= 32")
         _check(self.clahe_clip_limit >= 0, "preprocess.clahe_clip_limit", self.clahe_clip_limit, ">= 0 (0 disables CLAHE)")
         _check(self.clahe_tile_grid >= 1, "preprocess.clahe_tile_grid", self.clahe_tile_grid, ">= 1")
-        _check(self.interpolation in ("area", "linear", "cubic", "lanczos"), "preprocess.interpolation",
-               self.interpolation, "one of area, linear, cubic, lanczos")
+        _check(self.interpolation in ("auto", "linear", "area", "cubic", "lanczos"), "preprocess.interpolation",
+               self.interpolation, "one of auto, linear, area, cubic, lanczos")
         _check(1 <= self.jpeg_quality <= 100, "preprocess.jpeg_quality", self.jpeg_quality, "in 1..100")
 
 

@@ -22,10 +22,11 @@ Steps, in this order:
    containers), colour and CMYK are converted to luminance.
 2. **CLAHE** (``cv2.createCLAHE(clip_limit, (tile_grid, tile_grid))``; clip limit 0 disables it) on the
    decoded image, before the resize, as in the public RANZCR notebooks.
-3. **Resize** to ``image_size`` x ``image_size`` with the named interpolation (``linear`` by default:
-   OpenCV's bit-exact bilinear ``INTER_LINEAR_EXACT``, the same result on every CPU; after the DCT
-   scaling the remaining factor is small, where bilinear is as faithful as ``area`` at a quarter of
-   its cost).
+3. **Resize** to ``image_size`` x ``image_size`` with the named interpolation. ``auto`` (the default)
+   is ``linear`` (OpenCV's bit-exact bilinear ``INTER_LINEAR_EXACT``, the same result on every CPU)
+   while neither axis shrinks by 2x or more, which after the DCT scaling is the usual case at
+   768 px, where bilinear is as faithful as ``area`` at a third of its cost; beyond 2x it is ``area``,
+   as bilinear would skip pixels and thin tubes could vanish (a 128 px target from a 1/8 decode).
    Sources smaller than the target are upscaled and ``info['upscaled']`` says so.
 4. **Encode** a single-channel baseline JPEG at ``jpeg_quality``. The stored JPEG is decoded with
    ``records.decode_image`` (libjpeg accurate integer IDCT) or ``records.decode_image_numpy``
@@ -189,6 +190,17 @@ def apply_clahe(gray: np.ndarray, settings: PreprocessConfig) -> np.ndarray:
     return clahe.apply(gray)
 
 
+def resize_filter(shape: tuple[int, int], settings: PreprocessConfig) -> str:
+    """The interpolation name used to resize an image of ``shape`` to the target square.
+
+    ``auto``: ``linear`` while neither axis shrinks by 2x or more, ``area`` beyond, where bilinear
+    would skip source pixels and a 1-2 px line could vanish between samples.
+    """
+    if settings.interpolation != "auto":
+        return settings.interpolation
+    return "area" if max(shape[0], shape[1]) >= 2 * int(settings.image_size) else "linear"
+
+
 def preprocess_array(gray_uint8: np.ndarray, settings: PreprocessConfig) -> np.ndarray:
     """CLAHE then square resize of a 2-D uint8 image: ``(image_size, image_size)`` uint8 (no encoding)."""
     gray = np.asarray(gray_uint8)
@@ -196,12 +208,12 @@ def preprocess_array(gray_uint8: np.ndarray, settings: PreprocessConfig) -> np.n
         gray = gray[:, :, 0]
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"preprocess_array expects a 2-D uint8 array, got shape {gray.shape} dtype {gray.dtype}")
-    if settings.interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation {settings.interpolation!r} unknown; use one of {sorted(INTERPOLATIONS)}")
+    if settings.interpolation not in (*INTERPOLATIONS, "auto"):
+        raise ValueError(f"interpolation {settings.interpolation!r} unknown; use auto or one of {sorted(INTERPOLATIONS)}")
     image = apply_clahe(np.ascontiguousarray(gray), settings)
     size = int(settings.image_size)
     if image.shape != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=INTERPOLATIONS[settings.interpolation])
+        image = cv2.resize(image, (size, size), interpolation=INTERPOLATIONS[resize_filter(image.shape, settings)])
     return image
 
 

@@ -11,7 +11,7 @@ import pytest
 from ranzcr_tf import records
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.preprocess import (BadImageError, decode_source, encode_jpeg, jpeg_size, preprocess_array,
-                                  decode_scale, preprocess_bytes, preprocess_file)
+                                  decode_scale, preprocess_bytes, preprocess_file, resize_filter)
 
 from helpers_convert import phantom
 
@@ -70,6 +70,18 @@ def test_decoder_is_bit_identical_to_opencv_at_full_and_half_scale(source):
     np.testing.assert_array_equal(half, cv2.imdecode(buffer, cv2.IMREAD_REDUCED_GRAYSCALE_2))
 
 
+def test_auto_resize_is_bilinear_below_a_2x_shrink_and_area_beyond(source):
+    auto = PreprocessConfig(image_size=100)
+    assert [resize_filter(shape, auto) for shape in [(199, 150), (150, 199), (200, 120), (90, 260), (80, 80)]] == \
+        ["linear", "linear", "area", "area", "linear"]
+    assert resize_filter((400, 400), PreprocessConfig(image_size=100, interpolation="cubic")) == "cubic"
+    # What the filters are: bit-exact bilinear and OpenCV's area averaging.
+    np.testing.assert_array_equal(preprocess_array(source[:190, :150], PreprocessConfig(image_size=100, clahe_clip_limit=0)),
+                                  cv2.resize(source[:190, :150], (100, 100), interpolation=cv2.INTER_LINEAR_EXACT))
+    np.testing.assert_array_equal(preprocess_array(source[:200, :150], PreprocessConfig(image_size=100, clahe_clip_limit=0)),
+                                  cv2.resize(source[:200, :150], (100, 100), interpolation=cv2.INTER_AREA))
+
+
 def test_jpeg_header_size_and_reduced_decode(source):
     data = _jpeg(source)
     assert jpeg_size(data) == source.shape
@@ -112,7 +124,7 @@ def test_reduced_decode_is_faithful_at_realistic_scale():
 
 
 def test_clahe_changes_contrast_and_clip_zero_disables_it(source):
-    plain = cv2.resize(source, (64, 64), interpolation=cv2.INTER_LINEAR_EXACT)  # "linear", the default
+    plain = cv2.resize(source, (64, 64), interpolation=cv2.INTER_AREA)  # "auto" at a 4x shrink
     np.testing.assert_array_equal(preprocess_array(source, PreprocessConfig(image_size=64, clahe_clip_limit=0)), plain)
     assert np.abs(preprocess_array(source, SETTINGS).astype(int) - plain).mean() > 5
     with pytest.raises(ValueError, match="2-D uint8"):
