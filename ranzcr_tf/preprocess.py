@@ -229,7 +229,7 @@ def preprocess_bytes(data: bytes, settings: PreprocessConfig, name: str = "image
     """Source image bytes -> (stored JPEG bytes, info).
 
     ``info``: ``orig_height``, ``orig_width``, ``height``, ``width`` (stored size), ``upscaled`` (bool),
-    ``reduction``, ``format`` and, when something is worth recording in the manifest, ``note``.
+    ``decode_scale``, ``format`` and, when something is worth recording in the manifest, ``note``.
     Raises :class:`BadImageError` for undecodable input.
     """
     gray, info = decode_source(data, settings, name)
