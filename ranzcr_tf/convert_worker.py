@@ -81,9 +81,18 @@ def start_pool(workers: int):
     else:  # Windows
         context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
-    for _ in range(workers):  # start the processes now, so their start-up overlaps the CSV checks
-        pool.submit(int)
+    # Start the processes now, from a thread: the first fork waits ~0.2 s for the fork server itself to
+    # start and import its preloads, and the caller meanwhile reads and checks the CSVs.
+    threading.Thread(target=_prime, args=(pool, workers), daemon=True).start()
     return pool
+
+
+def _prime(pool, workers: int) -> None:
+    try:
+        for _ in range(workers):
+            pool.submit(int)
+    except RuntimeError:  # the caller already shut the pool down (a CSV check failed): nothing to start
+        pass
 
 
 def ordered_map(fn, items, pool, window: int, ready: dict | None = None):
