@@ -182,6 +182,8 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | exponential | plateau | constant
     warmup_epochs: float = 1.0
     min_learning_rate: float = 1e-6
+    plateau_factor: float = 0.5  # schedule plateau: lr x factor ...
+    plateau_patience: int = 1  # ... after this many epochs without a better val_auc
     frozen_epochs: int = 0  # first epochs with the backbone frozen
     steps_per_execution: int = 1
     jit_compile: bool = False
@@ -201,6 +203,8 @@ class TrainConfig:
         _check(self.optimizer in ("adam", "adamw"), "train.optimizer", self.optimizer, "adam or adamw")
         _check(self.schedule in ("cosine", "exponential", "plateau", "constant"), "train.schedule",
                self.schedule, "cosine, exponential, plateau or constant")
+        _check(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1)")
+        _check(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, "an integer >= 0")
         _check(0 <= self.frozen_epochs <= self.epochs, "train.frozen_epochs", self.frozen_epochs, "in 0..train.epochs")
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", self.steps_per_execution, ">= 1")
         _check(0 < self.ema_momentum < 1, "train.ema_momentum", self.ema_momentum, "in (0, 1)")

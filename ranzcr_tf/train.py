@@ -339,7 +339,8 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
                                                                 patience=cfg.train.early_stopping_patience)
         callbacks.append(stateful["early_stopping"])
     if cfg.train.schedule == "plateau":
-        stateful["plateau"] = cbs.ResumablePlateau(monitor="val_auc", mode="max", factor=0.5, patience=1,
+        stateful["plateau"] = cbs.ResumablePlateau(monitor="val_auc", mode="max", factor=cfg.train.plateau_factor,
+                                                   patience=cfg.train.plateau_patience,
                                                    min_lr=cfg.train.min_learning_rate, verbose=1)
         callbacks.append(stateful["plateau"])
     callbacks.append(keras.callbacks.CSVLogger(paths["log.csv"], append=True))

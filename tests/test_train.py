@@ -170,3 +170,37 @@ def test_schedules_warmup_cosine_exponential_and_scaling():
     assert build_learning_rate(cfg, 100, 0.01) == 0.01
     cfg.lr_reference_batch = 16
     assert scaled_learning_rate(cfg, 64) == pytest.approx(0.04)
+
+
+def test_plateau_counters_survive_a_restart_and_follow_the_config():
+    import keras
+
+    from ranzcr_tf import callbacks as cbs
+    from ranzcr_tf.config import load_config
+
+    cfg = load_config(None, ["train.schedule=plateau", "train.plateau_factor=0.25", "train.plateau_patience=2"])
+    with pytest.raises(ValueError, match="train.plateau_factor"):
+        load_config(None, ["train.plateau_factor=1.5"])
+
+    def fresh(pending=None):
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+        cb = cbs.ResumablePlateau(monitor="val_auc", mode="max", factor=cfg.train.plateau_factor,
+                                  patience=cfg.train.plateau_patience, min_lr=1e-6)
+        cb.pending_state = pending
+        cb.set_model(model)
+        cb.on_train_begin()
+        return cb, lambda: float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+    before, _ = fresh()
+    before.on_epoch_end(0, {"val_auc": 0.7})
+    before.on_epoch_end(1, {"val_auc": 0.6})  # one epoch without improvement: patience 2 not reached
+    state = json.loads(json.dumps(before.get_state()))  # as train_state.json stores it
+    assert state["wait"] == 1 and state["best"] == pytest.approx(0.7)
+
+    resumed, lr = fresh(state)
+    resumed.on_epoch_end(2, {"val_auc": 0.65})  # the second epoch without improvement, counted across the restart
+    assert lr() == pytest.approx(0.1 * 0.25)
+    forgetful, lr = fresh(None)
+    forgetful.on_epoch_end(2, {"val_auc": 0.65})  # without the carried state it would wait longer
+    assert lr() == pytest.approx(0.1)
