@@ -11,5 +11,5 @@ import sys
 
 from ranzcr_tf.kernel import main
 
-if __name__ == "__main__":  # the guard matters: preprocessing workers are spawned and re-import this file
+if __name__ == "__main__":  # the guard matters: preprocessing workers re-import this file
     sys.exit(main())

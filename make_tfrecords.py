@@ -7,7 +7,7 @@
 Settings come from the config tree (defaults <- --config preset <- --set overrides) and explicit flags
 override both. Rerunning the same command resumes an interrupted conversion; --overwrite starts over.
 This file only parses arguments: the work is in ranzcr_tf/convert.py (TensorFlow is imported there,
-lazily, so spawned worker processes that re-import this module stay light).
+lazily, so worker processes that re-import this module stay light).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The converter's worker side: per-image processing in spawned processes, results in plan order.
+"""Worker processes for the converter (and the synthetic generator): results in submission order.
 
-Kept apart from ``convert.py`` so a spawned worker imports only this module, ``preprocess.py``,
+Kept apart from ``convert.py`` so a worker imports only this module, ``preprocess.py``,
 OpenCV and NumPy (no pandas, no TensorFlow): workers start in a fraction of a second.
 """
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import time
 
@@ -59,7 +58,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ranzcr_tf import phantom
+from ranzcr_tf import io_utils, phantom
+from ranzcr_tf.convert_worker import ordered_map, start_pool
 from ranzcr_tf.labels import ANNOTATION_COLUMNS, GROUPS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS, TRAIN_COLUMNS
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -211,8 +211,7 @@ def render_study(seed: int, split: str, index: int, patient: int, labels, cvc_st
 def _work(job) -> tuple[int, list[tuple[str, str]]]:
     seed, split, index, patient, labels, cvc_states, scale, path, annotate = job
     data, drawn, (width, height) = render_study(seed, split, index, patient, labels, cvc_states, scale)
-    with open(path, "wb") as fh:
-        fh.write(data)
+    io_utils.atomic_write_bytes(path, data)  # a killed run leaves no half-written JPEG behind
     rows = []
     if annotate:
         ann_rng = _rng(seed, _SPLITS[split], index, 3)
@@ -221,10 +220,6 @@ def _work(job) -> tuple[int, list[tuple[str, str]]]:
             if points:
                 rows.append((label, json.dumps(points)))
     return index, rows
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +274,9 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     for split, frame in (("train", train), ("test", test)):
         folder = os.path.join(out_dir, split)
         os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # a killed run's unfinished temporary files
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(folder, name))
         foreign = set(f for f in os.listdir(folder) if f.endswith(".jpg")) - {f"{u}.jpg" for u in frame[ID_COLUMN]}
         if foreign:
             raise ValueError(f"{folder} already holds {len(foreign)} images of another dataset; "
@@ -294,31 +292,30 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     annotations: dict[int, list] = {}
     bar = tqdm(total=len(jobs), desc="synthetic studies", unit="img")
-    if workers == 1:
-        results = map(_work, jobs)
-        for index_rows, job in zip(results, jobs):
+    # The converter's worker pool: processes forked from a fork server (a forked TensorFlow or OpenCV
+    # thread pool would deadlock), results in job order, a dead worker an error instead of a hang.
+    # A calling script needs the `if __name__ == "__main__":` guard, as workers re-import it.
+    pool = start_pool(workers)
+    try:
+        for index_rows, job in zip(ordered_map(_work, jobs, pool, 4 * workers), jobs):
             if job[1] == "train":
                 annotations[index_rows[0]] = index_rows[1]
             bar.update()
-    else:
-        # spawn, not fork: a forked child deadlocks in OpenCV's (or TensorFlow's) thread pool once the
-        # parent has used it. The price: a calling script needs the `if __name__ == "__main__":` guard.
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-            for index_rows, job in zip(pool.imap(_work, jobs, chunksize=4), jobs):
-                if job[1] == "train":
-                    annotations[index_rows[0]] = index_rows[1]
-                bar.update()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
 
     ann_rows = [(train[ID_COLUMN].iat[i], label, data) for i in range(n_train) for label, data in annotations[i]]
     paths = {name: os.path.join(out_dir, name) for name in
              ("train.csv", "test_labels.csv", "sample_submission.csv", "train_annotations.csv")}
-    train[list(TRAIN_COLUMNS)].to_csv(paths["train.csv"], index=False)
-    test[list(SUBMISSION_COLUMNS)].to_csv(paths["test_labels.csv"], index=False)
+    io_utils.atomic_write_text(paths["train.csv"], train[list(TRAIN_COLUMNS)].to_csv(index=False))
+    io_utils.atomic_write_text(paths["test_labels.csv"], test[list(SUBMISSION_COLUMNS)].to_csv(index=False))
     submission = test[list(SUBMISSION_COLUMNS)].copy()
     submission[list(LABELS)] = 0
-    submission.to_csv(paths["sample_submission.csv"], index=False)
-    pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS)).to_csv(paths["train_annotations.csv"], index=False)
+    io_utils.atomic_write_text(paths["sample_submission.csv"], submission.to_csv(index=False))
+    io_utils.atomic_write_text(paths["train_annotations.csv"],
+                               pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS)).to_csv(index=False))
     return {
         "out_dir": out_dir, "n_train": n_train, "n_test": n_test, "n_patients": len(patient_names),
         "n_annotations": len(ann_rows), "n_annotated_images": int(sum(1 for i in annotations if annotations[i])),

@@ -55,8 +55,8 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     os.makedirs(folder, exist_ok=True)
     tasks = [(os.path.join(data_dir, TEST_IMAGE_DIR, f"{sid}.jpg"), settings) for sid in ids]
     workers = workers or default_workers()
-    # The converter's workers: spawned (this process holds TensorFlow), one OpenCV thread each, and a dead
-    # worker raises instead of hanging; results come back in ``ids`` order.
+    # The converter's workers: forked from a fork server (this process holds TensorFlow), one OpenCV
+    # thread each, and a dead worker raises instead of hanging; results come back in ``ids`` order.
     pool = start_pool(workers if len(tasks) > 1 else 1)
     results = ordered_map(process_image, tasks, pool, window=4 * workers)
     tmp = io_utils.temp_name(os.path.join(folder, "test.tfrec"))

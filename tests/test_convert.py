@@ -135,7 +135,7 @@ def test_test_shards_hold_every_test_id_once(dataset, clean_run):
 @pytest.mark.slow
 def test_two_workers_and_a_killed_then_resumed_run_are_byte_identical(dataset, clean_run, tmp_path):
     reference = shard_bytes(clean_run[0])
-    # 1 vs 2 workers (the CLI, a real spawn pool).
+    # 1 vs 2 workers (the CLI, a real worker pool).
     two = tmp_path / "two"
     result = run_cli(["--data-dir", dataset, "--out-dir", str(two), "--workers", "2", *CLI_ARGS])
     assert result.returncode == 0, result.stderr

@@ -213,6 +213,13 @@ def test_bad_input_and_stale_folder(tmp_path):
     with pytest.raises(ValueError, match="scale"):
         synthetic.make_dataset(str(tmp_path), n_train=2, n_test=1, scale=10)
     synthetic.make_dataset(str(tmp_path), n_train=3, n_test=2, seed=0, workers=1, scale=0.05)
+    # A killed run's temporary file (images are written to a temporary name, then renamed) does not
+    # block the rerun, which removes it and writes the same dataset again.
+    stray = tmp_path / "train" / ".tmp-0123abcd-1.2.3.jpg"
+    stray.write_bytes(b"\xff\xd8 half an image")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "train").iterdir() if p.name != stray.name}
+    synthetic.make_dataset(str(tmp_path), n_train=3, n_test=2, seed=0, workers=2, scale=0.05)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "train").iterdir()} == before
     with pytest.raises(ValueError, match="another dataset"):
         synthetic.make_dataset(str(tmp_path), n_train=3, n_test=2, seed=1, workers=1, scale=0.05)
 
