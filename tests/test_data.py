@@ -358,3 +358,23 @@ def test_show_grid_cli_writes_png(tiny, tmp_path):
     data.main(["--tfrecords", root, "--fold", "0", "--show", path, "--n", "4", "--set", "augment.hflip_prob=1"])
     image = cv2.imread(path)
     assert image is not None and image.shape[0] > 100 and image.std() > 1
+
+
+def test_records_on_a_remote_filesystem_read_like_local_ones(tiny):
+    """gs:// paths go through tf.io.gfile and TFRecordDataset; TensorFlow's in-memory ram:// filesystem
+    takes the same code path without a network."""
+    root, _ = tiny
+    remote = f"ram://data-test-{os.getpid()}/records"
+    for folder, _, names in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        tf.io.gfile.makedirs(remote if rel == "." else f"{remote}/{rel}")
+        for name in names:
+            tf.io.gfile.copy(os.path.join(folder, name), f"{remote}/{name}" if rel == "." else f"{remote}/{rel}/{name}")
+    for split, fold in (("valid", 0), ("test", None)):
+        local, far = (data.build_eval_dataset(_cfg(), r, split, 4, fold=fold) for r in (root, remote))
+        assert list(far.ids) == list(local.ids)
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in far.dataset]),
+                                      np.concatenate([x for x, _ in local.dataset]))
+    np.testing.assert_array_equal(data.training_positive_counts(remote, 0)[0], data.training_positive_counts(root, 0)[0])
+    images, targets = next(iter(data.build_train_dataset(_cfg(), remote, 0, 4, seed=0)))
+    assert images.shape[0] == 4 and targets.shape == (4, NUM_CLASSES)
