@@ -299,6 +299,17 @@ class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
         return {"wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter), "best": float(self.best)}
 
 
+class CSVLog(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` that also closes a ``gs://`` log: Keras asks the file for ``.closed``, which
+    ``tf.io.gfile.GFile`` lacks, so a remote run folder failed at the end of every ``fit``."""
+
+    def on_train_end(self, logs=None):
+        if self.csv_file is not None:
+            self.csv_file.close()
+            self.csv_file = None
+        self.writer = None
+
+
 class RunState(keras.callbacks.Callback):
     """Writes ``train_state.json`` each epoch: the stateful callbacks' counters, keyed by epoch."""
 

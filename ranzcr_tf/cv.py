@@ -9,7 +9,7 @@ the model that did not train on it); the mean of the per-fold scores is printed 
 from __future__ import annotations
 
 import argparse
-import glob
+import io
 import os
 import sys
 
@@ -22,10 +22,11 @@ from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
 
 def merge_oof(run_dir: str) -> pd.DataFrame:
     """All ``run_dir/fold*/oof.csv`` rows in one frame; every study must appear once."""
-    paths = sorted(glob.glob(os.path.join(run_dir, "fold*", "oof.csv")))
+    paths = io_utils.glob(io_utils.join(run_dir, "fold*", "oof.csv"))
     if not paths:
         raise ValueError(f"no fold*/oof.csv under {run_dir}: train folds first (python train_tpu.py --fold all --out {run_dir})")
-    frame = pd.concat([pd.read_csv(p, dtype={ID_COLUMN: str}) for p in paths], ignore_index=True)
+    frame = pd.concat([pd.read_csv(io.StringIO(io_utils.read_text(p)), dtype={ID_COLUMN: str}) for p in paths],
+                      ignore_index=True)
     missing = [c for c in [ID_COLUMN, *LABELS, *(f"target_{label}" for label in LABELS)] if c not in frame.columns]
     if missing:
         raise ValueError(f"OOF files under {run_dir} lack columns {missing}: were they written by ranzcr_tf.train?")
@@ -92,8 +93,10 @@ def plot_roc(frame: pd.DataFrame, path: str, title: str = "") -> str:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    io_utils.atomic_write_bytes(path, png.getvalue())
     return path
 
 
@@ -109,10 +112,10 @@ def main(argv=None) -> int:
         return 2
     report = cv_report(frame)
     print(format_report(report))
-    plot = plot_roc(frame, args.plot or os.path.join(args.run_dir, "roc.png"),
+    plot = plot_roc(frame, args.plot or io_utils.join(args.run_dir, "roc.png"),
                     title=f"{os.path.basename(os.path.normpath(args.run_dir))}: CV AUC {report['cv_auc']:.4f}")
-    io_utils.atomic_write_json(os.path.join(args.run_dir, "cv.json"), report)
-    print(f"ROC curves: {plot}; report: {os.path.join(args.run_dir, 'cv.json')}")
+    io_utils.atomic_write_json(io_utils.join(args.run_dir, "cv.json"), report)
+    print(f"ROC curves: {plot}; report: {io_utils.join(args.run_dir, 'cv.json')}")
     return 0
 
 

@@ -47,6 +47,15 @@ def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1] if is_remote(parts[0]) else os.path.join(*parts)
 
 
+def glob(pattern: str) -> list[str]:
+    """Paths matching ``pattern`` (``*`` wildcards), sorted; local or remote."""
+    if is_remote(pattern):
+        return sorted(_gfile().glob(pattern))
+    import glob as local_glob
+
+    return sorted(local_glob.glob(pattern))
+
+
 def read_text(path: str) -> str:
     if is_remote(path):
         with _gfile().GFile(path, "r") as fh:

@@ -343,7 +343,7 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
                                                    patience=cfg.train.plateau_patience,
                                                    min_lr=cfg.train.min_learning_rate, verbose=1)
         callbacks.append(stateful["plateau"])
-    callbacks.append(keras.callbacks.CSVLogger(paths["log.csv"], append=True))
+    callbacks.append(cbs.CSVLog(paths["log.csv"], append=True))
     if importlib.util.find_spec("tensorboard") is not None:
         callbacks.append(keras.callbacks.TensorBoard(io_utils.join(run_dir, "tensorboard"), write_graph=False))
     elif verbose:

@@ -41,6 +41,19 @@ def test_cv_pools_folds_and_plots(tmp_path, capsys):
     with open(os.path.join(run, "roc.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
+    # A run folder on gs:// (TensorFlow's in-memory ram:// filesystem takes the same tf.io.gfile path).
+    import tensorflow as tf
+
+    remote = f"ram://cv-test-{os.getpid()}/run"
+    for k in range(2):
+        tf.io.gfile.makedirs(f"{remote}/fold{k}")
+        tf.io.gfile.copy(os.path.join(run, f"fold{k}", "oof.csv"), f"{remote}/fold{k}/oof.csv")
+    assert cv.main([remote]) == 0
+    with tf.io.gfile.GFile(f"{remote}/cv.json") as fh:
+        assert json.load(fh)["cv_auc"] == pytest.approx(expected)
+    with tf.io.gfile.GFile(f"{remote}/roc.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
 
 def test_cv_rejects_duplicates_and_empty_runs(tmp_path):
     rng = np.random.default_rng(1)

@@ -204,3 +204,30 @@ def test_plateau_counters_survive_a_restart_and_follow_the_config():
     forgetful, lr = fresh(None)
     forgetful.on_epoch_end(2, {"val_auc": 0.65})  # without the carried state it would wait longer
     assert lr() == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_run_folder_on_a_remote_filesystem(tiny):
+    """``--out gs://...``: every file of the run folder goes through tf.io.gfile (TensorFlow's in-memory
+    ram:// filesystem takes the same path here); a rerun of the finished fold trains nothing more."""
+    import tensorflow as tf
+
+    from ranzcr_tf import distribute, train
+    from ranzcr_tf.config import load_config
+
+    records_dir, table = tiny
+    cfg = load_config(None, [*TINY_SETTINGS, "train.epochs=2"])
+    out = f"ram://train-test-{os.getpid()}/run"
+    result = train.train_fold(cfg, records_dir, 0, out, distribute.choose_placement("default"), verbose=0)
+    run = f"{out}/fold0"
+    assert {"best.keras", "best.json", "log.csv", "oof.csv", "metrics.json", "config.yaml",
+            "preprocess.json"} <= set(tf.io.gfile.listdir(run))
+    with tf.io.gfile.GFile(f"{run}/log.csv") as fh:
+        log = pd.read_csv(fh)
+    assert list(log["epoch"]) == [0, 1] and result["val_auc"] == pytest.approx(log["val_auc"].max())
+    with tf.io.gfile.GFile(f"{run}/oof.csv") as fh:
+        assert len(pd.read_csv(fh)) == result["num_examples"]
+    again = train.train_fold(cfg, records_dir, 0, out, distribute.choose_placement("default"), verbose=0)
+    assert again["val_auc"] == pytest.approx(result["val_auc"])
+    with tf.io.gfile.GFile(f"{run}/log.csv") as fh:
+        assert list(pd.read_csv(fh)["epoch"]) == [0, 1]
