@@ -273,6 +273,12 @@ def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: 
         with strategy.scope():
             model._symbolic_build(data_batch=symbolic)
 
+    if not hasattr(type(model), "_maybe_symbolic_build"):
+        import warnings
+
+        warnings.warn(f"Keras {keras.__version__} has no Trainer._maybe_symbolic_build (written against Keras "
+                      "3.14-3.15): the first batch under a TensorFlow strategy may differ from a single-device "
+                      "run, and MultiWorkerMirroredStrategy may fail; please report it", RuntimeWarning, stacklevel=2)
     model._maybe_symbolic_build = build_from_shapes  # this instance only
     if placement.kind == "multiworker":
         train_step = type(model).train_step.__get__(model)
