@@ -7,7 +7,7 @@
 Settings come from the config tree (defaults <- --config preset <- --set overrides) and explicit flags
 override both. Rerunning the same command resumes an interrupted conversion; --overwrite starts over.
 This file only parses arguments: the work is in ranzcr_tf/convert.py (TensorFlow is imported there,
-lazily, so worker processes that re-import this module stay light).
+lazily, so --help and CSV errors answer without its start-up time).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--shard-records", type=int, default=0,
                        help="records per shard, overriding the size estimate (tests, tiny data; default 0 = estimate)")
     run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=0, help="worker processes (default 0 = all available cores)")
+    run.add_argument("--workers", type=int, default=0,
+                     help="worker threads that decode, CLAHE, resize and encode (default 0 = all available cores)")
     run.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     run.add_argument("--overwrite", action="store_true", help="delete this converter's earlier output in --out-dir first")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -5,11 +5,11 @@
     python benchmarks/bench_convert.py --n 200 2000         # memory flatness: peak RSS at both sizes
 
 (a) the converter (``ranzcr_tf.convert``: DCT-scaled decode, CLAHE on the scaled image, bilinear
-resize, encode, in ``--workers`` processes, written to TFRecord shards) and (b) the naive reference (serial,
+resize, encode, on ``--workers`` threads, written to TFRecord shards) and (b) the naive reference (serial,
 full-resolution decode, CLAHE at full resolution, resize, encode) process the same images in the
 same run. Printed: images/s of each and their ratio, the mean PSNR of the converter's stored images
 against the reference's (speed must not come from worse pictures: target >= 35 dB), and the peak
-resident memory of the converter (main process plus workers, sampled every 50 ms) for each ``--n``.
+resident memory of the converter (its process, plus any children, sampled every 50 ms) for each ``--n``.
 Target on a 2-core machine at 768 px: ratio >= 4x, peak memory flat from 200 to 2,000 images.
 """
 
@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def cpu_seconds() -> float:
     """User + system CPU time of this process and all its descendants, reaped or alive.
 
-    Reaped children count through ``RUSAGE_CHILDREN``; a live child (the multiprocessing fork server,
-    whose forked converter workers it reaps itself) counts with its own reaped children.
+    The converter's workers are threads of this process; children are counted all the same, so the
+    figure stays right if any work ever moves to processes (a live child counts with its own reaped children).
     """
     import resource
 
@@ -50,15 +50,6 @@ def cpu_seconds() -> float:
     return total
 
 
-def stop_fork_server() -> None:
-    """Stop multiprocessing's fork server, so the next conversion starts cold, as a fresh CLI run does."""
-    import multiprocessing.forkserver
-
-    server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    if hasattr(server, "_stop"):  # CPython's own test helper, present since 3.8
-        server._stop()
-
-
 class PeakRSS:
     """Peak of the summed RSS of this process and all its children, sampled in a thread."""
 
@@ -66,7 +57,7 @@ class PeakRSS:
         import psutil
 
         self._process, self._interval = psutil.Process(), interval
-        self.peak, self.peak_single = 0, 0
+        self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -81,7 +72,6 @@ class PeakRSS:
                 except psutil.Error:
                     continue
                 total += rss
-                self.peak_single = max(self.peak_single, rss)
             self.peak = max(self.peak, total)
             self._stop.wait(self._interval)
 
@@ -135,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[200], help="images to convert (one run per value)")
     parser.add_argument("--reference-n", type=int, default=200, help="images the serial reference converts")
     parser.add_argument("--image-size", type=int, default=768)
-    parser.add_argument("--workers", type=int, default=0, help="converter processes; 0 = all available cores")
+    parser.add_argument("--workers", type=int, default=0, help="converter worker threads; 0 = all available cores")
     parser.add_argument("--data-dir", help="reuse/keep the generated images here (default: a temp folder)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating reference/converter rounds (median)")
     parser.add_argument("--seed", type=int, default=0)
@@ -171,7 +161,7 @@ def main(argv=None) -> int:
 
     # Rounds alternate the serial reference and the converter, and each round's ratio uses that round's
     # reference: the ratio then survives the minutes-long speed swings of a shared virtual machine.
-    results = {n: [] for n in args.n}  # n -> [(rate, ratio, peak, peak_single, cpu ms/image), ...]
+    results = {n: [] for n in args.n}  # n -> [(rate, ratio, peak, cpu ms/image), ...]
     reference_runs = []
     for _ in range(args.rounds):
         cv2.setNumThreads(1)  # strictly serial: one image at a time on one core
@@ -184,16 +174,14 @@ def main(argv=None) -> int:
             out = os.path.join(work, f"out{n}")
             options = ConvertOptions(data_dir=data_dir, out_dir=out, preprocess=settings, num_folds=2,
                                      workers=workers, include_test=False, limit=n, progress=False, overwrite=True)
-            stop_fork_server()
             with PeakRSS() as memory:
                 start, cpu_start = time.perf_counter(), cpu_seconds()
                 manifest = convert(options)
                 seconds = time.perf_counter() - start
-                time.sleep(0.2)  # let the fork server reap the finished workers, so their CPU time is counted
                 cpu = cpu_seconds() - cpu_start
             count = manifest["num_train"]
             rate = count / seconds
-            results[n].append((rate, rate / reference_runs[-1][0], memory.peak, memory.peak_single,
+            results[n].append((rate, rate / reference_runs[-1][0], memory.peak,
                                1000 * cpu / count))
 
     # The converter's stored images of those studies, compared image by image with the reference's.
@@ -222,12 +210,12 @@ def main(argv=None) -> int:
           f"({threaded_rate:.1f} images/s with OpenCV's default {default_threads} threads)")
     for n, runs in results.items():
         rate, ratio = float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
-        cpu = float(np.median([r[4] for r in runs]))
-        peak, single = max(r[2] for r in runs), max(r[3] for r in runs)
+        cpu = float(np.median([r[3] for r in runs]))
+        peak = max(r[2] for r in runs)
         print(f"converter ({workers} workers), n={n:5d}: {rate:7.1f} images/s   ratio {ratio:4.2f}x (median; rounds "
               f"{' '.join(f'{r[1]:.2f}' for r in runs)}; {rate / threaded_rate:.1f}x vs threaded reference)   "
-              f"{cpu:.1f} CPU ms/image (all processes; reference/converter CPU {reference_cpu / cpu:.2f}x)   "
-              f"peak RSS {peak / 2**20:6.0f} MiB (all processes), {single / 2**20:5.0f} MiB (largest one)")
+              f"{cpu:.1f} CPU ms/image (reference/converter CPU {reference_cpu / cpu:.2f}x)   "
+              f"peak RSS {peak / 2**20:6.0f} MiB")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
           f"(timings are only comparable on an otherwise idle machine)")
     pooled = 10 * np.log10(255.0 ** 2 / max(float(np.mean(errors)), 1e-10))

@@ -14,10 +14,10 @@ progress file (IDs written, skipped, notes) is saved. A rerun removes ``.tmp-*``
 every shard that has both its final file and its progress file, and redoes the rest, so a run
 killed with ``kill -9`` and rerun ends byte-identical to an uninterrupted run.
 
-Parallelism: worker processes (forked from a fork server that never imports TensorFlow) read, decode, CLAHE,
-resize and encode images and return JPEG bytes; the main process consumes results strictly in plan
-order through a bounded window of in-flight tasks (memory stays flat, and 1 or N workers write the
-same bytes), and writes shards with ``tf.io.TFRecordWriter``.
+Parallelism: worker threads (``convert_worker.start_threads``; the work is native code that releases
+the GIL) read, decode, CLAHE, resize and encode images and return JPEG bytes; the main thread
+consumes results strictly in plan order through a bounded window of in-flight tasks (memory stays
+flat, and 1 or N workers write the same bytes), and writes shards with ``tf.io.TFRecordWriter``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ranzcr_tf.csv_checks import (ANNOTATIONS_CSV, TRAIN_CSV, read_annotations, 
                                   scale_points)
 from ranzcr_tf.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.convert_worker import ordered_map, process_image, start_pool
+from ranzcr_tf.convert_worker import ordered_map, process_image, start_threads
 from ranzcr_tf.preprocess import BadImageError
 from ranzcr_tf.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
                                   preprocess_settings, read_json, remove_stale, rename, sha256_file, slot_name)
@@ -247,18 +247,17 @@ def convert(opts: ConvertOptions) -> dict:
     """
     opts.validate()
     workers = opts.workers or available_cores()
-    pool = start_pool(workers)  # worker start-up overlaps the CSV checks; no image is touched before they pass
-    try:
-        train_df, annotations, test_ids = _read_tables(opts)
-        folds = assign_folds(train_df, opts.num_folds, opts.fold_seed)
-        if opts.overwrite:
-            for path in own_files(opts.out_dir):
-                io_utils.remove(path)
-        settings_path = io_utils.join(opts.out_dir, PROGRESS_DIR, SETTINGS_FILE)
-        requested = _requested_settings(opts, test_ids)
-        saved = read_json(settings_path)
-        check_resume(opts.out_dir, saved, requested)
+    train_df, annotations, test_ids = _read_tables(opts)
+    folds = assign_folds(train_df, opts.num_folds, opts.fold_seed)
+    if opts.overwrite:
+        for path in own_files(opts.out_dir):
+            io_utils.remove(path)
+    settings_path = io_utils.join(opts.out_dir, PROGRESS_DIR, SETTINGS_FILE)
+    requested = _requested_settings(opts, test_ids)
+    saved = read_json(settings_path)
+    check_resume(opts.out_dir, saved, requested)
 
+    with start_threads(workers) as pool:  # only after the CSV checks: no image is touched before they pass
         sampled: dict = {}
         if saved is None:
             if opts.shard_records:
@@ -277,8 +276,5 @@ def convert(opts: ConvertOptions) -> dict:
         lookup = {"targets": dict(zip(train_df[ID_COLUMN], train_df[list(LABELS)].to_numpy(np.float32).tolist())),
                   "annotations": annotations}
         _write_shards(pending, opts, lookup, pool, 4 * workers, sampled)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
     states = remove_stale(opts.out_dir, plan)
     return _finish(opts, plan, states, train_df, folds, saved)

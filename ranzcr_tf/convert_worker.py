@@ -1,7 +1,16 @@
-"""Worker processes for the converter (and the synthetic generator): results in submission order.
+"""Workers for the converter, the kernel's test images and the synthetic generator; results in submission order.
 
-Kept apart from ``convert.py`` so a worker imports only this module, ``preprocess.py``,
-OpenCV and NumPy (no pandas, no TensorFlow): workers start in a fraction of a second.
+Two kinds of pool feed :func:`ordered_map`:
+
+- :func:`start_threads` (the converter and the kernel's test images): threads in this process. The
+  preprocessing is native code that releases the GIL (libjpeg-turbo through simplejpeg, then OpenCV's
+  CLAHE, resize and JPEG encode), so threads scale across cores like processes do on it, without
+  what processes cost: a fork server to start before the first image (0.2-0.3 s), every result
+  pickled through a pipe (about 0.5 ms of the writer's CPU per image), a copy of OpenCV and NumPy
+  per worker, and the question of forking a process that holds TensorFlow (nothing forks).
+- :func:`start_pool` (the synthetic generator, whose phantom drawing is mostly Python and NumPy
+  that holds the GIL): processes from a fork server. This module is kept apart from ``convert.py``
+  so such a worker imports only it, ``preprocess.py``, OpenCV and NumPy (no pandas, no TensorFlow).
 """
 
 from __future__ import annotations
@@ -11,7 +20,10 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+
+import cv2
 
 from ranzcr_tf.preprocess import BadImageError, preprocess_file
 
@@ -27,16 +39,35 @@ def process_image(task: tuple) -> tuple:
     return "ok", data, info
 
 
-def _init_worker(converter_pid: int) -> None:
+@contextmanager
+def start_threads(workers: int):
+    """``workers`` threads for :func:`ordered_map`, or None for 1 (work then runs in the caller's thread).
+
+    While the pool lives, OpenCV runs each call on the calling thread (``cv2.setNumThreads(1)``;
+    restored on exit): parallelism comes from the pool, and OpenCV's own thread pool on top of it
+    would oversubscribe the cores. On exit, queued tasks are cancelled and running ones finished.
+    """
+    if workers <= 1:
+        yield None
+        return
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        cv2.setNumThreads(opencv_threads)
+
+
+def _init_worker(parent_pid: int) -> None:
     # One OpenCV thread per worker: parallelism comes from the processes, and OpenCV's own thread
     # pool on top of them would oversubscribe the cores.
-    import cv2
-
     cv2.setNumThreads(1)
-    # Exit when the converter dies (kill -9 included): orphaned workers would otherwise linger and
-    # keep the converter's stdout/stderr pipes open. The converter is not our parent (the fork
-    # server is, and it lives as long as any worker holds its liveness pipe), so it is watched by pid.
-    threading.Thread(target=_exit_with, args=(converter_pid,), daemon=True).start()
+    # Exit when the process that started the pool dies (kill -9 included): orphaned workers would
+    # otherwise linger and keep its stdout/stderr pipes open. It is not our parent (the fork server
+    # is, and it lives as long as any worker holds its liveness pipe), so it is watched by pid.
+    threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True).start()
 
 
 def _process_gone(pid: int) -> bool:
@@ -82,7 +113,7 @@ def start_pool(workers: int):
         context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
     # Start the processes now, from a thread: the first fork waits ~0.2 s for the fork server itself to
-    # start and import its preloads, and the caller meanwhile reads and checks the CSVs.
+    # start and import its preloads, and the caller meanwhile does its own set-up.
     threading.Thread(target=_prime, args=(pool, workers), daemon=True).start()
     return pool
 

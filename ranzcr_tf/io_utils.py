@@ -1,7 +1,7 @@
 """Small file helpers: atomic writes that work on local paths and, through ``tf.io.gfile``, on ``gs://``.
 
-TensorFlow is imported only for remote paths, so converter workers and tools that touch only local
-files stay light (and fork-safe).
+TensorFlow is imported only for remote paths, so tools that touch only local files (and the synthetic
+generator's worker processes) stay light and fork-safe.
 """
 
 from __future__ import annotations

@@ -292,7 +292,7 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     annotations: dict[int, list] = {}
     bar = tqdm(total=len(jobs), desc="synthetic studies", unit="img")
-    # The converter's worker pool: processes forked from a fork server (a forked TensorFlow or OpenCV
+    # Worker processes (convert_worker.start_pool) forked from a fork server (a forked TensorFlow or OpenCV
     # thread pool would deadlock), results in job order, a dead worker an error instead of a hang.
     # A calling script needs the `if __name__ == "__main__":` guard, as workers re-import it.
     pool = start_pool(workers)

@@ -3,9 +3,9 @@
     records_dir, skipped = preprocess_test_images("data", ids, settings, "/tmp/ranzcr-test/g0")
 
 Each image goes through the converter's function (``preprocess.preprocess_file``: decode, CLAHE,
-resize, JPEG encode) with the settings saved in the run folder (``preprocess.json``), in the
-converter's pool of worker processes, which never import TensorFlow; the main process writes the
-stored JPEGs, in ``ids`` order, into one ``test`` shard plus a minimal ``manifest.json``. Prediction then reads
+resize, JPEG encode) with the settings saved in the run folder (``preprocess.json``), on the
+converter's worker threads; the calling thread writes the stored JPEGs, in ``ids`` order, into one
+``test`` shard plus a minimal ``manifest.json``. Prediction then reads
 them with ``data.build_eval_dataset`` exactly like the converter's own test records, so raw-JPEG
 and TFRecord inference decode the same bytes with the same function and see the same pixels.
 """
@@ -19,7 +19,7 @@ from typing import Callable
 
 from ranzcr_tf import io_utils, records
 from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.convert_worker import ordered_map, process_image, start_pool
+from ranzcr_tf.convert_worker import ordered_map, process_image, start_threads
 from ranzcr_tf.shard_plan import preprocess_settings
 
 TEST_IMAGE_DIR = "test"
@@ -55,16 +55,14 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     os.makedirs(folder, exist_ok=True)
     tasks = [(os.path.join(data_dir, TEST_IMAGE_DIR, f"{sid}.jpg"), settings) for sid in ids]
     workers = workers or default_workers()
-    # The converter's workers: forked from a fork server (this process holds TensorFlow), one OpenCV
-    # thread each, and a dead worker raises instead of hanging; results come back in ``ids`` order.
-    pool = start_pool(workers if len(tasks) > 1 else 1)
-    results = ordered_map(process_image, tasks, pool, window=4 * workers)
     tmp = io_utils.temp_name(os.path.join(folder, "test.tfrec"))
     skipped, written, start = [], 0, time.monotonic()
     bar = tqdm(total=len(tasks), desc=f"preprocess {settings.image_size}px", unit="img", disable=not progress,
                file=sys.stderr)
+    # The converter's worker threads; results come back in ``ids`` order.
     try:
-        with tf.io.TFRecordWriter(tmp) as writer:
+        with start_threads(workers if len(tasks) > 1 else 1) as pool, tf.io.TFRecordWriter(tmp) as writer:
+            results = ordered_map(process_image, tasks, pool, window=4 * workers)
             for index, (sid, (status, payload, info)) in enumerate(zip(ids, results)):
                 bar.update(1)
                 if expired is not None and expired():
@@ -86,8 +84,6 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
         raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
     if written:
         os.replace(tmp, os.path.join(folder, records.shard_name(None, 0, written)))
     else:

@@ -113,7 +113,7 @@ def shard_bytes(tfrecords_dir: str) -> dict[str, bytes]:
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``python make_tfrecords.py ARGS`` in a subprocess (real process: real SIGKILL, real worker processes)."""
+    """``python make_tfrecords.py ARGS`` in a subprocess (real process: real SIGKILL, real worker threads)."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(REPO, "make_tfrecords.py"), *args], cwd=REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)

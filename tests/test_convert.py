@@ -132,10 +132,40 @@ def test_test_shards_hold_every_test_id_once(dataset, clean_run):
     assert manifest["test_count"] == len(expected) and all(n.startswith("test/test-") for n in manifest["shards"]["test"])
 
 
+def test_worker_threads_run_in_parallel_in_order_and_restore_opencv():
+    import threading
+    import time
+
+    from ranzcr_tf.convert_worker import ordered_map, start_threads
+
+    before = cv2.getNumThreads()
+
+    def slow_first(item):  # the first task finishes last: results must still come back in order
+        time.sleep(0.2 if item[0] == 0 else 0.0)
+        return item[0], threading.current_thread().name
+
+    with start_threads(2) as pool:
+        assert cv2.getNumThreads() == 1  # no OpenCV thread pool on top of the workers
+        results = list(ordered_map(slow_first, [(i,) for i in range(6)], pool, window=4))
+    assert [index for index, _ in results] == list(range(6))
+    assert len({name for _, name in results}) == 2 and all(n.startswith("preprocess") for _, n in results)
+    assert cv2.getNumThreads() == before
+
+    def crash(item):  # anything but a BadImageError is a bug: it reaches the caller, and the pool still closes
+        raise RuntimeError(f"decoder crashed on {item[0]}")
+
+    with pytest.raises(RuntimeError, match="decoder crashed on 0"):
+        with start_threads(2) as pool:
+            list(ordered_map(crash, [(i,) for i in range(4)], pool, window=2))
+    assert cv2.getNumThreads() == before
+    with start_threads(1) as pool:
+        assert pool is None and list(ordered_map(slow_first, [(1,)], pool, window=2))[0][0] == 1
+
+
 @pytest.mark.slow
 def test_two_workers_and_a_killed_then_resumed_run_are_byte_identical(dataset, clean_run, tmp_path):
     reference = shard_bytes(clean_run[0])
-    # 1 vs 2 workers (the CLI, a real worker pool).
+    # 1 vs 2 workers (the CLI, real worker threads).
     two = tmp_path / "two"
     result = run_cli(["--data-dir", dataset, "--out-dir", str(two), "--workers", "2", *CLI_ARGS])
     assert result.returncode == 0, result.stderr
