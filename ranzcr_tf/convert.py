@@ -37,7 +37,7 @@ from ranzcr_tf.csv_checks import (ANNOTATIONS_CSV, TRAIN_CSV, read_annotations, 
                                   scale_points)
 from ranzcr_tf.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.convert_worker import ordered_map, process_image, start_threads
+from ranzcr_tf.convert_worker import available_cores, ordered_map, process_image, start_threads
 from ranzcr_tf.preprocess import BadImageError
 from ranzcr_tf.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
                                   preprocess_settings, read_json, remove_stale, rename, sha256_file, slot_name)
@@ -74,13 +74,6 @@ class ConvertOptions:
         if io_utils.is_remote(self.data_dir):
             raise ValueError(f"--data-dir {self.data_dir}: source images must be on a local disk "
                              f"(copy them, e.g. with gsutil -m cp -r); --out-dir may be gs://")
-
-
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------------------------- planning

@@ -39,6 +39,14 @@ def process_image(task: tuple) -> tuple:
     return "ok", data, info
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one): the default worker count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
 @contextmanager
 def start_threads(workers: int):
     """``workers`` threads for :func:`ordered_map`, or None for 1 (work then runs in the caller's thread).

@@ -19,7 +19,7 @@ from typing import Callable
 
 from ranzcr_tf import io_utils, records
 from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.convert_worker import ordered_map, process_image, start_threads
+from ranzcr_tf.convert_worker import available_cores, ordered_map, process_image, start_threads
 from ranzcr_tf.shard_plan import preprocess_settings
 
 TEST_IMAGE_DIR = "test"
@@ -27,13 +27,6 @@ TEST_IMAGE_DIR = "test"
 
 class DeadlineReached(RuntimeError):
     """The time budget ran out before the work finished (the caller falls back)."""
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessConfig, out_dir: str, *,
@@ -54,7 +47,7 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     folder = os.path.join(out_dir, records.TEST_DIR)
     os.makedirs(folder, exist_ok=True)
     tasks = [(os.path.join(data_dir, TEST_IMAGE_DIR, f"{sid}.jpg"), settings) for sid in ids]
-    workers = workers or default_workers()
+    workers = workers or available_cores()
     tmp = io_utils.temp_name(os.path.join(folder, "test.tfrec"))
     skipped, written, start = [], 0, time.monotonic()
     bar = tqdm(total=len(tasks), desc=f"preprocess {settings.image_size}px", unit="img", disable=not progress,
