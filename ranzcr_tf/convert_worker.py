@@ -101,17 +101,20 @@ def _exit_with(pid: int) -> None:
     os._exit(1)
 
 
+@contextmanager
 def start_pool(workers: int):
-    """``workers`` worker processes, already starting, or None for 1 (work then runs in this process).
+    """``workers`` worker processes for :func:`ordered_map`, or None for 1 (work then runs in this process).
 
     Workers are forked from a fork server: a fresh interpreter (never a fork of this process, which
     may hold TensorFlow, and TensorFlow is not fork-safe) that imports this module, OpenCV and NumPy
     once; each worker then starts in milliseconds instead of repeating a half-second of imports.
     A ``ProcessPoolExecutor`` rather than ``multiprocessing.Pool``: if a worker dies (out of memory,
-    a decoder crash) it raises ``BrokenProcessPool`` instead of waiting forever.
+    a decoder crash) it raises ``BrokenProcessPool`` instead of waiting forever. On exit, queued
+    tasks are cancelled and running ones finished.
     """
     if workers <= 1:
-        return None
+        yield None
+        return
     from concurrent.futures import ProcessPoolExecutor
 
     if "forkserver" in multiprocessing.get_all_start_methods():
@@ -120,18 +123,10 @@ def start_pool(workers: int):
     else:  # Windows
         context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
-    # Start the processes now, from a thread: the first fork waits ~0.2 s for the fork server itself to
-    # start and import its preloads, and the caller meanwhile does its own set-up.
-    threading.Thread(target=_prime, args=(pool, workers), daemon=True).start()
-    return pool
-
-
-def _prime(pool, workers: int) -> None:
     try:
-        for _ in range(workers):
-            pool.submit(int)
-    except RuntimeError:  # the caller already shut the pool down (a CSV check failed): nothing to start
-        pass
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ordered_map(fn, items, pool, window: int, ready: dict | None = None):

@@ -59,7 +59,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ranzcr_tf import io_utils, phantom
-from ranzcr_tf.convert_worker import ordered_map, start_pool
+from ranzcr_tf.convert_worker import available_cores, ordered_map, start_pool
 from ranzcr_tf.labels import ANNOTATION_COLUMNS, GROUPS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS, TRAIN_COLUMNS
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -289,21 +289,17 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
         for i, uid in enumerate(frame[ID_COLUMN]):
             jobs.append((seed, split, i, int(patients[i]), tuple(int(v) for v in y[i]), tuple(cvc[i]), float(scale),
                          os.path.join(out_dir, split, f"{uid}.jpg"), bool(split == "train" and annotate[i])))
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min(workers or available_cores(), len(jobs))
     annotations: dict[int, list] = {}
     bar = tqdm(total=len(jobs), desc="synthetic studies", unit="img")
     # Worker processes (convert_worker.start_pool) forked from a fork server (a forked TensorFlow or OpenCV
     # thread pool would deadlock), results in job order, a dead worker an error instead of a hang.
     # A calling script needs the `if __name__ == "__main__":` guard, as workers re-import it.
-    pool = start_pool(workers)
-    try:
+    with start_pool(workers) as pool:
         for index_rows, job in zip(ordered_map(_work, jobs, pool, 4 * workers), jobs):
             if job[1] == "train":
                 annotations[index_rows[0]] = index_rows[1]
             bar.update()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
 
     ann_rows = [(train[ID_COLUMN].iat[i], label, data) for i in range(n_train) for label, data in annotations[i]]
