@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                "preprocessed up front, + 600 bytes of record overhead). Rerunning the same command resumes an "
                "interrupted run (complete shards are kept, the result is byte-identical); different settings "
                "need --overwrite or another --out-dir. Example: python make_tfrecords.py --data-dir data/synthetic "
-               "--out-dir tfrecords --image-size 512. Synthetic data: python -m ranzcr_tf.synthetic --out "
+               "--out-dir tfrecords --image-size 512. Synthetic data: python -m ranzcr_tf.synth.generate --out "
                "data/synthetic --n-train 200 --n-test 50")
     io = parser.add_argument_group("data")
     io.add_argument("--data-dir", help="competition folder (train.csv, train/, test/, train_annotations.csv); "
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace):
     """Config tree (preset <- --set <- explicit flags), validated, and the converter options."""
     from ranzcr_tf.config import KAGGLE_DATA_DIR, load_config
-    from ranzcr_tf.convert import ConvertOptions
+    from ranzcr_tf.prep.convert import ConvertOptions
 
     flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items() if getattr(args, dest) is not None]
     cfg = load_config(args.config, list(args.overrides) + flags)
@@ -84,7 +84,7 @@ def resolve(args: argparse.Namespace):
         hint = ("no --data-dir given and the Kaggle folder " + KAGGLE_DATA_DIR + " does not exist"
                 if args.data_dir is None and data_dir == KAGGLE_DATA_DIR else f"data folder {data_dir} does not exist")
         raise ValueError(f"{hint}: point --data-dir at the competition folder (train.csv, train/, test/), or make "
-                         f"a synthetic set with `python -m ranzcr_tf.synthetic --out data/synthetic --n-train 200 "
+                         f"a synthetic set with `python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 200 "
                          f"--n-test 50` and pass --data-dir data/synthetic")
     options = ConvertOptions(
         data_dir=data_dir, out_dir=cfg.data.tfrecords, preprocess=cfg.preprocess, num_folds=cfg.data.folds,
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _, options = resolve(args)
-        from ranzcr_tf.convert import convert
+        from ranzcr_tf.prep.convert import convert
 
         manifest = convert(options)
     except ValueError as exc:  # bad input or settings: one clear line, no traceback

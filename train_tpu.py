@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train RANZCR CLiP models on a TPU, GPUs, several hosts, the JAX backend or a CPU: thin CLI over ranzcr_tf.train."""
+"""Train RANZCR CLiP models on a TPU, GPUs, several hosts, the JAX backend or a CPU: thin CLI over ranzcr_tf.train.fit."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ restarts:
 outputs (<out>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
   (StudyInstanceUID, fold, 11 probabilities named by label, 11 target_<label> columns), tensorboard/.
-  Pool the folds' OOF files with `python -m ranzcr_tf.cv <out>`.
+  Pool the folds' OOF files with `python -m ranzcr_tf.report.cv <out>`.
 
 label-shuffle control (proves the score comes from the images): shuffle train.csv's label rows before
 converting, e.g.
@@ -58,9 +58,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.distribute import choose_placement
-    from ranzcr_tf.records import read_manifest
-    from ranzcr_tf.train import TrainingDiverged, parse_folds, train
+    from ranzcr_tf.train.placement import choose_placement
+    from ranzcr_tf.prep.records import read_manifest
+    from ranzcr_tf.train.fit import TrainingDiverged, parse_folds, train
 
     try:
         cfg = load_config(args.config, args.overrides)

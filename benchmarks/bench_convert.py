@@ -4,7 +4,7 @@
     python benchmarks/bench_convert.py                      # 200 images at 768 px, all cores
     python benchmarks/bench_convert.py --n 200 2000         # memory flatness: peak RSS at both sizes
 
-(a) the converter (``ranzcr_tf.convert``: DCT-scaled decode, CLAHE on the scaled image, bilinear
+(a) the converter (``ranzcr_tf.prep.convert``: DCT-scaled decode, CLAHE on the scaled image, bilinear
 resize, encode, on ``--workers`` threads, written to TFRecord shards) and (b) the naive reference (serial,
 full-resolution decode, CLAHE at full resolution, resize, encode) process the same images in the
 same run. Printed: images/s of each and their ratio, the mean PSNR of the converter's stored images
@@ -92,7 +92,7 @@ def make_images(data_dir: str, n: int, seed: int) -> None:
         if len(pd.read_csv(os.path.join(data_dir, "train.csv"))) >= n:
             return
     try:
-        from ranzcr_tf import synthetic
+        from ranzcr_tf.synth import generate as synthetic
     except ImportError:
         synthetic = None
     if getattr(synthetic, "make_dataset", None) is not None:
@@ -134,10 +134,10 @@ def main(argv=None) -> int:
     import cv2
     import tensorflow as tf  # imported before timing: the reference does not need it, the converter does
 
-    from ranzcr_tf import records
+    from ranzcr_tf.prep import records
     from ranzcr_tf.config import PreprocessConfig
-    from ranzcr_tf.convert import ConvertOptions, available_cores, convert
-    from ranzcr_tf.preprocess import decode_source
+    from ranzcr_tf.prep.convert import ConvertOptions, available_cores, convert
+    from ranzcr_tf.prep.preprocess import decode_source
 
     workers = args.workers or available_cores()
     work = tempfile.mkdtemp(prefix="bench_convert_")

@@ -3,7 +3,7 @@
     python benchmarks/bench_pipeline.py                 # 256 synthetic 768 px records, batch 16
     python benchmarks/bench_pipeline.py --n 128 --batches 20 --json out.json
 
-Writes ``--n`` realistic records (the synthetic chest phantoms of ``ranzcr_tf.synthetic`` through the
+Writes ``--n`` realistic records (the synthetic chest phantoms of ``ranzcr_tf.synth.generate`` through the
 converter's CLAHE + resize, single-channel JPEG quality 95, the converter's shard layout) to a temporary folder, then measures images/s of, in the
 same run and the same way (warm-up batches, then ``--batches`` timed batches):
 
@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ranzcr_tf import data, records  # noqa: E402
+from ranzcr_tf.pipeline import data
+from ranzcr_tf.prep import records  # noqa: E402
 from ranzcr_tf.config import Config  # noqa: E402
 from ranzcr_tf.labels import NUM_CLASSES  # noqa: E402
 
@@ -74,11 +75,12 @@ def _random_labels(rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
 
 
 def stored_image(rng: np.random.Generator, index: int, size: int) -> tuple[bytes, np.ndarray]:
-    """A record's JPEG as the converter stores it: the synthetic chest phantom (``ranzcr_tf.synthetic``,
-    1,400-2,600 px) through the converter's CLAHE + resize (``ranzcr_tf.preprocess``); without those
+    """A record's JPEG as the converter stores it: the synthetic chest phantom (``ranzcr_tf.synth.generate``,
+    1,400-2,600 px) through the converter's CLAHE + resize (``ranzcr_tf.prep.preprocess``); without those
     modules, a smooth phantom encoded at quality 95."""
     try:
-        from ranzcr_tf import preprocess, synthetic
+        from ranzcr_tf.prep import preprocess
+        from ranzcr_tf.synth import generate as synthetic
         from ranzcr_tf.config import PreprocessConfig
     except ImportError:
         target = (rng.random(NUM_CLASSES) < 0.2).astype(np.float32)

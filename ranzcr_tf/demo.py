@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data = os.path.join(args.out, "data")
     start = time.time()
-    _run("synthetic data", ["-m", "ranzcr_tf.synthetic", "--out", data, "--n-train", str(args.n_train),
+    _run("synthetic data", ["-m", "ranzcr_tf.synth.generate", "--out", data, "--n-train", str(args.n_train),
                             "--n-test", str(args.n_test), "--seed", str(args.seed),
                             "--preview", os.path.join(data, "preview.png")])
     records = os.path.join(args.out, "tfrecords")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     _run("submission",
          [script("kaggle_kernel.py"), "--data-dir", data, "--models", run, "--out", submission, "--max-minutes", "10"])
     _run("score against the synthetic test labels",
-         ["-m", "ranzcr_tf.score", submission, os.path.join(data, "test_labels.csv")])
+         ["-m", "ranzcr_tf.report.score", submission, os.path.join(data, "test_labels.csv")])
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {args.out}/")
 
 

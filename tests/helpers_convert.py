@@ -1,6 +1,6 @@
 """Fixtures for the converter tests: a tiny Kaggle-layout dataset and record readers.
 
-The dataset comes from the shared generator (``ranzcr_tf.synthetic.make_dataset``) when it is
+The dataset comes from the shared generator (``ranzcr_tf.synth.generate.make_dataset``) when it is
 available, otherwise from a small OpenCV drawing here, so these tests do not depend on it.
 """
 
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import records
+from ranzcr_tf.prep import records
 from ranzcr_tf.labels import ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def make_tiny_dataset(out_dir: str, n_train: int = 24, n_test: int = 6, seed: in
 def make_dataset(out_dir: str, n_train: int = 24, n_test: int = 6, seed: int = 0) -> str:
     """The shared synthetic generator at a small scale when present, else :func:`make_tiny_dataset`."""
     try:
-        from ranzcr_tf import synthetic
+        from ranzcr_tf.synth import generate as synthetic
     except ImportError:
         synthetic = None
     if getattr(synthetic, "make_dataset", None) is None:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import records
+from ranzcr_tf.prep import records
 from ranzcr_tf.labels import ID_COLUMN, LABELS, NUM_CLASSES, PATIENT_COLUMN
 
 # Positive rates high enough that every class has both labels in every fold of a few dozen studies.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ranzcr_tf.augment import augment_image
+from ranzcr_tf.pipeline.augment import augment_image
 from ranzcr_tf.config import AugmentConfig
 
 SIZE = 64

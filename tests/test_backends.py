@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 
 from ranzcr_tf.config import LossConfig, ModelConfig
-from ranzcr_tf.losses import build_loss
-from ranzcr_tf.metrics import build_metrics, competition_metric
-from ranzcr_tf.models import build_model
+from ranzcr_tf.model.losses import build_loss
+from ranzcr_tf.model.metrics import build_metrics, competition_metric
+from ranzcr_tf.model.build import build_model
 
 JAX_SIDE = textwrap.dedent("""
     import json, sys
     import numpy as np
     import keras
     assert keras.backend.backend() == "jax", keras.backend.backend()
-    from ranzcr_tf.losses import WeightedBinaryCrossentropy
-    from ranzcr_tf.metrics import build_metrics, competition_metric
-    from ranzcr_tf.models import load_model
+    from ranzcr_tf.model.losses import WeightedBinaryCrossentropy
+    from ranzcr_tf.model.metrics import build_metrics, competition_metric
+    from ranzcr_tf.model.build import load_model
 
     # Loading creates every variable with its initializer before the saved values overwrite it, and JAX
     # compiles one random kernel per variable shape (seconds each on a busy CI core). The initial values

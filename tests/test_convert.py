@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ranzcr_tf import records
+from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.convert import KILL_HOOK_ENV, ConvertOptions, convert
-from ranzcr_tf.csv_checks import read_train_csv
+from ranzcr_tf.prep.convert import KILL_HOOK_ENV, ConvertOptions, convert
+from ranzcr_tf.prep.csv_checks import read_train_csv
 from ranzcr_tf.labels import ID_COLUMN, LABELS, PATIENT_COLUMN
-from ranzcr_tf.preprocess import BadImageError, decode_source, preprocess_array
+from ranzcr_tf.prep.preprocess import BadImageError, decode_source, preprocess_array
 
 from helpers_convert import (REPO, load_cli_module, make_dataset, mismatched_targets, phantom, read_records, run_cli,
                              shard_bytes)
@@ -136,7 +136,7 @@ def test_worker_threads_run_in_parallel_in_order_and_restore_opencv():
     import threading
     import time
 
-    from ranzcr_tf.convert_worker import ordered_map, start_threads
+    from ranzcr_tf.prep.workers import ordered_map, start_threads
 
     before = cv2.getNumThreads()
 
@@ -310,7 +310,7 @@ def test_cli_config_preset_and_missing_data_dir(dataset, tmp_path, capsys):
     make_tfrecords = load_cli_module()
     code = make_tfrecords.main(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and "--data-dir" in err and "ranzcr_tf.synthetic" in err
+    assert code == 2 and "--data-dir" in err and "ranzcr_tf.synth.generate" in err
     # Preset gives the defaults (cpu_demo: 128 px), explicit flags override them (folds).
     out = tmp_path / "preset"
     code = make_tfrecords.main(["--config", os.path.join(REPO, "configs", "cpu_demo.yaml"), "--data-dir", dataset, "--out-dir", str(out),

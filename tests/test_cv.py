@@ -1,4 +1,4 @@
-"""ranzcr_tf.cv: pooled OOF score equals sklearn on the concatenated folds; ROC PNG; clear errors."""
+"""ranzcr_tf.report.cv: pooled OOF score equals sklearn on the concatenated folds; ROC PNG; clear errors."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ranzcr_tf import cv
+from ranzcr_tf.report import cv
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 
 

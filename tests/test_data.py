@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ranzcr_tf import data, records
+from ranzcr_tf.pipeline import data
+from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config
 from ranzcr_tf.labels import NUM_CLASSES
 
@@ -319,7 +320,7 @@ def test_short_fit_and_predict_on_tensorflow_backend(tiny):
 JAX_FIT = """
 import os, sys
 os.environ["KERAS_BACKEND"] = "jax"
-from ranzcr_tf import data
+from ranzcr_tf.pipeline import data
 data.hide_accelerators_from_tf()
 import keras, numpy as np
 from ranzcr_tf.config import Config

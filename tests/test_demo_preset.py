@@ -10,7 +10,7 @@ import numpy as np
 
 from ranzcr_tf import labels
 from ranzcr_tf.config import PRESET_DIR, load_config
-from ranzcr_tf.models import build_model, count_macs
+from ranzcr_tf.model.build import build_model, count_macs
 
 PRESET = os.path.join(PRESET_DIR, "cpu_demo.yaml")
 # Training studies of the demo's fold-0 run (600 synthetic studies, 5 folds).

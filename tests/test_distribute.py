@@ -15,7 +15,7 @@ import pytest
 from helpers_train import TINY_SETTINGS, write_tiny_records
 from test_train import ROOT, _env, run_cli, settings
 
-from ranzcr_tf.distribute import choose_placement, worker_info
+from ranzcr_tf.train.placement import choose_placement, worker_info
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,13 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()  # tf.data element order too: every run trains on the same batch
     import keras, numpy as np
-    from ranzcr_tf import data, losses, models, train
+    from ranzcr_tf.pipeline import data
+    from ranzcr_tf.model import losses
+    from ranzcr_tf.model import build as models
+    from ranzcr_tf.train import fit as train
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.distribute import Placement, set_batchnorm_synchronized
-    from ranzcr_tf.schedules import build_learning_rate
+    from ranzcr_tf.train.placement import Placement, set_batchnorm_synchronized
+    from ranzcr_tf.train.schedules import build_learning_rate
 
     records, settings, global_batch = sys.argv[1], json.loads(sys.argv[2]), 8
     positives, n = data.training_positive_counts(records, 0)
@@ -138,7 +141,7 @@ def test_mirrored_two_replicas_match_single_device(records_2folds):
     # Control: with per-replica BatchNorm statistics the same step differs clearly.
     assert abs(control["loss"] - single["loss"]) > 100 * abs(mirrored["loss"] - single["loss"]) + 1e-3
     assert control["weight_diff"] > 0.2 * single["weight_change"]
-    # ranzcr_tf.losses' weighted BCE, split over two replicas and summed, equals the whole batch's.
+    # ranzcr_tf.model.losses' weighted BCE, split over two replicas and summed, equals the whole batch's.
     for replicated, whole in out["weighted_loss_pairs"]:
         assert replicated == pytest.approx(whole, rel=1e-5)
 
@@ -199,10 +202,10 @@ def test_worker_shares_partition_the_training_data(tmp_path, shards_per_fold):
     """Each of two workers reads a disjoint share, together all of it: by record from 1 shard, by file from 2."""
     import tensorflow as tf
 
-    from ranzcr_tf import data
+    from ranzcr_tf.pipeline import data
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.distribute import Placement
-    from ranzcr_tf.train import worker_dataset_fn
+    from ranzcr_tf.train.placement import Placement
+    from ranzcr_tf.train.fit import worker_dataset_fn
 
     root = str(tmp_path / "records")
     write_tiny_records(root, num_folds=2, per_fold=12, size=32, shards_per_fold=shards_per_fold, seed=5)

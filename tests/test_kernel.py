@@ -20,7 +20,7 @@ from scipy.stats import rankdata
 from helpers_convert import make_tiny_dataset, run_cli
 from helpers_infer import (BIASES, SLOPES, asymmetry, asymmetry_model, constant_model, expected_asymmetry_probs,
                            sigmoid, stored_pixels, write_run)
-from ranzcr_tf import kernel
+from ranzcr_tf.serve import kernel
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
 
@@ -142,7 +142,7 @@ def test_tta_defaults_to_the_views_the_runs_saved(dataset, tmp_path):
     # Runs that disagree share only their common views; runs with none in common must be told apart explicitly.
     both = write_run(str(tmp_path / "runs"), "flip", [asymmetry_model(40)], S1, tta=["hflip", "identity"])
     only_flip = write_run(str(tmp_path / "runs"), "only_flip", [asymmetry_model(40)], S1, tta=["hflip"])
-    from ranzcr_tf.modelio import discover_models
+    from ranzcr_tf.serve.modelio import discover_models
 
     assert kernel.saved_tta(discover_models([both, run])) == ["identity"]
     assert kernel.saved_tta(discover_models([both])) == ["hflip", "identity"]
@@ -220,7 +220,7 @@ def test_refusals_and_missing_arguments_stop_with_a_message(dataset, tmp_path, c
 
 
 def test_score_cli_prints_mean_and_per_class_auc(dataset, tmp_path, capsys):
-    from ranzcr_tf import score
+    from ranzcr_tf.report import score
 
     rng = np.random.default_rng(1)
     targets = (rng.random((len(dataset["ids"]), 11)) < 0.5).astype(int)
@@ -235,7 +235,7 @@ def test_score_cli_prints_mean_and_per_class_auc(dataset, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dataset, tmp_path):
-    from ranzcr_tf.package import make_bundle
+    from ranzcr_tf.serve.package import make_bundle
 
     bundle = tmp_path / "bundle"
     result = make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), name="ranzcr-bundle",
@@ -253,10 +253,10 @@ def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dat
                               str(bundle / "wheels"), "ranzcr-tf", "--no-deps", "--target", str(target), "--quiet"],
                              capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
-    for module in ("kernel.py", "infer.py", "preprocess.py", "package.py"):
+    for module in ("serve/kernel.py", "serve/infer.py", "prep/preprocess.py", "serve/package.py"):
         assert (target / "ranzcr_tf" / module).is_file()
     # The bundled runs are what the kernel finds on Kaggle: one model, its two folds.
-    from ranzcr_tf.modelio import discover_models
+    from ranzcr_tf.serve.modelio import discover_models
 
     assert [len(m.folds) for m in discover_models([str(bundle / "runs")])] == [2]
     with pytest.raises(ValueError, match="not empty"):

@@ -10,9 +10,9 @@ from sklearn.metrics import roc_auc_score
 
 from ranzcr_tf import labels
 from ranzcr_tf.config import LossConfig, ModelConfig
-from ranzcr_tf.losses import WeightedBinaryCrossentropy, build_loss, class_weights, positives_from_manifest
-from ranzcr_tf.metrics import MeanColumnAUC, build_metrics, competition_metric
-from ranzcr_tf.precision import choose_policy
+from ranzcr_tf.model.losses import WeightedBinaryCrossentropy, build_loss, class_weights, positives_from_manifest
+from ranzcr_tf.model.metrics import MeanColumnAUC, build_metrics, competition_metric
+from ranzcr_tf.model.precision import choose_policy
 
 RNG = np.random.default_rng(1)
 

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ranzcr_tf import records
+from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.preprocess import (BadImageError, decode_source, encode_jpeg, jpeg_size, preprocess_array,
+from ranzcr_tf.prep.preprocess import (BadImageError, decode_source, encode_jpeg, jpeg_size, preprocess_array,
                                   decode_scale, preprocess_bytes, preprocess_file, resize_filter)
 
 from helpers_convert import phantom

@@ -1,7 +1,7 @@
 """The synthetic dataset: Kaggle layout, determinism, floors, and labels that agree with the pixels.
 
 The pixel checks read only the JPEGs and the CSV labels. The zones below are written out here from
-the rules in the ``ranzcr_tf.synthetic`` docstring (not imported from the generator), so a change in
+the rules in the ``ranzcr_tf.synth.generate`` docstring (not imported from the generator), so a change in
 the drawing that breaks a rule, or labels that drift from their images, fails here.
 """
 
@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from ranzcr_tf import labels as L
-from ranzcr_tf import synthetic
+from ranzcr_tf.synth import generate as synthetic
 
 BRIGHT = 215  # tubes are drawn >= 238, anatomy <= 170 plus noise
 

@@ -89,10 +89,10 @@ def test_killed_run_resumes_with_unbroken_log_and_never_worse_best(tiny, tmp_pat
     # path (plain model.predict of logits, another batch size). Predictions are compared, not AUCs: on a
     # 24-image fold one near-tied pair flipped by float rounding moves the mean AUC by 3e-4.
     import keras
-    import ranzcr_tf.layers  # noqa: F401  (registers the model's custom layers, as any loader must)
+    import ranzcr_tf.model.layers  # noqa: F401  (registers the model's custom layers, as any loader must)
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.data import build_eval_dataset
-    from ranzcr_tf.metrics import competition_metric
+    from ranzcr_tf.pipeline.data import build_eval_dataset
+    from ranzcr_tf.model.metrics import competition_metric
 
     model = keras.saving.load_model(os.path.join(run, "best.keras"), compile=False, safe_mode=True)
     cfg = load_config(os.path.join(run, "config.yaml"))
@@ -138,8 +138,8 @@ def test_bad_fold_and_bad_strategy_are_clear_errors(tiny, tmp_path):
 
 def test_image_size_mismatch_is_announced(tiny):
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.records import read_manifest
-    from ranzcr_tf.train import resolve_image_size
+    from ranzcr_tf.prep.records import read_manifest
+    from ranzcr_tf.train.fit import resolve_image_size
 
     manifest = read_manifest(tiny[0])
     assert resolve_image_size(load_config(None, ["data.image_size=0"]), manifest)[0] == 32
@@ -149,9 +149,9 @@ def test_image_size_mismatch_is_announced(tiny):
 
 def test_schedules_warmup_cosine_exponential_and_scaling():
     import keras
-    import ranzcr_tf.layers  # noqa: F401  (registers the model's custom layers, as any loader must)
+    import ranzcr_tf.model.layers  # noqa: F401  (registers the model's custom layers, as any loader must)
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.schedules import build_learning_rate, scaled_learning_rate
+    from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
     def lr(schedule, step):
         return float(keras.ops.convert_to_numpy(schedule(step)))
@@ -175,7 +175,7 @@ def test_schedules_warmup_cosine_exponential_and_scaling():
 def test_plateau_counters_survive_a_restart_and_follow_the_config():
     import keras
 
-    from ranzcr_tf import callbacks as cbs
+    from ranzcr_tf.train import callbacks as cbs
     from ranzcr_tf.config import load_config
 
     cfg = load_config(None, ["train.schedule=plateau", "train.plateau_factor=0.25", "train.plateau_patience=2"])
@@ -212,7 +212,8 @@ def test_run_folder_on_a_remote_filesystem(tiny):
     ram:// filesystem takes the same path here); a rerun of the finished fold trains nothing more."""
     import tensorflow as tf
 
-    from ranzcr_tf import distribute, train
+    from ranzcr_tf.train import placement as distribute
+    from ranzcr_tf.train import fit as train
     from ranzcr_tf.config import load_config
 
     records_dir, table = tiny

@@ -49,7 +49,7 @@ try:
 except ImportError as exc:  # a Kaggle image without the bundle's wheels
     raise ImportError("ranzcr_tf needs simplejpeg (libjpeg-turbo with DCT scaling) to decode JPEGs exactly as the "
                       "converter did: `pip install simplejpeg`, or on Kaggle install the wheels of the bundle that "
-                      "`python -m ranzcr_tf.package` builds") from exc
+                      "`python -m ranzcr_tf.serve.package` builds") from exc
 
 from ranzcr_tf.config import PreprocessConfig
 

@@ -1,6 +1,6 @@
 """Bundle the package, the wheels Kaggle lacks and chosen runs into one folder to upload as a Kaggle dataset.
 
-    python -m ranzcr_tf.package --runs runs/b7_768 runs/b5_512 --out bundle/ [--name ranzcr-bundle]
+    python -m ranzcr_tf.serve.package --runs runs/b7_768 runs/b5_512 --out bundle/ [--name ranzcr-bundle]
 
 Result::
 
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 
-from ranzcr_tf.modelio import CONFIG_FILE, PREPROCESS_FILE, discover_models
+from ranzcr_tf.serve.modelio import CONFIG_FILE, PREPROCESS_FILE, discover_models
 
 RUN_FILES = ("best.keras", CONFIG_FILE, PREPROCESS_FILE, "metrics.json", "best.json")
 PACKAGE_NAME = "ranzcr-tf"
@@ -43,7 +43,7 @@ SOURCE_ITEMS = ("pyproject.toml", "README.md", "ranzcr_tf")
 
 def source_root() -> str:
     """The checkout holding pyproject.toml (the wheel is built from source)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.exists(os.path.join(root, "pyproject.toml")):
         raise ValueError(f"no pyproject.toml in {root}: run the packager from a source checkout of ranzcr-tf "
                          f"(pip install -e .)")
@@ -121,8 +121,8 @@ def copy_runs(run_paths: list[str], out_dir: str) -> list[str]:
 def notebook_cell(name: str) -> str:
     """The Kaggle notebook cell that installs offline from the bundle and runs the kernel."""
     return (f"!pip install --no-index --find-links /kaggle/input/{name}/wheels {PACKAGE_NAME}\n"
-            f"!python -m ranzcr_tf.kernel --models /kaggle/input/{name}/runs --max-minutes 480\n"
-            f"# TPU notebooks (JAX backend): !KERAS_BACKEND=jax python -m ranzcr_tf.kernel "
+            f"!python -m ranzcr_tf.serve.kernel --models /kaggle/input/{name}/runs --max-minutes 480\n"
+            f"# TPU notebooks (JAX backend): !KERAS_BACKEND=jax python -m ranzcr_tf.serve.kernel "
             f"--models /kaggle/input/{name}/runs\n")
 
 
@@ -132,7 +132,7 @@ def bundle_readme(name: str, wheels: list[str], runs: list[str]) -> str:
             f"dataset-metadata.json), attach it to a notebook with internet off, and run:\n\n"
             f"```\n{notebook_cell(name)}```\n\n"
             f"`python /kaggle/input/{name}/kaggle_kernel.py ...` runs the same kernel once the package is installed.\n"
-            f"Every default of the kernel fits Kaggle; see `python -m ranzcr_tf.kernel --help`.\n\n"
+            f"Every default of the kernel fits Kaggle; see `python -m ranzcr_tf.serve.kernel --help`.\n\n"
             f"Wheels: {', '.join(wheels)}\n\nRuns (folds):\n" + "".join(f"- {r}\n" for r in runs))
 
 
@@ -167,7 +167,7 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.package", description=__doc__.split("\n\n")[0],
+        prog="python -m ranzcr_tf.serve.package", description=__doc__.split("\n\n")[0],
         epilog="Upload the folder as a Kaggle dataset; its README.md holds the notebook cell.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="run folders (runs/NAME) to include")

@@ -1,6 +1,6 @@
 """Cross-validation score of a run: pool the folds' ``oof.csv`` files, per-class AUCs, ROC curves.
 
-    python -m ranzcr_tf.cv runs/NAME            # prints the table, writes runs/NAME/cv.json and roc.png
+    python -m ranzcr_tf.report.cv runs/NAME            # prints the table, writes runs/NAME/cv.json and roc.png
 
 The score is the competition metric on the pooled out-of-fold predictions (every study predicted by
 the model that did not train on it); the mean of the per-fold scores is printed beside it.
@@ -29,7 +29,7 @@ def merge_oof(run_dir: str) -> pd.DataFrame:
                       ignore_index=True)
     missing = [c for c in [ID_COLUMN, *LABELS, *(f"target_{label}" for label in LABELS)] if c not in frame.columns]
     if missing:
-        raise ValueError(f"OOF files under {run_dir} lack columns {missing}: were they written by ranzcr_tf.train?")
+        raise ValueError(f"OOF files under {run_dir} lack columns {missing}: were they written by ranzcr_tf.train.fit?")
     duplicated = frame[ID_COLUMN][frame[ID_COLUMN].duplicated()].unique()
     if len(duplicated):
         raise ValueError(f"{len(duplicated)} studies appear in more than one fold's oof.csv (e.g. {duplicated[0]}): "
@@ -39,7 +39,7 @@ def merge_oof(run_dir: str) -> pd.DataFrame:
 
 def cv_report(frame: pd.DataFrame) -> dict:
     """Pooled mean AUC, per-class AUCs, positives per class and per-fold mean AUCs."""
-    from ranzcr_tf.metrics import competition_metric
+    from ranzcr_tf.model.metrics import competition_metric
 
     targets = frame[[f"target_{label}" for label in LABELS]].to_numpy()
     probs = frame[list(LABELS)].to_numpy()

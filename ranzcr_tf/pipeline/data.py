@@ -10,7 +10,7 @@ zero images that ``EvalData.unpad`` removes again, so padding never reaches a me
 StudyInstanceUIDs travel beside the batches (``EvalData.ids``), never inside the Keras tuple: a third
 element would be read as sample weights, and strings cannot go to a TPU or a JAX device.
 
-Run ``python -m ranzcr_tf.data --tfrecords DIR --fold 0 --show grid.png`` to see what the model sees.
+Run ``python -m ranzcr_tf.pipeline.data --tfrecords DIR --fold 0 --show grid.png`` to see what the model sees.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from ranzcr_tf import records
-from ranzcr_tf.augment import augment_image, mirror
+from ranzcr_tf.prep import records
+from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.config import Config
 from ranzcr_tf.labels import NUM_CLASSES
 
@@ -384,7 +384,7 @@ def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16
 def main(argv=None) -> None:
     from ranzcr_tf.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.data",
+    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.pipeline.data",
                                      description="Preview the training input: a grid of augmented samples with their labels.")
     parser.add_argument("--tfrecords", required=True, help="converted records folder (holds manifest.json)")
     parser.add_argument("--fold", type=int, default=0, help="validation fold; the grid shows the other folds")

@@ -1,4 +1,4 @@
-"""Chest-radiograph phantom with tubes: the drawing half of :mod:`ranzcr_tf.synthetic`.
+"""Chest-radiograph phantom with tubes: the drawing half of :mod:`ranzcr_tf.synth.generate`.
 
 Geometry lives in a *body frame* that depends only on the image size (see :func:`body_frame`):
 ``s`` runs left to right across a square-ish box (0 = image-left edge of the box), ``t`` runs from

@@ -17,10 +17,11 @@ import sys
 import time
 from typing import Callable
 
-from ranzcr_tf import io_utils, records
+from ranzcr_tf import io_utils
+from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.convert_worker import available_cores, ordered_map, process_image, start_threads
-from ranzcr_tf.shard_plan import preprocess_settings
+from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
+from ranzcr_tf.prep.shard_plan import preprocess_settings
 
 TEST_IMAGE_DIR = "test"
 

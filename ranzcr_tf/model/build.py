@@ -3,11 +3,11 @@
     model = build_model(cfg.model, image_size=768)     # input "image": (768, 768, channels), uint8 or float
     set_backbone_trainable(model, False)               # staged fine-tuning; recompile afterwards
 
-    python -m ranzcr_tf.models --summary --image-size 768 [--backbones efficientnet_b7,compact_cnn]
-    python -m ranzcr_tf.models --convert-noisy-student IN.h5 --backbone efficientnet_b7 --out OUT.weights.h5
+    python -m ranzcr_tf.model.build --summary --image-size 768 [--backbones efficientnet_b7,compact_cnn]
+    python -m ranzcr_tf.model.build --convert-noisy-student IN.h5 --backbone efficientnet_b7 --out OUT.weights.h5
 
 Written with ``keras`` / ``keras.ops`` only (no TensorFlow import) so it runs on the TensorFlow and
-JAX backends. Every custom layer is registered (``ranzcr_tf.layers``), so saved ``.keras`` files load
+JAX backends. Every custom layer is registered (``ranzcr_tf.model.layers``), so saved ``.keras`` files load
 with ``keras.models.load_model(path, safe_mode=True)`` and no ``custom_objects``.
 """
 
@@ -20,9 +20,9 @@ import time
 import keras
 
 from ranzcr_tf import labels
-from ranzcr_tf.backbones import BACKBONE_NAME, BACKBONES, build_backbone, get_spec, list_backbones  # noqa: F401
+from ranzcr_tf.model.backbones import BACKBONE_NAME, BACKBONES, build_backbone, get_spec, list_backbones  # noqa: F401
 from ranzcr_tf.config import ModelConfig
-from ranzcr_tf.layers import CastToComputeDtype, GeMPooling2D, RepeatChannels
+from ranzcr_tf.model.layers import CastToComputeDtype, GeMPooling2D, RepeatChannels
 
 INPUT_NAME = "image"
 
@@ -32,7 +32,7 @@ def build_model(model_cfg: ModelConfig, image_size: int, num_classes: int = labe
 
     Input ``"image"``: ``(image_size, image_size, model_cfg.input_channels)`` pixels in [0, 255], uint8
     or float (float32 / bfloat16); cast inside the model to the compute dtype of the global dtype policy
-    (set it first with ``ranzcr_tf.precision.apply_policy``). A 1-channel input is repeated to 3 channels
+    (set it first with ``ranzcr_tf.model.precision.apply_policy``). A 1-channel input is repeated to 3 channels
     for RGB backbones. Output: ``(batch, num_classes)`` float32 even under mixed precision, in
     ``labels.LABELS`` order, logits or sigmoid probabilities per ``model_cfg.output``.
 
@@ -93,7 +93,7 @@ def load_model(path: str, compile: bool = False) -> keras.Model:
     """Load a saved ``.keras`` model in safe mode; importing this module registers our custom layers.
 
     ``keras.models.load_model`` only finds registered classes whose module has been imported, so a
-    process that loads our models must import ``ranzcr_tf.layers`` (done here) first.
+    process that loads our models must import ``ranzcr_tf.model.layers`` (done here) first.
     """
     return keras.models.load_model(path, compile=compile, safe_mode=True)
 
@@ -180,7 +180,7 @@ def _print_summary(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.models",
+        prog="python -m ranzcr_tf.model.build",
         description="Model utilities: per-backbone size/compute summary, and conversion of noisy-student "
                     "EfficientNet weights (qubvel `efficientnet` package files) to keras.applications.")
     parser.add_argument("--summary", action="store_true", help="print parameters and multiply-adds per image")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.convert_noisy_student:
         if not args.out:
             parser.error("--convert-noisy-student needs --out OUT.weights.h5")
-        from ranzcr_tf.noisy_student import convert_efficientnet_package_weights
+        from ranzcr_tf.model.noisy_student import convert_efficientnet_package_weights
 
         report = convert_efficientnet_package_weights(args.convert_noisy_student, args.backbone, args.out)
         print(f"wrote {args.out}: {report['layers']} layers, {report['arrays']} arrays from {args.convert_noisy_student}")

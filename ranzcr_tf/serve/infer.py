@@ -27,13 +27,14 @@ from typing import Callable
 
 import numpy as np
 
-from ranzcr_tf import ensemble, records
-from ranzcr_tf.budget import (DEGRADE_ORDER, Budget, CostModel, choose_plan, degrade_levels, describe_plan)
+from ranzcr_tf.serve import ensemble
+from ranzcr_tf.prep import records
+from ranzcr_tf.serve.budget import (DEGRADE_ORDER, Budget, CostModel, choose_plan, degrade_levels, describe_plan)
 from ranzcr_tf.config import InferConfig, PreprocessConfig
 from ranzcr_tf.labels import NUM_CLASSES
-from ranzcr_tf.modelio import FoldSpec, ModelSpec, load_fold_model
-from ranzcr_tf.submission import SAMPLE_SUBMISSION, read_sample_submission, template_from_ids
-from ranzcr_tf.testimages import DeadlineReached, preprocess_test_images
+from ranzcr_tf.serve.modelio import FoldSpec, ModelSpec, load_fold_model
+from ranzcr_tf.serve.submission import SAMPLE_SUBMISSION, read_sample_submission, template_from_ids
+from ranzcr_tf.prep.testimages import DeadlineReached, preprocess_test_images
 
 CALIBRATION_BATCHES = 3  # timed batches (after the first, which includes tracing) before estimating
 
@@ -165,7 +166,7 @@ def _run_pass(model, fold: FoldSpec, records_dir: str, view: str, batch_size: in
     """One fold x one view: ``(probs in template rows with NaN where absent, complete?, seconds per image)``."""
     from tqdm.auto import tqdm
 
-    from ranzcr_tf.data import build_eval_dataset
+    from ranzcr_tf.pipeline.data import build_eval_dataset
 
     data = build_eval_dataset(fold.cfg, records_dir, "test", batch_size, tta=view, image_size=fold.image_size,
                               with_targets=False)

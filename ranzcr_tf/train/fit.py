@@ -32,11 +32,12 @@ import tempfile
 import keras
 import numpy as np
 
-from ranzcr_tf import callbacks as cbs
-from ranzcr_tf import io_utils, records
+from ranzcr_tf.train import callbacks as cbs
+from ranzcr_tf import io_utils
+from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.schedules import build_learning_rate, scaled_learning_rate
+from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,7 +87,7 @@ def make_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, placement, *,
         return placement.strategy.distribute_datasets_from_function(
             worker_dataset_fn(cfg, tfrecords_dir, fold, placement, image_size=image_size, seed=seed,
                               deterministic=deterministic))
-    from ranzcr_tf import data
+    from ranzcr_tf.pipeline import data
 
     return data.build_train_dataset(cfg, tfrecords_dir, fold, placement.global_batch_size(cfg.train.batch_size),
                                     image_size=image_size, seed=seed, image_dtype=_image_dtype(cfg, placement),
@@ -101,7 +102,7 @@ def worker_dataset_fn(cfg: Config, tfrecords_dir: str, fold: int, placement, *, 
     fewer shards than pipelines, every ``n``-th record of all of them (``data.build_train_dataset``):
     the workers' shares partition the training data either way. Batches are per replica.
     """
-    from ranzcr_tf import data
+    from ranzcr_tf.pipeline import data
 
     global_batch = placement.global_batch_size(cfg.train.batch_size)
     dtype = _image_dtype(cfg, placement)
@@ -115,7 +116,7 @@ def worker_dataset_fn(cfg: Config, tfrecords_dir: str, fold: int, placement, *, 
 
 
 def _image_dtype(cfg: Config, placement):
-    from ranzcr_tf import data
+    from ranzcr_tf.pipeline import data
 
     return data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
 
@@ -125,7 +126,7 @@ def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, p
     returns the optimizer. ``distribute.prepare_model`` then fits the model to the strategy (BatchNorm
     synchronised across GPU/CPU replicas, Keras 3.15 workarounds); call it again after changing what is
     trainable."""
-    from ranzcr_tf.distribute import prepare_model
+    from ranzcr_tf.train.placement import prepare_model
 
     with placement.scope():
         optimizer = build_optimizer(cfg.train, learning_rate)
@@ -136,7 +137,7 @@ def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, p
 
 
 def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int):
-    from ranzcr_tf import data
+    from ranzcr_tf.pipeline import data
 
     dtype = _image_dtype(cfg, placement)
     batch = placement.global_batch_size(cfg.infer.batch_size)
@@ -146,8 +147,8 @@ def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, ima
 
 def load_trained_model(path: str) -> keras.Model:
     """Load a saved ``best.keras`` for prediction (safe mode; the optimizer is not needed)."""
-    import ranzcr_tf.layers  # noqa: F401  (registers the custom layers)
-    import ranzcr_tf.schedules  # noqa: F401
+    import ranzcr_tf.model.layers  # noqa: F401  (registers the custom layers)
+    import ranzcr_tf.train.schedules  # noqa: F401
 
     return keras.saving.load_model(path, compile=False, safe_mode=True)
 
@@ -219,7 +220,10 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
 
 
 def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placement, verbose) -> dict:
-    from ranzcr_tf import data, losses, models, precision
+    from ranzcr_tf.pipeline import data
+    from ranzcr_tf.model import losses
+    from ranzcr_tf.model import build as models
+    from ranzcr_tf.model import precision
 
     io_utils.makedirs(run_dir)
     paths = {name: io_utils.join(run_dir, name) for name in
@@ -360,7 +364,7 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
 
 def _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits) -> dict:
     """Reload best.keras, predict the validation fold in order, write oof.csv and metrics.json."""
-    from ranzcr_tf.metrics import competition_metric
+    from ranzcr_tf.model.metrics import competition_metric
 
     if not io_utils.exists(paths["best.keras"]):
         raise RuntimeError(f"no best.keras in {run_dir}: no epoch produced a finite validation AUC")
@@ -403,7 +407,7 @@ def train(cfg: Config, tfrecords_dir: str, folds: list[int], out_dir: str, place
     if len(results) > 1:
         aucs = [r["val_auc"] for r in results]
         print(f"folds {folds}: mean AUC per fold {', '.join(f'{a:.4f}' for a in aucs)}; "
-              f"run `python -m ranzcr_tf.cv {out_dir}` for the pooled CV score", flush=True)
+              f"run `python -m ranzcr_tf.report.cv {out_dir}` for the pooled CV score", flush=True)
     if any(not math.isfinite(r["val_auc"]) for r in results):
         print("warning: some folds have no finite AUC", flush=True)
     return results

@@ -22,7 +22,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 
-from ranzcr_tf import records
+from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
 from ranzcr_tf.labels import LABELS
 
@@ -208,7 +208,7 @@ def load_fold_model(fold: FoldSpec):
     """Load one fold's model with Keras safe mode (``compile=False``), with a clear error when refused."""
     import keras
 
-    import ranzcr_tf.models  # noqa: F401  (registers our custom layers so safe mode can rebuild them)
+    import ranzcr_tf.model.build  # noqa: F401  (registers our custom layers so safe mode can rebuild them)
 
     check_model_file(fold.path)
     try:

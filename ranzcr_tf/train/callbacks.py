@@ -26,12 +26,12 @@ import numpy as np
 
 from ranzcr_tf import io_utils
 from ranzcr_tf.labels import LABELS
-from ranzcr_tf.schedules import learning_rate_value
+from ranzcr_tf.train.schedules import learning_rate_value
 
 KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this process after that epoch's backup
 
 NAN_ADVICE = ("try a lower learning rate (--set train.learning_rate=...; a tenth of the current value is a good "
-              "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.data --tfrecords DIR "
+              "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.pipeline.data --tfrecords DIR "
               "--fold K --show grid.png`), or train in float32 (--set model.mixed_precision=float32)")
 
 
@@ -195,7 +195,7 @@ class Validation(keras.callbacks.Callback):
         self._predictor, self._predictor_of = None, None
 
     def on_epoch_end(self, epoch, logs=None):
-        from ranzcr_tf.metrics import competition_metric
+        from ranzcr_tf.model.metrics import competition_metric
 
         logs = logs if logs is not None else {}
         if self.flags.diverged:
@@ -217,7 +217,7 @@ class Validation(keras.callbacks.Callback):
 
 def _atomic_save_model(model: keras.Model, path: str) -> None:
     """Save to a temporary sibling, then rename: a kill mid-save never leaves a broken best.keras."""
-    from ranzcr_tf.distribute import batchnorm_layers
+    from ranzcr_tf.train.placement import batchnorm_layers
 
     tmp = io_utils.temp_name(path)
     # Saved with BatchNorm synchronisation off: it only matters in training, and a saved

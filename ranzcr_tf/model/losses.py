@@ -16,7 +16,7 @@ from keras import ops
 
 from ranzcr_tf import labels
 from ranzcr_tf.config import LossConfig
-from ranzcr_tf.records import positives_from_manifest  # noqa: F401  (re-exported: the loss's input)
+from ranzcr_tf.prep.records import positives_from_manifest  # noqa: F401  (re-exported: the loss's input)
 
 
 def class_weights(positives: Sequence[float], num_examples: int, cap: float) -> np.ndarray:

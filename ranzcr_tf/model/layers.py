@@ -3,7 +3,7 @@
 Every layer here is a plain ``keras.layers.Layer`` subclass written with ``keras.ops`` (runs on the
 TensorFlow and JAX backends) and registered under the package name ``"ranzcr_tf"``, so
 ``keras.models.load_model(path, safe_mode=True)`` rebuilds our models without ``custom_objects``
-once ``ranzcr_tf.layers`` is imported. A ``keras.layers.Lambda`` would serialise Python bytecode,
+once ``ranzcr_tf.model.layers`` is imported. A ``keras.layers.Lambda`` would serialise Python bytecode,
 which safe mode refuses to load; that is why the channel repeat and the cast are layers of their own.
 """
 

@@ -1,19 +1,19 @@
 """Synthetic RANZCR CLiP data in the exact Kaggle layout, for demos and tests.
 
-    python -m ranzcr_tf.synthetic --out data/synthetic --n-train 600 --n-test 200 --seed 0 --preview sheet.png
+    python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 600 --n-test 200 --seed 0 --preview sheet.png
 
 writes ``train.csv``, ``train/<StudyInstanceUID>.jpg``, ``test/<StudyInstanceUID>.jpg``,
 ``train_annotations.csv`` (Kaggle's ``[[x, y], ...]`` strings, for about ``annotate_share`` of the
 train images that have tubes), ``sample_submission.csv`` (all zeros) and ``test_labels.csv`` (the
 true test labels, in submission layout, so a submission can be scored).
 
-Images are single-channel 8-bit JPEGs of a chest-radiograph phantom (:mod:`ranzcr_tf.phantom`):
+Images are single-channel 8-bit JPEGs of a chest-radiograph phantom (:mod:`ranzcr_tf.synth.phantom`):
 soft tissue, lungs, mediastinum, heart, spine, ribs, clavicles, diaphragm domes, a gastric bubble,
 airways with a visible carina, exposure/gamma/noise variation; long side 1,500-2,600 px times
 ``scale``, 70% portrait. Studies of one patient share the body shape.
 
 How each label is drawn (frame units: ``t = y / height``; ``s = (x - x0) / w`` with the frame
-``x0, w`` from :func:`ranzcr_tf.phantom.body_frame`, i.e. a centred box ``min(width, height)``
+``x0, w`` from :func:`ranzcr_tf.synth.phantom.body_frame`, i.e. a centred box ``min(width, height)``
 wide; image-left is the patient's right). Tubes are at least 238 grey levels, anatomy at most 170
 plus noise, so "tube-bright" (>= 215 even after JPEG) means a tube; the zones below hold for every
 seed and are what ``tests/test_synthetic.py`` checks on the pixels:
@@ -58,8 +58,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ranzcr_tf import io_utils, phantom
-from ranzcr_tf.convert_worker import available_cores, ordered_map, start_pool
+from ranzcr_tf import io_utils
+from ranzcr_tf.synth import phantom
+from ranzcr_tf.prep.workers import available_cores, ordered_map, start_pool
 from ranzcr_tf.labels import ANNOTATION_COLUMNS, GROUPS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS, TRAIN_COLUMNS
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -377,10 +378,10 @@ def make_preview(data_dir: str, path: str, rows: int = 4, cols: int = 4, overlay
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.synthetic", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m ranzcr_tf.synth.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a synthetic RANZCR CLiP dataset (chest-radiograph phantoms with tubes whose "
                     "placement decides the 11 labels) in the exact Kaggle layout.",
-        epilog="Example: python -m ranzcr_tf.synthetic --out data/synthetic --n-train 600 --n-test 200 "
+        epilog="Example: python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 600 --n-test 200 "
                "--seed 0 --preview data/synthetic/preview.png")
     parser.add_argument("--out", required=True, help="output folder (created; must not hold another dataset)")
     parser.add_argument("--n-train", type=int, required=True, help="number of training studies")

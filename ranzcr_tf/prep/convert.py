@@ -31,15 +31,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ranzcr_tf import io_utils, records
+from ranzcr_tf import io_utils
+from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig, run_metadata
-from ranzcr_tf.csv_checks import (ANNOTATIONS_CSV, TRAIN_CSV, read_annotations, read_test_ids, read_train_csv,
+from ranzcr_tf.prep.csv_checks import (ANNOTATIONS_CSV, TRAIN_CSV, read_annotations, read_test_ids, read_train_csv,
                                   scale_points)
-from ranzcr_tf.folds import assign_folds, fold_positives, folds_frame
+from ranzcr_tf.prep.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.convert_worker import available_cores, ordered_map, process_image, start_threads
-from ranzcr_tf.preprocess import BadImageError
-from ranzcr_tf.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
+from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
+from ranzcr_tf.prep.preprocess import BadImageError
+from ranzcr_tf.prep.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
                                   preprocess_settings, read_json, remove_stale, rename, sha256_file, slot_name)
 
 KILL_HOOK_ENV = "RANZCR_CONVERT_KILL_AFTER"  # tests: SIGKILL this process after N records (mid-shard)

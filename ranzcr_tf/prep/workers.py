@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import cv2
 
-from ranzcr_tf.preprocess import BadImageError, preprocess_file
+from ranzcr_tf.prep.preprocess import BadImageError, preprocess_file
 
 
 def process_image(task: tuple) -> tuple:

@@ -1,6 +1,6 @@
 """Score a submission against known test labels: mean column-wise ROC AUC, and each column's.
 
-    python -m ranzcr_tf.score submission.csv demo/data/test_labels.csv
+    python -m ranzcr_tf.report.score submission.csv demo/data/test_labels.csv
 
 ``test_labels.csv`` has ``StudyInstanceUID`` and the 11 label columns (the synthetic generator writes
 one; Kaggle keeps its own). Rows are matched by ID, never by position. A column whose labels are all 0
@@ -66,7 +66,7 @@ def format_score(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.score",
+    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.report.score",
                                      description="Mean column-wise ROC AUC of a submission against test labels.")
     parser.add_argument("submission", help="submission.csv (StudyInstanceUID + 11 probability columns)")
     parser.add_argument("labels", help="test_labels.csv (StudyInstanceUID + 11 0/1 columns)")

@@ -181,7 +181,7 @@ def _jax_placement(requested: str) -> Placement:
     import keras
 
     try:  # TensorFlow only feeds tf.data here: it must not reserve GPU/TPU memory that JAX needs.
-        from ranzcr_tf.data import hide_accelerators_from_tf
+        from ranzcr_tf.pipeline.data import hide_accelerators_from_tf
 
         hide_accelerators_from_tf()
     except ImportError:  # TensorFlow absent: tf.data cannot run either, the data module says so later

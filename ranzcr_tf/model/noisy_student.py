@@ -66,7 +66,7 @@ def convert_efficientnet_package_weights(h5_path: str, backbone_name: str, out_p
     """
     import keras
 
-    from ranzcr_tf.backbones import build_backbone, get_spec
+    from ranzcr_tf.model.backbones import build_backbone, get_spec
 
     spec = get_spec(backbone_name)
     if not backbone_name.startswith("efficientnet_b"):

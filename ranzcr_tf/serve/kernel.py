@@ -1,4 +1,4 @@
-"""The Kaggle submission kernel: ``python kaggle_kernel.py`` or ``python -m ranzcr_tf.kernel``.
+"""The Kaggle submission kernel: ``python kaggle_kernel.py`` or ``python -m ranzcr_tf.serve.kernel``.
 
 Offline (no network), batched, with progress bars; every setting of every model comes from its run
 folder. See ``--help`` for the time-budget behaviour.
@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from ranzcr_tf.budget import DEGRADE_ORDER, Budget
+from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget
 from ranzcr_tf.config import KAGGLE_DATA_DIR, InferConfig
 
 KAGGLE_INPUT = "/kaggle/input"
@@ -113,7 +113,7 @@ def resolve_paths(args) -> tuple[str | None, list[str], str]:
         models = kaggle_model_dirs()
         if not models:
             raise ValueError(f"no best.keras under {KAGGLE_INPUT}: attach the dataset made by "
-                             f"`python -m ranzcr_tf.package` (Add data -> Your datasets), or pass --models")
+                             f"`python -m ranzcr_tf.serve.package` (Add data -> Your datasets), or pass --models")
     out = args.out or (os.path.join(KAGGLE_WORKING, "submission.csv") if os.path.isdir(KAGGLE_WORKING)
                        else "submission.csv")
     return data_dir, models, out
@@ -147,10 +147,10 @@ def run(args) -> dict:
 
     import keras
 
-    from ranzcr_tf import data as data_module
-    from ranzcr_tf.infer import TestSource, predict_ensemble
-    from ranzcr_tf.modelio import discover_models
-    from ranzcr_tf.submission import build_submission, write_submission
+    from ranzcr_tf.pipeline import data as data_module
+    from ranzcr_tf.serve.infer import TestSource, predict_ensemble
+    from ranzcr_tf.serve.modelio import discover_models
+    from ranzcr_tf.serve.submission import build_submission, write_submission
 
     if keras.backend.backend() == "jax":
         data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
@@ -159,7 +159,7 @@ def run(args) -> dict:
                             weights=list(args.weights), batch_size=args.batch_size or 1)
     infer_cfg.validate()
     if infer_cfg.ensemble == "weighted":
-        from ranzcr_tf.ensemble import check_weights
+        from ranzcr_tf.serve.ensemble import check_weights
 
         check_weights(infer_cfg.weights, len(models))
     for index, spec in enumerate(models):

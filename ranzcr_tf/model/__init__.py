@@ -1,0 +1,1 @@
+"""Models (Keras only, no TensorFlow import): backbones, layers, heads, losses, metrics, precision."""

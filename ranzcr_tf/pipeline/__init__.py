@@ -1,0 +1,1 @@
+"""Input pipeline: tf.data train/eval/test datasets and in-graph augmentation."""

@@ -1,0 +1,1 @@
+"""Preparation: decode, CLAHE + resize (one definition), the TFRecord schema, folds, the converter and its workers."""

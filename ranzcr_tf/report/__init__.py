@@ -1,0 +1,1 @@
+"""Reports on finished runs: cross-validation scores and submission scores."""

@@ -1,0 +1,1 @@
+"""Synthetic chest-radiograph phantoms in the exact Kaggle layout."""

@@ -1,0 +1,1 @@
+"""Training: the fit loop, callbacks, learning-rate schedules and device placement."""
