@@ -119,7 +119,7 @@ def reference_convert(paths: list[str], settings) -> list[bytes]:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[200], help="images to convert (one run per value)")
@@ -129,39 +129,22 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="reuse/keep the generated images here (default: a temp folder)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating reference/converter rounds (median)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def timed_rounds(args, paths, settings, data_dir, work, workers):
+    """Rounds alternating the serial reference and the converter; each round's ratio uses that round's
+    reference, so the ratio survives the minutes-long speed swings of a shared virtual machine.
+
+    Returns the reference's stored JPEGs, its [(images/s, CPU ms/image)] per round, and per ``n`` the
+    converter's [(images/s, ratio, peak RSS, CPU ms/image)] per round.
+    """
     import cv2
-    import tensorflow as tf  # imported before timing: the reference does not need it, the converter does
 
-    from ranzcr_tf.prep import records
-    from ranzcr_tf.config import PreprocessConfig
-    from ranzcr_tf.prep.convert import ConvertOptions, available_cores, convert
-    from ranzcr_tf.prep.preprocess import decode_source
+    from ranzcr_tf.prep.convert import ConvertOptions, convert
 
-    workers = args.workers or available_cores()
-    work = tempfile.mkdtemp(prefix="bench_convert_")
-    data_dir = args.data_dir or os.path.join(work, "data")
-    started = time.perf_counter()
-    make_images(data_dir, max(args.n), args.seed)
-    print(f"images: {max(args.n)} full-size synthetic studies in {data_dir} "
-          f"(made in {time.perf_counter() - started:.0f} s); workers={workers}, image_size={args.image_size}")
-    settings = PreprocessConfig(image_size=args.image_size)
-    import pandas as pd
-
-    # The reference converts the first reference_n studies of train.csv (the converter's --limit keeps
-    # the head of train.csv, so they are among its records whatever n).
-    ids = pd.read_csv(os.path.join(data_dir, "train.csv"), dtype=str)["StudyInstanceUID"].tolist()
-    ids = ids[: min(args.reference_n, *args.n)]
-    paths = [os.path.join(data_dir, "train", f"{i}.jpg") for i in ids]
     default_threads = cv2.getNumThreads()
-    start = time.perf_counter()
-    reference_convert(paths, settings)  # as naive code runs: OpenCV may use its thread pool inside one call
-    threaded_rate = len(paths) / (time.perf_counter() - start)
-
-    # Rounds alternate the serial reference and the converter, and each round's ratio uses that round's
-    # reference: the ratio then survives the minutes-long speed swings of a shared virtual machine.
-    results = {n: [] for n in args.n}  # n -> [(rate, ratio, peak, cpu ms/image), ...]
+    results = {n: [] for n in args.n}
     reference_runs = []
     for _ in range(args.rounds):
         cv2.setNumThreads(1)  # strictly serial: one image at a time on one core
@@ -181,24 +164,63 @@ def main(argv=None) -> int:
                 cpu = cpu_seconds() - cpu_start
             count = manifest["num_train"]
             rate = count / seconds
-            results[n].append((rate, rate / reference_runs[-1][0], memory.peak,
-                               1000 * cpu / count))
+            results[n].append((rate, rate / reference_runs[-1][0], memory.peak, 1000 * cpu / count))
+    return reference, reference_runs, results
 
-    # The converter's stored images of those studies, compared image by image with the reference's.
+
+def fidelity(records_dir: str, ids: list[str], reference: list[bytes]) -> tuple[list[float], list[float]]:
+    """Per-image squared errors and PSNRs of the converter's stored images against the reference's (an
+    image both pipelines decode in full at the same size is identical: its PSNR is capped at 99 dB)."""
+    import cv2
+    import tensorflow as tf
+
+    from ranzcr_tf.prep import records
+
     stored = {}
-    for path in records.list_shards(os.path.join(work, f"out{args.n[0]}"), "train"):
+    for path in records.list_shards(records_dir, "train"):
         for raw in tf.data.TFRecordDataset(path):
             parsed = records.parse_example(raw)
             stored[parsed[records.ID].numpy().decode()] = parsed[records.IMAGE].numpy()
-
-    # Stored-image fidelity, per image (an image both pipelines decode in full at the same size would
-    # be identical: its PSNR is capped at 99 dB) and pooled over all images' squared errors.
     errors, scores = [], []
     for study, ref in zip(ids, reference):
         ours = records.decode_image_numpy(stored[study]).astype(np.float64)
         mse = float(np.mean((ours - cv2.imdecode(np.frombuffer(ref, np.uint8), 0)) ** 2))
         errors.append(mse)
         scores.append(min(99.0, 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))))
+    return errors, scores
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import cv2
+    import pandas as pd
+    import tensorflow as tf  # noqa: F401  imported before timing: the reference does not need it, the converter does
+
+    from ranzcr_tf.config import PreprocessConfig
+    from ranzcr_tf.prep.convert import available_cores
+    from ranzcr_tf.prep.preprocess import decode_source
+
+    workers = args.workers or available_cores()
+    work = tempfile.mkdtemp(prefix="bench_convert_")
+    data_dir = args.data_dir or os.path.join(work, "data")
+    started = time.perf_counter()
+    make_images(data_dir, max(args.n), args.seed)
+    print(f"images: {max(args.n)} full-size synthetic studies in {data_dir} "
+          f"(made in {time.perf_counter() - started:.0f} s); workers={workers}, image_size={args.image_size}")
+    settings = PreprocessConfig(image_size=args.image_size)
+
+    # The reference converts the first reference_n studies of train.csv (the converter's --limit keeps
+    # the head of train.csv, so they are among its records whatever n).
+    ids = pd.read_csv(os.path.join(data_dir, "train.csv"), dtype=str)["StudyInstanceUID"].tolist()
+    ids = ids[: min(args.reference_n, *args.n)]
+    paths = [os.path.join(data_dir, "train", f"{i}.jpg") for i in ids]
+    default_threads = cv2.getNumThreads()
+    start = time.perf_counter()
+    reference_convert(paths, settings)  # as naive code runs: OpenCV may use its thread pool inside one call
+    threaded_rate = len(paths) / (time.perf_counter() - start)
+
+    reference, reference_runs, results = timed_rounds(args, paths, settings, data_dir, work, workers)
+    errors, scores = fidelity(os.path.join(work, f"out{args.n[0]}"), ids, reference)
     with open(paths[0], "rb") as fh:
         example = decode_source(fh.read(), settings)[1]
 
@@ -229,7 +251,6 @@ def main(argv=None) -> int:
         print(f"peak memory n={last} / n={first}: {growth:.2f}x (flat means ~1.0)")
     shutil.rmtree(work, ignore_errors=True)  # outputs, and the images unless --data-dir keeps them
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
