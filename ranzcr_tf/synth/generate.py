@@ -306,7 +306,8 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     """Write a synthetic RANZCR CLiP dataset in Kaggle's layout to ``out_dir`` and return a summary.
 
     ``workers=0`` uses every core; the files are byte-identical for any worker count. ``scale``
-    multiplies the image size (1 = realistic films, long side 1,400-2,600 px; tests use 0.1-0.3).
+    multiplies the image size (1 = realistic films, long side 1,500-2,600 px easy, 1,400-2,600 px hard;
+    tests use 0.1-0.3).
     ``annotated_fraction`` is the share of train studies with rows in ``train_annotations.csv``
     (drawn among those with a tube; 0.3 as in the real data, 1.0 for every study with a tube).
     ``style`` is ``"easy"`` or ``"hard"`` (module docstring). Refuses (ValueError) to write into a
@@ -392,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "distractors, tilted patients (see ranzcr_tf.synth.hard)")
     parser.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores (default)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="image size factor: 1 = realistic films, long side 1,400-2,600 px (default); "
+                        help="image size factor: 1 = realistic films, long side 1,500-2,600 px (easy) or 1,400-2,600 "
+                             "px (hard) (default); "
                              "0.2 for quick tests")
     parser.add_argument("--annotated-fraction", type=float, default=0.3,
                         help="share of train studies with train_annotations.csv rows, drawn among those with "

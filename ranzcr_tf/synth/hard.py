@@ -5,8 +5,9 @@ upright, in fixed zones. This style is hard in the ways real films are:
 
 * films 1,400-2,600 px on the long side (times ``scale``), 65% portrait; line widths and opacities
   from realistic ranges at the film's own resolution (``k`` = long side / 2,000 px): guide wires and
-  leads 1-3 px times ``k``; NGT, CVC and Swan-Ganz 2-4 px; the ETT a 2-3.5 px radio-opaque stripe,
-  on 60% of films with the faint 14-24 px tube body around it. Each line adds opacity, so crossing
+  leads 1-3 px times ``k``; NGT 1.5-3.5 px, CVC 1.5-3 px, Swan-Ganz 2-3.5 px; the ETT a 1.5-3 px
+  radio-opaque stripe, on 60% of films with the faint 14-24 px tube body around it; opacities
+  0.05-0.2 (:data:`FAMILY_STYLE`), i.e. about 10-40 grey levels over the lung, less over the heart. Each line adds opacity, so crossing
   lines add up and lines over the heart, spine and abdomen show less contrast (see
   :mod:`ranzcr_tf.synth.overlays`); noise, exposure, gamma and contrast vary per film;
 * the patient is rotated by up to +-10 degrees about the film centre, shifted by up to 8% sideways
@@ -48,8 +49,8 @@ from ranzcr_tf.synth import overlays, phantom
 
 TONE = ((0, 30), (150, 220), (0.75, 1.5), 255)  # exposure: black level, white level, gamma, cap
 FAMILY_STYLE = {  # (width px at 2,000 px, opacity) ranges per labelled family
-    "ETT": ((2.0, 3.5), (0.10, 0.24)), "NGT": ((2.0, 4.0), (0.07, 0.18)),
-    "CVC": ((2.0, 3.5), (0.07, 0.15)), "Swan Ganz": ((2.5, 4.0), (0.08, 0.18)),
+    "ETT": ((1.5, 3.0), (0.08, 0.20)), "NGT": ((1.5, 3.5), (0.05, 0.15)),
+    "CVC": ((1.5, 3.0), (0.05, 0.13)), "Swan Ganz": ((2.0, 3.5), (0.06, 0.15)),
 }
 
 

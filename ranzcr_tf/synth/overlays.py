@@ -130,11 +130,12 @@ def draw_distractors(rng: np.random.Generator, opacity: Opacity, to_px, width: i
         half = np.array([rng.uniform(35, 50), rng.uniform(25, 35)]) * k
         corners = box_c + np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
         opacity.polygon(corners, rng.uniform(0.7, 0.9))
-        for end in ([(0.55, 0.62), (0.6, 0.70)][: int(rng.integers(1, 3))]):
-            lead = to_px(chaikin(np.array([(0.76, 0.2), (0.62, 0.24), (0.45, 0.30), (0.44, 0.42), (0.47, 0.50),
-                                            end]), 4))
+        for lead_index in range(int(rng.integers(1, 3))):  # atrial and ventricular leads, apart
+            o = 0.02 * lead_index
+            lead = to_px(chaikin(np.array([(0.76, 0.2), (0.62, 0.24 + o), (0.45 - o, 0.30 + o), (0.44 - o, 0.42),
+                                           (0.47 + o, 0.50), (0.55 + 2 * o, 0.62 + 3 * o)]), 4))
             lead[0] = box_c
-            opacity.line(lead, max(1.0, rng.uniform(3, 4.5) * k), rng.uniform(0.25, 0.4))
+            opacity.line(lead, max(1.0, rng.uniform(2.5, 4) * k), rng.uniform(0.15, 0.3))
             opacity.disc(lead[-1], max(1.5, 4 * k), 0.7)
             add("pacemaker lead", lead)
         add("pacemaker", corners)

@@ -74,6 +74,8 @@ def make_preview(data_dir: str, path: str, rows: int = 4, cols: int = 4, overlay
             ax.imshow(image, cmap="gray", vmin=0, vmax=255)
             for label, pts in (lines if overlay else []):
                 ax.plot(pts[:, 0], pts[:, 1], "-", lw=1, color=_COLOURS[group_of(label)], alpha=0.8)
+            ax.set_xlim(-0.5, image.shape[1] - 0.5)  # drawn lines may run off the film: keep the film's frame
+            ax.set_ylim(image.shape[0] - 0.5, -0.5)
             ax.set_title(f"[{style}] {short_title(row)}", fontsize=8)
             ax.set_xlabel(f"{image.shape[1]}x{image.shape[0]}", fontsize=7)
             ax.set_xticks([])
