@@ -7,9 +7,10 @@ upright, in fixed zones. This style is hard in the ways real films are:
   from realistic ranges at the film's own resolution (``k`` = long side / 2,000 px): guide wires and
   leads 1-3 px times ``k``; NGT 1.5-3.5 px, CVC 1.5-3 px, Swan-Ganz 2-3.5 px; the ETT a 1.5-3 px
   radio-opaque stripe, on 60% of films with the faint 14-24 px tube body around it; opacities
-  0.05-0.2 (:data:`FAMILY_STYLE`), i.e. about 10-40 grey levels over the lung, less over the heart. Each line adds opacity, so crossing
-  lines add up and lines over the heart, spine and abdomen show less contrast (see
-  :mod:`ranzcr_tf.synth.overlays`); noise, exposure, gamma and contrast vary per film;
+  0.06-0.2 (:data:`FAMILY_STYLE`), about 10-40 grey levels over the lung. Each line adds opacity,
+  so crossing lines add up and lines over the heart, spine and abdomen show less contrast (down
+  to about 6 grey levels; see :mod:`ranzcr_tf.synth.overlays`); noise (sigma 2-5), exposure,
+  gamma and contrast vary per film;
 * the patient is rotated by up to +-10 degrees about the film centre, shifted by up to 8% sideways
   and 5% vertically and scaled by 0.88-1.08 (the *pose*); anatomy varies more than in ``easy``
   (carina, diaphragm height, heart size, lung width and apex);
@@ -49,8 +50,8 @@ from ranzcr_tf.synth import overlays, phantom
 
 TONE = ((0, 30), (150, 220), (0.75, 1.5), 255)  # exposure: black level, white level, gamma, cap
 FAMILY_STYLE = {  # (width px at 2,000 px, opacity) ranges per labelled family
-    "ETT": ((1.5, 3.0), (0.08, 0.20)), "NGT": ((1.5, 3.5), (0.05, 0.15)),
-    "CVC": ((1.5, 3.0), (0.05, 0.13)), "Swan Ganz": ((2.0, 3.5), (0.06, 0.15)),
+    "ETT": ((1.5, 3.0), (0.08, 0.20)), "NGT": ((1.5, 3.5), (0.06, 0.15)),
+    "CVC": ((1.5, 3.0), (0.06, 0.13)), "Swan Ganz": ((2.0, 3.5), (0.06, 0.15)),
 }
 
 
@@ -240,6 +241,6 @@ def render(rng: np.random.Generator, patient_rng: np.random.Generator, tubes: li
             opacity.line(line, stripe_w, alpha)
         geometry.lines.append((label, line))
     geometry.distractors = overlays.draw_distractors(rng, opacity, geometry.to_px, width, height, k)
-    image = opacity.compose(background, rng.uniform(2.0, 6.0), rng)
+    image = opacity.compose(background, rng.uniform(2.0, 5.0), rng)
     geometry.markers = overlays.burn_markers(rng, image, k)
     return image, geometry
