@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from ranzcr_tf.synth import overlays, phantom
@@ -113,6 +114,28 @@ def sample_pose(rng: np.random.Generator, width: int, height: int, shrink: float
     rot = zoom * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     centre = np.array([width / 2, height / 2])
     return np.hstack([rot, (centre - rot @ centre + shift)[:, None]]), float(angle)
+
+
+def texture(rng: np.random.Generator, a: phantom.Anatomy):
+    """What makes the upright phantom less of a cartoon, added to its low-resolution density: the
+    body thicker toward the middle, mottle at two scales, and breast shadows over the lower zones."""
+    def apply(density: np.ndarray, canvas) -> None:
+        h, w = density.shape
+        centre = canvas.px([(a.s_tr, 0.55)])[0]
+        yy, xx = np.ogrid[0:h, 0:w]
+        bump = np.exp(-(((xx - centre[0]) / (0.45 * canvas.fw)) ** 2 + ((yy - centre[1]) / (0.6 * canvas.fh)) ** 2))
+        density += np.float32(rng.uniform(0.03, 0.09)) * bump.astype(np.float32)
+        for cell, amplitude in ((3, rng.uniform(0.008, 0.02)), (14, rng.uniform(0.01, 0.03))):
+            field = rng.standard_normal((h // cell + 2, w // cell + 2)).astype(np.float32)
+            density += np.float32(amplitude) * cv2.resize(field, (w, h), interpolation=cv2.INTER_CUBIC)
+        if rng.random() < 0.45:
+            shadow = np.zeros_like(density)
+            for side in (-1, 1):
+                c = canvas.px([(a.s_tr + side * rng.uniform(0.22, 0.3), a.t_d - rng.uniform(0.0, 0.06))])[0]
+                axes = (int(rng.uniform(0.15, 0.22) * canvas.fw), int(rng.uniform(0.1, 0.15) * canvas.fh))
+                cv2.ellipse(shadow, (int(c[0]), int(c[1])), axes, 0, 0, 360, 1.0, -1)
+            density += np.float32(rng.uniform(0.04, 0.09)) * cv2.GaussianBlur(shadow, (0, 0), 0.02 * h)
+    return apply
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +251,8 @@ def render(rng: np.random.Generator, patient_rng: np.random.Generator, tubes: li
             ok &= (not inside) if state == "Incompletely Imaged" else inside
         if ok:
             break
-    background = phantom.render_anatomy(rng, anatomy, width, height, pose=geometry.pose, ecg=False, tone=TONE)
+    background = phantom.render_anatomy(rng, anatomy, width, height, pose=geometry.pose, ecg=False, tone=TONE,
+                                        texture=texture(rng, anatomy))
     opacity = overlays.Opacity(height, width)
     for label, family, _, st in paths:
         (w0, w1), (a0, a1) = FAMILY_STYLE[family]

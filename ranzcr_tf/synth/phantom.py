@@ -133,14 +133,16 @@ def _arc(center_s, center_t, ax_s, ax_t, deg0, deg1, n=28):
 
 
 def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int, lumens: list | None = None,
-                   pose: np.ndarray | None = None, ecg: bool = True, tone: tuple | None = None) -> np.ndarray:
+                   pose: np.ndarray | None = None, ecg: bool = True, tone: tuple | None = None,
+                   texture=None) -> np.ndarray:
     """The uint8 phantom (no noise, no tubes) at ``(height, width)``; ``lumens`` are
     ``(points_st, width_frame)`` faint tube bodies (the ETT's), drawn into the anatomy.
 
     ``pose`` (2x3 affine, full-resolution pixels of the upright frame -> film pixels) tilts and
     shifts the patient; ``ecg=False`` leaves out the built-in electrodes (the hard style draws its
     own); ``tone`` is ``((low_min, low_max), (high_min, high_max), (gamma_min, gamma_max), cap)``
-    for the exposure mapping (default: the easy style's, capped at :data:`ANATOMY_MAX`)."""
+    for the exposure mapping (default: the easy style's, capped at :data:`ANATOMY_MAX`);
+    ``texture(density, canvas)`` may add to the low-resolution density map before it is blurred."""
     f = max(1.0, max(width, height) / _LOWRES)
     size = (max(8, int(round(width / f))), max(8, int(round(height / f))))
     c = _Canvas(width, height, size)
@@ -232,11 +234,13 @@ def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int
         cv2.circle(d, (int(ep[0]), int(ep[1])), u(0.014), 0.95, u(0.004))
         lead = [e, e + rng.uniform(-0.1, 0.1, 2), e + rng.uniform(-0.25, 0.25, 2) + [0, 0.1]]
         cv2.polylines(d, [c.poly(chaikin(np.array(lead), 3))], False, 0.85, u(0.003))
+    if texture is not None:
+        texture(d, c)
     d = cv2.GaussianBlur(d, (0, 0), 0.0025 * size[1])
     if pose is not None:  # the patient moves, the detector (and its gain field below) does not
         kx, ky = size[0] / width, size[1] / height
         low_pose = np.array([[kx, 0, 0], [0, ky, 0]]) @ np.vstack([pose, [0, 0, 1]]) @ np.diag([1 / kx, 1 / ky, 1])
-        d = cv2.warpAffine(d, low_pose, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        d = cv2.warpAffine(d, low_pose, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     # Exposure: a tilted gain field, gamma and a level that tops out at or below ANATOMY_MAX.
     gx, gy = np.meshgrid(np.linspace(-1, 1, size[0], dtype=np.float32), np.linspace(-1, 1, size[1], dtype=np.float32))
     d *= 1 + rng.uniform(-0.06, 0.06) * gx + rng.uniform(-0.06, 0.06) * gy
