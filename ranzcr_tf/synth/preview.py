@@ -84,7 +84,7 @@ def make_preview(data_dir: str, path: str, rows: int = 4, cols: int = 4, overlay
             ax.axis("off")
     fig.suptitle("synthetic RANZCR studies (A abnormal, B borderline, N normal, I incompletely imaged, SG Swan-Ganz)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
