@@ -1,8 +1,12 @@
 """The synthetic dataset: Kaggle layout, determinism, floors, and labels that agree with the pixels.
 
-The pixel checks read only the JPEGs and the CSV labels. The zones below are written out here from
-the rules in the ``ranzcr_tf.synth.generate`` docstring (not imported from the generator), so a change in
-the drawing that breaks a rule, or labels that drift from their images, fails here.
+Easy style: the pixel checks read only the JPEGs and the CSV labels. The zones below are written out
+here from the rules in the ``ranzcr_tf.synth.generate`` docstring (not imported from the generator),
+so a change in the drawing that breaks a rule, or labels that drift from their images, fails here.
+
+Hard style: tips are measured against the landmarks from the returned geometry with the rules of
+the ``ranzcr_tf.synth.hard`` docstring, written out here again; what the labelled lines add to the
+pixels is seen by rendering the same film without them.
 """
 
 from __future__ import annotations
@@ -81,8 +85,20 @@ def _image(out, split, uid):
     return image
 
 
-def test_kaggle_columns_and_ids(dataset):
-    out, summary = dataset
+@pytest.fixture(scope="module")
+def hard_dataset(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synthetic_hard"))
+    summary = synthetic.make_dataset(out, n_train=40, n_test=16, seed=3, workers=1, scale=0.3, style="hard")
+    return out, summary
+
+
+@pytest.fixture(params=["easy", "hard"])
+def any_dataset(request):
+    return request.getfixturevalue("dataset" if request.param == "easy" else "hard_dataset")
+
+
+def test_kaggle_columns_and_ids(any_dataset):
+    out, summary = any_dataset
     train, test_labels = _read(out, "train.csv"), _read(out, "test_labels.csv")
     submission, annotations = _read(out, "sample_submission.csv"), _read(out, "train_annotations.csv")
     assert list(train.columns) == list(L.TRAIN_COLUMNS)
@@ -105,8 +121,8 @@ def test_kaggle_columns_and_ids(dataset):
     assert (values.sum(axis=1) == 0).any() or len(values) < 100
 
 
-def test_every_row_has_its_image_and_back(dataset):
-    out, _ = dataset
+def test_every_row_has_its_image_and_back(any_dataset):
+    out, _ = any_dataset
     for split, csv in (("train", "train.csv"), ("test", "sample_submission.csv")):
         rows = {f"{u}.jpg" for u in _read(out, csv)[L.ID_COLUMN]}
         files = set(os.listdir(os.path.join(out, split)))
@@ -116,7 +132,8 @@ def test_every_row_has_its_image_and_back(dataset):
 def test_annotations_inside_their_image_and_on_a_tube(dataset):
     out, _ = dataset
     train, annotations = _read(out, "train.csv").set_index(L.ID_COLUMN), _read(out, "train_annotations.csv")
-    assert 0 < annotations[L.ID_COLUMN].nunique() < len(train), "a share of the images is annotated"
+    # The default annotated fraction, 0.3 of the 40 train studies, as in the real data.
+    assert annotations[L.ID_COLUMN].nunique() == 12
     assert annotations["data"].str.match(r"^\[\[\d+, \d+\](, \[\d+, \d+\])*\]$").all(), "Kaggle's data format"
     for uid, group in annotations.groupby(L.ID_COLUMN):
         image = _image(out, "train", uid)
@@ -183,8 +200,9 @@ def _digest(folder: str) -> dict[str, str]:
     return out
 
 
-def test_same_seed_same_bytes_any_worker_count(tmp_path):
-    kwargs = dict(n_train=10, n_test=4, seed=11, scale=0.1)
+@pytest.mark.parametrize("style", ["easy", "hard"])
+def test_same_seed_same_bytes_any_worker_count(tmp_path, style):
+    kwargs = dict(n_train=10, n_test=4, seed=11, scale=0.1, style=style, annotated_fraction=0.5)
     synthetic.make_dataset(str(tmp_path / "a"), workers=1, **kwargs)
     synthetic.make_dataset(str(tmp_path / "b"), workers=2, **kwargs)
     synthetic.make_dataset(str(tmp_path / "a"), workers=1, **kwargs)  # rerun in place is allowed
@@ -192,6 +210,7 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path):
     assert len(a) == 10 + 4 + 4 and a == b
     synthetic.make_dataset(str(tmp_path / "c"), workers=1, **{**kwargs, "seed": 12})
     assert _digest(str(tmp_path / "c"))["train.csv"] != a["train.csv"]
+    assert len(pd.read_csv(tmp_path / "a" / "train_annotations.csv")) > 0
 
 
 def test_realistic_size_at_scale_one():
@@ -212,6 +231,10 @@ def test_bad_input_and_stale_folder(tmp_path):
         synthetic.make_dataset(str(tmp_path), n_train=0, n_test=1)
     with pytest.raises(ValueError, match="scale"):
         synthetic.make_dataset(str(tmp_path), n_train=2, n_test=1, scale=10)
+    with pytest.raises(ValueError, match="style='medium'"):
+        synthetic.make_dataset(str(tmp_path), n_train=2, n_test=1, style="medium")
+    with pytest.raises(ValueError, match="annotated_fraction=1.5"):
+        synthetic.make_dataset(str(tmp_path), n_train=2, n_test=1, annotated_fraction=1.5)
     synthetic.make_dataset(str(tmp_path), n_train=3, n_test=2, seed=0, workers=1, scale=0.05)
     # A killed run's temporary file (images are written to a temporary name, then renamed) does not
     # block the rerun, which removes it and writes the same dataset again.
@@ -232,3 +255,170 @@ def test_cli_and_preview(tmp_path):
     assert summary["n_train"] == 6 and (out / "train.csv").exists()
     image = cv2.imread(str(sheet))
     assert image is not None and image.shape[0] > 500 and image.std() > 20
+    both = tmp_path / "both.png"
+    synthetic.main(["--out", str(tmp_path / "hard"), "--n-train", "4", "--n-test", "1", "--workers", "1", "--style",
+                    "hard", "--scale", "0.1", "--preview", str(both), "--preview-styles", "easy,hard", "--overlay"])
+    assert cv2.imread(str(both)).shape[0] == 2 * image.shape[0], "one block of films per style"
+    with pytest.raises(SystemExit) as stop:
+        synthetic.main(["--out", str(tmp_path / "x"), "--n-train", "2", "--n-test", "1", "--preview", str(both),
+                        "--preview-styles", "easy,medium"])
+    assert stop.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Hard style.
+
+def _labels(ett=None, ngt=None, cvc=(), swan=False):
+    """A label tuple and CVC line states from ETT / NGT state names, CVC state indices and a Swan flag."""
+    y = [0] * len(L.LABELS)
+    for name in (ett, ngt):
+        if name:
+            y[L.LABELS.index(name)] = 1
+    for state in cvc:
+        y[7 + state] = 1
+    y[10] = int(swan)
+    return tuple(y), tuple(cvc)
+
+
+def hard_state(label: str, tip_st, landmarks, tip_inside: bool) -> str:
+    """The state a labelled line's tip implies, by the rules of the ``ranzcr_tf.synth.hard`` docstring
+    (thresholds at the middle of each gap between the documented ranges)."""
+    s, t = tip_st
+    if label.startswith("ETT"):
+        d = landmarks["carina"][1] - t
+        return "Abnormal" if d < -0.01 or d > 0.195 else ("Borderline" if d < 0.06 else "Normal")
+    if label.startswith("NGT"):
+        if not tip_inside:
+            return "Incompletely Imaged"
+        e = t - landmarks["diaphragm"][1]
+        return "Normal" if e > 0.015 else ("Borderline" if e > -0.115 else "Abnormal")
+    if label.startswith("CVC"):
+        c = t - landmarks["cavo-atrial junction"][1]
+        return "Abnormal" if c > 0.025 or c < -0.245 else ("Normal" if c > -0.10 else "Borderline")
+    return "Present" if abs(s - landmarks["carina"][0]) >= 0.10 else "not in a pulmonary artery"
+
+
+HARD_CASES = [_labels("ETT - Normal", "NGT - Normal", (2,)), _labels("ETT - Borderline", "NGT - Borderline", (1,)),
+              _labels("ETT - Abnormal", "NGT - Abnormal", (0,)), _labels(None, "NGT - Incompletely Imaged", (0, 2)),
+              _labels("ETT - Abnormal", "NGT - Abnormal", (1, 2), swan=True), _labels(None, None, ())]
+
+
+@pytest.fixture(scope="module")
+def hard_films():
+    """48 hard films (every state, several tips each) with the same film drawn without its labelled lines."""
+    films = []
+    for index in range(48):
+        labels, cvc = HARD_CASES[index % len(HARD_CASES)]
+        image, geometry = synthetic.hard_study(5, "train", index, index // 3, labels, cvc, scale=0.25)
+        bare, _ = synthetic.hard_study(5, "train", index, index // 3, labels, cvc, scale=0.25, draw_labelled=False)
+        films.append((labels, cvc, image, bare, geometry))
+    return films
+
+
+def test_hard_tips_agree_with_labels_via_landmarks(hard_films):
+    seen = set()
+    for labels, cvc, image, _, geometry in hard_films:
+        expected = sorted([L.LABELS[k] for k in range(7) if labels[k]] + [L.LABELS[7 + c] for c in cvc]
+                          + ([L.LABELS[10]] if labels[10] else []))
+        assert sorted(label for label, _ in geometry.lines) == expected
+        h, w = image.shape
+        for label, line in geometry.lines:
+            tip = line[-1]
+            inside = 0 <= tip[0] < w and 0 <= tip[1] < h
+            state = hard_state(label, geometry.to_body(tip)[0], geometry.landmarks, inside)
+            assert state == (label.split(" - ")[1] if " - " in label else "Present"), (label, state)
+            if label != "NGT - Incompletely Imaged":
+                assert inside, f"{label}: its tip must be on the film"
+            seen.add(label)
+    assert seen == set(L.LABELS), "every label was drawn"
+
+
+def test_hard_lines_are_the_only_difference_and_are_thin_and_faint(hard_films):
+    over_dark, over_bright = [], []
+    for labels, _, image, bare, geometry in hard_films:
+        added = image.astype(np.int16) - bare.astype(np.int16)
+        near = np.zeros(image.shape, np.uint8)
+        for label, line in geometry.lines:
+            pts = np.round(line * 16).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(near, [pts], False, 1, 12, cv2.LINE_8, 4)
+            inside = line[(line[:, 0] >= 0) & (line[:, 0] < image.shape[1] - 1) & (line[:, 1] >= 0)
+                          & (line[:, 1] < image.shape[0] - 1)]
+            cells = np.round(inside).astype(int)
+            hits = [added[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max() > 0 for x, y in cells]
+            assert np.mean(hits) >= 0.9, f"{label}: the drawn line is at its geometry"
+            for x, y in cells:
+                step = int(added[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max())
+                (over_bright if bare[y, x] >= 150 else over_dark if bare[y, x] <= 90 else []).append(step)
+        assert not added[near == 0].any(), "nothing but the labelled lines depends on the labels"
+        if not geometry.lines:
+            assert not added.any()
+    assert 3 <= np.median(over_dark) <= 60, "faint: a few tens of grey levels over the lung at most"
+    assert np.median(over_bright) < np.median(over_dark), "less contrast behind the heart, spine and abdomen"
+
+
+def test_hard_realistic_size_and_line_width():
+    for index in range(3):
+        labels, cvc = _labels(None, "NGT - Normal", (2,))
+        image, geometry = synthetic.hard_study(2, "test", index, index, labels, cvc, scale=1.0)
+        bare, _ = synthetic.hard_study(2, "test", index, index, labels, cvc, scale=1.0, draw_labelled=False)
+        h, w = image.shape
+        assert 1400 <= max(w, h) <= 2600
+        added = (image.astype(np.int16) - bare).clip(0)
+        length = 0.0
+        for _, line in geometry.lines:
+            inside = (line[:, 0] >= 0) & (line[:, 0] < w) & (line[:, 1] >= 0) & (line[:, 1] < h)
+            length += np.linalg.norm(np.diff(line, axis=0), axis=1)[inside[1:] & inside[:-1]].sum()
+        # Equivalent width (added grey levels over length times the line's typical peak), in pixels:
+        # 2-4 px at 2,000 px for the NGT and the CVC, give or take the anti-aliasing.
+        peak = np.percentile(added[added > 0], 90)
+        width = added.sum() / (length * peak)
+        assert 1.0 <= width <= 5.0 * max(w, h) / 2000, width
+
+
+def test_hard_distractors_present_and_never_annotated(hard_films, hard_dataset):
+    kinds = [set(geometry.distractors) for *_, geometry in hard_films]
+    assert np.mean([bool(k) for k in kinds]) >= 0.6, "most films carry distractors"
+    everything = set().union(*kinds)
+    assert {"ecg electrode", "ecg lead", "cable"} <= everything and len(everything) >= 5, everything
+    assert any(geometry.markers for *_, geometry in hard_films), "side markers and text"
+    # A film without any tube still has its distractors, and no labelled line.
+    empty = [(image, geometry) for labels, _, image, _, geometry in hard_films if not any(labels)]
+    assert empty and all(not g.lines for _, g in empty) and any(g.distractors for _, g in empty)
+    out, _ = hard_dataset
+    train, annotations = _read(out, "train.csv").set_index(L.ID_COLUMN), _read(out, "train_annotations.csv")
+    assert annotations[L.ID_COLUMN].nunique() == 12, "0.3 of 40 studies annotated"
+    for uid, rows in annotations.groupby(L.ID_COLUMN):
+        positive = [k for k in L.LABELS if train.loc[uid, k] == 1]
+        assert set(rows["label"]) == set(positive), "one row per labelled tube, none for a distractor"
+        assert len(rows) <= len(positive) + 1  # two CVC lines of one state give two rows
+        image = _image(out, "train", uid)
+        for data in rows["data"]:
+            pts = np.array(json.loads(data))
+            # The line is brighter than its surroundings at the clicked points (JPEG and noise allowed).
+            lift = [int(image[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max())
+                    - float(np.median(image[max(0, y - 6):y + 7, max(0, x - 6):x + 7])) for x, y in pts]
+            assert np.mean(lift) > 2, lift
+
+
+def test_hard_rotation_and_anatomy_move_the_landmarks(hard_films):
+    angles = [geometry.angle_deg for *_, geometry in hard_films]
+    assert max(angles) - min(angles) > 8 and max(abs(a) for a in angles) <= 10
+    carina_px, axis_deg, carina_t = [], [], []
+    for *_, geometry in hard_films:
+        s, t = geometry.landmarks["carina"]
+        top, bottom = geometry.to_px([(s, 0.0), (s, 1.0)])
+        carina_px.append(geometry.to_px([(s, t)])[0] / [geometry.width, geometry.height])
+        axis_deg.append(np.degrees(np.arctan2(top[0] - bottom[0], bottom[1] - top[1])))
+        carina_t.append(t)
+        np.testing.assert_allclose(geometry.to_body(geometry.to_px([(s, t)]))[0], (s, t), atol=1e-9)
+    np.testing.assert_allclose(axis_deg, angles, atol=1e-6)  # the body axis turns with the pose
+    assert np.ptp(np.array(carina_px)[:, 0]) > 0.05 and np.ptp(carina_t) > 0.04, "landmarks move"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_annotated_fraction(tmp_path, fraction):
+    summary = synthetic.make_dataset(str(tmp_path), n_train=60, n_test=2, seed=4, workers=1, scale=0.05,
+                                     annotated_fraction=fraction, style="hard")
+    train = pd.read_csv(tmp_path / "train.csv")
+    with_tube = int((train[list(L.LABELS)].sum(axis=1) > 0).sum())
+    assert summary["n_annotated_images"] == min(with_tube, round(fraction * 60))

@@ -1,13 +1,24 @@
 """Synthetic RANZCR CLiP data in the exact Kaggle layout, for demos and tests.
 
     python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 600 --n-test 200 --seed 0 --preview sheet.png
+    python -m ranzcr_tf.synth.generate --style hard --out data/hard --n-train 600 --n-test 200 \
+        --preview sheet.png --preview-styles easy,hard --overlay
 
 writes ``train.csv``, ``train/<StudyInstanceUID>.jpg``, ``test/<StudyInstanceUID>.jpg``,
-``train_annotations.csv`` (Kaggle's ``[[x, y], ...]`` strings, for about ``annotate_share`` of the
-train images that have tubes), ``sample_submission.csv`` (all zeros) and ``test_labels.csv`` (the
-true test labels, in submission layout, so a submission can be scored).
+``train_annotations.csv`` (Kaggle's ``[[x, y], ...]`` strings, one row per drawn tube, for
+``round(annotated_fraction * n_train)`` train studies, default 30% as in the real data where about
+9,000 of 30,083 studies are annotated; drawn among the studies with at least one tube, all of them
+when fewer have tubes), ``sample_submission.csv`` (all zeros) and ``test_labels.csv`` (the true test
+labels, in submission layout, so a submission can be scored).
 
-Images are single-channel 8-bit JPEGs of a chest-radiograph phantom (:mod:`ranzcr_tf.synth.phantom`):
+Two styles (``--style``). ``hard`` (:mod:`ranzcr_tf.synth.hard`, whose docstring states its label
+rules) is written to be hard the way real films are: thin faint lines whose contrast drops over
+the heart and spine, crossing lines, unlabelled distractors (ECG leads, oxygen tubing, pacemakers,
+clips, cables, L/R markers and text), tilted and shifted patients and varied anatomy and exposure.
+``easy`` (the default for now, what the demo preset was tuned on) is described below. A hard
+dataset has its own IDs and label draws, so it never collides with an easy one of the same seed.
+
+Easy images are single-channel 8-bit JPEGs of a chest-radiograph phantom (:mod:`ranzcr_tf.synth.phantom`):
 soft tissue, lungs, mediastinum, heart, spine, ribs, clavicles, diaphragm domes, a gastric bubble,
 airways with a visible carina, exposure/gamma/noise variation; long side 1,500-2,600 px times
 ``scale``, 70% portrait. Studies of one patient share the body shape.
@@ -59,7 +70,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.synth import phantom
+from ranzcr_tf.synth import hard, phantom
 from ranzcr_tf.prep.workers import available_cores, ordered_map, start_pool
 from ranzcr_tf.labels import ANNOTATION_COLUMNS, GROUPS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS, TRAIN_COLUMNS
 
@@ -74,6 +85,7 @@ _NGT_P = [0.723, 0.009, 0.018, 0.090, 0.160]  # none, Abnormal, Borderline, Inco
 _CVC_COUNT_P = [0.08, 0.62, 0.30]  # 0, 1 or 2 lines -> about 69% Normal, 28% Borderline, 10% Abnormal
 _CVC_STATE_P = [0.08, 0.24, 0.68]  # Abnormal, Borderline, Normal (per line)
 _SWAN_P = 0.028
+STYLES = ("easy", "hard")
 
 
 def positive_floor(n: int) -> int:
@@ -174,10 +186,14 @@ def _patients(rng: np.random.Generator, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Rendering one study (runs in the workers).
 
-def render_study(seed: int, split: str, index: int, patient: int, labels, cvc_states, scale: float = 1.0):
+def render_study(seed: int, split: str, index: int, patient: int, labels, cvc_states, scale: float = 1.0,
+                 style: str = "easy"):
     """``(jpeg_bytes, [(label, line_px), ...], (width, height))`` for one study. The labels decide
     the drawing; every random choice comes from ``(seed, split, index)`` (body shape from
     ``(seed, split, patient)``)."""
+    if style == "hard":
+        image, geometry = hard_study(seed, split, index, patient, labels, cvc_states, scale)
+        return _encode(image, split, index), geometry.lines, (geometry.width, geometry.height)
     code = _SPLITS[split]
     rng, patient_rng = _rng(seed, code, index, 1), _rng(seed, code, patient, 2)
     width, height = phantom.image_size(rng, scale)
@@ -203,15 +219,31 @@ def render_study(seed: int, split: str, index: int, patient: int, labels, cvc_st
         line = phantom.tube_pixels(points, width, height)
         phantom.draw_tube(image, line, thickness, int(rng.integers(phantom.TUBE_MIN, 256)))
         drawn.append((label, line))
+    return _encode(image, split, index), drawn, (width, height)
+
+
+def hard_study(seed: int, split: str, index: int, patient: int, labels, cvc_states, scale: float = 1.0,
+               draw_labelled: bool = True) -> tuple[np.ndarray, hard.Geometry]:
+    """The hard style's ``(uint8 image, Geometry)`` of one study (what :func:`render_study` encodes);
+    ``draw_labelled=False`` gives the same film without its labelled lines (for tests)."""
+    tubes = [(LABELS[k], state) for k, state in enumerate(_ETT) if labels[k]]
+    tubes += [(LABELS[3 + k], state) for k, state in enumerate(_NGT) if labels[3 + k]]
+    tubes += [(LABELS[7 + state], _CVC[state]) for state in cvc_states]
+    tubes += [(LABELS[10], "Present")] if labels[10] else []
+    code = _SPLITS[split]
+    return hard.render(_rng(seed, code, index, 11), _rng(seed, code, patient, 12), tubes, scale, draw_labelled)
+
+
+def _encode(image: np.ndarray, split: str, index: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for {split} study {index}")
-    return buf.tobytes(), drawn, (width, height)
+    return buf.tobytes()
 
 
 def _work(job) -> tuple[int, list[tuple[str, str]]]:
-    seed, split, index, patient, labels, cvc_states, scale, path, annotate = job
-    data, drawn, (width, height) = render_study(seed, split, index, patient, labels, cvc_states, scale)
+    seed, split, index, patient, labels, cvc_states, scale, path, annotate, style = job
+    data, drawn, (width, height) = render_study(seed, split, index, patient, labels, cvc_states, scale, style)
     io_utils.atomic_write_bytes(path, data)  # a killed run leaves no half-written JPEG behind
     rows = []
     if annotate:
@@ -226,7 +258,9 @@ def _work(job) -> tuple[int, list[tuple[str, str]]]:
 # ----------------------------------------------------------------------------------------------
 # The dataset.
 
-def _validate(n_train, n_test, seed, workers, scale, annotate_share) -> None:
+def _validate(n_train, n_test, seed, workers, scale, annotated_fraction, style) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)} (--style)")
     if int(n_train) < 1:
         raise ValueError(f"n_train={n_train}: ask for at least 1 training study (--n-train)")
     if int(n_test) < 1:
@@ -237,40 +271,58 @@ def _validate(n_train, n_test, seed, workers, scale, annotate_share) -> None:
         raise ValueError(f"workers={workers}: use 0 (all cores) or a positive number of processes")
     if not 0.05 <= float(scale) <= 2.0:
         raise ValueError(f"scale={scale}: use a size factor in [0.05, 2] (1 = realistic 1,500-2,600 px films)")
-    if not 0.0 <= float(annotate_share) <= 1.0:
-        raise ValueError(f"annotate_share={annotate_share}: use a share in [0, 1]")
+    if not 0.0 <= float(annotated_fraction) <= 1.0:
+        raise ValueError(f"annotated_fraction={annotated_fraction}: use a share of the train studies in [0, 1] "
+                         "(--annotated-fraction; the real data has about 0.3)")
 
 
-def _split_table(seed: int, split: str, uids: list[str]) -> tuple[pd.DataFrame, list[list[int]]]:
+def _table_rng(seed: int, style: str, *keys: int) -> np.random.Generator:
+    """Label-table draws; the easy style keeps its original keys, the hard one gets its own stream."""
+    return _rng(seed, 99, *keys) if style == "easy" else _rng(seed, 99, *keys, STYLES.index(style))
+
+
+def _split_table(seed: int, split: str, uids: list[str], style: str = "easy") -> tuple[pd.DataFrame, list[list[int]]]:
     """Labels (floored), patient index and CVC line states of one split."""
     code, n = _SPLITS[split], len(uids)
-    ett, ngt, cvc, swan = _sample_split(_rng(seed, 99, code, 0), n)
-    _enforce_floor(_rng(seed, 99, code, 1), ett, ngt, cvc, swan, positive_floor(n))
+    ett, ngt, cvc, swan = _sample_split(_table_rng(seed, style, code, 0), n)
+    _enforce_floor(_table_rng(seed, style, code, 1), ett, ngt, cvc, swan, positive_floor(n))
     frame = pd.DataFrame(_to_labels(ett, ngt, cvc, swan), columns=list(LABELS))
     frame.insert(0, ID_COLUMN, uids)
-    frame[PATIENT_COLUMN] = _patients(_rng(seed, 99, code, 2), n) if split == "train" else np.arange(n)
+    frame[PATIENT_COLUMN] = _patients(_table_rng(seed, style, code, 2), n) if split == "train" else np.arange(n)
     return frame, cvc
 
 
+def annotated_studies(rng: np.random.Generator, has_tube: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask: ``round(fraction * n)`` studies drawn among those with a tube (all of them if fewer)."""
+    candidates = np.flatnonzero(has_tube)
+    count = min(len(candidates), int(round(float(fraction) * len(has_tube))))
+    mask = np.zeros(len(has_tube), bool)
+    mask[rng.permutation(candidates)[:count]] = True
+    return mask
+
+
 def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers: int = 0, scale: float = 1.0,
-                 annotate_share: float = 0.5) -> dict:
+                 annotated_fraction: float = 0.3, style: str = "easy") -> dict:
     """Write a synthetic RANZCR CLiP dataset in Kaggle's layout to ``out_dir`` and return a summary.
 
     ``workers=0`` uses every core; the files are byte-identical for any worker count. ``scale``
-    multiplies the image size (1 = long side 1,500-2,600 px; tests use 0.1-0.3). ``annotate_share``
-    is the share of train studies with tubes that get rows in ``train_annotations.csv``. Refuses
-    (ValueError) to write into a folder holding images of another dataset.
+    multiplies the image size (1 = realistic films, long side 1,500-2,600 px easy, 1,400-2,600 px hard;
+    tests use 0.1-0.3).
+    ``annotated_fraction`` is the share of train studies with rows in ``train_annotations.csv``
+    (drawn among those with a tube; 0.3 as in the real data, 1.0 for every study with a tube).
+    ``style`` is ``"easy"`` or ``"hard"`` (module docstring). Refuses (ValueError) to write into a
+    folder holding images of another dataset.
     """
-    _validate(n_train, n_test, seed, workers, scale, annotate_share)
+    _validate(n_train, n_test, seed, workers, scale, annotated_fraction, style)
     n_train, n_test, seed = int(n_train), int(n_test), int(seed)
-    uids = _unique_ids(_rng(seed, 99, 7), n_train + n_test, _uids)
-    train, train_cvc = _split_table(seed, "train", uids[:n_train])
-    test, test_cvc = _split_table(seed, "test", uids[n_train:])
-    patient_names = _unique_ids(_rng(seed, 99, 8), int(train[PATIENT_COLUMN].max()) + 1, _patient_ids)
+    uids = _unique_ids(_table_rng(seed, style, 7), n_train + n_test, _uids)
+    train, train_cvc = _split_table(seed, "train", uids[:n_train], style)
+    test, test_cvc = _split_table(seed, "test", uids[n_train:], style)
+    patient_names = _unique_ids(_table_rng(seed, style, 8), int(train[PATIENT_COLUMN].max()) + 1, _patient_ids)
     train_patients = train[PATIENT_COLUMN].to_numpy()
     train[PATIENT_COLUMN] = [patient_names[p] for p in train_patients]
     has_tube = train[list(LABELS)].to_numpy().sum(1) > 0
-    annotate = has_tube & (_rng(seed, 99, 9).random(n_train) < annotate_share)
+    annotate = annotated_studies(_table_rng(seed, style, 9), has_tube, annotated_fraction)
 
     for split, frame in (("train", train), ("test", test)):
         folder = os.path.join(out_dir, split)
@@ -289,7 +341,7 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
         y = frame[list(LABELS)].to_numpy()
         for i, uid in enumerate(frame[ID_COLUMN]):
             jobs.append((seed, split, i, int(patients[i]), tuple(int(v) for v in y[i]), tuple(cvc[i]), float(scale),
-                         os.path.join(out_dir, split, f"{uid}.jpg"), bool(split == "train" and annotate[i])))
+                         os.path.join(out_dir, split, f"{uid}.jpg"), bool(split == "train" and annotate[i]), style))
     workers = min(workers or available_cores(), len(jobs))
     annotations: dict[int, list] = {}
     bar = tqdm(total=len(jobs), desc="synthetic studies", unit="img")
@@ -314,7 +366,7 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     io_utils.atomic_write_text(paths["train_annotations.csv"],
                                pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS)).to_csv(index=False))
     return {
-        "out_dir": out_dir, "n_train": n_train, "n_test": n_test, "n_patients": len(patient_names),
+        "out_dir": out_dir, "style": style, "seed": seed, "scale": float(scale), "n_train": n_train, "n_test": n_test, "n_patients": len(patient_names),
         "n_annotations": len(ann_rows), "n_annotated_images": int(sum(1 for i in annotations if annotations[i])),
         "train_positives": {k: int(v) for k, v in train[list(LABELS)].sum().items()},
         "test_positives": {k: int(v) for k, v in test[list(LABELS)].sum().items()},
@@ -323,91 +375,58 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
 
 
 # ----------------------------------------------------------------------------------------------
-# Contact sheet and CLI.
-
-_SHORT = {"Abnormal": "A", "Borderline": "B", "Normal": "N", "Incompletely Imaged": "I"}
-_COLOURS = {"ETT": "tab:red", "NGT": "tab:green", "CVC": "tab:cyan", "Swan Ganz": "tab:orange"}
-
-
-def short_title(row) -> str:
-    """``'ETT N | NGT I | CVC B,N | SG'`` for one train.csv row; ``'no tubes'`` when all zero."""
-    parts = []
-    for group, members in GROUPS.items():
-        on = [m for m in members if int(row[m])]
-        if on and group == "Swan Ganz":
-            parts.append("SG")
-        elif on:
-            parts.append(f"{group} " + ",".join(_SHORT[m.split(' - ', 1)[1]] for m in on))
-    return " | ".join(parts) or "no tubes"
-
-
-def make_preview(data_dir: str, path: str, rows: int = 4, cols: int = 4, overlay: bool = False) -> str:
-    """A ``rows x cols`` PNG contact sheet of the first train images, titled with their positive
-    labels; ``overlay`` draws the annotated tube lines in their family's colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ranzcr_tf.labels import group_of
-
-    train = pd.read_csv(os.path.join(data_dir, "train.csv"))
-    ann = pd.read_csv(os.path.join(data_dir, "train_annotations.csv")) if overlay else None
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows))
-    for ax, (_, row) in zip(np.ravel(axes), train.head(rows * cols).iterrows()):
-        image = cv2.imread(os.path.join(data_dir, "train", f"{row[ID_COLUMN]}.jpg"), cv2.IMREAD_GRAYSCALE)
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        if ann is not None:
-            for _, a in ann[ann[ID_COLUMN] == row[ID_COLUMN]].iterrows():
-                pts = np.array(json.loads(a["data"]))
-                ax.plot(pts[:, 0], pts[:, 1], "-", lw=1, color=_COLOURS[group_of(a["label"])], alpha=0.8)
-        ax.set_title(short_title(row), fontsize=8)
-        ax.set_xlabel(f"{image.shape[1]}x{image.shape[0]}", fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in np.ravel(axes)[len(train.head(rows * cols)):]:
-        ax.axis("off")
-    fig.suptitle("synthetic RANZCR studies (A abnormal, B borderline, N normal, I incompletely imaged, SG Swan-Ganz)",
-                 fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
+# CLI.
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m ranzcr_tf.synth.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a synthetic RANZCR CLiP dataset (chest-radiograph phantoms with tubes whose "
                     "placement decides the 11 labels) in the exact Kaggle layout.",
-        epilog="Example: python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 600 --n-test 200 "
-               "--seed 0 --preview data/synthetic/preview.png")
+        epilog="Example: python -m ranzcr_tf.synth.generate --style hard --out data/hard --n-train 600 --n-test 200 "
+               "--seed 0 --preview data/hard/preview.png --preview-styles easy,hard --overlay")
     parser.add_argument("--out", required=True, help="output folder (created; must not hold another dataset)")
     parser.add_argument("--n-train", type=int, required=True, help="number of training studies")
     parser.add_argument("--n-test", type=int, required=True, help="number of test studies")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    parser.add_argument("--style", default="easy", choices=STYLES,
+                        help="easy: thick bright upright tubes (default); hard: thin faint crowded lines, "
+                             "distractors, tilted patients (see ranzcr_tf.synth.hard)")
     parser.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores (default)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="image size factor: 1 = long side 1,500-2,600 px (default); 0.2 for quick tests")
-    parser.add_argument("--annotate-share", type=float, default=0.5,
-                        help="share of train studies with tubes that get train_annotations.csv rows (default 0.5)")
+                        help="image size factor: 1 = realistic films, long side 1,500-2,600 px (easy) or 1,400-2,600 "
+                             "px (hard) (default); "
+                             "0.2 for quick tests")
+    parser.add_argument("--annotated-fraction", type=float, default=0.3,
+                        help="share of train studies with train_annotations.csv rows, drawn among those with "
+                             "a tube (default 0.3, as in the real data)")
     parser.add_argument("--preview", metavar="PNG", help="also write a 4x4 contact sheet of train images")
+    parser.add_argument("--preview-styles", metavar="LIST",
+                        help="comma-separated styles for the contact sheet, e.g. easy,hard: 4x4 films per style "
+                             "with the same labels (default: this dataset's style only)")
     parser.add_argument("--overlay", action="store_true", help="draw the annotated tube lines on the preview")
     args = parser.parse_args(argv)
+    styles = [s.strip() for s in (args.preview_styles or args.style).split(",") if s.strip()]
+    unknown = sorted(set(styles) - set(STYLES))
+    if unknown:
+        parser.error(f"--preview-styles: unknown style {', '.join(unknown)}; use a comma-separated list of "
+                     f"{', '.join(STYLES)}")
     start = time.time()
     try:
         summary = make_dataset(args.out, args.n_train, args.n_test, seed=args.seed, workers=args.workers,
-                               scale=args.scale, annotate_share=args.annotate_share)
+                               scale=args.scale, annotated_fraction=args.annotated_fraction, style=args.style)
     except ValueError as err:
         parser.error(str(err))
     seconds = time.time() - start
-    print(f"wrote {summary['n_train']} train + {summary['n_test']} test studies "
-          f"({summary['n_patients']} patients, {summary['n_annotations']} annotation rows) to {args.out} "
-          f"in {seconds:.1f} s")
+    print(f"wrote {summary['n_train']} {args.style} train + {summary['n_test']} test studies "
+          f"({summary['n_patients']} patients, {summary['n_annotations']} annotation rows on "
+          f"{summary['n_annotated_images']} studies) to {args.out} in {seconds:.1f} s")
     print("train positives: " + ", ".join(f"{k}={v}" for k, v in summary["train_positives"].items()))
     if args.preview:
-        print(f"preview: {make_preview(args.out, args.preview, overlay=args.overlay)}")
+        from ranzcr_tf.synth.preview import make_preview
+
+        sheet = make_preview(args.out, args.preview, overlay=args.overlay, styles=styles, data_style=args.style,
+                             seed=args.seed, scale=args.scale)
+        print(f"preview: {sheet}")
     return summary
 
 

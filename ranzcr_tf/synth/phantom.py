@@ -132,10 +132,17 @@ def _arc(center_s, center_t, ax_s, ax_t, deg0, deg1, n=28):
     return np.stack([center_s + ax_s * np.cos(th), center_t - ax_t * np.sin(th)], 1)
 
 
-def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int,
-                   lumens: list | None = None) -> np.ndarray:
+def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int, lumens: list | None = None,
+                   pose: np.ndarray | None = None, ecg: bool = True, tone: tuple | None = None,
+                   texture=None) -> np.ndarray:
     """The uint8 phantom (no noise, no tubes) at ``(height, width)``; ``lumens`` are
-    ``(points_st, width_frame)`` faint tube bodies (the ETT's), drawn into the anatomy."""
+    ``(points_st, width_frame)`` faint tube bodies (the ETT's), drawn into the anatomy.
+
+    ``pose`` (2x3 affine, full-resolution pixels of the upright frame -> film pixels) tilts and
+    shifts the patient; ``ecg=False`` leaves out the built-in electrodes (the hard style draws its
+    own); ``tone`` is ``((low_min, low_max), (high_min, high_max), (gamma_min, gamma_max), cap)``
+    for the exposure mapping (default: the easy style's, capped at :data:`ANATOMY_MAX`);
+    ``texture(density, canvas)`` may add to the low-resolution density map before it is blurred."""
     f = max(1.0, max(width, height) / _LOWRES)
     size = (max(8, int(round(width / f))), max(8, int(round(height / f))))
     c = _Canvas(width, height, size)
@@ -221,27 +228,35 @@ def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int
     d -= 0.2 * cv2.GaussianBlur(air, (0, 0), 0.003 * size[1])
     for points, width_frame in lumens or []:
         cv2.polylines(d, [c.poly(chaikin(np.asarray(points), 3))], False, 0.62, u(width_frame))
-    for _ in range(int(rng.integers(0, 4))):  # ECG electrodes and their leads (below tube brightness)
+    for _ in range(int(rng.integers(0, 4)) if ecg else 0):  # ECG electrodes and their leads (below tube brightness)
         e = np.array([rng.uniform(0.15, 0.85), rng.uniform(0.12, 0.55)])
         ep = c.px([e])[0]
         cv2.circle(d, (int(ep[0]), int(ep[1])), u(0.014), 0.95, u(0.004))
         lead = [e, e + rng.uniform(-0.1, 0.1, 2), e + rng.uniform(-0.25, 0.25, 2) + [0, 0.1]]
         cv2.polylines(d, [c.poly(chaikin(np.array(lead), 3))], False, 0.85, u(0.003))
+    if texture is not None:
+        texture(d, c)
     d = cv2.GaussianBlur(d, (0, 0), 0.0025 * size[1])
+    if pose is not None:  # the patient moves, the detector (and its gain field below) does not
+        kx, ky = size[0] / width, size[1] / height
+        low_pose = np.array([[kx, 0, 0], [0, ky, 0]]) @ np.vstack([pose, [0, 0, 1]]) @ np.diag([1 / kx, 1 / ky, 1])
+        d = cv2.warpAffine(d, low_pose, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     # Exposure: a tilted gain field, gamma and a level that tops out at or below ANATOMY_MAX.
     gx, gy = np.meshgrid(np.linspace(-1, 1, size[0], dtype=np.float32), np.linspace(-1, 1, size[1], dtype=np.float32))
     d *= 1 + rng.uniform(-0.06, 0.06) * gx + rng.uniform(-0.06, 0.06) * gy
-    low, high = rng.uniform(0, 12), rng.uniform(145, ANATOMY_MAX)
-    tone = low + (high - low) * np.clip(d, 0, 1) ** rng.uniform(0.8, 1.3)
-    small = np.clip(tone, 0, ANATOMY_MAX).astype(np.uint8)
+    low_range, high_range, gamma_range, cap = tone or ((0, 12), (145, ANATOMY_MAX), (0.8, 1.3), ANATOMY_MAX)
+    low, high = rng.uniform(*low_range), rng.uniform(*high_range)
+    levels = low + (high - low) * np.clip(d, 0, 1) ** rng.uniform(*gamma_range)
+    small = np.clip(levels, 0, cap).astype(np.uint8)
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def add_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Quantum-like Gaussian noise; cv2's generator, seeded from ``rng``, is 4x faster than numpy's."""
+def add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float | None = None) -> np.ndarray:
+    """Quantum-like Gaussian noise (``sigma`` grey levels, default drawn from 1.5-4); cv2's generator,
+    seeded from ``rng``, is 4x faster than numpy's."""
     cv2.setRNGSeed(int(rng.integers(1, 2**31 - 1)))
     noise = np.empty(image.shape, np.int16)
-    cv2.randn(noise, 0, float(rng.uniform(1.5, 4.0)))
+    cv2.randn(noise, 0, float(rng.uniform(1.5, 4.0) if sigma is None else sigma))
     return cv2.add(image, noise, dtype=cv2.CV_8U)
 
 
