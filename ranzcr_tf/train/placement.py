@@ -259,33 +259,29 @@ def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: 
       on scalars ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow#72388).
     """
     strategy = placement.strategy
-    if strategy is None or getattr(model, "_distribute_strategy", None) is None:
-        return  # default strategy (Keras builds lazily on first trace) or JAX
+    if strategy is None:
+        return  # JAX
+    from ranzcr_tf import compat
+
+    if not compat.built_under_strategy(model):
+        return  # default strategy: Keras builds lazily on the first trace
     import keras
-    from keras import ops
 
     set_batchnorm_synchronized(model, wants_synchronized_batchnorm(placement))
-
     symbolic = (keras.KerasTensor((1, *tuple(input_shape)), dtype=input_dtype),
                 keras.KerasTensor((1, num_classes), dtype="float32"))
-
-    def build_from_shapes(iterator=None, data_batch=None):
-        with strategy.scope():
-            model._symbolic_build(data_batch=symbolic)
-
-    if not hasattr(type(model), "_maybe_symbolic_build"):
-        import warnings
-
-        warnings.warn(f"Keras {keras.__version__} has no Trainer._maybe_symbolic_build (written against Keras "
-                      "3.14-3.15): the first batch under a TensorFlow strategy may differ from a single-device "
-                      "run, and MultiWorkerMirroredStrategy may fail; please report it", RuntimeWarning, stacklevel=2)
-    model._maybe_symbolic_build = build_from_shapes  # this instance only
+    compat.build_from_symbolic_batch(model, strategy, symbolic)
     if placement.kind == "multiworker":
-        train_step = type(model).train_step.__get__(model)
+        compat.wrap_train_step(model, _with_vector_logs)
 
-        def train_step_vector_logs(data):
-            logs = train_step(data)
-            return {name: ops.reshape(value, (1,)) if len(getattr(value, "shape", (0,))) == 0 else value
-                    for name, value in logs.items()}
 
-        model.train_step = train_step_vector_logs
+def _with_vector_logs(train_step):
+    """``train_step`` whose scalar logs come back as 1-element vectors (see ``prepare_model``)."""
+    from keras import ops
+
+    def train_step_vector_logs(data):
+        logs = train_step(data)
+        return {name: ops.reshape(value, (1,)) if len(getattr(value, "shape", (0,))) == 0 else value
+                for name, value in logs.items()}
+
+    return train_step_vector_logs
