@@ -266,35 +266,39 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = float(best), state.get("best_epoch")
 
 
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+class _ResumableCounters:
+    """Mixin for a Keras callback whose counters (``RESUMED``: attribute -> type) carry over a restart.
+
+    The trainer sets ``pending_state`` (a ``get_state()`` of the epoch the restart continues after);
+    ``on_train_begin`` restores it over the fresh values Keras sets there. A missing or null value
+    keeps the fresh one.
+    """
+
+    RESUMED: dict = {}
+    pending_state: dict | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for name, kind in self.RESUMED.items():
+            value = (self.pending_state or {}).get(name)
+            if value is not None:
+                setattr(self, name, kind(value))
+
+    def get_state(self) -> dict:
+        return {name: None if getattr(self, name) is None else kind(getattr(self, name))
+                for name, kind in self.RESUMED.items()}
+
+
+class ResumableEarlyStopping(_ResumableCounters, keras.callbacks.EarlyStopping):
     """EarlyStopping whose patience counter and best value carry over a restart."""
 
-    pending_state: dict | None = None
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.pending_state:
-            self.wait = int(self.pending_state.get("wait", 0))
-            self.best = self.pending_state.get("best", self.best)
-
-    def get_state(self) -> dict:
-        return {"wait": int(self.wait), "best": None if self.best is None else float(self.best)}
+    RESUMED = {"wait": int, "best": float}
 
 
-class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
+class ResumablePlateau(_ResumableCounters, keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau whose counters carry over a restart (the lowered rate itself is in the backup)."""
 
-    pending_state: dict | None = None
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.pending_state:
-            self.wait = int(self.pending_state.get("wait", 0))
-            self.cooldown_counter = int(self.pending_state.get("cooldown_counter", 0))
-            self.best = float(self.pending_state.get("best", self.best))
-
-    def get_state(self) -> dict:
-        return {"wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter), "best": float(self.best)}
+    RESUMED = {"wait": int, "cooldown_counter": int, "best": float}
 
 
 class CSVLog(keras.callbacks.CSVLogger):
