@@ -77,7 +77,7 @@ def application_file_utils(module_name: str, make_replacement):
             module.file_utils = original
 
 
-# ----------------------------------------------------------------------------------------------- fit under tf.distribute
+# ---------------------------------------------------------------------------------------------- fit under a strategy
 def built_under_strategy(model) -> bool:
     """Whether the TensorFlow trainer recorded a non-default ``tf.distribute`` strategy for ``model``.
 

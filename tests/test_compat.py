@@ -66,9 +66,8 @@ def test_file_utils_answers_the_imagenet_download():
             self.asked.append(fname)
             raise _Served(fname)
 
-    with pytest.raises(_Served):
-        with compat.application_file_utils("mobilenet_v3", Answer) as answer:
-            keras.applications.MobileNetV3Small(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
+    with pytest.raises(_Served), compat.application_file_utils("mobilenet_v3", Answer) as answer:
+        keras.applications.MobileNetV3Small(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
     assert answer.wrapped is original and answer.asked and answer.asked[0].endswith(".h5")
     assert module.file_utils is original
 
@@ -198,8 +197,8 @@ CHECKS = {"keras_home": test_keras_home, "file_utils": test_file_utils,
 
 
 def test_every_private_name_of_compat_has_a_check_here():
-    assert set(compat.PRIVATE_NAMES) == set(CHECKS), "compat.PRIVATE_NAMES and CHECKS in this file must list the same names"
-    source = open(os.path.join(PACKAGE, "compat.py")).read()
+    assert set(compat.PRIVATE_NAMES) == set(CHECKS), "compat.PRIVATE_NAMES and CHECKS here must list the same names"
+    source = package_sources()[os.path.join("ranzcr_tf", "compat.py")]
     used = {v.split(":")[-1].strip()
             for v in scan(source, "compat.py", own_names(package_sources()), kinds=("attribute", "getattr"))}
     assert used == {name for name in compat.PRIVATE_NAMES if name.startswith("_")}, used
@@ -212,7 +211,8 @@ def package_sources() -> dict:
         for name in files:
             if name.endswith(".py"):
                 path = os.path.join(root, name)
-                sources[os.path.relpath(path, os.path.dirname(PACKAGE))] = open(path, encoding="utf-8").read()
+                with open(path, encoding="utf-8") as handle:
+                    sources[os.path.relpath(path, os.path.dirname(PACKAGE))] = handle.read()
     return sources
 
 
@@ -284,7 +284,8 @@ def _imported_modules(tree) -> dict:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                bound[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                top = alias.name.split(".")[0]
+                bound[alias.asname or top] = alias.name if alias.asname else top
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
@@ -356,7 +357,8 @@ def scan(source: str, filename: str, own: set, kinds=ALL_KINDS) -> list[str]:
                 if alias.name == "keras.src" or alias.name.startswith("keras.src."):
                     report("import", node, f"import of {alias.name}")
         elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.startswith("keras.src") or (node.module == "keras" and any(a.name == "src" for a in node.names)):
+            if node.module.startswith("keras.src") or (node.module == "keras"
+                                                       and any(a.name == "src" for a in node.names)):
                 report("import", node, f"import from {node.module}")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("keras.src") \
                 and id(node) not in in_fstrings:

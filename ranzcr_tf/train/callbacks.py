@@ -267,38 +267,38 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 class _ResumableCounters:
-    """Mixin for a Keras callback whose counters (``RESUMED``: attribute -> type) carry over a restart.
+    """Mixin for a Keras callback whose counters (``RESUMED``: (attribute, type) pairs) carry over a restart.
 
     The trainer sets ``pending_state`` (a ``get_state()`` of the epoch the restart continues after);
     ``on_train_begin`` restores it over the fresh values Keras sets there. A missing or null value
     keeps the fresh one.
     """
 
-    RESUMED: dict = {}
+    RESUMED: tuple = ()
     pending_state: dict | None = None
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        for name, kind in self.RESUMED.items():
+        for name, kind in self.RESUMED:
             value = (self.pending_state or {}).get(name)
             if value is not None:
                 setattr(self, name, kind(value))
 
     def get_state(self) -> dict:
         return {name: None if getattr(self, name) is None else kind(getattr(self, name))
-                for name, kind in self.RESUMED.items()}
+                for name, kind in self.RESUMED}
 
 
 class ResumableEarlyStopping(_ResumableCounters, keras.callbacks.EarlyStopping):
     """EarlyStopping whose patience counter and best value carry over a restart."""
 
-    RESUMED = {"wait": int, "best": float}
+    RESUMED = (("wait", int), ("best", float))
 
 
 class ResumablePlateau(_ResumableCounters, keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau whose counters carry over a restart (the lowered rate itself is in the backup)."""
 
-    RESUMED = {"wait": int, "cooldown_counter": int, "best": float}
+    RESUMED = (("wait", int), ("cooldown_counter", int), ("best", float))
 
 
 class CSVLog(keras.callbacks.CSVLogger):

@@ -32,11 +32,11 @@ import tempfile
 import keras
 import numpy as np
 
-from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf import compat, io_utils
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.prep import records
+from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
 
