@@ -20,18 +20,20 @@ Both non-``None`` cases build the *same* graph: ``keras.applications.EfficientNe
 (the published ImageNet files store the standard deviation where the variance belongs), so passing
 a path straight to Keras would compute something different from the ``"imagenet"`` model. We always
 pass ``weights="imagenet"`` and temporarily swap the application module's ``file_utils`` for a proxy
-whose ``get_file`` returns the local file. That also skips Keras' hash check, which would otherwise
-try to re-download a cached file whose hash differs.
+whose ``get_file`` returns the local file (``compat.application_file_utils``, Keras private API).
+That also skips Keras' hash check, which would otherwise try to re-download a cached file whose hash
+differs.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import keras
+
+from ranzcr_tf import compat
 
 BACKBONE_NAME = "backbone"
 
@@ -62,9 +64,7 @@ def keras_cache_dir() -> str:
     """``$KERAS_HOME/models`` (read now, not at keras import) or Keras' default ``~/.keras/models``."""
     home = os.environ.get("KERAS_HOME")
     if not home:
-        from keras.src.backend.config import keras_home
-
-        home = keras_home()
+        home = compat.keras_home()
     return os.path.join(os.path.expanduser(home), "models")
 
 
@@ -97,25 +97,13 @@ class _OfflineFileUtils:
         return path
 
 
-# Swapping a module attribute is process-global: serialise concurrent builds.
-_PATCH_LOCK = threading.Lock()
-
-
 def _application(name: str, constructor_name: str, module_name: str, **extra):
     def build(input_shape: tuple, weights: Optional[str]) -> keras.Model:
-        import importlib
-
         constructor = getattr(keras.applications, constructor_name)
         if weights is None:
             return constructor(include_top=False, weights=None, input_shape=input_shape, **extra)
-        module = importlib.import_module(f"keras.src.applications.{module_name}")
-        with _PATCH_LOCK:
-            original = module.file_utils
-            module.file_utils = _OfflineFileUtils(original, name, weights)
-            try:
-                return constructor(include_top=False, weights="imagenet", input_shape=input_shape, **extra)
-            finally:
-                module.file_utils = original
+        with compat.application_file_utils(module_name, lambda original: _OfflineFileUtils(original, name, weights)):
+            return constructor(include_top=False, weights="imagenet", input_shape=input_shape, **extra)
 
     return build
 

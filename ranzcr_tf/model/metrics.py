@@ -66,8 +66,8 @@ class MeanColumnAUC(keras.metrics.AUC):
                          from_logits=from_logits, name=name, dtype=dtype)
 
     def get_config(self):
-        return {"num_labels": self.num_labels, "from_logits": self._from_logits, "num_thresholds": self.num_thresholds,
-                "name": self.name, "dtype": self.dtype}
+        config = super().get_config()  # the public way to read back from_logits
+        return {key: config[key] for key in ("num_labels", "from_logits", "num_thresholds", "name", "dtype")}
 
 
 def build_metrics(from_logits: bool) -> list:

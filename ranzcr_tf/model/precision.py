@@ -20,7 +20,8 @@ AUTO_POLICY = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": "float32"
 def choose_policy(model_cfg: ModelConfig, accelerator: str) -> str:
     """The dtype policy name: ``model_cfg.mixed_precision`` unless it is ``"auto"``, then by ``accelerator``.
 
-    ``accelerator``: ``"tpu"``, ``"gpu"`` or ``"cpu"`` (see ``detect_accelerator``).
+    ``accelerator``: ``"tpu"``, ``"gpu"`` or ``"cpu"`` (``Placement.accelerator``, from
+    ``train.placement.detect_accelerator``; model code does not look at devices itself).
     """
     accelerator = str(accelerator).lower()
     if accelerator not in AUTO_POLICY:
@@ -39,15 +40,3 @@ def apply_policy(name: str) -> str:
     keras.mixed_precision.set_dtype_policy(name)
     return name
 
-
-def detect_accelerator() -> str:
-    """``"tpu"``, ``"gpu"`` or ``"cpu"``: the kind of the first device the Keras backend sees."""
-    try:
-        devices = keras.distribution.list_devices()
-    except Exception:  # a backend without device listing: assume the CPU
-        return "cpu"
-    kinds = {str(d).split(":")[0].lower() for d in devices}
-    for kind in ("tpu", "gpu"):
-        if kind in kinds or (kind == "gpu" and "cuda" in kinds):
-            return kind
-    return "cpu"

@@ -51,21 +51,6 @@ def hide_accelerators_from_tf() -> None:
                 log.warning("could not hide %s devices from TensorFlow: %s", kind, exc)
 
 
-def _current_accelerator() -> str:
-    if tf.distribute.has_strategy():
-        name = type(tf.distribute.get_strategy()).__name__
-        if "TPU" in name:
-            return "tpu"
-    try:
-        if tf.config.list_logical_devices("TPU"):
-            return "tpu"
-        if tf.config.get_visible_devices("GPU"):
-            return "gpu"
-    except RuntimeError:
-        pass
-    return "cpu"
-
-
 def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
     """The dtype of the images handed to the model (the model casts to its compute dtype itself).
 
@@ -87,9 +72,9 @@ def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
 def _resolve_dtype(cfg: Config, image_dtype) -> tf.DType:
     if image_dtype is not None:
         return tf.as_dtype(image_dtype)
-    import keras
+    from ranzcr_tf.train.placement import detect_accelerator, keras_backend
 
-    return image_dtype_for(cfg, keras.backend.backend(), _current_accelerator())
+    return image_dtype_for(cfg, keras_backend(), detect_accelerator())
 
 
 # ----------------------------------------------------------------------------------------------- decode

@@ -24,7 +24,7 @@ import sys
 import keras
 import numpy as np
 
-from ranzcr_tf import io_utils
+from ranzcr_tf import compat, io_utils
 from ranzcr_tf.labels import LABELS
 from ranzcr_tf.train.schedules import learning_rate_value
 
@@ -147,13 +147,11 @@ class EMASwapper:
     """Swaps the optimizer's moving-average weights into the model and back (Keras' SwapEMAWeights logic)."""
 
     def __init__(self):
-        self._impl = keras.callbacks.SwapEMAWeights(swap_on_epoch=False)
         self.in_model = False
 
     def swap(self, model, want_ema: bool):
         if self.in_model != want_ema:
-            self._impl.set_model(model)
-            self._impl._swap_variables()
+            compat.swap_ema_weights(model)
             self.in_model = want_ema
 
 
@@ -268,35 +266,39 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = float(best), state.get("best_epoch")
 
 
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+class _ResumableCounters:
+    """Mixin for a Keras callback whose counters (``RESUMED``: (attribute, type) pairs) carry over a restart.
+
+    The trainer sets ``pending_state`` (a ``get_state()`` of the epoch the restart continues after);
+    ``on_train_begin`` restores it over the fresh values Keras sets there. A missing or null value
+    keeps the fresh one.
+    """
+
+    RESUMED: tuple = ()
+    pending_state: dict | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for name, kind in self.RESUMED:
+            value = (self.pending_state or {}).get(name)
+            if value is not None:
+                setattr(self, name, kind(value))
+
+    def get_state(self) -> dict:
+        return {name: None if getattr(self, name) is None else kind(getattr(self, name))
+                for name, kind in self.RESUMED}
+
+
+class ResumableEarlyStopping(_ResumableCounters, keras.callbacks.EarlyStopping):
     """EarlyStopping whose patience counter and best value carry over a restart."""
 
-    pending_state: dict | None = None
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.pending_state:
-            self.wait = int(self.pending_state.get("wait", 0))
-            self.best = self.pending_state.get("best", self.best)
-
-    def get_state(self) -> dict:
-        return {"wait": int(self.wait), "best": None if self.best is None else float(self.best)}
+    RESUMED = (("wait", int), ("best", float))
 
 
-class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
+class ResumablePlateau(_ResumableCounters, keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau whose counters carry over a restart (the lowered rate itself is in the backup)."""
 
-    pending_state: dict | None = None
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.pending_state:
-            self.wait = int(self.pending_state.get("wait", 0))
-            self.cooldown_counter = int(self.pending_state.get("cooldown_counter", 0))
-            self.best = float(self.pending_state.get("best", self.best))
-
-    def get_state(self) -> dict:
-        return {"wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter), "best": float(self.best)}
+    RESUMED = (("wait", int), ("cooldown_counter", int), ("best", float))
 
 
 class CSVLog(keras.callbacks.CSVLogger):
@@ -343,47 +345,55 @@ def backup_epoch(backup_dir: str) -> int | None:
     return int(json.loads(io_utils.read_text(path))["epoch"])
 
 
-class Backup(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` made safe to kill at any moment, chief-only, and NaN-aware.
+class Backup(keras.callbacks.Callback):
+    """Backs up weights and optimizer after every epoch, safe to kill at any moment, chief-only, NaN-aware.
 
     Weights go to ``epoch{N}.weights.h5`` and only then does the metadata (written atomically) point at
     them, so a restart always finds a complete pair. Non-chief workers read the chief's folder and write
     nothing. Weights of a diverged epoch are never backed up. The backup is kept after training.
+
+    ``on_train_begin`` restores the backup's weights; the trainer passes ``initial_epoch=backup_epoch(...)``
+    to ``fit`` so the epochs continue where the backup ends. (Keras' ``BackupAndRestore`` does both through
+    private hooks and a private model attribute; this class needs neither.)
     """
 
     def __init__(self, backup_dir: str, *, flags: RunFlags, writer: bool = True):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
-        self.flags, self.writer = flags, writer
+        super().__init__()
+        if not backup_dir:
+            raise ValueError("Backup needs a backup folder")
+        self.backup_dir, self.flags, self.writer = backup_dir, flags, writer
 
     def on_train_begin(self, logs=None):
-        self._load_model()
+        self.restore()
 
-    def _load_model(self):
+    def restore(self) -> int | None:
+        """Load the backup's weights (and optimizer state) into the model; returns its epoch count, or None."""
         epoch = backup_epoch(self.backup_dir)
         if epoch is None:
-            return
+            return None
         meta = json.loads(io_utils.read_text(io_utils.join(self.backup_dir, BACKUP_METADATA)))
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(io_utils.join(self.backup_dir, meta["weights"]))
-        self.model._initial_epoch = epoch
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer._iterations)) if self.model.optimizer else 0
+        step = compat.optimizer_steps(self.model.optimizer) if self.model.optimizer else 0
         print(f"resumed from {self.backup_dir}: {epoch} epoch(s) already done, optimizer step {step}", flush=True)
+        return epoch
 
-    def _save_model(self):
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(epoch + 1)
+
+    def save(self, epochs_done: int) -> None:
+        """Write the weights after ``epochs_done`` epochs, then point the metadata at them (chief only)."""
         if not self.writer or self.flags.diverged:
             return
         io_utils.makedirs(self.backup_dir)
-        name = f"epoch{self._current_epoch}.weights.h5"
+        name = f"epoch{epochs_done}.weights.h5"
         self.model.save_weights(io_utils.join(self.backup_dir, name), overwrite=True)
         io_utils.atomic_write_json(io_utils.join(self.backup_dir, BACKUP_METADATA),
-                                   {"epoch": self._current_epoch, "batch": 0, "weights": name})
+                                   {"epoch": epochs_done, "batch": 0, "weights": name})
         for old in io_utils.listdir(self.backup_dir):
             if old.endswith(".weights.h5") and old != name:
                 io_utils.remove(io_utils.join(self.backup_dir, old))
-
-    def on_train_end(self, logs=None):
-        pass
 
 
 class KillAfterEpoch(keras.callbacks.Callback):

@@ -14,7 +14,7 @@ metrics.json           validation mean AUC, per-class AUCs and the best epoch (f
 oof.csv                StudyInstanceUID, fold, the 11 predicted probabilities under the label names, and
                        the 11 targets as ``target_<label>``
 train_state.json       counters that must survive a restart (best value, patience, plateau)
-backup/                BackupAndRestore's weights + optimizer (a restarted command continues from here)
+backup/                the Backup callback's weights + optimizer (a restarted command continues from here)
 tensorboard/           TensorBoard logs
 =====================  ===========================================================================
 """
@@ -32,11 +32,11 @@ import tempfile
 import keras
 import numpy as np
 
-from ranzcr_tf.train import callbacks as cbs
-from ranzcr_tf import io_utils
-from ranzcr_tf.prep import records
+from ranzcr_tf import compat, io_utils
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.prep import records
+from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
 
@@ -270,7 +270,7 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
         with placement.scope():
             if previous_iterations is not None:  # the new stage's optimizer continues the step count
                 optimizer.build(model.trainable_variables)
-                optimizer._iterations.assign(previous_iterations)
+                compat.optimizer_step_counter(optimizer).assign(previous_iterations)
         backup_dir = _backup_dir(chief_dir, index)
         initial_epoch = cbs.backup_epoch(backup_dir) or first_epoch
         callbacks, stateful = _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags,
@@ -284,16 +284,15 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
                 stateful[name].pending_state = snapshot.get(name)
         if placement.is_chief:
             _truncate_log(paths["log.csv"], initial_epoch)
-        model._initial_epoch = None  # a previous stage's restore must not leak into this fit
-        if initial_epoch < last_epoch:
-            model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch, steps_per_epoch=steps_per_epoch,
+        if initial_epoch < last_epoch:  # the Backup callback restores the weights of initial_epoch
+            model.fit(train_ds, epochs=last_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                       shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
                       callbacks=callbacks, verbose=1 if verbose == 1 else 0)  # quiet (2): Validation's line only
         else:  # this stage already finished: restore its weights for the next one
             _restore(model, backup_dir, flags)
         if flags.diverged:
             raise TrainingDiverged(f"fold {fold}: {flags.message}")
-        previous_iterations = int(keras.ops.convert_to_numpy(optimizer._iterations))
+        previous_iterations = compat.optimizer_steps(optimizer)
         if verbose:
             print(f"after epoch {last_epoch - 1}: optimizer step {previous_iterations}", flush=True)
         if "early_stopping" in stateful and stateful["early_stopping"].stopped_epoch > 0:
@@ -311,7 +310,7 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
 def _restore(model, backup_dir, flags):
     backup = cbs.Backup(backup_dir, flags=flags, writer=False)
     backup.set_model(model)
-    backup._load_model()
+    backup.restore()
 
 
 def _stages(train_cfg) -> list[tuple[int, int, bool]]:

@@ -70,6 +70,36 @@ def keras_backend() -> str:
     return keras.backend.backend()
 
 
+ACCELERATOR_OF_JAX_PLATFORM = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+def detect_accelerator() -> str:
+    """``"tpu"``, ``"gpu"`` or ``"cpu"``: what the Keras backend computes on in this process.
+
+    The one place that decides it (the placement, the precision policy and the image dtype all follow).
+    TensorFlow: a TPU strategy in scope or TPU cores connected to this process -> tpu; else a GPU that
+    TensorFlow may use -> gpu. Listing connected TPU cores starts TensorFlow's runtime, after which a
+    ``MultiWorkerMirroredStrategy`` can no longer be created, so ``choose_placement`` asks only after
+    creating its strategy. JAX: the platform of the first JAX device.
+    """
+    if keras_backend() == "jax":
+        import jax
+
+        return ACCELERATOR_OF_JAX_PLATFORM.get(jax.devices()[0].platform, "cpu")
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy() and "TPU" in type(tf.distribute.get_strategy()).__name__:
+        return "tpu"
+    try:
+        if tf.config.list_logical_devices("TPU"):
+            return "tpu"
+        if tf.config.get_visible_devices("GPU"):
+            return "gpu"
+    except RuntimeError:
+        pass
+    return "cpu"
+
+
 def choose_placement(requested: str = "auto") -> Placement:
     """Create the distribution for ``requested`` (one of ``KINDS``); ``auto`` decides as the module says.
 
@@ -102,12 +132,12 @@ def choose_placement(requested: str = "auto") -> Placement:
         devices = list(strategy.extended.worker_devices)
         why = ("--strategy mirrored was asked for" if requested == "mirrored"
                else f"{len(gpus)} GPUs are visible")
-        return Placement("mirrored", why, strategy.num_replicas_in_sync, "gpu" if gpus else "cpu",
+        return Placement("mirrored", why, strategy.num_replicas_in_sync, detect_accelerator(),
                          strategy=strategy, devices=devices)
     strategy = tf.distribute.get_strategy()
     why = ("--strategy default was asked for" if requested == "default"
            else f"no TPU, no TF_CONFIG and {len(gpus)} GPU(s) visible")
-    return Placement("default", why, 1, "gpu" if gpus else "cpu", strategy=strategy,
+    return Placement("default", why, 1, detect_accelerator(), strategy=strategy,
                      devices=["/gpu:0" if gpus else "/cpu:0"])
 
 
@@ -171,7 +201,7 @@ def _multiworker_placement(tf) -> Placement:
     options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     return Placement("multiworker", f"TF_CONFIG names {num_workers} workers", strategy.num_replicas_in_sync,
-                     "gpu" if gpus else "cpu", strategy=strategy, num_workers=num_workers,
+                     detect_accelerator(), strategy=strategy, num_workers=num_workers,
                      worker_index=index, is_chief=is_chief, devices=list(strategy.extended.worker_devices))
 
 
@@ -188,7 +218,7 @@ def _jax_placement(requested: str) -> Placement:
         pass
     devices = jax.devices()
     platform = devices[0].platform
-    accelerator = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "cpu")
+    accelerator = detect_accelerator()
     if requested == "default":
         return Placement("default", "--strategy default was asked for (JAX backend, first device only)", 1,
                          accelerator, devices=[str(devices[0])])
@@ -259,33 +289,29 @@ def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: 
       on scalars ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow#72388).
     """
     strategy = placement.strategy
-    if strategy is None or getattr(model, "_distribute_strategy", None) is None:
-        return  # default strategy (Keras builds lazily on first trace) or JAX
+    if strategy is None:
+        return  # JAX
+    from ranzcr_tf import compat
+
+    if not compat.built_under_strategy(model):
+        return  # default strategy: Keras builds lazily on the first trace
     import keras
-    from keras import ops
 
     set_batchnorm_synchronized(model, wants_synchronized_batchnorm(placement))
-
     symbolic = (keras.KerasTensor((1, *tuple(input_shape)), dtype=input_dtype),
                 keras.KerasTensor((1, num_classes), dtype="float32"))
-
-    def build_from_shapes(iterator=None, data_batch=None):
-        with strategy.scope():
-            model._symbolic_build(data_batch=symbolic)
-
-    if not hasattr(type(model), "_maybe_symbolic_build"):
-        import warnings
-
-        warnings.warn(f"Keras {keras.__version__} has no Trainer._maybe_symbolic_build (written against Keras "
-                      "3.14-3.15): the first batch under a TensorFlow strategy may differ from a single-device "
-                      "run, and MultiWorkerMirroredStrategy may fail; please report it", RuntimeWarning, stacklevel=2)
-    model._maybe_symbolic_build = build_from_shapes  # this instance only
+    compat.build_from_symbolic_batch(model, strategy, symbolic)
     if placement.kind == "multiworker":
-        train_step = type(model).train_step.__get__(model)
+        compat.wrap_train_step(model, _with_vector_logs)
 
-        def train_step_vector_logs(data):
-            logs = train_step(data)
-            return {name: ops.reshape(value, (1,)) if len(getattr(value, "shape", (0,))) == 0 else value
-                    for name, value in logs.items()}
 
-        model.train_step = train_step_vector_logs
+def _with_vector_logs(train_step):
+    """``train_step`` whose scalar logs come back as 1-element vectors (see ``prepare_model``)."""
+    from keras import ops
+
+    def train_step_vector_logs(data):
+        logs = train_step(data)
+        return {name: ops.reshape(value, (1,)) if len(getattr(value, "shape", (0,))) == 0 else value
+                for name, value in logs.items()}
+
+    return train_step_vector_logs
