@@ -2,7 +2,7 @@
 
     ds = build_train_dataset(cfg, "tfrecords", fold=0, global_batch_size=32)        # (images, targets), endless
     ev = build_eval_dataset(cfg, "tfrecords", "valid", 32, fold=0)                    # ordered, padded
-    probs = ev.unpad(model.predict(ev.dataset, steps=ev.steps))                       # rows line up with ev.ids
+    probs = ev.unpad(model.predict(ev.dataset, steps=ev.num_batches))                       # rows line up with ev.ids
 
 Every batch has the full batch size on every split (TPUs and JAX data parallelism reject a short last
 batch): training drops its remainder (it repeats anyway), validation and test pad their last batch with
@@ -131,7 +131,7 @@ def _to_model_dtype(image, dtype: tf.DType):
 # ----------------------------------------------------------------------------------------------- manifest
 def _manifest_info(tfrecords_dir: str) -> tuple[dict, int, int]:
     manifest = records.read_manifest(tfrecords_dir)
-    return manifest, int(manifest["num_folds"]), int(manifest["image_size"])
+    return manifest, int(manifest.get("num_folds") or 0), int(manifest["image_size"])  # 0: a test-only folder
 
 
 def _check_fold(fold, num_folds: int) -> int:
@@ -251,7 +251,6 @@ class EvalData:
         self.batch_size = int(batch_size)
         self.split = split
         self.num_batches = math.ceil(self.num_examples / self.batch_size)
-        self.steps = self.num_batches
         self.num_padding = self.num_batches * self.batch_size - self.num_examples
 
     @functools.cached_property
@@ -287,7 +286,7 @@ class EvalData:
         if predictions.shape[0] != self.num_batches * self.batch_size:
             raise ValueError(f"expected {self.num_batches * self.batch_size} predicted rows "
                              f"({self.num_batches} batches of {self.batch_size}), got {predictions.shape[0]}: "
-                             f"predict with steps={self.steps}")
+                             f"predict with steps={self.num_batches}")
         return predictions[:self.num_examples]
 
 

@@ -45,9 +45,18 @@ time budget (--max-minutes, default {DEFAULT_MAX_MINUTES:g}):
   A pass still running at the deadline is abandoned; the submission is the ensemble of every
   finished pass. If not even one pass finished, the rows the unfinished pass predicted are used and
   the remaining rows get the column means of those (0.5 if none): the file is always complete.
-  submission.csv is rewritten atomically after every finished pass (a complete file, never a partial
-  one), so stopping the kernel early still leaves a valid submission. Unreadable test images get the
-  column means of the other rows (a warning names them).
+  After every finished pass the ensemble so far is written to .partial-submission.csv beside --out;
+  --out itself is written once, atomically, when the run completes, so an earlier complete --out is
+  never replaced by a partial file. --out is checked writable and every model file is opened and
+  verified (zip CRC, safe-mode load) before any image is predicted.
+
+test records:
+  --tfrecords are checked against sample_submission.csv first: record counts per shard against the
+  shard names and the manifest, and the IDs against the sample. Test images the converter skipped as
+  unreadable get the column means of the other rows (a warning names them and why). Any other
+  missing ID is an error naming it and the missing shards, unless its raw JPEG is in --data-dir/test:
+  then those images are preprocessed with the run's own settings and predicted with the records
+  (a one-line note says so). Records of IDs the sample does not list are an error.
 """
 
 
@@ -119,6 +128,25 @@ def resolve_paths(args) -> tuple[str | None, list[str], str]:
     return data_dir, models, out
 
 
+def partial_path(out: str) -> str:
+    """Where the ensemble of the passes finished so far is kept until the whole run completes."""
+    folder, name = os.path.split(os.path.abspath(out))
+    return os.path.join(folder, f".partial-{name}")
+
+
+def check_writable(out: str) -> None:
+    """``--out`` must be a file path in a writable folder (checked by writing a probe file there)."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder: give the submission file's path, e.g. {out}/submission.csv")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc}); choose a writable path") from None
+
+
 def saved_tta(models) -> list[str]:
     """TTA views as the runs were configured (``infer.tta`` in each fold's config.yaml).
 
@@ -149,12 +177,14 @@ def run(args) -> dict:
 
     from ranzcr_tf.pipeline import data as data_module
     from ranzcr_tf.serve.infer import TestSource, predict_ensemble
-    from ranzcr_tf.serve.modelio import discover_models
+    from ranzcr_tf.serve.modelio import discover_models, verify_models
     from ranzcr_tf.serve.submission import build_submission, write_submission
 
     if keras.backend.backend() == "jax":
         data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
+    check_writable(out)  # before any inference: a read-only --out must not waste a Kaggle run
     models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
+    verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached
     infer_cfg = InferConfig(tta=list(args.tta or saved_tta(models)), ensemble=args.ensemble,
                             weights=list(args.weights), batch_size=args.batch_size or 1)
     infer_cfg.validate()
@@ -172,15 +202,19 @@ def run(args) -> dict:
         os.makedirs(scratch_parent, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
     try:
-        source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers)
+        source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers,
+                                       progress=not args.no_progress)
         template = source.template
+        partial = partial_path(out)
 
-        def checkpoint(probs):
-            write_submission(build_submission(template, probs), out, template)
+        def checkpoint(probs):  # the ensemble so far, beside --out: an earlier complete --out is never replaced by it
+            write_submission(build_submission(template, probs), partial, template)
 
         probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=args.batch_size,
                                          progress=not args.no_progress, checkpoint=checkpoint)
         write_submission(build_submission(template, probs), out, template)
+        if os.path.exists(partial):
+            os.remove(partial)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.monotonic() - start

@@ -38,6 +38,8 @@ from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
+from ranzcr_tf.serve import predict as serve_predict
+from ranzcr_tf.serve.modelio import load_model_file
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,14 +145,6 @@ def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, ima
     batch = placement.global_batch_size(cfg.infer.batch_size)
     return data.build_eval_dataset(cfg, tfrecords_dir, "valid", batch, fold=fold, image_size=image_size,
                                    with_targets=False, image_dtype=dtype)
-
-
-def load_trained_model(path: str) -> keras.Model:
-    """Load a saved ``best.keras`` for prediction (safe mode; the optimizer is not needed)."""
-    import ranzcr_tf.model.layers  # noqa: F401  (registers the custom layers)
-    import ranzcr_tf.train.schedules  # noqa: F401
-
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -369,8 +363,8 @@ def _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits) -> dic
     if not io_utils.exists(paths["best.keras"]):
         raise RuntimeError(f"no best.keras in {run_dir}: no epoch produced a finite validation AUC")
     with placement.scope():
-        best = load_trained_model(paths["best.keras"])
-    probs = cbs.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
+        best = load_model_file(paths["best.keras"])
+    probs = serve_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
     targets = np.asarray(eval_data.targets)
     mean_auc, per_class = competition_metric(targets, probs)
     info = cbs.read_state(paths["best.keras"][:-len(".keras")] + ".json")
