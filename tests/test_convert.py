@@ -28,7 +28,7 @@ SHARD_RECORDS = 3
 CLI_ARGS = ["--image-size", str(SIZE), "--shard-records", str(SHARD_RECORDS), "--folds", "3", "--seed", "5",
             "--no-progress"]
 MANIFEST_KEYS = {"schema_version", "preprocess", "image_size", "num_folds", "fold_seed", "labels", "num_train",
-                 "num_test", "fold_counts", "fold_positives", "test_count", "shards", "skipped", "notes", "_meta"}
+                 "num_test", "fold_counts", "fold_positives", "shards", "skipped", "notes", "_meta"}
 
 
 def _options(data_dir, out_dir, **kwargs) -> ConvertOptions:
@@ -129,7 +129,31 @@ def test_test_shards_hold_every_test_id_once(dataset, clean_run):
     items = read_records(out, "test")
     assert sorted(item[records.ID] for item in items) == sorted(expected)
     assert all(item[records.HAS_TARGET] == 0 and item[records.FOLD] == -1 for item in items)
-    assert manifest["test_count"] == len(expected) and all(n.startswith("test/test-") for n in manifest["shards"]["test"])
+    assert manifest["num_test"] == len(expected) and all(n.startswith("test/test-") for n in manifest["shards"]["test"])
+    assert "test_count" not in manifest  # one name: num_test (readers still accept test_count from old manifests)
+
+
+def test_kernel_test_images_use_the_converters_shard_and_manifest_writer(dataset, clean_run, tmp_path):
+    # The kernel's raw-JPEG path writes the same shard bytes and the same manifest fields as the converter.
+    from ranzcr_tf.prep.shard_writer import manifest_num_test
+    from ranzcr_tf.prep.testimages import preprocess_test_images
+
+    out, manifest = clean_run
+    ids = [item[records.ID] for item in read_records(out, "test")]
+    folder, skipped = preprocess_test_images(dataset, ids, PreprocessConfig(image_size=SIZE), str(tmp_path / "t"),
+                                             workers=1, progress=False, shard_index=4)
+    assert skipped == [] and os.listdir(tmp_path / "t" / "test") == [records.shard_name(None, 4, len(ids))]
+    kernel_manifest = json.load(open(tmp_path / "t" / records.MANIFEST))
+    common = {"schema_version", "preprocess", "image_size", "num_folds", "labels", "num_train", "num_test", "shards",
+              "skipped"}
+    assert common <= set(kernel_manifest) and common <= set(manifest)
+    assert kernel_manifest["num_folds"] == 0 and kernel_manifest["num_train"] == 0  # no made-up folds
+    assert kernel_manifest["preprocess"] == manifest["preprocess"] and manifest_num_test(kernel_manifest) == len(ids)
+    by_id = {item[records.ID]: item[records.IMAGE] for item in read_records(out, "test")}
+    kernel_items = read_records(str(tmp_path / "t"), "test")
+    assert [item[records.ID] for item in kernel_items] == ids
+    assert all(item[records.IMAGE] == by_id[item[records.ID]] for item in kernel_items)  # same stored bytes
+    assert manifest_num_test({"test_count": 7}) == 7  # manifests written before num_test was the one name
 
 
 def test_worker_threads_run_in_parallel_in_order_and_restore_opencv():

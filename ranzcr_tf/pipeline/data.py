@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from ranzcr_tf.prep import records
 from ranzcr_tf.pipeline.augment import augment_image, mirror
-from ranzcr_tf.config import Config
+from ranzcr_tf.config import TTA_VIEWS, Config
 from ranzcr_tf.labels import NUM_CLASSES
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -307,8 +307,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    if tta not in ("identity", "hflip"):
-        raise ValueError(f"tta must be 'identity' or 'hflip', got {tta!r}")
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
     _, num_folds, stored_size = _manifest_info(tfrecords_dir)

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget
-from ranzcr_tf.config import KAGGLE_DATA_DIR, InferConfig
+from ranzcr_tf.config import ENSEMBLE_METHODS, KAGGLE_DATA_DIR, TTA_VIEWS, InferConfig
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -75,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "else ./submission.csv)")
     parser.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
                         help="wall-clock budget for the whole kernel (0 = no limit)")
-    parser.add_argument("--tta", nargs="+", choices=("identity", "hflip"), help="TTA views, most important first "
+    parser.add_argument("--tta", nargs="+", choices=TTA_VIEWS, help="TTA views, most important first "
                         "(default: the runs' saved infer.tta; views not every run lists are left out); the last ones "
                         "are dropped first under the budget")
-    parser.add_argument("--ensemble", choices=("mean", "rank_mean", "weighted"), default=InferConfig().ensemble,
+    parser.add_argument("--ensemble", choices=ENSEMBLE_METHODS, default=InferConfig().ensemble,
                         help="how runs are combined (default %(default)s)")
     parser.add_argument("--weights", nargs="+", type=float, default=[], help="one weight per run for --ensemble weighted")
     parser.add_argument("--batch-size", type=int, help="prediction batch size (default: each run's infer.batch_size)")
@@ -220,7 +220,8 @@ def run(args) -> dict:
     elapsed = time.monotonic() - start
     print(f"wrote {out}: {len(template)} rows; plan used: {report.final_plan or 'fallback (no pass finished)'} "
           f"of {report.full_plan}; {elapsed / 60:.1f} min", file=sys.stderr)
-    return {"out": out, "report": report, "models": models, "rows": len(template), "elapsed_seconds": elapsed}
+    return {"out": out, "report": report, "models": models, "rows": len(template), "elapsed_seconds": elapsed,
+            "probabilities": probs, "ids": list(source.ids)}
 
 
 def main(argv: list[str] | None = None) -> int:
