@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     import cv2
     import tensorflow as tf  # imported before timing: the reference does not need it, the converter does
 
+    from ranzcr_tf.labels import ID_COLUMN
     from ranzcr_tf.prep import records
     from ranzcr_tf.config import PreprocessConfig
     from ranzcr_tf.prep.convert import ConvertOptions, available_cores, convert
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     for path in records.list_shards(os.path.join(work, f"out{args.n[0]}"), "train"):
         for raw in tf.data.TFRecordDataset(path):
             parsed = records.parse_example(raw)
-            stored[parsed[records.ID].numpy().decode()] = parsed[records.IMAGE].numpy()
+            stored[parsed[ID_COLUMN].numpy().decode()] = parsed[records.IMAGE].numpy()
 
     # Stored-image fidelity, per image (an image both pipelines decode in full at the same size would
     # be identical: its PSNR is capped at 99 dB) and pooled over all images' squared errors.

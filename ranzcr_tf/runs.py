@@ -16,6 +16,8 @@ backup/                BackupAndRestore's weights + optimizer (a restarted comma
 tensorboard/           TensorBoard logs
 =====================  ===========================================================================
 
+``<out>/`` itself gets ``cv.json`` and ``roc.png`` from ``python -m ranzcr_tf.report.cv`` (pooled OOF score).
+
 Only ``best.keras``, ``config.yaml`` and ``preprocess.json`` are needed to predict (:data:`SERVING_FILES`:
 what ``package`` bundles); the rest is training state and reports.
 """
@@ -37,6 +39,8 @@ OOF_FILE = "oof.csv"
 STATE_FILE = "train_state.json"
 BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tensorboard"
+CV_REPORT_FILE = "cv.json"  # in the run folder, above the folds
+ROC_PLOT_FILE = "roc.png"
 
 FOLD_FILES = (CONFIG_FILE, PREPROCESS_FILE, MODEL_FILE, LOG_FILE, METRICS_FILE, OOF_FILE, STATE_FILE)
 SERVING_FILES = (MODEL_FILE, CONFIG_FILE, PREPROCESS_FILE)  # what inference reads beside each model

@@ -26,7 +26,7 @@ import tensorflow as tf
 from ranzcr_tf.prep import records
 from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.config import TTA_VIEWS, Config
-from ranzcr_tf.labels import NUM_CLASSES
+from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 
 AUTOTUNE = tf.data.AUTOTUNE
 log = logging.getLogger(__name__)
@@ -256,12 +256,12 @@ class EvalData:
     @functools.cached_property
     def _labels(self) -> tuple[np.ndarray, np.ndarray]:
         # A pass over the same files in the same order, parsing only two small features (no decoding).
-        spec = {records.ID: tf.io.FixedLenFeature([], tf.string),
+        spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string),
                 records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
         ds = _ordered_records(self.files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
         ids, targets = [], []
         for batch in ds.as_numpy_iterator():
-            ids.extend(x.decode("utf-8") for x in batch[records.ID])
+            ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN])
             targets.append(batch[records.TARGET])
         ids = np.asarray(ids, dtype=object)
         targets = np.concatenate(targets) if targets else np.zeros((0, NUM_CLASSES), np.float32)

@@ -19,7 +19,7 @@ import pandas as pd
 from ranzcr_tf import io_utils
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
 from ranzcr_tf.report.score import check_values, read_table
-from ranzcr_tf.runs import OOF_FILE
+from ranzcr_tf.runs import CV_REPORT_FILE, OOF_FILE, ROC_PLOT_FILE
 
 TARGET_COLUMNS = [f"target_{label}" for label in LABELS]
 
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
         return 2
     report = cv_report(frame)
     print(format_report(report))
-    plot = plot_roc(frame, args.plot or io_utils.join(args.run_dir, "roc.png"),
+    plot = plot_roc(frame, args.plot or io_utils.join(args.run_dir, ROC_PLOT_FILE),
                     title=f"{os.path.basename(os.path.normpath(args.run_dir))}: CV AUC {report['cv_auc']:.4f}")
-    io_utils.atomic_write_json(io_utils.join(args.run_dir, "cv.json"), report)
-    print(f"ROC curves: {plot}; report: {io_utils.join(args.run_dir, 'cv.json')}")
+    io_utils.atomic_write_json(io_utils.join(args.run_dir, CV_REPORT_FILE), report)
+    print(f"ROC curves: {plot}; report: {io_utils.join(args.run_dir, CV_REPORT_FILE)}")
     return 0
 
 

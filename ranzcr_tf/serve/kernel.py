@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+from ranzcr_tf.runs import MODEL_FILE
 from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget
 from ranzcr_tf.config import ENSEMBLE_METHODS, KAGGLE_DATA_DIR, TTA_VIEWS, InferConfig
 
@@ -100,7 +101,7 @@ def kaggle_model_dirs(input_dir: str = KAGGLE_INPUT, competition_dir: str = KAGG
         folder = os.path.join(input_dir, name)
         if not os.path.isdir(folder) or os.path.abspath(folder) == os.path.abspath(competition_dir):
             continue
-        if any("best.keras" in files for _, _, files in os.walk(folder, followlinks=True)):
+        if any(MODEL_FILE in files for _, _, files in os.walk(folder, followlinks=True)):
             found.append(folder)
     return found
 

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from ranzcr_tf.prep import records
+from ranzcr_tf.labels import ID_COLUMN
 from ranzcr_tf.prep.shard_writer import manifest_num_test
 
 SHOWN = 3  # IDs named in a message (then the count)
@@ -35,11 +36,11 @@ def read_shard_ids(path: str) -> list[str]:
     """The IDs in one shard, in order; a truncated or corrupt shard is a ``ValueError`` naming it."""
     import tensorflow as tf
 
-    spec = {records.ID: tf.io.FixedLenFeature([], tf.string)}
+    spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string)}
     ids = []
     try:
         for batch in tf.data.TFRecordDataset([path]).batch(1024).map(lambda s: tf.io.parse_example(s, spec)):
-            ids.extend(x.decode("utf-8") for x in batch[records.ID].numpy())
+            ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN].numpy())
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
         raise ValueError(f"{path}: truncated or corrupt shard ({str(exc).splitlines()[0][:120]}); re-run the "
                          f"converter on this folder, or pass --data-dir with test/ and no --tfrecords") from None
