@@ -64,6 +64,11 @@ def glob(pattern: str) -> list[str]:
     return sorted(local_glob.glob(pattern))
 
 
+def open_binary(path: str):
+    """A seekable binary file object for reading (``tf.io.gfile.GFile`` for ``gs://``)."""
+    return _gfile().GFile(path, "rb") if is_remote(path) else open(path, "rb")
+
+
 def read_text(path: str) -> str:
     if is_remote(path):
         with _gfile().GFile(path, "r") as fh:

@@ -22,6 +22,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 
+from ranzcr_tf import io_utils
 from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
 from ranzcr_tf.labels import LABELS
@@ -115,7 +116,7 @@ def check_model_file(path: str) -> None:
     if not path.endswith(".keras"):
         raise ValueError(f"{path}: expected a Keras 3 '.keras' model file")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with io_utils.open_binary(path) as fh, zipfile.ZipFile(fh) as archive:
             damaged = archive.testzip()  # reads every member and checks its CRC: a damaged copy is caught here
             config = json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError, EOFError, zlib.error) as exc:
