@@ -304,6 +304,13 @@ def test_records_that_do_not_match_the_sample_are_an_error_naming_ids_and_shards
     assert os.path.basename(gone) in message and lost[0] in message and f"{len(lost)} ID(s)" in message
     assert not out.exists()
 
+    # A shard copied twice under another index: every ID of it twice.
+    duplicate = os.path.join(os.path.dirname(shards[0]), "test-009-" + shards[0].rsplit("-", 1)[1])
+    shutil.copy(shards[0], duplicate)
+    with pytest.raises(ValueError, match="more than once"):
+        run_kernel(["--data-dir", dataset["data"], "--tfrecords", records_dir, "--models", run, "--out", str(out)])
+    os.remove(duplicate)
+
     # A shard whose record count disagrees with its name (truncated at a record boundary, or replaced).
     renamed = shards[0].rsplit("-", 1)[0] + "-99.tfrec"
     os.rename(shards[0], renamed)

@@ -80,6 +80,15 @@ def check_test_records(tfrecords: str, sample_ids: list[str] | None, data_dir: s
     result = RecordsCheck(ids=ids, unreadable={entry["id"]: entry.get("reason", "unreadable")
                                                for entry in manifest.get("skipped", [])
                                                if entry.get("split", records.TEST_DIR) == records.TEST_DIR})
+    seen, twice = set(), []
+    for sid in ids:
+        if sid in seen:
+            twice.append(sid)
+        seen.add(sid)
+    if twice:
+        where = sorted(os.path.basename(p) for p, shard_ids in shards.items() if set(shard_ids) & set(twice))
+        raise ValueError(f"{tfrecords}/test holds {describe_ids(twice)} more than once (in {', '.join(where)}): a shard "
+                         f"was copied twice or two conversions were mixed; re-run the converter on this folder")
     if sample_ids is None:
         if absent or (claimed is not None and claimed != len(ids)):
             raise ValueError(f"{tfrecords}: the manifest lists {claimed} test records in {len(listed)} shard(s) but "
