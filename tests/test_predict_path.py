@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 import pandas as pd
-
 from helpers_infer import write_run
 from helpers_train import write_tiny_records
+
 from ranzcr_tf.config import Config, PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
 from ranzcr_tf.prep import records

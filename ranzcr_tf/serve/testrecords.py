@@ -19,8 +19,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from ranzcr_tf.prep import records
 from ranzcr_tf.labels import ID_COLUMN
+from ranzcr_tf.prep import records
 from ranzcr_tf.prep.shard_writer import manifest_num_test
 
 SHOWN = 3  # IDs named in a message (then the count)
@@ -87,8 +87,8 @@ def check_test_records(tfrecords: str, sample_ids: list[str] | None, data_dir: s
         seen.add(sid)
     if twice:
         where = sorted(os.path.basename(p) for p, shard_ids in shards.items() if set(shard_ids) & set(twice))
-        raise ValueError(f"{tfrecords}/test holds {describe_ids(twice)} more than once (in {', '.join(where)}): a shard "
-                         f"was copied twice or two conversions were mixed; re-run the converter on this folder")
+        raise ValueError(f"{tfrecords}/test holds {describe_ids(twice)} more than once (in {', '.join(where)}): "
+                         f"a shard was copied twice or two conversions were mixed; re-run the converter on this folder")
     if sample_ids is None:
         if absent or (claimed is not None and claimed != len(ids)):
             raise ValueError(f"{tfrecords}: the manifest lists {claimed} test records in {len(listed)} shard(s) but "
