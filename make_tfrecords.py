@@ -33,6 +33,8 @@ FLAG_TO_KEY = {  # flag dest -> config key it overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ranzcr_tf.config import INTERPOLATIONS  # the one list (light: imports no TensorFlow)
+
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Records per shard = --shard-mb / (mean stored size of 8 evenly spaced training images, "
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--clahe-clip", type=float, help="CLAHE clip limit, 0 disables CLAHE (default 2.0)")
     pre.add_argument("--clahe-grid", type=int, help="CLAHE tiles per side (default 8)")
     pre.add_argument("--jpeg-quality", type=int, help="stored JPEG quality 1..100 (default 95)")
-    pre.add_argument("--interpolation", choices=["auto", "linear", "area", "cubic", "lanczos"], help="resize filter (default auto: bit-exact bilinear below a 2x shrink, area beyond)")
+    pre.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter (default auto: bit-exact bilinear below a 2x shrink, area beyond)")
     split = parser.add_argument_group("folds and shards")
     split.add_argument("--folds", type=int, help="number of patient-grouped folds (default 5)")
     split.add_argument("--seed", type=int, help="fold and shard-order seed (default 42)")

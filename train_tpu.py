@@ -41,6 +41,8 @@ examples:
 
 
 def parse_args(argv=None):
+    from ranzcr_tf.config import STRATEGIES  # the one list (light: imports no TensorFlow)
+
     parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fold", required=True, help="validation fold to train: a number, a comma list (0,2) or 'all'")
@@ -49,7 +51,7 @@ def parse_args(argv=None):
                         help="override one config value, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--tfrecords", help="folder of converted records (default: data.tfrecords of the config)")
     parser.add_argument("--out", default=None, help="run folder; folds go to OUT/fold{k} (default: runs/<config name>)")
-    parser.add_argument("--strategy", choices=["auto", "tpu", "mirrored", "multiworker", "jax", "default"],
+    parser.add_argument("--strategy", choices=STRATEGIES,
                         help="placement (default: train.strategy of the config, normally auto)")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
     return parser.parse_args(argv)

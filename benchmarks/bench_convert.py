@@ -174,13 +174,14 @@ def fidelity(records_dir: str, ids: list[str], reference: list[bytes]) -> tuple[
     import cv2
     import tensorflow as tf
 
+    from ranzcr_tf.labels import ID_COLUMN
     from ranzcr_tf.prep import records
 
     stored = {}
     for path in records.list_shards(records_dir, "train"):
         for raw in tf.data.TFRecordDataset(path):
             parsed = records.parse_example(raw)
-            stored[parsed[records.ID].numpy().decode()] = parsed[records.IMAGE].numpy()
+            stored[parsed[ID_COLUMN].numpy().decode()] = parsed[records.IMAGE].numpy()
     errors, scores = [], []
     for study, ref in zip(ids, reference):
         ours = records.decode_image_numpy(stored[study]).astype(np.float64)

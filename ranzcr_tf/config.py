@@ -22,6 +22,16 @@ import yaml
 
 KAGGLE_DATA_DIR = "/kaggle/input/ranzcr-clip-catheter-line-classification"
 
+# Option lists, defined once: the config checks them, and every CLI offers them as choices.
+INTERPOLATIONS = ("auto", "linear", "area", "cubic", "lanczos")  # resize filters (auto: linear below 2x, else area)
+STRATEGIES = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")  # where training runs (train/placement.py)
+TTA_VIEWS = ("identity", "hflip")  # test-time augmentation views
+ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines runs (serve/ensemble.py)
+
+
+def _one_of(options) -> str:
+    return ", ".join(options[:-1]) + " or " + options[-1]
+
 
 @dataclass
 class PreprocessConfig:
@@ -46,8 +56,8 @@ class PreprocessConfig:
         _check(self.image_size >= 32, "preprocess.image_size", self.image_size, "an integer >= 32")
         _check(self.clahe_clip_limit >= 0, "preprocess.clahe_clip_limit", self.clahe_clip_limit, ">= 0 (0 disables CLAHE)")
         _check(self.clahe_tile_grid >= 1, "preprocess.clahe_tile_grid", self.clahe_tile_grid, ">= 1")
-        _check(self.interpolation in ("auto", "linear", "area", "cubic", "lanczos"), "preprocess.interpolation",
-               self.interpolation, "one of auto, linear, area, cubic, lanczos")
+        _check(self.interpolation in INTERPOLATIONS, "preprocess.interpolation", self.interpolation,
+               f"one of {', '.join(INTERPOLATIONS)}")
         _check(1 <= self.jpeg_quality <= 100, "preprocess.jpeg_quality", self.jpeg_quality, "in 1..100")
 
 
@@ -209,8 +219,7 @@ class TrainConfig:
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", self.steps_per_execution, ">= 1")
         _check(0 < self.ema_momentum < 1, "train.ema_momentum", self.ema_momentum, "in (0, 1)")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, ">= 1")
-        _check(self.strategy in ("auto", "tpu", "mirrored", "multiworker", "jax", "default"), "train.strategy",
-               self.strategy, "auto, tpu, mirrored, multiworker, jax or default")
+        _check(self.strategy in STRATEGIES, "train.strategy", self.strategy, _one_of(STRATEGIES))
 
 
 @dataclass
@@ -223,10 +232,9 @@ class InferConfig:
     batch_size: int = 16
 
     def validate(self) -> None:
-        _check(len(self.tta) >= 1 and all(t in ("identity", "hflip") for t in self.tta), "infer.tta", self.tta,
-               "a non-empty list of identity, hflip")
-        _check(self.ensemble in ("mean", "rank_mean", "weighted"), "infer.ensemble", self.ensemble,
-               "mean, rank_mean or weighted")
+        _check(len(self.tta) >= 1 and all(t in TTA_VIEWS for t in self.tta), "infer.tta", self.tta,
+               f"a non-empty list of {', '.join(TTA_VIEWS)}")
+        _check(self.ensemble in ENSEMBLE_METHODS, "infer.ensemble", self.ensemble, _one_of(ENSEMBLE_METHODS))
         _check(self.batch_size >= 1, "infer.batch_size", self.batch_size, ">= 1")
 
 

@@ -43,6 +43,14 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+def rename(src: str, dst: str) -> None:
+    """Replace ``dst`` with ``src`` (atomic on a local disk; ``tf.io.gfile`` for ``gs://``)."""
+    if is_remote(src):
+        _gfile().rename(src, dst, overwrite=True)
+    else:
+        os.replace(src, dst)
+
+
 def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1] if is_remote(parts[0]) else os.path.join(*parts)
 
@@ -54,6 +62,11 @@ def glob(pattern: str) -> list[str]:
     import glob as local_glob
 
     return sorted(local_glob.glob(pattern))
+
+
+def open_binary(path: str):
+    """A seekable binary file object for reading (``tf.io.gfile.GFile`` for ``gs://``)."""
+    return _gfile().GFile(path, "rb") if is_remote(path) else open(path, "rb")
 
 
 def read_text(path: str) -> str:
@@ -78,16 +91,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         makedirs(parent)
     tmp = temp_name(path)
     if is_remote(path):
-        gfile = _gfile()
-        with gfile.GFile(tmp, "wb") as fh:
+        with _gfile().GFile(tmp, "wb") as fh:
             fh.write(data)
-        gfile.rename(tmp, path, overwrite=True)
+        rename(tmp, path)
         return
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    rename(tmp, path)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -84,7 +84,7 @@ def read_records(tfrecords_dir: str, split: str) -> list[dict]:
         for raw in tf.data.TFRecordDataset(path):
             parsed = records.parse_example(raw, with_annotations=True)
             item = {k: v.numpy() for k, v in parsed.items()}
-            item[records.ID] = item[records.ID].decode()
+            item[ID_COLUMN] = item[ID_COLUMN].decode()
             item["shard"] = os.path.basename(path)
             item["annotations"] = records.annotations_from_parsed(parsed)
             out.append(item)

@@ -28,7 +28,7 @@ SHARD_RECORDS = 3
 CLI_ARGS = ["--image-size", str(SIZE), "--shard-records", str(SHARD_RECORDS), "--folds", "3", "--seed", "5",
             "--no-progress"]
 MANIFEST_KEYS = {"schema_version", "preprocess", "image_size", "num_folds", "fold_seed", "labels", "num_train",
-                 "num_test", "fold_counts", "fold_positives", "test_count", "shards", "skipped", "notes", "_meta"}
+                 "num_test", "fold_counts", "fold_positives", "shards", "skipped", "notes", "_meta"}
 
 
 def _options(data_dir, out_dir, **kwargs) -> ConvertOptions:
@@ -58,13 +58,13 @@ def test_records_decode_to_the_preprocessed_source(dataset, clean_run):
     assert len(items) == manifest["num_train"] + manifest["num_test"] == 21 + 5
     for item in items:
         split = "train" if item[records.HAS_TARGET] else "test"
-        with open(os.path.join(dataset, split, item[records.ID] + ".jpg"), "rb") as fh:
+        with open(os.path.join(dataset, split, item[ID_COLUMN] + ".jpg"), "rb") as fh:
             data = fh.read()
         gray, info = decode_source(data, settings)
         expected = preprocess_array(gray, settings)
         stored = records.decode_image_numpy(item[records.IMAGE])
         assert stored.shape == (SIZE, SIZE) == (item[records.HEIGHT], item[records.WIDTH])
-        assert np.abs(stored.astype(int) - expected).mean() < 2.0, item[records.ID]
+        assert np.abs(stored.astype(int) - expected).mean() < 2.0, item[ID_COLUMN]
         full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
         assert (item[records.ORIG_HEIGHT], item[records.ORIG_WIDTH]) == full.shape
 
@@ -72,7 +72,7 @@ def test_records_decode_to_the_preprocessed_source(dataset, clean_run):
 def test_targets_match_train_csv_per_id_and_a_shuffled_column_fails(dataset, clean_run):
     out, _ = clean_run
     train_df = read_train_csv(os.path.join(dataset, "train.csv"))
-    targets = {item[records.ID]: item[records.TARGET] for item in read_records(out, "train")}
+    targets = {item[ID_COLUMN]: item[records.TARGET] for item in read_records(out, "train")}
     assert sorted(targets) == sorted(train_df[ID_COLUMN])
     assert mismatched_targets(targets, train_df) == []
     # The check itself must catch a label column shuffled across rows.
@@ -93,7 +93,7 @@ def test_folds_are_patient_disjoint_and_match_records_and_manifest(dataset, clea
     fold_of = dict(zip(folds_csv[ID_COLUMN], folds_csv["fold"]))
     items = read_records(out, "train")
     for item in items:
-        assert item[records.FOLD] == fold_of[item[records.ID]]
+        assert item[records.FOLD] == fold_of[item[ID_COLUMN]]
         assert item["shard"].startswith(f"fold{item[records.FOLD]}-")
     assert set(MANIFEST_KEYS) <= set(manifest)
     assert manifest["fold_counts"] == {str(k): int((folds_csv["fold"] == k).sum()) for k in range(3)}
@@ -111,7 +111,7 @@ def test_annotation_points_match_the_csv_after_scaling(dataset, clean_run):
     out, _ = clean_run
     annotations = pd.read_csv(os.path.join(dataset, "train_annotations.csv"))
     assert len(annotations) > 0
-    by_id = {item[records.ID]: item for item in read_records(out, "train")}
+    by_id = {item[ID_COLUMN]: item for item in read_records(out, "train")}
     for study, rows in annotations.groupby(ID_COLUMN, sort=False):
         item = by_id[study]
         got = item["annotations"]
@@ -127,9 +127,33 @@ def test_test_shards_hold_every_test_id_once(dataset, clean_run):
     out, manifest = clean_run
     expected = pd.read_csv(os.path.join(dataset, "sample_submission.csv"), dtype={ID_COLUMN: str})[ID_COLUMN]
     items = read_records(out, "test")
-    assert sorted(item[records.ID] for item in items) == sorted(expected)
+    assert sorted(item[ID_COLUMN] for item in items) == sorted(expected)
     assert all(item[records.HAS_TARGET] == 0 and item[records.FOLD] == -1 for item in items)
-    assert manifest["test_count"] == len(expected) and all(n.startswith("test/test-") for n in manifest["shards"]["test"])
+    assert manifest["num_test"] == len(expected) and all(n.startswith("test/test-") for n in manifest["shards"]["test"])
+    assert "test_count" not in manifest  # one name: num_test (readers still accept test_count from old manifests)
+
+
+def test_kernel_test_images_use_the_converters_shard_and_manifest_writer(dataset, clean_run, tmp_path):
+    # The kernel's raw-JPEG path writes the same shard bytes and the same manifest fields as the converter.
+    from ranzcr_tf.prep.shard_writer import manifest_num_test
+    from ranzcr_tf.prep.testimages import preprocess_test_images
+
+    out, manifest = clean_run
+    ids = [item[ID_COLUMN] for item in read_records(out, "test")]
+    folder, skipped = preprocess_test_images(dataset, ids, PreprocessConfig(image_size=SIZE), str(tmp_path / "t"),
+                                             workers=1, progress=False, shard_index=4)
+    assert skipped == [] and os.listdir(tmp_path / "t" / "test") == [records.shard_name(None, 4, len(ids))]
+    kernel_manifest = json.load(open(tmp_path / "t" / records.MANIFEST))
+    common = {"schema_version", "preprocess", "image_size", "num_folds", "labels", "num_train", "num_test", "shards",
+              "skipped"}
+    assert common <= set(kernel_manifest) and common <= set(manifest)
+    assert kernel_manifest["num_folds"] == 0 and kernel_manifest["num_train"] == 0  # no made-up folds
+    assert kernel_manifest["preprocess"] == manifest["preprocess"] and manifest_num_test(kernel_manifest) == len(ids)
+    by_id = {item[ID_COLUMN]: item[records.IMAGE] for item in read_records(out, "test")}
+    kernel_items = read_records(str(tmp_path / "t"), "test")
+    assert [item[ID_COLUMN] for item in kernel_items] == ids
+    assert all(item[records.IMAGE] == by_id[item[ID_COLUMN]] for item in kernel_items)  # same stored bytes
+    assert manifest_num_test({"test_count": 7}) == 7  # manifests written before num_test was the one name
 
 
 def test_worker_threads_run_in_parallel_in_order_and_restore_opencv():
@@ -247,7 +271,7 @@ def test_bad_images_are_skipped_and_listed_unusual_ones_converted(dataset, tmp_p
     assert skipped[chosen["truncated"]]["path"].endswith(chosen["truncated"] + ".jpg")
     err = capsys.readouterr().err
     assert all(chosen[c] in err for c in bad)
-    items = {i[records.ID]: i for i in read_records(str(tmp_path / "out"), "train")}
+    items = {i[ID_COLUMN]: i for i in read_records(str(tmp_path / "out"), "train")}
     assert len(items) == manifest["num_train"] == 21 - len(bad)
     for case in ("png_as_jpg", "png16", "rgb", "cmyk", "small"):
         item = items[chosen[case]]

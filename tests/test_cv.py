@@ -65,3 +65,46 @@ def test_cv_rejects_duplicates_and_empty_runs(tmp_path):
         cv.merge_oof(run)
     with pytest.raises(ValueError, match="no fold"):
         cv.merge_oof(str(tmp_path / "empty"))
+
+
+def test_empty_or_truncated_oof_is_named_not_blamed_on_the_model(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    run = str(tmp_path / "run")
+    _write_fold(run, 0, 20, rng, signal=0.5)
+    _write_fold(run, 1, 20, rng, signal=0.5)
+    path = os.path.join(run, "fold1", "oof.csv")
+    text = open(path).read()
+    with open(path, "w") as fh:
+        fh.write(text[: len(text) - 40])  # cut in the middle of the last line (a full disk, a killed copy)
+    with pytest.raises(ValueError) as info:
+        cv.merge_oof(run)
+    assert path in str(info.value) and "truncated" in str(info.value) and "diverged" not in str(info.value)
+    open(path, "w").close()
+    with pytest.raises(ValueError, match=f"{path} is empty"):
+        cv.merge_oof(run)
+    assert cv.main([run]) == 2 and "is empty" in capsys.readouterr().err
+
+
+def test_score_rejects_values_that_are_not_probabilities_naming_line_and_column(tmp_path):
+    from ranzcr_tf.report import score
+
+    rng = np.random.default_rng(3)
+    ids = [f"id{i}" for i in range(12)]
+    targets = (rng.random((12, len(LABELS))) < 0.5).astype(int)
+    targets[0], targets[1] = 1, 0
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({ID_COLUMN: ids, **dict(zip(LABELS, targets.T))}).to_csv(labels, index=False)
+    good = pd.DataFrame({ID_COLUMN: ids, **dict(zip(LABELS, rng.random((12, len(LABELS))).T))})
+    sub = tmp_path / "sub.csv"
+    good.to_csv(sub, index=False)
+    assert 0 <= score.score_files(str(sub), str(labels))["mean_auc"] <= 1
+    for bad in (5.0, -2.0, float("nan"), float("inf"), "abc"):
+        frame = good.astype({LABELS[4]: object})
+        frame.loc[6, LABELS[4]] = bad
+        frame.to_csv(sub, index=False)
+        with pytest.raises(ValueError) as info:
+            score.score_files(str(sub), str(labels))
+        assert f"line 8 ({ID_COLUMN} id6), column {LABELS[4]!r}" in str(info.value), bad
+    sub.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        score.score_files(str(sub), str(labels))

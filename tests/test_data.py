@@ -161,7 +161,7 @@ def test_eval_every_id_once_in_stable_order_padded_to_full_batches(tiny, split, 
     root, table = tiny
     ev = data.build_eval_dataset(_cfg(), root, split, 4, fold=fold)
     expected = [uid for uid, (f, _, _) in table.items() if f == (0 if split == "valid" else -1)]
-    assert ev.num_examples == 10 and ev.num_batches == ev.steps == 3 and ev.num_padding == 2
+    assert ev.num_examples == 10 and ev.num_batches == 3 and ev.num_padding == 2
     assert sorted(ev.ids) == sorted(expected) and len(set(ev.ids)) == 10
 
     def rows():
@@ -310,10 +310,10 @@ def test_short_fit_and_predict_on_tensorflow_backend(tiny):
     train = data.build_train_dataset(cfg, root, fold=0, global_batch_size=4, seed=0)
     valid = data.build_eval_dataset(cfg, root, "valid", 4, fold=0, with_weights=True)
     history = model.fit(train, steps_per_epoch=3, epochs=2, validation_data=valid.dataset,
-                        validation_steps=valid.steps, verbose=0)
+                        validation_steps=valid.num_batches, verbose=0)
     assert len(history.history["loss"]) == 2 and np.isfinite(history.history["val_loss"]).all()
     test = data.build_eval_dataset(cfg, root, "test", 4, with_targets=False)
-    predictions = test.unpad(model.predict(test.dataset, steps=test.steps, verbose=0))
+    predictions = test.unpad(model.predict(test.dataset, steps=test.num_batches, verbose=0))
     assert predictions.shape == (10, NUM_CLASSES) and len(test.ids) == 10
 
 
@@ -337,7 +337,7 @@ model = keras.Model(inputs, keras.layers.Dense(11)(x))
 model.compile(optimizer="adam", loss=keras.losses.BinaryCrossentropy(from_logits=True))
 history = model.fit(train, steps_per_epoch=3, epochs=2, verbose=0)
 valid = data.build_eval_dataset(cfg, root, "valid", 4, fold=0, with_targets=False)
-predictions = valid.unpad(model.predict(valid.dataset, steps=valid.steps, verbose=0))
+predictions = valid.unpad(model.predict(valid.dataset, steps=valid.num_batches, verbose=0))
 assert predictions.shape == (10, 11), predictions.shape
 assert np.isfinite(history.history["loss"]).all()
 print("JAX_FIT_OK")

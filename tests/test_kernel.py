@@ -261,3 +261,142 @@ def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dat
     assert [len(m.folds) for m in discover_models([str(bundle / "runs")])] == [2]
     with pytest.raises(ValueError, match="not empty"):
         make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), keras_wheel=False, decoder_wheel=False)
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+def _copy_records(dataset, tmp_path) -> str:
+    copy = str(tmp_path / "records")
+    shutil.copytree(dataset["records"], copy)
+    return copy
+
+
+def _sample_dir(tmp_path, ids, name="sample") -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    pd.DataFrame({ID_COLUMN: ids, **{label: 0.5 for label in LABELS}})[list(SUBMISSION_COLUMNS)].to_csv(
+        folder / "sample_submission.csv", index=False)
+    return str(folder)
+
+
+def test_records_that_do_not_match_the_sample_are_an_error_naming_ids_and_shards(dataset, tmp_path):
+    run = os.path.join(dataset["runs"], "asym_s1")
+    out = tmp_path / "sub.csv"
+    # Records converted from another dataset: the sample lists other IDs.
+    other = _sample_dir(tmp_path, [f"9.9.{i}" for i in range(len(dataset["ids"]))], "other")
+    with pytest.raises(ValueError) as info:
+        run_kernel(["--data-dir", other, "--tfrecords", dataset["records"], "--models", run, "--out", str(out)])
+    message = str(info.value)
+    assert "7 ID(s): 9.9.0, 9.9.1, 9.9.2 and 4 more" in message and "another dataset" in message
+    assert "test-000-" in message and not out.exists()
+
+    # One test shard deleted: its IDs are named, and so is the shard the manifest lists but the disk lacks.
+    records_dir = _copy_records(dataset, tmp_path)
+    shards = sorted(glob.glob(os.path.join(records_dir, "test", "*.tfrec")))
+    gone = shards[-1]
+    from helpers_convert import read_records
+
+    lost = [item["StudyInstanceUID"] for item in read_records(dataset["records"], "test")][-int(gone.split("-")[-1][:-6]):]
+    os.remove(gone)
+    with pytest.raises(ValueError) as info:
+        run_kernel(["--data-dir", dataset["sample_only"], "--tfrecords", records_dir, "--models", run,
+                    "--out", str(out)])
+    message = str(info.value)
+    assert os.path.basename(gone) in message and lost[0] in message and f"{len(lost)} ID(s)" in message
+    assert not out.exists()
+
+    # A shard copied twice under another index: every ID of it twice.
+    duplicate = os.path.join(os.path.dirname(shards[0]), "test-009-" + shards[0].rsplit("-", 1)[1])
+    shutil.copy(shards[0], duplicate)
+    with pytest.raises(ValueError, match="more than once"):
+        run_kernel(["--data-dir", dataset["data"], "--tfrecords", records_dir, "--models", run, "--out", str(out)])
+    os.remove(duplicate)
+
+    # A shard whose record count disagrees with its name (truncated at a record boundary, or replaced).
+    renamed = shards[0].rsplit("-", 1)[0] + "-99.tfrec"
+    os.rename(shards[0], renamed)
+    with pytest.raises(ValueError, match=f"{os.path.basename(renamed)} holds .* records but its name says 99"):
+        run_kernel(["--data-dir", dataset["sample_only"], "--tfrecords", records_dir, "--models", run,
+                    "--out", str(out)])
+
+
+def test_missing_records_fall_back_to_raw_jpegs_with_the_runs_preprocessing(dataset, tmp_path, capsys):
+    run = os.path.join(dataset["runs"], "asym_s1")
+    full = run_kernel(["--data-dir", dataset["sample_only"], "--tfrecords", dataset["records"], "--models", run,
+                       "--out", str(tmp_path / "full.csv")])
+    records_dir = _copy_records(dataset, tmp_path)
+    os.remove(sorted(glob.glob(os.path.join(records_dir, "test", "*.tfrec")))[-1])
+    capsys.readouterr()
+    fallback = run_kernel(["--data-dir", dataset["data"], "--tfrecords", records_dir, "--models", run,
+                           "--out", str(tmp_path / "fallback.csv"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert "documented fallback" in err and "preprocessed with the run's own settings" in err
+    # The missing images were preprocessed exactly as the converter did: the same submission, byte for byte.
+    assert (tmp_path / "fallback.csv").read_bytes() == (tmp_path / "full.csv").read_bytes()
+    assert fallback["report"].filled_rows == full["report"].filled_rows == 1
+    # The one row without a prediction says what happened: the converter found the image unreadable.
+    assert f"{dataset['ids'][BAD_INDEX]}: unreadable when converted" in err
+
+
+def test_corrupt_model_is_refused_at_start_and_an_earlier_submission_survives(dataset, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(os.path.join(dataset["runs"], "asym_s1"), runs / "asym_s1")
+    out = tmp_path / "sub.csv"
+    run_kernel(["--data-dir", dataset["sample_only"], "--tfrecords", dataset["records"], "--models",
+                str(runs / "asym_s1"), "--out", str(out)])
+    good = out.read_bytes()
+    model = runs / "asym_s1" / "fold1" / "best.keras"
+    data = bytearray(model.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])  # bad CRC, the zip still opens
+    model.write_bytes(bytes(data))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        kernel.main(["--data-dir", dataset["sample_only"], "--tfrecords", dataset["records"], "--models",
+                     str(runs / "asym_s1"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and str(model) in err and len(err.strip().splitlines()) <= 2
+    assert "fold0" not in err.split(str(model))[0].replace(str(runs), "")  # refused before fold 0 was predicted
+    assert out.read_bytes() == good  # the earlier complete file is untouched
+    assert not glob.glob(str(tmp_path / ".partial-*"))
+
+    from ranzcr_tf.serve.package import make_bundle
+
+    bundle = tmp_path / "bundle"
+    with pytest.raises(ValueError, match="best.keras"):
+        make_bundle([str(runs / "asym_s1")], str(bundle), keras_wheel=False, decoder_wheel=False)
+    assert not bundle.exists()  # nothing left behind (no wheels/): a rerun is not refused as "not empty"
+
+
+def test_out_is_checked_before_any_inference(dataset, tmp_path):
+    run = os.path.join(dataset["runs"], "asym_s1")
+    argv = ["--data-dir", dataset["sample_only"], "--tfrecords", dataset["records"], "--models", run]
+    with pytest.raises(ValueError, match="is a folder"):
+        run_kernel([*argv, "--out", str(tmp_path)])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot write"):
+        run_kernel([*argv, "--out", str(blocker / "sub.csv")])
+
+
+def test_empty_or_header_only_sample_is_an_error_naming_the_file(dataset, tmp_path):
+    run = os.path.join(dataset["runs"], "asym_s1")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    sample = folder / "sample_submission.csv"
+    sample.write_text("")
+    argv = ["--data-dir", str(folder), "--tfrecords", dataset["records"], "--models", run,
+            "--out", str(tmp_path / "sub.csv")]
+    with pytest.raises(ValueError, match=f"{sample} is empty"):
+        run_kernel(argv)
+    sample.write_text(",".join(SUBMISSION_COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="header but no rows"):
+        run_kernel(argv)
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def test_no_progress_hides_the_preprocessing_bar(dataset, tmp_path, capsys):
+    run = os.path.join(dataset["runs"], "asym_s2")
+    capsys.readouterr()
+    run_kernel(["--data-dir", dataset["data"], "--models", run, "--out", str(tmp_path / "sub.csv"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert "preprocessing test images" in err and "img/s" not in err and "preprocess 32px" not in err

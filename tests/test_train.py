@@ -97,7 +97,7 @@ def test_killed_run_resumes_with_unbroken_log_and_never_worse_best(tiny, tmp_pat
     model = keras.saving.load_model(os.path.join(run, "best.keras"), compile=False, safe_mode=True)
     cfg = load_config(os.path.join(run, "config.yaml"))
     ev = build_eval_dataset(cfg, records_dir, "valid", 16, fold=0, with_targets=False)
-    logits = ev.unpad(model.predict(ev.dataset, steps=ev.steps, verbose=0))
+    logits = ev.unpad(model.predict(ev.dataset, steps=ev.num_batches, verbose=0))
     reloaded = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     saved = oof.set_index(ID_COLUMN).loc[list(ev.ids), list(LABELS)].to_numpy()
     np.testing.assert_allclose(reloaded, saved, atol=2e-5)

@@ -2,7 +2,7 @@
 
     ds = build_train_dataset(cfg, "tfrecords", fold=0, global_batch_size=32)        # (images, targets), endless
     ev = build_eval_dataset(cfg, "tfrecords", "valid", 32, fold=0)                    # ordered, padded
-    probs = ev.unpad(model.predict(ev.dataset, steps=ev.steps))                       # rows line up with ev.ids
+    probs = ev.unpad(model.predict(ev.dataset, steps=ev.num_batches))                       # rows line up with ev.ids
 
 Every batch has the full batch size on every split (TPUs and JAX data parallelism reject a short last
 batch): training drops its remainder (it repeats anyway), validation and test pad their last batch with
@@ -25,8 +25,8 @@ import tensorflow as tf
 
 from ranzcr_tf.prep import records
 from ranzcr_tf.pipeline.augment import augment_image, mirror
-from ranzcr_tf.config import Config
-from ranzcr_tf.labels import NUM_CLASSES
+from ranzcr_tf.config import TTA_VIEWS, Config
+from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 
 AUTOTUNE = tf.data.AUTOTUNE
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _to_model_dtype(image, dtype: tf.DType):
 # ----------------------------------------------------------------------------------------------- manifest
 def _manifest_info(tfrecords_dir: str) -> tuple[dict, int, int]:
     manifest = records.read_manifest(tfrecords_dir)
-    return manifest, int(manifest["num_folds"]), int(manifest["image_size"])
+    return manifest, int(manifest.get("num_folds") or 0), int(manifest["image_size"])  # 0: a test-only folder
 
 
 def _check_fold(fold, num_folds: int) -> int:
@@ -236,18 +236,17 @@ class EvalData:
         self.batch_size = int(batch_size)
         self.split = split
         self.num_batches = math.ceil(self.num_examples / self.batch_size)
-        self.steps = self.num_batches
         self.num_padding = self.num_batches * self.batch_size - self.num_examples
 
     @functools.cached_property
     def _labels(self) -> tuple[np.ndarray, np.ndarray]:
         # A pass over the same files in the same order, parsing only two small features (no decoding).
-        spec = {records.ID: tf.io.FixedLenFeature([], tf.string),
+        spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string),
                 records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
         ds = _ordered_records(self.files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
         ids, targets = [], []
         for batch in ds.as_numpy_iterator():
-            ids.extend(x.decode("utf-8") for x in batch[records.ID])
+            ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN])
             targets.append(batch[records.TARGET])
         ids = np.asarray(ids, dtype=object)
         targets = np.concatenate(targets) if targets else np.zeros((0, NUM_CLASSES), np.float32)
@@ -272,7 +271,7 @@ class EvalData:
         if predictions.shape[0] != self.num_batches * self.batch_size:
             raise ValueError(f"expected {self.num_batches * self.batch_size} predicted rows "
                              f"({self.num_batches} batches of {self.batch_size}), got {predictions.shape[0]}: "
-                             f"predict with steps={self.steps}")
+                             f"predict with steps={self.num_batches}")
         return predictions[:self.num_examples]
 
 
@@ -293,8 +292,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    if tta not in ("identity", "hflip"):
-        raise ValueError(f"tta must be 'identity' or 'hflip', got {tta!r}")
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
     _, num_folds, stored_size = _manifest_info(tfrecords_dir)

@@ -17,7 +17,7 @@ killed with ``kill -9`` and rerun ends byte-identical to an uninterrupted run.
 Parallelism: worker threads (``convert_worker.start_threads``; the work is native code that releases
 the GIL) read, decode, CLAHE, resize and encode images and return JPEG bytes; the main thread
 consumes results strictly in plan order through a bounded window of in-flight tasks (memory stays
-flat, and 1 or N workers write the same bytes), and writes shards with ``tf.io.TFRecordWriter``.
+flat, and 1 or N workers write the same bytes), and writes shards with ``shard_writer.ShardWriter`` (the kernel's test images use the same writer).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ from ranzcr_tf.prep.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
 from ranzcr_tf.prep.preprocess import BadImageError
+from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
 from ranzcr_tf.prep.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
-                                  preprocess_settings, read_json, remove_stale, rename, sha256_file, slot_name)
+                                  preprocess_settings, read_json, remove_stale, sha256_file, slot_name)
 
 KILL_HOOK_ENV = "RANZCR_CONVERT_KILL_AFTER"  # tests: SIGKILL this process after N records (mid-shard)
 RECORD_OVERHEAD_BYTES = 600  # ID, targets, sizes, typical annotations and TFRecord framing per record
@@ -117,7 +118,6 @@ def _estimate_records_per_shard(opts: ConvertOptions, paths: list[str], pool) ->
 def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool, window: int,
                   ready: dict) -> None:
     """Write every pending shard; results arrive in plan order whatever the number of workers."""
-    import tensorflow as tf
     from tqdm import tqdm
 
     size = opts.preprocess.image_size
@@ -130,51 +130,38 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
     written = 0
     for shard in pending:
         split, fold = shard["split"], shard["fold"]
-        folder = io_utils.join(opts.out_dir, split)
-        io_utils.makedirs(folder)
-        tmp = io_utils.temp_name(io_utils.join(folder, records.shard_name(fold, shard["index"], 0)))
         state = {"ids_planned": shard["ids"], "shard": None, "ids": [], "skipped": [], "notes": []}
-        writer = tf.io.TFRecordWriter(tmp)
         try:
-            for sid in shard["ids"]:
-                status, payload, info = next(results)
-                bar.update(1)
-                if status == "bad":
-                    path = image_path(split, sid)
-                    if opts.strict:
-                        raise BadImageError(f"--strict: {split} image {path}: {payload}")
-                    bar.write(f"skipped {split} image {path}: {payload}", file=sys.stderr)
-                    state["skipped"].append({"split": split, "id": sid, "path": path, "reason": payload})
-                    continue
-                annotations = []
-                if split == records.TRAIN_DIR:
-                    annotations = [(label, scale_points(points, info["orig_height"], info["orig_width"], size))
-                                   for label, points in lookup["annotations"].get(sid, ())]
-                example = records.serialize_example(
-                    payload, sid, target=lookup["targets"].get(sid), fold=-1 if fold is None else fold,
-                    height=info["height"], width=info["width"], orig_height=info["orig_height"],
-                    orig_width=info["orig_width"], annotations=annotations)
-                writer.write(example)
-                state["ids"].append(sid)
-                if info.get("note"):
-                    state["notes"].append({"split": split, "id": sid, "note": info["note"]})
-                written += 1
-                if kill_after and written >= kill_after:  # test hook: a real SIGKILL in the middle of a shard
-                    writer.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
-            writer.close()
+            with ShardWriter(opts.out_dir, split, fold, shard["index"]) as writer:
+                for sid in shard["ids"]:
+                    status, payload, info = next(results)
+                    bar.update(1)
+                    if status == "bad":
+                        path = image_path(split, sid)
+                        if opts.strict:
+                            raise BadImageError(f"--strict: {split} image {path}: {payload}")
+                        bar.write(f"skipped {split} image {path}: {payload}", file=sys.stderr)
+                        state["skipped"].append({"split": split, "id": sid, "path": path, "reason": payload})
+                        continue
+                    annotations = []
+                    if split == records.TRAIN_DIR:
+                        annotations = [(label, scale_points(points, info["orig_height"], info["orig_width"], size))
+                                       for label, points in lookup["annotations"].get(sid, ())]
+                    writer.write(records.serialize_example(
+                        payload, sid, target=lookup["targets"].get(sid), fold=-1 if fold is None else fold,
+                        height=info["height"], width=info["width"], orig_height=info["orig_height"],
+                        orig_width=info["orig_width"], annotations=annotations))
+                    state["ids"].append(sid)
+                    if info.get("note"):
+                        state["notes"].append({"split": split, "id": sid, "note": info["note"]})
+                    written += 1
+                    if kill_after and written >= kill_after:  # test hook: a real SIGKILL in the middle of a shard
+                        writer.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
         except BaseException:
-            writer.close()
-            if io_utils.exists(tmp):
-                io_utils.remove(tmp)
             bar.close()
             raise
-        if state["ids"]:
-            name = records.shard_name(fold, shard["index"], len(state["ids"]))
-            rename(tmp, io_utils.join(folder, name))
-            state["shard"] = f"{split}/{name}"
-        else:  # every image of the shard was bad: no empty file
-            io_utils.remove(tmp)
+        state["shard"] = writer.name  # None when every image of the shard was bad: no empty file
         io_utils.atomic_write_json(io_utils.join(opts.out_dir, PROGRESS_DIR, slot_name(shard) + ".json"), state)
     bar.close()
 
@@ -192,28 +179,18 @@ def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, fold
         if st["shard"]:
             shards[shard["split"]].append(st["shard"])
     num_test = sum(len(st["ids"]) for s, st in zip(plan, ordered) if s["split"] == records.TEST_DIR)
-    manifest = {
-        "schema_version": records.SCHEMA_VERSION,
-        "preprocess": preprocess_settings(opts.preprocess),
-        "image_size": opts.preprocess.image_size,
-        "num_folds": opts.num_folds,
-        "fold_seed": opts.fold_seed,
-        "fold_stratification": "rarest positive label of the row (index into labels), 11 = no positive label",
-        "labels": list(LABELS),
-        "num_train": int(good.sum()),
-        "num_test": num_test,
-        "fold_counts": {str(k): int((folds[good] == k).sum()) for k in range(opts.num_folds)},
-        "fold_positives": fold_positives(targets, folds[good], opts.num_folds),
-        "test_count": num_test,
-        "records_per_shard": saved["records_per_shard"],
-        "bytes_per_image_estimate": saved["bytes_per_image_estimate"],
-        "shards": shards,
-        "skipped": [entry for st in ordered for entry in st["skipped"]],
-        "notes": [entry for st in ordered for entry in st["notes"]],
-        "source": {"data_dir": os.path.abspath(opts.data_dir), "limit": opts.limit, **saved["inputs"]},
-        "_meta": run_metadata(),
-    }
-    io_utils.atomic_write_json(io_utils.join(opts.out_dir, records.MANIFEST), manifest)
+    manifest = write_manifest(
+        opts.out_dir, preprocess=preprocess_settings(opts.preprocess), image_size=opts.preprocess.image_size,
+        num_folds=opts.num_folds, num_train=int(good.sum()), num_test=num_test, shards=shards,
+        skipped=[entry for st in ordered for entry in st["skipped"]],
+        fold_seed=opts.fold_seed,
+        fold_stratification="rarest positive label of the row (index into labels), 11 = no positive label",
+        fold_counts={str(k): int((folds[good] == k).sum()) for k in range(opts.num_folds)},
+        fold_positives=fold_positives(targets, folds[good], opts.num_folds),
+        records_per_shard=saved["records_per_shard"], bytes_per_image_estimate=saved["bytes_per_image_estimate"],
+        notes=[entry for st in ordered for entry in st["notes"]],
+        source={"data_dir": os.path.abspath(opts.data_dir), "limit": opts.limit, **saved["inputs"]},
+        _meta=run_metadata())
     return manifest
 
 

@@ -51,9 +51,10 @@ except ImportError as exc:  # a Kaggle image without the bundle's wheels
                       "converter did: `pip install simplejpeg`, or on Kaggle install the wheels of the bundle that "
                       "`python -m ranzcr_tf.serve.package` builds") from exc
 
+from ranzcr_tf import config
 from ranzcr_tf.config import PreprocessConfig
 
-INTERPOLATIONS = {
+CV2_FILTERS = {  # config.INTERPOLATIONS but "auto", which resize_filter resolves to one of these
     "area": cv2.INTER_AREA,
     "linear": cv2.INTER_LINEAR_EXACT,
     "cubic": cv2.INTER_CUBIC,
@@ -208,12 +209,12 @@ def preprocess_array(gray_uint8: np.ndarray, settings: PreprocessConfig) -> np.n
         gray = gray[:, :, 0]
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"preprocess_array expects a 2-D uint8 array, got shape {gray.shape} dtype {gray.dtype}")
-    if settings.interpolation not in (*INTERPOLATIONS, "auto"):
-        raise ValueError(f"interpolation {settings.interpolation!r} unknown; use auto or one of {sorted(INTERPOLATIONS)}")
+    if settings.interpolation not in config.INTERPOLATIONS:
+        raise ValueError(f"interpolation {settings.interpolation!r} unknown; use one of {', '.join(config.INTERPOLATIONS)}")
     image = apply_clahe(np.ascontiguousarray(gray), settings)
     size = int(settings.image_size)
     if image.shape != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=INTERPOLATIONS[resize_filter(image.shape, settings)])
+        image = cv2.resize(image, (size, size), interpolation=CV2_FILTERS[resize_filter(image.shape, settings)])
     return image
 
 

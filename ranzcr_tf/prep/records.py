@@ -32,12 +32,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.labels import NUM_CLASSES
+from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 
 SCHEMA_VERSION = 1
 
 IMAGE = "image"
-ID = "StudyInstanceUID"
+ID = ID_COLUMN  # the study-ID feature is keyed by the CSV column name: write labels.ID_COLUMN
 TARGET = "target"
 HAS_TARGET = "has_target"
 FOLD = "fold"

@@ -60,15 +60,6 @@ def slot_name(shard: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------- resume state
-def rename(src: str, dst: str) -> None:
-    if io_utils.is_remote(src):
-        import tensorflow as tf
-
-        tf.io.gfile.rename(src, dst, overwrite=True)
-    else:
-        os.replace(src, dst)
-
-
 def read_json(path: str):
     return json.loads(io_utils.read_text(path)) if io_utils.exists(path) else None
 

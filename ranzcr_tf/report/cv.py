@@ -18,18 +18,26 @@ import pandas as pd
 
 from ranzcr_tf import io_utils
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
+from ranzcr_tf.report.score import check_values, read_table
+from ranzcr_tf.runs import CV_REPORT_FILE, OOF_FILE, ROC_PLOT_FILE
+
+TARGET_COLUMNS = [f"target_{label}" for label in LABELS]
 
 
 def merge_oof(run_dir: str) -> pd.DataFrame:
     """All ``run_dir/fold*/oof.csv`` rows in one frame; every study must appear once."""
-    paths = io_utils.glob(io_utils.join(run_dir, "fold*", "oof.csv"))
+    paths = io_utils.glob(io_utils.join(run_dir, "fold*", OOF_FILE))
     if not paths:
-        raise ValueError(f"no fold*/oof.csv under {run_dir}: train folds first (python train_tpu.py --fold all --out {run_dir})")
-    frame = pd.concat([pd.read_csv(io.StringIO(io_utils.read_text(p)), dtype={ID_COLUMN: str}) for p in paths],
-                      ignore_index=True)
-    missing = [c for c in [ID_COLUMN, *LABELS, *(f"target_{label}" for label in LABELS)] if c not in frame.columns]
-    if missing:
-        raise ValueError(f"OOF files under {run_dir} lack columns {missing}: were they written by ranzcr_tf.train.fit?")
+        raise ValueError(f"no fold*/{OOF_FILE} under {run_dir}: train folds first "
+                         f"(python train_tpu.py --fold all --out {run_dir})")
+    columns = [ID_COLUMN, *LABELS, *TARGET_COLUMNS]
+    frames = []
+    for path in paths:  # each file checked on its own, so a truncated or damaged one is named
+        frame = read_table(path, "OOF file", columns)
+        check_values(frame, list(LABELS), path, "OOF file")
+        check_values(frame, TARGET_COLUMNS, path, "OOF file", probabilities=False)
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
     duplicated = frame[ID_COLUMN][frame[ID_COLUMN].duplicated()].unique()
     if len(duplicated):
         raise ValueError(f"{len(duplicated)} studies appear in more than one fold's oof.csv (e.g. {duplicated[0]}): "
@@ -112,10 +120,10 @@ def main(argv=None) -> int:
         return 2
     report = cv_report(frame)
     print(format_report(report))
-    plot = plot_roc(frame, args.plot or io_utils.join(args.run_dir, "roc.png"),
+    plot = plot_roc(frame, args.plot or io_utils.join(args.run_dir, ROC_PLOT_FILE),
                     title=f"{os.path.basename(os.path.normpath(args.run_dir))}: CV AUC {report['cv_auc']:.4f}")
-    io_utils.atomic_write_json(io_utils.join(args.run_dir, "cv.json"), report)
-    print(f"ROC curves: {plot}; report: {io_utils.join(args.run_dir, 'cv.json')}")
+    io_utils.atomic_write_json(io_utils.join(args.run_dir, CV_REPORT_FILE), report)
+    print(f"ROC curves: {plot}; report: {io_utils.join(args.run_dir, CV_REPORT_FILE)}")
     return 0
 
 

@@ -10,50 +10,99 @@ or all 1 has no AUC; it is reported as such and left out of the mean.
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import sys
 
 import numpy as np
 import pandas as pd
 
+from ranzcr_tf import io_utils
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 
 
-def _read(path: str, what: str) -> pd.DataFrame:
+def read_table(path: str, what: str, columns) -> pd.DataFrame:
+    """A CSV with ``columns`` (at least), IDs as strings; an empty, unreadable or truncated file is a
+    ``ValueError`` naming it (not pandas' "No columns to parse from file")."""
     try:
-        frame = pd.read_csv(path, dtype={ID_COLUMN: str})
+        text = io_utils.read_text(path)
     except FileNotFoundError:
         raise ValueError(f"{what} {path} not found") from None
-    missing = [c for c in (ID_COLUMN, *LABELS) if c not in frame.columns]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path} cannot be read ({exc})") from None
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty: write it again (an interrupted copy or a full disk?)")
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype={ID_COLUMN: str})
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{what} {path} is not a readable CSV ({str(exc).splitlines()[0][:200]})") from None
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"{what} {path} lacks column(s) {missing}")
+    if frame.empty:
+        raise ValueError(f"{what} {path} has a header but no rows")
+    if frame[ID_COLUMN].isna().any():
+        raise ValueError(f"{what} {path} line {int(np.flatnonzero(frame[ID_COLUMN].isna())[0]) + 2}: empty {ID_COLUMN}")
+    short = frame[list(columns)].isna().any(axis=1).to_numpy()
+    if not text.endswith("\n") and short[-1]:
+        raise ValueError(f"{what} {path} line {len(frame) + 1} is cut short: the file is truncated; write it again")
+    return frame
+
+
+def check_values(frame: pd.DataFrame, columns, path: str, what: str, probabilities: bool = True) -> np.ndarray:
+    """``frame[columns]`` as float64, refusing strings, NaN, inf and (``probabilities``) values outside [0, 1],
+    naming the first bad line and column."""
+    values = np.empty((len(frame), len(columns)))
+    for c, column in enumerate(columns):
+        numbers = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64)
+        if probabilities:
+            bad = ~np.isfinite(numbers) | (numbers < 0) | (numbers > 1)
+            need = "a probability in [0, 1]"
+        else:
+            bad = ~np.isin(numbers, (0.0, 1.0))
+            need = "0 or 1"
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{what} {path} line {row + 2} ({ID_COLUMN} {frame[ID_COLUMN].iloc[row]}), column "
+                             f"{column!r}: {frame[column].iloc[row]!r} is not {need} ({int(bad.sum())} such value(s))")
+        values[:, c] = numbers
+    return values
+
+
+def _read(path: str, what: str, probabilities: bool) -> pd.DataFrame:
+    frame = read_table(path, what, (ID_COLUMN, *LABELS))
     if frame[ID_COLUMN].duplicated().any():
         raise ValueError(f"{what} {path} lists {ID_COLUMN} {frame[ID_COLUMN][frame[ID_COLUMN].duplicated()].iloc[0]} twice")
+    frame[list(LABELS)] = check_values(frame, list(LABELS), path, what, probabilities)
     return frame.set_index(ID_COLUMN)
 
 
 def score_frames(submission: pd.DataFrame, labels: pd.DataFrame) -> dict:
-    """``{'mean_auc': float, 'per_class': {label: auc or None}, 'rows': n}``; inputs indexed by ID."""
-    from sklearn.metrics import roc_auc_score
+    """``{'mean_auc': float, 'per_class': {label: auc or None}, 'rows': n}``; inputs indexed by ID.
+
+    The metric is ``model.metrics.competition_metric`` (the one training and CV report).
+    """
+    import warnings
+
+    from ranzcr_tf.model.metrics import competition_metric
 
     missing = labels.index.difference(submission.index)
     if len(missing):
         raise ValueError(f"the submission has no row for {len(missing)} labelled ID(s), e.g. {missing[0]}")
     predictions = submission.loc[labels.index, list(LABELS)].to_numpy(np.float64)
     targets = labels[list(LABELS)].to_numpy(np.float64)
-    per_class = {}
-    for index, label in enumerate(LABELS):
-        column = targets[:, index]
-        per_class[label] = (float(roc_auc_score(column, predictions[:, index]))
-                            if 0 < column.sum() < len(column) else None)
-    defined = [v for v in per_class.values() if v is not None]
-    if not defined:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # single-class columns are reported below as n/a
+        mean_auc, per_class = competition_metric(targets, predictions)
+    per_class = {label: (None if math.isnan(auc) else auc) for label, auc in per_class.items()}
+    if math.isnan(mean_auc):
         raise ValueError("no label column has both classes in the test labels: AUC is undefined")
-    return {"mean_auc": float(np.mean(defined)), "per_class": per_class, "rows": int(len(labels))}
+    return {"mean_auc": float(mean_auc), "per_class": per_class, "rows": int(len(labels))}
 
 
 def score_files(submission_csv: str, labels_csv: str) -> dict:
     """:func:`score_frames` on two CSV files."""
-    return score_frames(_read(submission_csv, "submission"), _read(labels_csv, "test labels"))
+    return score_frames(_read(submission_csv, "submission", True), _read(labels_csv, "test labels", False))
 
 
 def format_score(result: dict) -> str:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")
+from ranzcr_tf.config import ENSEMBLE_METHODS  # the one list of methods
 
 
 def sigmoid(logits) -> np.ndarray:

@@ -25,16 +25,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
+import keras
 import numpy as np
 
 from ranzcr_tf.serve import ensemble
+from ranzcr_tf.serve import predict as serve_predict
 from ranzcr_tf.prep import records
 from ranzcr_tf.serve.budget import (DEGRADE_ORDER, Budget, CostModel, choose_plan, degrade_levels, describe_plan)
 from ranzcr_tf.config import InferConfig, PreprocessConfig
-from ranzcr_tf.labels import NUM_CLASSES
+from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 from ranzcr_tf.serve.modelio import FoldSpec, ModelSpec, load_fold_model
 from ranzcr_tf.serve.submission import SAMPLE_SUBMISSION, read_sample_submission, template_from_ids
 from ranzcr_tf.prep.testimages import DeadlineReached, preprocess_test_images
+from ranzcr_tf.serve.testrecords import RecordsCheck, check_test_records, complete_records, describe_ids
 
 CALIBRATION_BATCHES = 3  # timed batches (after the first, which includes tracing) before estimating
 
@@ -52,28 +55,47 @@ class TestSource:
     data_dir: str | None = None  # competition folder (raw test/*.jpg)
     tfrecords: str | None = None  # converter output folder (test/ shards + manifest.json)
     work_dir: str = "."  # where raw test images are preprocessed to (one sub-folder per setting)
-    workers: int = 0  # preprocessing processes (0 = every core)
+    workers: int = 0  # preprocessing threads (0 = every core)
+    progress: bool = True  # preprocessing progress bar
+    records_check: RecordsCheck | None = None  # what checking --tfrecords against the sample found
     _prepared: dict = field(default_factory=dict)
-    skipped: dict = field(default_factory=dict)  # group key -> unreadable images
+    skipped: dict = field(default_factory=dict)  # group key -> unusable images
+    unusable: dict = field(default_factory=dict)  # test ID -> why it has no prediction
 
     @property
     def ids(self) -> list[str]:
         return self.template[self.template.columns[0]].astype(str).tolist()
 
     @classmethod
-    def from_paths(cls, data_dir: str | None, tfrecords: str | None, work_dir: str, workers: int = 0) -> "TestSource":
-        """Template from ``data_dir/sample_submission.csv``, else from the test records' IDs (their order)."""
+    def from_paths(cls, data_dir: str | None, tfrecords: str | None, work_dir: str, workers: int = 0,
+                   progress: bool = True) -> "TestSource":
+        """Template from ``data_dir/sample_submission.csv``, else from the test records' IDs (their order).
+
+        ``tfrecords`` are checked against the sample before anything is predicted (``testrecords.py``).
+        """
         if data_dir is None and tfrecords is None:
             raise ValueError("give the competition folder (--data-dir) or converted test records (--tfrecords)")
         sample = os.path.join(data_dir, SAMPLE_SUBMISSION) if data_dir else None
+        check = None
         if sample and os.path.exists(sample):
             template = read_sample_submission(sample)
+            if tfrecords:
+                check = check_test_records(tfrecords, template[ID_COLUMN].astype(str).tolist(), data_dir)
         elif tfrecords:
             _log(f"warning: no {SAMPLE_SUBMISSION} given; rows follow the test records' order")
-            template = template_from_ids(_record_ids(tfrecords))
+            check = check_test_records(tfrecords, None, data_dir)
+            template = template_from_ids(check.ids)
         else:
             raise ValueError(f"{sample} not found: --data-dir must be the competition folder")
-        return cls(template=template, data_dir=data_dir, tfrecords=tfrecords, work_dir=work_dir, workers=workers)
+        source = cls(template=template, data_dir=data_dir, tfrecords=tfrecords, work_dir=work_dir, workers=workers,
+                     progress=progress, records_check=check)
+        if check is not None:
+            source.unusable.update({sid: f"unreadable when converted: {why}" for sid, why in check.unreadable.items()})
+            if check.fallback_ids:
+                _log(f"note: {describe_ids(check.fallback_ids)} of {SAMPLE_SUBMISSION} are missing from {tfrecords}; "
+                     f"their raw JPEGs in {data_dir}/test are preprocessed with the run's own settings instead "
+                     f"(documented fallback)")
+        return source
 
     def records_for(self, fold: FoldSpec, budget: Budget | None = None,
                     on_measured: Callable[[float], None] | None = None) -> str | None:
@@ -82,8 +104,15 @@ class TestSource:
         if key in self._prepared:
             return self._prepared[key]
         if self.tfrecords and _records_settings(self.tfrecords) == fold.preprocess:
-            self._prepared[key] = self.tfrecords
-            return self.tfrecords
+            folder = self.tfrecords
+            if self.records_check is not None and self.records_check.fallback_ids:
+                folder, skipped = complete_records(
+                    self.tfrecords, self.data_dir, self.records_check.fallback_ids, fold.preprocess,
+                    os.path.join(self.work_dir, f"records-completed-{len(self._prepared)}"), workers=self.workers,
+                    progress=self.progress, expired=budget.expired if budget else None)
+                self._note_skipped(key, skipped)
+            self._prepared[key] = folder
+            return folder
         if not self.data_dir or not os.path.isdir(os.path.join(self.data_dir, "test")):
             where = (f"the records in {self.tfrecords} were made with {_records_settings(self.tfrecords)}"
                      if self.tfrecords else "no records were given")
@@ -99,27 +128,22 @@ class TestSource:
                 on_measured((budget.clock() - start) / count)
 
         _, skipped = preprocess_test_images(self.data_dir, self.ids, fold.preprocess, out, workers=self.workers,
-                                            expired=budget.expired if budget else None, on_first=first)
+                                            expired=budget.expired if budget else None, on_first=first,
+                                            progress=self.progress)
         if on_measured is not None and budget is not None:
             on_measured((budget.clock() - start) / max(1, len(self.ids)))
-        self.skipped[key] = skipped
+        self._note_skipped(key, skipped)
         self._prepared[key] = out if len(skipped) < len(self.ids) else None
         return self._prepared[key]
+
+    def _note_skipped(self, key, skipped: list[dict]) -> None:
+        self.skipped[key] = skipped
+        for entry in skipped:
+            self.unusable.setdefault(entry["id"], f"raw image {entry['path']}: {entry['reason']}")
 
 
 def _records_settings(tfrecords: str) -> PreprocessConfig:
     return PreprocessConfig.from_dict(records.read_manifest(tfrecords).get("preprocess", {}))
-
-
-def _record_ids(tfrecords: str) -> list[str]:
-    import tensorflow as tf
-
-    files = records.list_shards(tfrecords, records.TEST_DIR)
-    if not files:
-        raise ValueError(f"no test shards in {tfrecords}/test: convert the test images first (make_tfrecords.py)")
-    spec = {records.ID: tf.io.FixedLenFeature([], tf.string)}
-    ds = tf.data.TFRecordDataset(files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
-    return [x.decode("utf-8") for batch in ds.as_numpy_iterator() for x in batch[records.ID]]
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -139,12 +163,6 @@ class InferReport:
 
 
 # ----------------------------------------------------------------------------------------------- maths
-def to_probabilities(outputs, output: str) -> np.ndarray:
-    """Model outputs to probabilities: sigmoid of logits, or the probabilities as they are."""
-    outputs = np.asarray(outputs, dtype=np.float64)
-    return ensemble.sigmoid(outputs) if output == "logits" else outputs
-
-
 def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConfig) -> tuple[np.ndarray, list[int]]:
     """Views -> folds -> models, over the passes present in ``results``; returns ``(probs, models used)``."""
     used = sorted({m for m, _, _ in results})
@@ -161,9 +179,41 @@ def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConf
 
 
 # ----------------------------------------------------------------------------------------------- passes
-def _run_pass(model, fold: FoldSpec, records_dir: str, view: str, batch_size: int, row_of: dict, budget: Budget,
+class _PassMonitor(keras.callbacks.Callback):
+    """Keras predict callback of one pass: progress bar, time calibration, and the budget's stop."""
+
+    def __init__(self, data, budget: Budget, bar, on_calibrated):
+        super().__init__()
+        self.data, self.budget, self.bar, self.on_calibrated = data, budget, bar, on_calibrated
+        self.start = self.timed_from = self.now = budget.clock()
+        self.complete, self.done = True, 0
+
+    def on_predict_batch_begin(self, batch, logs=None):
+        # Keras checks ``stop_predicting`` after each batch: a batch begun past the deadline is the last.
+        if self.budget.expired():
+            self.complete = False
+            self.model.stop_predicting = True
+
+    def on_predict_batch_end(self, batch, logs=None):
+        data = self.data
+        stop = min((batch + 1) * data.batch_size, data.num_examples)
+        self.bar.update(stop - self.done)
+        self.done, self.now = stop, self.budget.clock()
+        if batch == 0:
+            self.timed_from = self.now  # the first batch includes tracing/compilation: not representative
+            if data.num_batches == 1:
+                self.on_calibrated((self.now - self.start) / stop)
+        elif batch == min(CALIBRATION_BATCHES, data.num_batches - 1):
+            self.on_calibrated((self.now - self.timed_from) / (batch * data.batch_size))
+
+
+
+def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size: int, row_of: dict, budget: Budget,
               on_calibrated: Callable[[float], None], progress: bool) -> tuple[np.ndarray, bool, float]:
-    """One fold x one view: ``(probs in template rows with NaN where absent, complete?, seconds per image)``."""
+    """One fold x one view: ``(probs in template rows with NaN where absent, complete?, seconds per image)``.
+
+    Predicts through ``serve.predict.predict_eval``, the function validation and OOF writing use.
+    """
     from tqdm.auto import tqdm
 
     from ranzcr_tf.pipeline.data import build_eval_dataset
@@ -172,34 +222,22 @@ def _run_pass(model, fold: FoldSpec, records_dir: str, view: str, batch_size: in
                               with_targets=False)
     rows = np.array([row_of.get(i, -1) for i in data.ids])
     probs = np.full((len(row_of), NUM_CLASSES), np.nan)
-    pass_start, timed_from, complete = budget.clock(), None, True
-    now = pass_start
     bar = tqdm(total=data.num_examples, desc=f"{fold.name} {view}", unit="img", disable=not progress, file=sys.stderr)
-    for index, batch in enumerate(data.dataset.as_numpy_iterator()):
-        if budget.expired():
-            complete = False
-            break
-        outputs = np.asarray(model.predict_on_batch(batch))
-        if outputs.shape != (batch_size, NUM_CLASSES):
-            raise ValueError(f"{fold.path}: predicted shape {outputs.shape}, expected ({batch_size}, {NUM_CLASSES})")
-        start, stop = index * batch_size, min((index + 1) * batch_size, data.num_examples)
-        batch_rows = rows[start:stop]
-        keep = batch_rows >= 0
-        probs[batch_rows[keep]] = to_probabilities(outputs[:stop - start][keep], fold.output)
-        bar.update(stop - start)
-        now = budget.clock()
-        if index == 0:
-            timed_from = now  # the first batch includes tracing/compilation: not representative
-            if data.num_batches == 1:
-                on_calibrated((now - pass_start) / stop)
-        elif index == min(CALIBRATION_BATCHES, data.num_batches - 1):
-            on_calibrated((now - timed_from) / (index * batch_size))
-    bar.close()
-    if data.num_batches > 1 and complete:
-        seconds_per_image = (now - timed_from) / ((data.num_batches - 1) * batch_size)
+    monitor = _PassMonitor(data, budget, bar, on_calibrated)
+    try:
+        predicted = serve_predict.predict_eval(None, data, from_logits=fold.output == "logits", predictor=predictor,
+                                               callbacks=[monitor], allow_partial=True)
+    finally:
+        bar.close()
+    if predicted.shape != (data.num_examples, NUM_CLASSES):
+        raise ValueError(f"{fold.path}: predicted shape {predicted.shape}, expected ({data.num_examples}, {NUM_CLASSES})")
+    keep = rows >= 0
+    probs[rows[keep]] = predicted[keep]
+    if data.num_batches > 1 and monitor.complete:
+        seconds_per_image = (monitor.now - monitor.timed_from) / ((data.num_batches - 1) * batch_size)
     else:
-        seconds_per_image = (now - pass_start) / max(1, data.num_examples)
-    return probs, complete, seconds_per_image
+        seconds_per_image = (monitor.now - monitor.start) / max(1, data.num_examples)
+    return probs, monitor.complete, seconds_per_image
 
 
 def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: InferConfig, budget: Budget, *,
@@ -275,6 +313,7 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
                     continue
                 load_start = budget.clock()
                 model = load_fold_model(fold)
+                predictor = serve_predict.build_predictor(model, from_logits=fold.output == "logits")
                 costs.load_seconds.append(budget.clock() - load_start)
                 costs.loaded.add((m, f))
                 for v in range(len(views)):
@@ -283,7 +322,7 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
                         costs.passed.add(key)
                         continue
                     probs, complete, seconds_per_image = _run_pass(
-                        model, fold, records_dir, views[v], batch_size or int(fold.cfg.infer.batch_size), row_of,
+                        predictor, fold, records_dir, views[v], batch_size or int(fold.cfg.infer.batch_size), row_of,
                         budget, lambda s, key=key: calibrated(key, s), progress)
                     if not complete:
                         report.aborted.append(key)
@@ -294,8 +333,8 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
                     costs.done.add(key)
                     report.done.append(key)
                     if checkpoint is not None:
-                        checkpoint(_finish(results, models, infer_cfg, report, quiet=True))
-                del model
+                        checkpoint(_finish(results, models, infer_cfg, report, source, quiet=True))
+                del model, predictor
                 _release_memory()
     except DeadlineReached as exc:
         _log(f"budget: {exc}; writing the ensemble of the {len(results)} finished pass(es)")
@@ -306,11 +345,11 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
         report.partial_fallback = True
         filled, report.filled_rows = ensemble.fill_missing_rows(partial)
         return np.clip(filled, 0.0, 1.0), report
-    return _finish(results, models, infer_cfg, report), report
+    return _finish(results, models, infer_cfg, report, source), report
 
 
 def _finish(results: dict, models: list[ModelSpec], infer_cfg: InferConfig, report: InferReport,
-            quiet: bool = False) -> np.ndarray:
+            source: TestSource, quiet: bool = False) -> np.ndarray:
     probs, used = combine_results(results, models, infer_cfg)
     filled, count = ensemble.fill_missing_rows(probs)
     if not quiet:
@@ -318,7 +357,10 @@ def _finish(results: dict, models: list[ModelSpec], infer_cfg: InferConfig, repo
         report.models_used = [models[m].name for m in used]
         report.final_plan = describe_plan(results.keys(), [len(m.folds) for m in models], len(infer_cfg.tta))
         if count:
-            _log(f"warning: {count} test row(s) had no prediction (unreadable image): filled with column means")
+            missing = [sid for sid, row in zip(source.ids, np.isnan(probs).any(axis=1)) if row]
+            why = "; ".join(f"{sid}: {source.unusable.get(sid, 'not in any predicted records')}" for sid in missing[:3])
+            _log(f"warning: {count} test row(s) had no prediction, filled with column means ({why}"
+                 f"{' ...' if count > 3 else ''})")
     return np.clip(filled, 0.0, 1.0)
 
 

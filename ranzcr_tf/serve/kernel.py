@@ -13,8 +13,9 @@ import sys
 import tempfile
 import time
 
+from ranzcr_tf.runs import MODEL_FILE
 from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget
-from ranzcr_tf.config import KAGGLE_DATA_DIR, InferConfig
+from ranzcr_tf.config import ENSEMBLE_METHODS, KAGGLE_DATA_DIR, TTA_VIEWS, InferConfig
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -45,9 +46,18 @@ time budget (--max-minutes, default {DEFAULT_MAX_MINUTES:g}):
   A pass still running at the deadline is abandoned; the submission is the ensemble of every
   finished pass. If not even one pass finished, the rows the unfinished pass predicted are used and
   the remaining rows get the column means of those (0.5 if none): the file is always complete.
-  submission.csv is rewritten atomically after every finished pass (a complete file, never a partial
-  one), so stopping the kernel early still leaves a valid submission. Unreadable test images get the
-  column means of the other rows (a warning names them).
+  After every finished pass the ensemble so far is written to .partial-submission.csv beside --out;
+  --out itself is written once, atomically, when the run completes, so an earlier complete --out is
+  never replaced by a partial file. --out is checked writable and every model file is opened and
+  verified (zip CRC, safe-mode load) before any image is predicted.
+
+test records:
+  --tfrecords are checked against sample_submission.csv first: record counts per shard against the
+  shard names and the manifest, and the IDs against the sample. Test images the converter skipped as
+  unreadable get the column means of the other rows (a warning names them and why). Any other
+  missing ID is an error naming it and the missing shards, unless its raw JPEG is in --data-dir/test:
+  then those images are preprocessed with the run's own settings and predicted with the records
+  (a one-line note says so). Records of IDs the sample does not list are an error.
 """
 
 
@@ -66,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "else ./submission.csv)")
     parser.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
                         help="wall-clock budget for the whole kernel (0 = no limit)")
-    parser.add_argument("--tta", nargs="+", choices=("identity", "hflip"), help="TTA views, most important first "
+    parser.add_argument("--tta", nargs="+", choices=TTA_VIEWS, help="TTA views, most important first "
                         "(default: the runs' saved infer.tta; views not every run lists are left out); the last ones "
                         "are dropped first under the budget")
-    parser.add_argument("--ensemble", choices=("mean", "rank_mean", "weighted"), default=InferConfig().ensemble,
+    parser.add_argument("--ensemble", choices=ENSEMBLE_METHODS, default=InferConfig().ensemble,
                         help="how runs are combined (default %(default)s)")
     parser.add_argument("--weights", nargs="+", type=float, default=[], help="one weight per run for --ensemble weighted")
     parser.add_argument("--batch-size", type=int, help="prediction batch size (default: each run's infer.batch_size)")
@@ -91,7 +101,7 @@ def kaggle_model_dirs(input_dir: str = KAGGLE_INPUT, competition_dir: str = KAGG
         folder = os.path.join(input_dir, name)
         if not os.path.isdir(folder) or os.path.abspath(folder) == os.path.abspath(competition_dir):
             continue
-        if any("best.keras" in files for _, _, files in os.walk(folder, followlinks=True)):
+        if any(MODEL_FILE in files for _, _, files in os.walk(folder, followlinks=True)):
             found.append(folder)
     return found
 
@@ -117,6 +127,25 @@ def resolve_paths(args) -> tuple[str | None, list[str], str]:
     out = args.out or (os.path.join(KAGGLE_WORKING, "submission.csv") if os.path.isdir(KAGGLE_WORKING)
                        else "submission.csv")
     return data_dir, models, out
+
+
+def partial_path(out: str) -> str:
+    """Where the ensemble of the passes finished so far is kept until the whole run completes."""
+    folder, name = os.path.split(os.path.abspath(out))
+    return os.path.join(folder, f".partial-{name}")
+
+
+def check_writable(out: str) -> None:
+    """``--out`` must be a file path in a writable folder (checked by writing a probe file there)."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder: give the submission file's path, e.g. {out}/submission.csv")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc}); choose a writable path") from None
 
 
 def saved_tta(models) -> list[str]:
@@ -149,12 +178,14 @@ def run(args) -> dict:
 
     from ranzcr_tf.pipeline import data as data_module
     from ranzcr_tf.serve.infer import TestSource, predict_ensemble
-    from ranzcr_tf.serve.modelio import discover_models
+    from ranzcr_tf.serve.modelio import discover_models, verify_models
     from ranzcr_tf.serve.submission import build_submission, write_submission
 
     if keras.backend.backend() == "jax":
         data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
+    check_writable(out)  # before any inference: a read-only --out must not waste a Kaggle run
     models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
+    verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached
     infer_cfg = InferConfig(tta=list(args.tta or saved_tta(models)), ensemble=args.ensemble,
                             weights=list(args.weights), batch_size=args.batch_size or 1)
     infer_cfg.validate()
@@ -172,21 +203,26 @@ def run(args) -> dict:
         os.makedirs(scratch_parent, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
     try:
-        source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers)
+        source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers,
+                                       progress=not args.no_progress)
         template = source.template
+        partial = partial_path(out)
 
-        def checkpoint(probs):
-            write_submission(build_submission(template, probs), out, template)
+        def checkpoint(probs):  # the ensemble so far, beside --out: an earlier complete --out is never replaced by it
+            write_submission(build_submission(template, probs), partial, template)
 
         probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=args.batch_size,
                                          progress=not args.no_progress, checkpoint=checkpoint)
         write_submission(build_submission(template, probs), out, template)
+        if os.path.exists(partial):
+            os.remove(partial)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.monotonic() - start
     print(f"wrote {out}: {len(template)} rows; plan used: {report.final_plan or 'fallback (no pass finished)'} "
           f"of {report.full_plan}; {elapsed / 60:.1f} min", file=sys.stderr)
-    return {"out": out, "report": report, "models": models, "rows": len(template), "elapsed_seconds": elapsed}
+    return {"out": out, "report": report, "models": models, "rows": len(template), "elapsed_seconds": elapsed,
+            "probabilities": probs, "ids": list(source.ids)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,9 @@
     models = discover_models(["runs/b7_768"])       # one ModelSpec per run, one FoldSpec per best.keras
     model = load_fold_model(models[0].folds[0])     # keras.Model, compile=False, safe_mode=True
 
-A run folder (written by training) looks like ``runs/NAME/fold{k}/`` holding ``best.keras``,
-``config.yaml`` (the resolved Config), ``preprocess.json`` (the converter's preprocessing of the
-records it was trained on), ``metrics.json`` and ``oof.csv``. A path given as a model may be a run
+A run folder (written by training; its layout is ``ranzcr_tf.runs``) looks like ``runs/NAME/fold{k}/``
+holding ``best.keras``, ``config.yaml`` (the resolved Config), ``preprocess.json`` (the converter's
+preprocessing of the records it was trained on), ``metrics.json`` and ``oof.csv``. A path given as a model may be a run
 folder, a single fold folder, a ``best.keras`` file, or a folder holding several runs (an attached
 Kaggle dataset): every ``best.keras`` under it is found and grouped by run (the folder above the
 ``fold{k}`` folders). Every setting inference needs comes from the files beside each model.
@@ -18,19 +18,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
+from ranzcr_tf import io_utils
 from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
 from ranzcr_tf.labels import LABELS
+from ranzcr_tf.runs import CONFIG_FILE, MODEL_FILE, PREPROCESS_FILE, is_fold_dir
 
-MODEL_FILE = "best.keras"
-CONFIG_FILE = "config.yaml"
-PREPROCESS_FILE = "preprocess.json"
 LEGACY_SUFFIXES = (".h5", ".hdf5")
-_FOLD_DIR = re.compile(r"^fold\d+$")
 
 
 @dataclass
@@ -107,7 +105,8 @@ def read_preprocess_json(path: str) -> tuple[PreprocessConfig, int]:
 
 
 def check_model_file(path: str) -> None:
-    """Refuse legacy HDF5 files and ``.keras`` files that hold a ``Lambda`` layer, before loading anything.
+    """Refuse legacy HDF5 files, damaged archives (zip CRC) and ``.keras`` files that hold a ``Lambda`` layer,
+    before loading anything.
 
     A Lambda layer carries Python bytecode; Keras safe mode would refuse it at load time too, but
     checking the archive's ``config.json`` first gives one clear message for every bad fold up front.
@@ -117,10 +116,13 @@ def check_model_file(path: str) -> None:
     if not path.endswith(".keras"):
         raise ValueError(f"{path}: expected a Keras 3 '.keras' model file")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with io_utils.open_binary(path) as fh, zipfile.ZipFile(fh) as archive:
+            damaged = archive.testzip()  # reads every member and checks its CRC: a damaged copy is caught here
             config = json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable .keras model archive ({exc})") from None
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable .keras model archive ({exc}); copy or download it again") from None
+    if damaged is not None:
+        raise ValueError(f"{path}: damaged .keras archive (CRC mismatch in {damaged}); copy or download it again")
     lambdas = list(_lambda_layers(config))
     if lambdas:
         raise ValueError(f"{path}: the model contains Lambda layer(s) {lambdas}; Lambda layers hold arbitrary "
@@ -159,7 +161,7 @@ def _fold_spec(model_path: str, search_stop: str, name: str) -> FoldSpec:
 
 def _run_folder(model_path: str) -> str:
     fold_folder = os.path.dirname(os.path.abspath(model_path))
-    return os.path.dirname(fold_folder) if _FOLD_DIR.match(os.path.basename(fold_folder)) else fold_folder
+    return os.path.dirname(fold_folder) if is_fold_dir(fold_folder) else fold_folder
 
 
 def discover_models(paths: list[str], exclude: tuple[str, ...] = ()) -> list[ModelSpec]:
@@ -204,24 +206,30 @@ def discover_models(paths: list[str], exclude: tuple[str, ...] = ()) -> list[Mod
     return list(models.values())
 
 
-def load_fold_model(fold: FoldSpec):
-    """Load one fold's model with Keras safe mode (``compile=False``), with a clear error when refused."""
-    import keras
+def load_model_file(path: str):
+    """The one model loader (training's OOF pass, the kernel, ``package``): archive checks, then Keras safe mode
+    (``compile=False``); a model that cannot be loaded is a one-line ``ValueError`` naming the file."""
+    from ranzcr_tf.model.build import load_model  # registers our custom layers so safe mode can rebuild them
 
-    import ranzcr_tf.model.build  # noqa: F401  (registers our custom layers so safe mode can rebuild them)
-
-    check_model_file(fold.path)
+    check_model_file(path)
     try:
-        model = keras.models.load_model(fold.path, compile=False, safe_mode=True)
+        return load_model(path, compile=False)
     except ValueError as exc:
         text = str(exc)
         if "safe_mode" in text or "Lambda" in text or "lambda" in text:
-            raise ValueError(f"{fold.path}: refused by Keras safe mode (it would run code stored in the file): "
+            raise ValueError(f"{path}: refused by Keras safe mode (it would run code stored in the file): "
                              f"{text.splitlines()[0][:200]}") from None
-        raise ValueError(f"{fold.path}: cannot load the model: {text.splitlines()[0][:300]}") from None
+        raise ValueError(f"{path}: cannot load the model: {text.splitlines()[0][:300]}") from None
     except TypeError as exc:  # an unregistered custom class
-        raise ValueError(f"{fold.path}: cannot rebuild the model ({str(exc)[:300]}); was it saved by a newer or "
+        raise ValueError(f"{path}: cannot rebuild the model ({str(exc)[:300]}); was it saved by a newer or "
                          f"different ranzcr-tf? Install the version that trained it") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: cannot read the model file ({exc}); copy or download it again") from None
+
+
+def load_fold_model(fold: FoldSpec):
+    """Load one fold's model (:func:`load_model_file`) and check it against the fold's saved config."""
+    model = load_model_file(fold.path)
     shape = model.input_shape
     if isinstance(shape, list):
         raise ValueError(f"{fold.path}: the model has {len(shape)} inputs; expected one image input")
@@ -232,3 +240,15 @@ def load_fold_model(fold: FoldSpec):
         raise ValueError(f"{fold.path}: the model takes {shape[-1]} channel(s) but its config says "
                          f"model.input_channels={fold.cfg.model.input_channels}")
     return model
+
+
+def verify_models(models: list[ModelSpec]) -> None:
+    """Open every fold's model once (zip CRC, safe-mode load, input shape), so a bad file stops the command
+    when it starts rather than when its fold is reached hours later."""
+    import gc
+
+    for spec in models:
+        for fold in spec.folds:
+            model = load_fold_model(fold)
+            del model
+    gc.collect()

@@ -34,9 +34,10 @@ import subprocess
 import sys
 import tempfile
 
-from ranzcr_tf.serve.modelio import CONFIG_FILE, PREPROCESS_FILE, discover_models
+from ranzcr_tf.runs import BEST_INFO_FILE, METRICS_FILE, SERVING_FILES
+from ranzcr_tf.serve.modelio import discover_models, verify_models
 
-RUN_FILES = ("best.keras", CONFIG_FILE, PREPROCESS_FILE, "metrics.json", "best.json")
+RUN_FILES = (*SERVING_FILES, METRICS_FILE, BEST_INFO_FILE)
 PACKAGE_NAME = "ranzcr-tf"
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "ranzcr_tf")
 
@@ -101,7 +102,8 @@ def download_wheels(specs: list[str], wheel_dir: str, targets: list[tuple[str, s
 
 def copy_runs(run_paths: list[str], out_dir: str) -> list[str]:
     """Copy each fold's model, config and preprocessing (not checkpoints or logs) to ``out_dir/runs``."""
-    models = discover_models(run_paths)  # validates: no .h5, no Lambda, configs present
+    models = discover_models(run_paths)  # validates: no .h5, no Lambda, zip CRC, configs present
+    verify_models(models)  # and each model loads in safe mode, before anything is copied or built
     copied = []
     for spec in models:
         for fold in spec.folds:
@@ -144,9 +146,25 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
     name = name or os.path.basename(os.path.abspath(out_dir)).lower().replace("_", "-")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir} is not empty: choose a new --out folder (or delete it)")
+    created = not os.path.exists(out_dir)
+    try:
+        return _fill_bundle(runs, out_dir, name, wheels, keras_wheel, decoder_wheel)
+    except BaseException:
+        # A failed run leaves nothing behind (it started from an empty or new folder), so a rerun is not refused.
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for entry in os.listdir(out_dir):
+                path = os.path.join(out_dir, entry)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        raise
+
+
+def _fill_bundle(runs: list[str], out_dir: str, name: str, wheels: list[str] | None, keras_wheel: bool,
+                 decoder_wheel: bool) -> dict:
+    copied = copy_runs(runs, out_dir)  # first: a refused model stops before any slow build
     wheel_dir = os.path.join(out_dir, "wheels")
     os.makedirs(wheel_dir, exist_ok=True)
-    copied = copy_runs(runs, out_dir)  # first: a refused model stops before any slow build
     build_wheel(wheel_dir)
     specs = list(wheels or [])
     if keras_wheel:

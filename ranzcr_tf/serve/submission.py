@@ -27,10 +27,19 @@ def read_sample_submission(path: str) -> pd.DataFrame:
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: --data-dir must be the competition folder holding "
                          f"{SAMPLE_SUBMISSION} and test/")
-    frame = pd.read_csv(path, dtype={ID_COLUMN: str})
+    try:
+        frame = pd.read_csv(path, dtype={ID_COLUMN: str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: expected the competition's {SAMPLE_SUBMISSION} (a header and one row "
+                         f"per test image); copy it again") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable CSV ({str(exc).splitlines()[0][:200]})") from None
     if list(frame.columns) != list(SUBMISSION_COLUMNS):
         raise ValueError(f"{path} has columns {list(frame.columns)}; expected {list(SUBMISSION_COLUMNS)} "
                          f"(the RANZCR CLiP sample_submission.csv)")
+    if frame.empty:
+        raise ValueError(f"{path} has a header but no rows: there is no test image to predict; copy the "
+                         f"competition's {SAMPLE_SUBMISSION} again")
     ids = frame[ID_COLUMN]
     if ids.isna().any() or (ids.str.strip() == "").any():
         raise ValueError(f"{path}: empty {ID_COLUMN} on line(s) {list(np.flatnonzero(ids.isna()) + 2)[:5]}")

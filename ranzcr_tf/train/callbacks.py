@@ -13,7 +13,6 @@ the restarted run repeats at most the epoch whose backup was missing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from ranzcr_tf import compat, io_utils
 from ranzcr_tf.labels import LABELS
+from ranzcr_tf.serve import predict as serve_predict  # the one prediction function (validation, OOF, kernel)
 from ranzcr_tf.train.schedules import learning_rate_value
 
 KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this process after that epoch's backup
@@ -46,66 +46,6 @@ class RunFlags:
     def __init__(self):
         self.diverged = False
         self.message = ""
-
-
-# ----------------------------------------------------------------------------------------------- prediction
-def _indexed_model(model: keras.Model, from_logits: bool) -> keras.Model:
-    """``{"image", "index"} -> {"probabilities", "index"}``: the row index travels through the model.
-
-    Whatever order a strategy hands batches to replicas or workers in, each prediction comes back with
-    the row it belongs to, so gathering is exact on every placement.
-    """
-    source = model.inputs[0]
-    image = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype, name="image")
-    index = keras.Input(shape=(), dtype="int32", name="index")
-    outputs = model(image)
-    if from_logits:
-        outputs = keras.layers.Activation("sigmoid", dtype="float32", name="to_probabilities")(outputs)
-    return keras.Model({"image": image, "index": index},
-                       {"probabilities": outputs, "index": keras.layers.Identity(name="row_index")(index)},
-                       name="indexed_predictor")
-
-
-def _indexed_dataset(eval_data):
-    import tensorflow as tf
-
-    batch = eval_data.batch_size
-
-    def add_index(step, element):
-        images = element[0] if isinstance(element, (tuple, list)) else element
-        index = tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32)
-        return {"image": images, "index": index}
-
-    # A known length lets predict stop without probing (and warning about) the end of the data.
-    return eval_data.dataset.enumerate().map(add_index).apply(tf.data.experimental.assert_cardinality(eval_data.steps))
-
-
-def build_predictor(model: keras.Model, *, from_logits: bool, placement=None) -> keras.Model:
-    """The indexed predictor of ``model`` (shares its weights); build once and reuse, so ``predict`` is traced
-    (and on a TPU, compiled) once rather than every epoch."""
-    # Several workers: each predicts the whole set by itself (a predictor built outside the strategy runs
-    # on this worker's copy of the weights, which equals every other's), with no collective ops. Keras'
-    # multi-worker predict hands each worker the same first part of an unsharded set, and a sharded set
-    # would leave workers with unequal numbers of batches.
-    local = placement is not None and placement.kind == "multiworker"
-    with placement.scope() if placement is not None and not local else contextlib.nullcontext():
-        return _indexed_model(model, from_logits)
-
-
-def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=None,
-                 predictor: keras.Model | None = None) -> np.ndarray:
-    """Probabilities ``(eval_data.num_examples, 11)`` in ``eval_data.ids`` order (padding removed)."""
-    if predictor is None:
-        predictor = build_predictor(model, from_logits=from_logits, placement=placement)
-    out = predictor.predict(_indexed_dataset(eval_data), verbose=0)
-    index = np.asarray(out["index"]).reshape(-1)
-    probs = np.asarray(out["probabilities"], dtype=np.float32).reshape(len(index), -1)
-    keep = index < eval_data.num_examples  # padding rows sit past the real ones
-    index, probs = index[keep], probs[keep]
-    unique, first = np.unique(index, return_index=True)
-    if len(unique) != eval_data.num_examples:
-        raise RuntimeError(f"prediction returned {len(unique)} of {eval_data.num_examples} validation rows")
-    return probs[first]
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
@@ -191,6 +131,7 @@ class Validation(keras.callbacks.Callback):
         self.targets = np.asarray(eval_data.targets)
         self.best = -math.inf
         self._predictor, self._predictor_of = None, None
+        self.probabilities = None  # the last epoch's predictions (tests compare them with the kernel's)
 
     def on_epoch_end(self, epoch, logs=None):
         from ranzcr_tf.model.metrics import competition_metric
@@ -200,10 +141,12 @@ class Validation(keras.callbacks.Callback):
             logs["val_auc"] = math.nan
             return
         if self._predictor_of is not self.model:
-            self._predictor = build_predictor(self.model, from_logits=self.from_logits, placement=self.placement)
+            self._predictor = serve_predict.build_predictor(self.model, from_logits=self.from_logits,
+                                                            placement=self.placement)
             self._predictor_of = self.model
-        probs = predict_eval(self.model, self.eval_data, from_logits=self.from_logits, placement=self.placement,
-                             predictor=self._predictor)
+        probs = serve_predict.predict_eval(self.model, self.eval_data, from_logits=self.from_logits,
+                                           placement=self.placement, predictor=self._predictor)
+        self.probabilities = probs  # this epoch's validation predictions, in eval_data.ids order
         mean_auc, per_class = competition_metric(self.targets, probs)
         logs["val_auc"] = float(mean_auc)
         for label in LABELS:
@@ -228,12 +171,7 @@ def _atomic_save_model(model: keras.Model, path: str) -> None:
     finally:
         for layer in synced:
             layer.synchronized = True
-    if io_utils.is_remote(path):
-        import tensorflow as tf
-
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    else:
-        os.replace(tmp, path)
+    io_utils.rename(tmp, path)
 
 
 class BestCheckpoint(keras.callbacks.Callback):

@@ -3,20 +3,7 @@
     placement = choose_placement(cfg.train.strategy)
     result = train_fold(cfg, "tfrecords", fold=0, out_dir="runs/demo", placement=placement)
 
-The run folder ``<out>/fold{k}/`` holds:
-
-=====================  ===========================================================================
-config.yaml            the resolved config + versions + git revision (``config.save_config``)
-preprocess.json        the records' preprocessing settings (from their manifest) + the model's input size
-best.keras / best.json the best model by validation mean AUC, and its epoch and AUC
-log.csv                one row per epoch: loss, learning_rate, val_auc, val_auc_<label> (appended on resume)
-metrics.json           validation mean AUC, per-class AUCs and the best epoch (from the reloaded best.keras)
-oof.csv                StudyInstanceUID, fold, the 11 predicted probabilities under the label names, and
-                       the 11 targets as ``target_<label>``
-train_state.json       counters that must survive a restart (best value, patience, plateau)
-backup/                the Backup callback's weights + optimizer (a restarted command continues from here)
-tensorboard/           TensorBoard logs
-=====================  ===========================================================================
+The run folder ``<out>/fold{k}/`` is laid out as ``ranzcr_tf.runs`` defines (file names and what each holds).
 """
 
 from __future__ import annotations
@@ -32,12 +19,14 @@ import tempfile
 import keras
 import numpy as np
 
-from ranzcr_tf import compat, io_utils
+from ranzcr_tf import compat, io_utils, runs
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.prep import records
 from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
+from ranzcr_tf.serve import predict as serve_predict
+from ranzcr_tf.serve.modelio import load_model_file
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,17 +134,9 @@ def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, ima
                                    with_targets=False, image_dtype=dtype)
 
 
-def load_trained_model(path: str) -> keras.Model:
-    """Load a saved ``best.keras`` for prediction (safe mode; the optimizer is not needed)."""
-    import ranzcr_tf.model.layers  # noqa: F401  (registers the custom layers)
-    import ranzcr_tf.train.schedules  # noqa: F401
-
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
-
-
 # ----------------------------------------------------------------------------------------------- run folder
 def fold_dir(out_dir: str, fold: int) -> str:
-    return io_utils.join(out_dir, f"fold{fold}")
+    return runs.fold_dir(out_dir, fold)
 
 
 def _truncate_log(path: str, keep_before_epoch: int) -> None:
@@ -213,7 +194,7 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
     # deleted afterwards.
     scratch = tempfile.mkdtemp(prefix=f"ranzcr-worker{placement.worker_index}-")
     try:
-        return _train_fold(cfg, tfrecords_dir, fold, chief_dir, os.path.join(scratch, f"fold{fold}"), manifest,
+        return _train_fold(cfg, tfrecords_dir, fold, chief_dir, os.path.join(scratch, runs.fold_dir_name(fold)), manifest,
                            placement, verbose)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -226,16 +207,15 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
     from ranzcr_tf.model import precision
 
     io_utils.makedirs(run_dir)
-    paths = {name: io_utils.join(run_dir, name) for name in
-             ("config.yaml", "preprocess.json", "best.keras", "log.csv", "metrics.json", "oof.csv", "train_state.json")}
-    state = cbs.read_state(io_utils.join(chief_dir, "train_state.json"))
-    if state.get("completed") and io_utils.exists(paths["metrics.json"]) and io_utils.exists(paths["oof.csv"]):
+    paths = {name: io_utils.join(run_dir, name) for name in runs.FOLD_FILES}
+    state = cbs.read_state(io_utils.join(chief_dir, runs.STATE_FILE))
+    if state.get("completed") and io_utils.exists(paths[runs.METRICS_FILE]) and io_utils.exists(paths[runs.OOF_FILE]):
         print(f"fold {fold} already finished in {chief_dir} (delete that folder to train it again)", flush=True)
-        return json.loads(io_utils.read_text(paths["metrics.json"]))
+        return json.loads(io_utils.read_text(paths[runs.METRICS_FILE]))
 
     image_size, size_note = resolve_image_size(cfg, manifest)
-    save_config(cfg, paths["config.yaml"])
-    io_utils.atomic_write_json(paths["preprocess.json"], _preprocess_info(manifest, image_size, cfg))
+    save_config(cfg, paths[runs.CONFIG_FILE])
+    io_utils.atomic_write_json(paths[runs.PREPROCESS_FILE], _preprocess_info(manifest, image_size, cfg))
     keras.utils.set_random_seed(cfg.train.seed + fold)
     policy = precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
 
@@ -276,14 +256,14 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
         callbacks, stateful = _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags,
                                                from_logits, verbose)
         snapshot = state.get("snapshots", {}).get(str(initial_epoch - 1), {}) if initial_epoch > 0 else {}
-        best_info = cbs.read_state(paths["best.keras"][:-len(".keras")] + ".json")
+        best_info = cbs.read_state(io_utils.join(run_dir, runs.BEST_INFO_FILE))
         stateful["checkpoint"].set_state(snapshot.get("checkpoint", {}))
         stateful["checkpoint"].set_state({"best": best_info.get("val_auc"), "best_epoch": best_info.get("epoch")})
         for name in ("early_stopping", "plateau"):
             if name in stateful:
                 stateful[name].pending_state = snapshot.get(name)
         if placement.is_chief:
-            _truncate_log(paths["log.csv"], initial_epoch)
+            _truncate_log(paths[runs.LOG_FILE], initial_epoch)
         if initial_epoch < last_epoch:  # the Backup callback restores the weights of initial_epoch
             model.fit(train_ds, epochs=last_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                       shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
@@ -301,9 +281,9 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
 
     result = _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits)
     if placement.is_chief:
-        state = cbs.read_state(paths["train_state.json"])
+        state = cbs.read_state(paths[runs.STATE_FILE])
         state["completed"] = True
-        io_utils.atomic_write_json(paths["train_state.json"], state)
+        io_utils.atomic_write_json(paths[runs.STATE_FILE], state)
     return result
 
 
@@ -324,13 +304,13 @@ def _stages(train_cfg) -> list[tuple[int, int, bool]]:
 
 
 def _backup_dir(run_dir: str, stage: int) -> str:
-    return io_utils.join(run_dir, "backup", f"stage{stage}")
+    return io_utils.join(run_dir, runs.BACKUP_DIR, f"stage{stage}")
 
 
 def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags, from_logits, verbose):
     """The callbacks in the order the module docstring of ``callbacks`` explains."""
     swapper = cbs.EMASwapper()
-    checkpoint = cbs.BestCheckpoint(paths["best.keras"])
+    checkpoint = cbs.BestCheckpoint(paths[runs.MODEL_FILE])
     stateful = {"checkpoint": checkpoint}
     callbacks = [cbs.NaNGuard(flags), cbs.LearningRateLogger()]
     if cfg.train.use_ema:
@@ -346,14 +326,14 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
                                                    patience=cfg.train.plateau_patience,
                                                    min_lr=cfg.train.min_learning_rate, verbose=1)
         callbacks.append(stateful["plateau"])
-    callbacks.append(cbs.CSVLog(paths["log.csv"], append=True))
+    callbacks.append(cbs.CSVLog(paths[runs.LOG_FILE], append=True))
     if importlib.util.find_spec("tensorboard") is not None:
-        callbacks.append(keras.callbacks.TensorBoard(io_utils.join(run_dir, "tensorboard"), write_graph=False))
+        callbacks.append(keras.callbacks.TensorBoard(io_utils.join(run_dir, runs.TENSORBOARD_DIR), write_graph=False))
     elif verbose:
         print("note: the tensorboard package is not installed, so no TensorBoard logs (pip install tensorboard)")
     if cfg.train.use_ema:
         callbacks.append(cbs.SwapEMAOut(swapper))
-    callbacks += [cbs.RunState(paths["train_state.json"], stateful, flags, writer=placement.is_chief),
+    callbacks += [cbs.RunState(paths[runs.STATE_FILE], stateful, flags, writer=placement.is_chief),
                   cbs.Backup(backup_dir, flags=flags, writer=placement.is_chief)]
     kill_after = os.environ.get(cbs.KILL_AFTER_EPOCH_ENV)
     if kill_after:
@@ -365,20 +345,20 @@ def _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits) -> dic
     """Reload best.keras, predict the validation fold in order, write oof.csv and metrics.json."""
     from ranzcr_tf.model.metrics import competition_metric
 
-    if not io_utils.exists(paths["best.keras"]):
+    if not io_utils.exists(paths[runs.MODEL_FILE]):
         raise RuntimeError(f"no best.keras in {run_dir}: no epoch produced a finite validation AUC")
     with placement.scope():
-        best = load_trained_model(paths["best.keras"])
-    probs = cbs.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
+        best = load_model_file(paths[runs.MODEL_FILE])
+    probs = serve_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
     targets = np.asarray(eval_data.targets)
     mean_auc, per_class = competition_metric(targets, probs)
-    info = cbs.read_state(paths["best.keras"][:-len(".keras")] + ".json")
+    info = cbs.read_state(io_utils.join(run_dir, runs.BEST_INFO_FILE))
     result = {"fold": fold, "val_auc": mean_auc, "per_class_auc": per_class, "best_epoch": info.get("epoch"),
               "logged_val_auc": info.get("val_auc"), "num_examples": int(eval_data.num_examples),
               "placement": placement.kind, "num_replicas": placement.num_replicas}
     if placement.is_chief:
-        write_oof(paths["oof.csv"], eval_data.ids, fold, probs, targets)
-        io_utils.atomic_write_json(paths["metrics.json"], result)
+        write_oof(paths[runs.OOF_FILE], eval_data.ids, fold, probs, targets)
+        io_utils.atomic_write_json(paths[runs.METRICS_FILE], result)
     print(f"fold {fold}: best epoch {result['best_epoch']}, validation mean AUC {mean_auc:.4f} "
           f"(written to {run_dir})", flush=True)
     return result

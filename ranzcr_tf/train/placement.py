@@ -31,7 +31,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")
+from ranzcr_tf.config import STRATEGIES
+
+KINDS = STRATEGIES  # config.STRATEGIES, the one list
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""The run-folder layout, defined once: training writes it, the kernel, ``package``, ``report.cv`` and model
+discovery read it. Import the names from here instead of typing the file names.
+
+``<out>/fold{k}/`` (one per trained fold; :func:`fold_dir`):
+
+=====================  ===========================================================================
+config.yaml            the resolved config + versions + git revision (``config.save_config``)
+preprocess.json        the records' preprocessing settings (from their manifest) + the model's input size
+best.keras / best.json the best model by validation mean AUC, and its epoch and AUC
+log.csv                one row per epoch: loss, learning_rate, val_auc, val_auc_<label> (appended on resume)
+metrics.json           validation mean AUC, per-class AUCs and the best epoch (from the reloaded best.keras)
+oof.csv                StudyInstanceUID, fold, the 11 predicted probabilities under the label names, and
+                       the 11 targets as ``target_<label>``
+train_state.json       counters that must survive a restart (best value, patience, plateau)
+backup/                BackupAndRestore's weights + optimizer (a restarted command continues from here)
+tensorboard/           TensorBoard logs
+=====================  ===========================================================================
+
+``<out>/`` itself gets ``cv.json`` and ``roc.png`` from ``python -m ranzcr_tf.report.cv`` (pooled OOF score).
+
+Only ``best.keras``, ``config.yaml`` and ``preprocess.json`` are needed to predict (:data:`SERVING_FILES`:
+what ``package`` bundles); the rest is training state and reports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ranzcr_tf import io_utils
+
+MODEL_FILE = "best.keras"
+BEST_INFO_FILE = "best.json"
+CONFIG_FILE = "config.yaml"
+PREPROCESS_FILE = "preprocess.json"
+LOG_FILE = "log.csv"
+METRICS_FILE = "metrics.json"
+OOF_FILE = "oof.csv"
+STATE_FILE = "train_state.json"
+BACKUP_DIR = "backup"
+TENSORBOARD_DIR = "tensorboard"
+CV_REPORT_FILE = "cv.json"  # in the run folder, above the folds
+ROC_PLOT_FILE = "roc.png"
+
+FOLD_FILES = (CONFIG_FILE, PREPROCESS_FILE, MODEL_FILE, LOG_FILE, METRICS_FILE, OOF_FILE, STATE_FILE)
+SERVING_FILES = (MODEL_FILE, CONFIG_FILE, PREPROCESS_FILE)  # what inference reads beside each model
+FOLD_DIR_PATTERN = re.compile(r"^fold\d+$")
+
+
+def fold_dir_name(fold: int) -> str:
+    return f"fold{int(fold)}"
+
+
+def fold_dir(out_dir: str, fold: int) -> str:
+    """``out_dir/fold{k}`` (local path or ``gs://``)."""
+    return io_utils.join(out_dir, fold_dir_name(fold))
+
+
+def is_fold_dir(path: str) -> bool:
+    return bool(FOLD_DIR_PATTERN.match(os.path.basename(os.path.normpath(path))))
