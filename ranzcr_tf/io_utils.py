@@ -43,6 +43,16 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+def rmtree(path: str) -> None:
+    """Delete a folder and everything in it (local or remote)."""
+    if is_remote(path):
+        _gfile().rmtree(path)
+    else:
+        import shutil
+
+        shutil.rmtree(path)
+
+
 def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1] if is_remote(parts[0]) else os.path.join(*parts)
 
@@ -83,11 +93,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             fh.write(data)
         gfile.rename(tmp, path, overwrite=True)
         return
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:  # disk full, read-only, ...: no half-written temporary file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:

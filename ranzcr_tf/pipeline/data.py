@@ -16,6 +16,7 @@ Run ``python -m ranzcr_tf.pipeline.data --tfrecords DIR --fold 0 --show grid.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -154,6 +155,33 @@ def training_positive_counts(tfrecords_dir: str, fold: int) -> tuple[np.ndarray,
     return records.positives_from_manifest(manifest, [k for k in range(num_folds) if k != fold])
 
 
+# ----------------------------------------------------------------------------------------------- corrupt shards
+def find_corrupt_shard(files) -> tuple[str, str] | None:
+    """The first of ``files`` that TensorFlow cannot read through (bad framing or CRC), with its error."""
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(path, buffer_size=8 << 20):
+                pass
+        except tf.errors.DataLossError as exc:
+            return path, str(exc.message).splitlines()[0]
+    return None
+
+
+@contextlib.contextmanager
+def naming_corrupt_shard(files):
+    """Turn TensorFlow's ``DataLossError`` (which names no file) while ``files`` are read into one
+    ``ValueError`` naming the shard. TensorFlow raises it from the reader before any record exists, so
+    tagging records with their file cannot help; the files are instead re-read one by one, which costs
+    a pass over them only when a read has already failed."""
+    try:
+        yield
+    except tf.errors.DataLossError as exc:
+        found = find_corrupt_shard(files)
+        where = f"shard {found[0]} is corrupt ({found[1]})" if found else \
+            f"one of the {len(files)} shards is corrupt ({str(exc.message).splitlines()[0]})"
+        raise ValueError(f"{where}: restore it or convert again (make_tfrecords.py --overwrite)") from None
+
+
 # ----------------------------------------------------------------------------------------------- training
 def _train_files(tfrecords_dir: str, fold: int, num_folds: int) -> list[str]:
     folds = [k for k in range(num_folds) if k != fold]
@@ -261,9 +289,10 @@ class EvalData:
                 records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
         ds = _ordered_records(self.files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
         ids, targets = [], []
-        for batch in ds.as_numpy_iterator():
-            ids.extend(x.decode("utf-8") for x in batch[records.ID])
-            targets.append(batch[records.TARGET])
+        with naming_corrupt_shard(self.files):
+            for batch in ds.as_numpy_iterator():
+                ids.extend(x.decode("utf-8") for x in batch[records.ID])
+                targets.append(batch[records.TARGET])
         ids = np.asarray(ids, dtype=object)
         targets = np.concatenate(targets) if targets else np.zeros((0, NUM_CLASSES), np.float32)
         if len(ids) != self.num_examples:
