@@ -24,14 +24,22 @@ Ctrl-C (KeyboardInterrupt)                   130    ``<prog>: interrupted``
 Importing this module silences TensorFlow's C++ start-up lines (oneDNN, cpu_feature_guard, absl,
 "Unable to register cuDNN factory") before TensorFlow is imported, unless ``--verbose`` is on the
 command line or ``RANZCR_VERBOSE=1``; entry modules therefore import it before anything that imports
-TensorFlow.
+TensorFlow. ``TF_CPP_MIN_LOG_LEVEL`` alone is not enough: TensorFlow 2.21 writes the oneDNN line and
+absl's "All log messages before absl::InitializeLog()" through absl while its libraries load, whatever
+that variable says. So the first ``import tensorflow`` (whoever triggers it: Keras, tf.data) runs with
+the process's stderr file descriptor captured, and every line of it that is not a C++ log line is
+written back afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -50,6 +58,67 @@ def verbose_requested(argv: list[str] | None = None) -> bool:
     return "--verbose" in argv or os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
 
 
+# absl / TensorFlow C++ log lines ("I0000 00:00:1796186224.255745   18483 port.cc:153] ..."), absl's
+# pre-initialisation notice, and cpu_feature_guard's second line.
+_NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\]|"
+                              r"^WARNING: All log messages before absl::InitializeLog\(\)|"
+                              r"^To enable the following instructions:")
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """Capture file descriptor 2 (where C++ libraries write) and write back all but their log lines."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not _NATIVE_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Runs the first ``import tensorflow`` inside ``native_stderr_filtered`` (then steps aside)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            with native_stderr_filtered():
+                execute(module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance only
+        return spec
+
+
+def _install_quiet_import(install: bool) -> None:
+    hooks = [hook for hook in sys.meta_path if isinstance(hook, _QuietTensorFlowImport)]
+    if install and not hooks and "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+    elif not install:
+        for hook in hooks:
+            sys.meta_path.remove(hook)
+
+
 def configure_logging(verbose: bool) -> None:
     """Quiet (default) or restore the frameworks' logging. The environment part only takes effect if
     TensorFlow has not been imported yet; the Python loggers are set either way."""
@@ -63,6 +132,7 @@ def configure_logging(verbose: bool) -> None:
         for key, value in _QUIET_ENV.items():
             os.environ.setdefault(key, value)  # a level the user set explicitly is respected
         level = logging.ERROR
+    _install_quiet_import(not verbose)
     logging.getLogger("tensorflow").setLevel(level)
     logging.getLogger("absl").setLevel(level)
     if "absl.logging" in sys.modules:
