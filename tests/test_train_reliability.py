@@ -237,3 +237,35 @@ def test_disk_full_while_saving_best_keeps_the_previous_best(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["best.json", "best.keras"]
     assert math.isclose(checkpoint.best, 0.6)  # the failed epoch did not become the best
     keras.saving.load_model(path)  # still a complete model
+
+
+@pytest.mark.slow
+def test_real_full_disk_is_one_line_and_the_rerun_resumes(pristine, tmp_path):
+    """A real full filesystem (a 5 MB tmpfs: room for one epoch's best.keras and backup, not for the next
+    epoch's temporary copies) under a real train_tpu.py process: one line, no h5py output, no crash."""
+    import subprocess
+    import sys
+
+    mount_point = str(tmp_path / "small_disk")
+    os.makedirs(mount_point)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", mount_point],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs (the injected-ENOSPC tests cover the logic)")
+    try:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", KERAS_BACKEND="tensorflow", PYTHONPATH=ROOT)
+        cmd = [sys.executable, os.path.join(ROOT, "train_tpu.py"), "--fold", "0", "--tfrecords", pristine,
+               "--out-dir", os.path.join(mount_point, "run"), "--quiet", *settings("train.epochs=3")]
+        full = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        lines = [line for line in full.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "No space left on device" in lines[0] and "rerun" in lines[0], full.stderr[-3000:]
+        backup = os.path.join(mount_point, "run", "fold0", "backup", "stage0")
+        done = json.load(open(os.path.join(backup, "training_metadata.json")))["epoch"]
+        assert done >= 1 and not [n for n in os.listdir(backup) if n.startswith(".tmp-")]
+
+        subprocess.run(["mount", "-o", "remount,size=64m", mount_point], check=True)
+        resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"{done} epoch(s) already done" in resumed.stdout
+    finally:
+        subprocess.run(["umount", mount_point], check=False)
