@@ -264,3 +264,17 @@ def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dat
     assert [len(m.folds) for m in discover_models([str(bundle / "runs")])] == [2]
     with pytest.raises(ValueError, match="not empty"):
         make_bundle([os.path.join(dataset["runs"], "asym_s1")], str(bundle), keras_wheel=False, decoder_wheel=False)
+
+
+def test_truncated_test_shard_is_named_in_one_line(dataset, tmp_path, capsys):
+    records_copy = shutil.copytree(dataset["records"], str(tmp_path / "records"))
+    shard = sorted(glob.glob(os.path.join(records_copy, "test", "test-*.tfrec")))[-1]
+    with open(shard, "r+b") as fh:
+        fh.truncate(os.path.getsize(shard) - 50)
+    out = tmp_path / "sub.csv"
+    code = kernel.main(["--data-dir", dataset["sample_only"], "--tfrecords", records_copy, "--models",
+                        os.path.join(dataset["runs"], "asym_s1"), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("kaggle_kernel.py:")]
+    assert code == 2 and len(lines) == 1 and f"shard {shard} is corrupt" in lines[0], err[-3000:]
+    assert "Traceback" not in err and not out.exists()
