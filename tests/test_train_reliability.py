@@ -269,3 +269,38 @@ def test_real_full_disk_is_one_line_and_the_rerun_resumes(pristine, tmp_path):
         assert f"{done} epoch(s) already done" in resumed.stdout
     finally:
         subprocess.run(["umount", mount_point], check=False)
+
+
+def test_which_settings_may_change_on_resume(pristine, tmp_path):
+    from ranzcr_tf.config import load_config, save_config
+    from ranzcr_tf.train import identity
+
+    manifest = records.read_manifest(pristine)
+    derived = {"global_batch": 8, "steps_per_epoch": 4, "image_size": 32}
+
+    def current(*overrides):
+        return identity.run_identity(load_config(None, [*TINY_SETTINGS, *overrides]), pristine, manifest, derived)
+
+    fold = str(tmp_path / "fold0")
+    os.makedirs(fold)
+    identity.write_identity(fold, current("train.schedule=constant"))
+    free = ["infer.batch_size=3", "infer.tta=[identity]", "data.cache=true", "data.image_dtype=float32",
+            "train.strategy=default", "train.steps_per_execution=4", "train.jit_compile=true",
+            "train.early_stopping_patience=2", "train.epochs=30", "data.tfrecords=elsewhere"]
+    assert identity.check_resumable(fold, current("train.schedule=constant", *free), 0) is None
+    for changed in ["train.batch_size=4", "augment.hflip_prob=0.1", "loss.name=focal", "model.pooling=gem",
+                    "preprocess.image_size=64", "train.seed=5", "train.warmup_epochs=2"]:
+        with pytest.raises(ValueError, match=changed.split("=")[0]):
+            identity.check_resumable(fold, current("train.schedule=constant", changed), 0)
+    with pytest.raises(ValueError, match="global_batch 8 -> 16"):
+        identity.check_resumable(fold, {**current("train.schedule=constant"), "derived": {**derived, "global_batch": 16}}, 0)
+    # The cosine curve spreads over train.epochs: a changed count is refused there.
+    identity.write_identity(fold, current())
+    with pytest.raises(ValueError, match="train.epochs 10 -> 30"):
+        identity.check_resumable(fold, current("train.epochs=30"), 0)
+    # A run folder from before identity.json: config.yaml's settings are still compared.
+    os.remove(os.path.join(fold, identity.IDENTITY_FILE))
+    save_config(load_config(None, TINY_SETTINGS), os.path.join(fold, "config.yaml"))
+    assert "records could not be" in identity.check_resumable(fold, current(), 0)
+    with pytest.raises(ValueError, match="model.dropout_rate"):
+        identity.check_resumable(fold, current("model.dropout_rate=0.3"), 0)
