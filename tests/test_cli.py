@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers_train import write_tiny_records
+
 from ranzcr_tf import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

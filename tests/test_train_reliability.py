@@ -13,8 +13,8 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-
 from helpers_train import TINY_SETTINGS, write_tiny_records
+
 from ranzcr_tf.prep import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
