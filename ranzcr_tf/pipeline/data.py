@@ -15,7 +15,6 @@ Run ``python -m ranzcr_tf.pipeline.data --tfrecords DIR --fold 0 --show grid.png
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
@@ -410,23 +409,28 @@ def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16
     return path
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from ranzcr_tf import cli
     from ranzcr_tf.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.pipeline.data",
-                                     description="Preview the training input: a grid of augmented samples with their labels.")
+    parser = cli.build_parser("python -m ranzcr_tf.pipeline.data", "Preview the training input: a grid of "
+                              "augmented samples with their labels.", settings=True)
     parser.add_argument("--tfrecords", required=True, help="converted records folder (holds manifest.json)")
     parser.add_argument("--fold", type=int, default=0, help="validation fold; the grid shows the other folds")
     parser.add_argument("--show", required=True, metavar="PNG", help="output image path")
     parser.add_argument("--n", type=int, default=16, help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", action="store_true", help="show the stored pixels")
-    parser.add_argument("--config", help="YAML preset (configs/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. augment.hflip_prob=1")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    print(show_grid(cfg, args.tfrecords, args.fold, args.show, n=args.n, seed=args.seed, augment=not args.no_augment))
+
+    def run(args) -> int:
+        cfg = load_config(args.config, args.overrides)
+        cli.check_output_file(args.show, "--show")
+        print(show_grid(cfg, args.tfrecords, args.fold, args.show, n=args.n, seed=args.seed,
+                        augment=not args.no_augment))
+        return 0
+
+    return cli.main(parser, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
