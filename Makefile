@@ -19,7 +19,7 @@ install-dev:
 	$(MAKE) install EXTRAS=tf-cpu,cv,dev
 
 demo: install
-	$(PY) -m ranzcr_tf.demo --out $(DEMO)
+	$(PY) -m ranzcr_tf.demo --out-dir $(DEMO)
 
 test: install-dev
 	$(PY) -m pytest -q tests

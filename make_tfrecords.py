@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow start-up chatter would hide the progress bar
+from ranzcr_tf import cli  # first: quiets TensorFlow's start-up chatter (it would hide the progress bar)
 
 FLAG_TO_KEY = {  # flag dest -> config key it overrides
     "image_size": "preprocess.image_size",
@@ -35,8 +35,9 @@ FLAG_TO_KEY = {  # flag dest -> config key it overrides
 def build_parser() -> argparse.ArgumentParser:
     from ranzcr_tf.config import INTERPOLATIONS  # the one list (light: imports no TensorFlow)
 
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+    parser = cli.build_parser(
+        "make_tfrecords.py", __doc__.split("\n\n")[0], settings=True, progress=True,
+        formatter_class=argparse.HelpFormatter,
         epilog="Records per shard = --shard-mb / (mean stored size of 8 evenly spaced training images, "
                "preprocessed up front, + 600 bytes of record overhead). Rerunning the same command resumes an "
                "interrupted run (complete shards are kept, the result is byte-identical); different settings "
@@ -66,11 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker threads that decode, CLAHE, resize and encode (default 0 = all available cores)")
     run.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     run.add_argument("--overwrite", action="store_true", help="delete this converter's earlier output in --out-dir first")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--config", help="preset YAML (e.g. configs/b7_768_tpu.yaml): its preprocess and data sections "
-                     "give the defaults")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="config override such as preprocess.image_size=512 (repeatable)")
     return parser
 
 
@@ -92,26 +88,26 @@ def resolve(args: argparse.Namespace):
         data_dir=data_dir, out_dir=cfg.data.tfrecords, preprocess=cfg.preprocess, num_folds=cfg.data.folds,
         fold_seed=cfg.data.fold_seed, workers=args.workers, shard_mb=float(cfg.data.shard_mb),
         shard_records=args.shard_records, include_test=not args.no_test, limit=args.limit, strict=args.strict,
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.quiet)
     return cfg, options
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        _, options = resolve(args)
-        from ranzcr_tf.prep.convert import convert
+def run(args: argparse.Namespace) -> int:
+    _, options = resolve(args)
+    cli.check_output_dir(options.out_dir)
+    from ranzcr_tf.prep.convert import convert
 
-        manifest = convert(options)
-    except ValueError as exc:  # bad input or settings: one clear line, no traceback
-        print(f"make_tfrecords: error: {exc}", file=sys.stderr)
-        return 2
+    manifest = convert(options)
     skipped = len(manifest["skipped"])
     print(f"wrote {manifest['num_train']} train records in {len(manifest['shards']['train'])} shards over "
           f"{manifest['num_folds']} folds and {manifest['num_test']} test records in "
           f"{len(manifest['shards']['test'])} shards to {options.out_dir}"
           + (f"; skipped {skipped} unreadable images (listed in manifest.json)" if skipped else ""))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
 
 EPILOG = """\
 placement (--strategy auto):
@@ -19,10 +20,17 @@ image size:
   value resizes every image in the input pipeline to that size, and the run says so at start-up.
 
 restarts:
-  run the same command again after a kill or preemption: training continues from <out>/fold{k}/backup with
+  run the same command again after a kill or preemption: training continues from <out-dir>/fold{k}/backup with
   its best AUC, patience counters and CSV log intact. A finished fold is skipped (delete its folder to redo it).
+  A resume first checks that the run is the same: the records (manifest.json hash, shard bytes) and every
+  setting that shapes the checkpoint must match what fold{k}/identity.json recorded, else it stops and
+  offers --restart (discard that fold's checkpoint and state) or a new --out-dir. Settings that may change
+  on resume: infer.* (validation batch size, TTA), data.cache, data.image_dtype, data.tfrecords/data_dir
+  (the path; the records themselves are checked), train.strategy, train.steps_per_execution,
+  train.jit_compile, train.early_stopping_patience, and train.epochs when train.schedule is constant or
+  plateau (the other schedules' curve depends on it). Everything else must stay as it was.
 
-outputs (<out>/fold{k}/):
+outputs (<out-dir>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
   (StudyInstanceUID, fold, 11 probabilities named by label, 11 target_<label> columns), tensorboard/.
   Pool the folds' OOF files with `python -m ranzcr_tf.report.cv <out>`.
@@ -34,54 +42,56 @@ d[list(L)]=d[list(L)].values[np.random.default_rng(0).permutation(len(d))]; d.to
   then convert D_shuf (same images) and train as usual: the validation AUC stays near 0.5.
 
 examples:
-  python train_tpu.py --config configs/cpu_demo.yaml --tfrecords demo/tfrecords --fold 0 --out runs/demo
-  python train_tpu.py --config configs/b7_768_tpu.yaml --tfrecords gs://bucket/tfrec --fold all --out gs://bucket/runs/b7
+  python train_tpu.py --config configs/cpu_demo.yaml --tfrecords demo/tfrecords --fold 0 --out-dir runs/demo
+  python train_tpu.py --config configs/b7_768_tpu.yaml --tfrecords gs://bucket/tfrec --fold all --out-dir gs://bucket/runs/b7
   KERAS_BACKEND=jax python train_tpu.py --config configs/b5_512_gpu.yaml --fold 0 --set train.epochs=3
 """
 
 
-def parse_args(argv=None):
+def build_parser():
     from ranzcr_tf.config import STRATEGIES  # the one list (light: imports no TensorFlow)
 
-    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.build_parser("train_tpu.py", __doc__, epilog=EPILOG, settings=True)
     parser.add_argument("--fold", required=True, help="validation fold to train: a number, a comma list (0,2) or 'all'")
-    parser.add_argument("--config", help="YAML preset (configs/*.yaml) or a saved run's config.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--tfrecords", help="folder of converted records (default: data.tfrecords of the config)")
-    parser.add_argument("--out", default=None, help="run folder; folds go to OUT/fold{k} (default: runs/<config name>)")
+    parser.add_argument("--out-dir", default=None,
+                        help="run folder; folds go to OUT_DIR/fold{k} (default: runs/<config name>)")
+    cli.hidden_alias(parser, "--out", "out_dir")
+    parser.add_argument("--restart", action="store_true", help="discard each trained fold's checkpoint and state "
+                        "in the run folder and train it from the start (instead of resuming)")
     parser.add_argument("--strategy", choices=STRATEGIES,
                         help="placement (default: train.strategy of the config, normally auto)")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
-    return parser.parse_args(argv)
+    cli.hidden_alias(parser, "--no-progress", "quiet", action="store_true")
+    return parser
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def run(args) -> int:
     from ranzcr_tf.config import load_config
     from ranzcr_tf.train.placement import choose_placement
     from ranzcr_tf.prep.records import read_manifest
-    from ranzcr_tf.train.fit import TrainingDiverged, parse_folds, train
+    from ranzcr_tf.train.fit import parse_folds, train
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.strategy:
-            cfg.train.strategy = args.strategy
-        tfrecords = args.tfrecords or cfg.data.tfrecords
-        manifest = read_manifest(tfrecords)
-        folds = parse_folds(args.fold, int(manifest["num_folds"]))
-        out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config or "default"))[0])
-        placement = choose_placement(cfg.train.strategy)
-        print(placement.describe(), flush=True)
-        train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"training diverged: {exc}", file=sys.stderr)
-        return 3
+    cfg = load_config(args.config, args.overrides)
+    if args.strategy:
+        cfg.train.strategy = args.strategy
+    out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config or "default"))[0])
+    cli.check_output_dir(out)
+    tfrecords = args.tfrecords or cfg.data.tfrecords
+    manifest = read_manifest(tfrecords)
+    folds = parse_folds(args.fold, int(manifest["num_folds"]))
+    placement = choose_placement(cfg.train.strategy)
+    print(placement.describe(), flush=True)
+    train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -347,12 +347,46 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not os.path.exists(path):
             presets = sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
             raise ValueError(f"config file {path} not found; presets in configs/: {', '.join(presets)}")
-        with open(path) as fh:
-            values = yaml.safe_load(fh) or {}
-        values.pop("_meta", None)
+        values = read_yaml(path)
     cfg = config_from_dict(values)
     _merge(cfg, parse_overrides(overrides))
     return cfg.validate()
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A config YAML file as a dict (``_meta`` dropped); a one-line ``ValueError`` for a folder, a file
+    that is not YAML, or YAML that is not a mapping of sections."""
+    if os.path.isdir(path):
+        raise ValueError(f"config file {path} is a folder: pass a YAML file such as configs/cpu_demo.yaml "
+                         "or a run's fold0/config.yaml")
+    try:
+        with open(path) as fh:
+            values = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config file {path}{where} is not valid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text (YAML) file") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} holds a {type(values).__name__}, not sections: expected e.g. "
+                         "'train:' with 'epochs: 3' indented under it")
+    values.pop("_meta", None)
+    return values
+
+
+def given_keys(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> set[str]:
+    """The dotted keys that the YAML file and the ``--set`` overrides name (not the defaults)."""
+    def walk(values: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in values.items():
+            keys |= walk(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        return keys
+
+    return walk(read_yaml(path) if path else {}) | walk(parse_overrides(overrides))
 
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

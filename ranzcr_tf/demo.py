@@ -24,29 +24,30 @@ def _run(step: str, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo", help="folder for the data, records, run and submission (default: demo)")
+    parser.add_argument("--out-dir", default="demo", help="folder for the data, records, run and submission (default: demo)")
+    parser.add_argument("--out", dest="out_dir", help=argparse.SUPPRESS)  # the older spelling
     parser.add_argument("--n-train", type=int, default=600, help="synthetic training studies (default: 600)")
     parser.add_argument("--n-test", type=int, default=200, help="synthetic test studies (default: 200)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    data = os.path.join(args.out, "data")
+    data = os.path.join(args.out_dir, "data")
     start = time.time()
     _run("synthetic data", ["-m", "ranzcr_tf.synth.generate", "--out", data, "--n-train", str(args.n_train),
                             "--n-test", str(args.n_test), "--seed", str(args.seed),
                             "--preview", os.path.join(data, "preview.png")])
-    records = os.path.join(args.out, "tfrecords")
-    run = os.path.join(args.out, "runs", "cpu_demo")
-    submission = os.path.join(args.out, "submission.csv")
+    records = os.path.join(args.out_dir, "tfrecords")
+    run = os.path.join(args.out_dir, "runs", "cpu_demo")
+    submission = os.path.join(args.out_dir, "submission.csv")
     script = lambda name: os.path.join(ROOT, name)  # noqa: E731
     _run("convert to TFRecords",
          [script("make_tfrecords.py"), "--config", PRESET, "--data-dir", data, "--out-dir", records])
     _run("train fold 0",
-         [script("train_tpu.py"), "--config", PRESET, "--tfrecords", records, "--fold", "0", "--out", run, "--quiet"])
+         [script("train_tpu.py"), "--config", PRESET, "--tfrecords", records, "--fold", "0", "--out-dir", run, "--quiet"])
     _run("submission",
          [script("kaggle_kernel.py"), "--data-dir", data, "--models", run, "--out", submission, "--max-minutes", "10"])
     _run("score against the synthetic test labels",
          ["-m", "ranzcr_tf.report.score", submission, os.path.join(data, "test_labels.csv")])
-    print(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {args.out}/")
+    print(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {args.out_dir}/")
 
 
 if __name__ == "__main__":

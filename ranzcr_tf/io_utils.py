@@ -51,6 +51,16 @@ def rename(src: str, dst: str) -> None:
         os.replace(src, dst)
 
 
+def rmtree(path: str) -> None:
+    """Delete a folder and everything in it (local or remote)."""
+    if is_remote(path):
+        _gfile().rmtree(path)
+    else:
+        import shutil
+
+        shutil.rmtree(path)
+
+
 def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1] if is_remote(parts[0]) else os.path.join(*parts)
 
@@ -95,11 +105,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             fh.write(data)
         rename(tmp, path)
         return
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    rename(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        rename(tmp, path)
+    except OSError:  # disk full, read-only, ...: no half-written temporary file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:

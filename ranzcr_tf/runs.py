@@ -12,7 +12,9 @@ metrics.json           validation mean AUC, per-class AUCs and the best epoch (f
 oof.csv                StudyInstanceUID, fold, the 11 predicted probabilities under the label names, and
                        the 11 targets as ``target_<label>``
 train_state.json       counters that must survive a restart (best value, patience, plateau)
-backup/                BackupAndRestore's weights + optimizer (a restarted command continues from here)
+identity.json          the records' fingerprint and the settings the checkpoint is trained with: a resume
+                       with other ones is refused (``train.identity`` lists what may change)
+backup/                the Backup callback's weights + optimizer (a restarted command continues from here)
 tensorboard/           TensorBoard logs
 =====================  ===========================================================================
 
@@ -37,6 +39,7 @@ LOG_FILE = "log.csv"
 METRICS_FILE = "metrics.json"
 OOF_FILE = "oof.csv"
 STATE_FILE = "train_state.json"
+IDENTITY_FILE = "identity.json"
 BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tensorboard"
 CV_REPORT_FILE = "cv.json"  # in the run folder, above the folds

@@ -107,14 +107,20 @@ def test_raw_jpegs_and_records_give_identical_predictions_with_the_runs_settings
     np.testing.assert_allclose(read_submission(single["out"])[list(LABELS)].to_numpy(), expected, atol=2e-6)
 
 
-@pytest.mark.parametrize("method", ["mean", "rank_mean", "weighted"])
+@pytest.mark.parametrize("method", ["mean", "rank_mean", "weighted", "weighted_from_config"])
 def test_models_with_different_preprocessing_ensemble_as_claimed(dataset, tmp_path, method):
     # Run 1 (40 px, CLAHE) is narrowed to its asymmetry fold; run 2 is 32 px without CLAHE, a probabilities model.
     run1 = os.path.join(dataset["runs"], "asym_s1", "fold0")
     run2 = os.path.join(dataset["runs"], "asym_s2")
-    extra = ["--weights", "3", "1"] if method == "weighted" else []
-    result = run_kernel(["--data-dir", dataset["data"], "--models", run1, run2, "--tta", "identity",
-                         "--ensemble", method, "--out", str(tmp_path / "sub.csv"), "--workers", "1", *extra])
+    if method == "weighted_from_config":  # infer.* from --config YAML (+ --set), no flags for them
+        config = tmp_path / "infer.yaml"
+        config.write_text("infer:\n  ensemble: weighted\n  weights: [3, 5]\n")
+        extra = ["--config", str(config), "--set", "infer.weights=[3, 1]", "--set", "infer.tta=[identity]"]
+        method = "weighted"
+    else:
+        extra = ["--tta", "identity", "--ensemble", method] + (["--weights", "3", "1"] if method == "weighted" else [])
+    result = run_kernel(["--data-dir", dataset["data"], "--models", run1, run2, "--out", str(tmp_path / "sub.csv"),
+                         "--workers", "1", *extra])
     d1, d2 = good_asymmetries(dataset, S1), good_asymmetries(dataset, S2)
     ids = list(d1)
     p1 = np.array([sigmoid(SLOPES * d1[s] + BIASES) for s in ids])
@@ -205,15 +211,12 @@ def test_refusals_and_missing_arguments_stop_with_a_message(dataset, tmp_path, c
     x = keras.layers.Lambda(lambda t: t + 1.0)(inputs)
     lambda_run = write_run(str(tmp_path), "lam", [keras.Model(inputs, keras.layers.Dense(11)(keras.layers.Flatten()(x)))], S2)
     out = tmp_path / "sub.csv"
-    with pytest.raises(SystemExit) as exit_info:
-        kernel.main(["--data-dir", dataset["data"], "--models", lambda_run, "--out", str(out), "--no-progress"])
-    assert exit_info.value.code == 2 and "Lambda" in capsys.readouterr().err and not out.exists()
+    code = kernel.main(["--data-dir", dataset["data"], "--models", lambda_run, "--out", str(out), "--no-progress"])
+    assert code == 2 and "Lambda" in capsys.readouterr().err and not out.exists()
     if not os.path.isdir(kernel.KAGGLE_INPUT):
-        with pytest.raises(SystemExit):
-            kernel.main([])
+        assert kernel.main([]) == 2
         assert "--data-dir" in capsys.readouterr().err
-        with pytest.raises(SystemExit):
-            kernel.main(["--data-dir", dataset["data"]])
+        assert kernel.main(["--data-dir", dataset["data"]]) == 2
         assert "--models RUN_DIR" in capsys.readouterr().err
     help_text = kernel.build_parser().format_help()
     assert "fewer TTA views" in help_text and help_text.index("views") < help_text.index("fewer models")
@@ -400,3 +403,17 @@ def test_no_progress_hides_the_preprocessing_bar(dataset, tmp_path, capsys):
     run_kernel(["--data-dir", dataset["data"], "--models", run, "--out", str(tmp_path / "sub.csv"), "--workers", "1"])
     err = capsys.readouterr().err
     assert "preprocessing test images" in err and "img/s" not in err and "preprocess 32px" not in err
+
+
+def test_truncated_test_shard_is_named_in_one_line(dataset, tmp_path, capsys):
+    records_copy = shutil.copytree(dataset["records"], str(tmp_path / "records"))
+    shard = sorted(glob.glob(os.path.join(records_copy, "test", "test-*.tfrec")))[-1]
+    with open(shard, "r+b") as fh:
+        fh.truncate(os.path.getsize(shard) - 50)
+    out = tmp_path / "sub.csv"
+    code = kernel.main(["--data-dir", dataset["sample_only"], "--tfrecords", records_copy, "--models",
+                        os.path.join(dataset["runs"], "asym_s1"), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("kaggle_kernel.py:")]
+    assert code == 2 and len(lines) == 1 and f"shard {shard} is corrupt" in lines[0], err[-3000:]
+    assert "Traceback" not in err and not out.exists()

@@ -15,7 +15,7 @@ Run ``python -m ranzcr_tf.pipeline.data --tfrecords DIR --fold 0 --show grid.png
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -139,6 +139,33 @@ def training_positive_counts(tfrecords_dir: str, fold: int) -> tuple[np.ndarray,
     return records.positives_from_manifest(manifest, [k for k in range(num_folds) if k != fold])
 
 
+# ----------------------------------------------------------------------------------------------- corrupt shards
+def find_corrupt_shard(files) -> tuple[str, str] | None:
+    """The first of ``files`` that TensorFlow cannot read through (bad framing or CRC), with its error."""
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(path, buffer_size=8 << 20):
+                pass
+        except tf.errors.DataLossError as exc:
+            return path, str(exc.message).splitlines()[0]
+    return None
+
+
+@contextlib.contextmanager
+def naming_corrupt_shard(files):
+    """Turn TensorFlow's ``DataLossError`` (which names no file) while ``files`` are read into one
+    ``ValueError`` naming the shard. TensorFlow raises it from the reader before any record exists, so
+    tagging records with their file cannot help; the files are instead re-read one by one, which costs
+    a pass over them only when a read has already failed."""
+    try:
+        yield
+    except tf.errors.DataLossError as exc:
+        found = find_corrupt_shard(files)
+        where = f"shard {found[0]} is corrupt ({found[1]})" if found else \
+            f"one of the {len(files)} shards is corrupt ({str(exc.message).splitlines()[0]})"
+        raise ValueError(f"{where}: restore it or convert again (make_tfrecords.py --overwrite)") from None
+
+
 # ----------------------------------------------------------------------------------------------- training
 def _train_files(tfrecords_dir: str, fold: int, num_folds: int) -> list[str]:
     folds = [k for k in range(num_folds) if k != fold]
@@ -245,9 +272,10 @@ class EvalData:
                 records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
         ds = _ordered_records(self.files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
         ids, targets = [], []
-        for batch in ds.as_numpy_iterator():
-            ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN])
-            targets.append(batch[records.TARGET])
+        with naming_corrupt_shard(self.files):
+            for batch in ds.as_numpy_iterator():
+                ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN])
+                targets.append(batch[records.TARGET])
         ids = np.asarray(ids, dtype=object)
         targets = np.concatenate(targets) if targets else np.zeros((0, NUM_CLASSES), np.float32)
         if len(ids) != self.num_examples:
@@ -365,23 +393,28 @@ def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16
     return path
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from ranzcr_tf import cli
     from ranzcr_tf.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.pipeline.data",
-                                     description="Preview the training input: a grid of augmented samples with their labels.")
+    parser = cli.build_parser("python -m ranzcr_tf.pipeline.data", "Preview the training input: a grid of "
+                              "augmented samples with their labels.", settings=True)
     parser.add_argument("--tfrecords", required=True, help="converted records folder (holds manifest.json)")
     parser.add_argument("--fold", type=int, default=0, help="validation fold; the grid shows the other folds")
     parser.add_argument("--show", required=True, metavar="PNG", help="output image path")
     parser.add_argument("--n", type=int, default=16, help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", action="store_true", help="show the stored pixels")
-    parser.add_argument("--config", help="YAML preset (configs/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. augment.hflip_prob=1")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    print(show_grid(cfg, args.tfrecords, args.fold, args.show, n=args.n, seed=args.seed, augment=not args.no_augment))
+
+    def run(args) -> int:
+        cfg = load_config(args.config, args.overrides)
+        cli.check_output_file(args.show, "--show")
+        print(show_grid(cfg, args.tfrecords, args.fold, args.show, n=args.n, seed=args.seed,
+                        augment=not args.no_augment))
+        return 0
+
+    return cli.main(parser, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

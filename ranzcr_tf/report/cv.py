@@ -8,11 +8,11 @@ the model that did not train on it); the mean of the per-fold scores is printed 
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
 
+from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging (gs:// paths import it)
 import numpy as np
 import pandas as pd
 
@@ -29,7 +29,7 @@ def merge_oof(run_dir: str) -> pd.DataFrame:
     paths = io_utils.glob(io_utils.join(run_dir, "fold*", OOF_FILE))
     if not paths:
         raise ValueError(f"no fold*/{OOF_FILE} under {run_dir}: train folds first "
-                         f"(python train_tpu.py --fold all --out {run_dir})")
+                         f"(python train_tpu.py --fold all --out-dir {run_dir})")
     columns = [ID_COLUMN, *LABELS, *TARGET_COLUMNS]
     frames = []
     for path in paths:  # each file checked on its own, so a truncated or damaged one is named
@@ -108,16 +108,17 @@ def plot_roc(frame: pd.DataFrame, path: str, title: str = "") -> str:
     return path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Pool a run's out-of-fold predictions: CV AUC, per-class AUCs, ROC plot.")
-    parser.add_argument("run_dir", help="the --out folder of train_tpu.py (holding fold*/oof.csv)")
+def build_parser():
+    parser = cli.build_parser("python -m ranzcr_tf.report.cv",
+                              "Pool a run's out-of-fold predictions: CV AUC, per-class AUCs, ROC plot.")
+    parser.add_argument("run_dir", help="the --out-dir folder of train_tpu.py (holding fold*/oof.csv)")
     parser.add_argument("--plot", default=None, help="ROC figure path (default: RUN_DIR/roc.png)")
-    args = parser.parse_args(argv)
-    try:
-        frame = merge_oof(args.run_dir)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def run(args) -> int:
+    frame = merge_oof(args.run_dir)
+    cli.check_output_file(args.plot or io_utils.join(args.run_dir, ROC_PLOT_FILE), "--plot")
     report = cv_report(frame)
     print(format_report(report))
     plot = plot_roc(frame, args.plot or io_utils.join(args.run_dir, ROC_PLOT_FILE),
@@ -125,6 +126,10 @@ def main(argv=None) -> int:
     io_utils.atomic_write_json(io_utils.join(args.run_dir, CV_REPORT_FILE), report)
     print(f"ROC curves: {plot}; report: {io_utils.join(args.run_dir, CV_REPORT_FILE)}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ or all 1 has no AUC; it is reported as such and left out of the mean.
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
 
+from ranzcr_tf import cli
 import numpy as np
 import pandas as pd
 
@@ -114,18 +114,21 @@ def format_score(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ranzcr_tf.report.score",
-                                     description="Mean column-wise ROC AUC of a submission against test labels.")
+def build_parser():
+    parser = cli.build_parser("python -m ranzcr_tf.report.score",
+                              "Mean column-wise ROC AUC of a submission against test labels.")
     parser.add_argument("submission", help="submission.csv (StudyInstanceUID + 11 probability columns)")
     parser.add_argument("labels", help="test_labels.csv (StudyInstanceUID + 11 0/1 columns)")
-    args = parser.parse_args(argv)
-    try:
-        result = score_files(args.submission, args.labels)
-    except ValueError as exc:
-        parser.exit(2, f"score: error: {exc}\n")
-    print(format_score(result))
+    return parser
+
+
+def run(args) -> int:
+    print(format_score(score_files(args.submission, args.labels)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

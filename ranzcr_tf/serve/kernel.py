@@ -13,9 +13,10 @@ import sys
 import tempfile
 import time
 
+from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
+from ranzcr_tf.config import ENSEMBLE_METHODS, KAGGLE_DATA_DIR, TTA_VIEWS, InferConfig, given_keys, load_config
 from ranzcr_tf.runs import MODEL_FILE
 from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget
-from ranzcr_tf.config import ENSEMBLE_METHODS, KAGGLE_DATA_DIR, TTA_VIEWS, InferConfig
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -31,6 +32,10 @@ inputs and defaults:
   file, or a folder of several runs; each run is one model of the ensemble, its folds are averaged.
   Each fold is fed images preprocessed with its own preprocess.json and input size (raw test JPEGs
   are preprocessed once per distinct setting; --tfrecords are used for folds whose settings match).
+
+settings:
+  --config YAML / --set infer.KEY=VALUE give the infer.* settings (tta, ensemble, weights, batch_size);
+  the flags below override them; every other setting of a model comes from its own run folder.
 
 averaging:
   probabilities (sigmoid of logits) are averaged over TTA views, then over a run's folds, then
@@ -62,10 +67,9 @@ test records:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kaggle_kernel.py", description="Predict the RANZCR CLiP test set with an ensemble of trained runs "
-        "(TTA x folds x models) and write submission.csv.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.build_parser(
+        "kaggle_kernel.py", "Predict the RANZCR CLiP test set with an ensemble of trained runs "
+        "(TTA x folds x models) and write submission.csv.", epilog=EPILOG, settings=True, progress=True)
     parser.add_argument("--data-dir", help=f"competition folder with sample_submission.csv and test/*.jpg "
                         f"(default on Kaggle: {KAGGLE_DATA_DIR})")
     parser.add_argument("--models", nargs="+", metavar="RUN_DIR", help="run folders (or fold folders / .keras "
@@ -77,16 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
                         help="wall-clock budget for the whole kernel (0 = no limit)")
     parser.add_argument("--tta", nargs="+", choices=TTA_VIEWS, help="TTA views, most important first "
-                        "(default: the runs' saved infer.tta; views not every run lists are left out); the last ones "
-                        "are dropped first under the budget")
-    parser.add_argument("--ensemble", choices=ENSEMBLE_METHODS, default=InferConfig().ensemble,
-                        help="how runs are combined (default %(default)s)")
-    parser.add_argument("--weights", nargs="+", type=float, default=[], help="one weight per run for --ensemble weighted")
-    parser.add_argument("--batch-size", type=int, help="prediction batch size (default: each run's infer.batch_size)")
+                        "(default: infer.tta of --config, else the runs' saved infer.tta; views not every run lists "
+                        "are left out); the last ones are dropped first under the budget")
+    parser.add_argument("--ensemble", choices=ENSEMBLE_METHODS,
+                        help=f"how runs are combined (default: infer.ensemble of --config, else {InferConfig().ensemble})")
+    parser.add_argument("--weights", nargs="+", type=float, help="one weight per run for --ensemble weighted "
+                        "(default: infer.weights of --config)")
+    parser.add_argument("--batch-size", type=int, help="prediction batch size (default: infer.batch_size of "
+                        "--config, else each run's own)")
     parser.add_argument("--workers", type=int, default=0, help="processes preprocessing raw test images (0 = all cores)")
     parser.add_argument("--work-dir", help=f"scratch folder for preprocessed test images (default: {KAGGLE_TMP} "
                         "on Kaggle, else the system temp folder); removed at the end")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -167,8 +172,12 @@ def run(args) -> dict:
     """Everything ``main`` does, returning a summary (tests call this)."""
     start = time.monotonic()
     data_dir, model_paths, out = resolve_paths(args)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    cli.check_output_file(out)  # now, not after the whole inference pass
+    config_path, overrides = getattr(args, "config", None), list(getattr(args, "overrides", None) or [])
+    settings, given = load_config(config_path, overrides).infer, given_keys(config_path, overrides)
+    batch_size = args.batch_size or (settings.batch_size if "infer.batch_size" in given else None)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     max_seconds = None if not args.max_minutes else args.max_minutes * 60.0
     clock = getattr(args, "clock", None) or time.monotonic
     # Kept back at the end for writing the file and exiting: 5% of the budget, at most 2 minutes.
@@ -186,8 +195,10 @@ def run(args) -> dict:
     check_writable(out)  # before any inference: a read-only --out must not waste a Kaggle run
     models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
     verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached
-    infer_cfg = InferConfig(tta=list(args.tta or saved_tta(models)), ensemble=args.ensemble,
-                            weights=list(args.weights), batch_size=args.batch_size or 1)
+    tta = args.tta or (settings.tta if "infer.tta" in given else None) or saved_tta(models)
+    infer_cfg = InferConfig(tta=list(tta), ensemble=args.ensemble or settings.ensemble,
+                            weights=list(settings.weights if args.weights is None else args.weights),
+                            batch_size=batch_size or 1)
     infer_cfg.validate()
     if infer_cfg.ensemble == "weighted":
         from ranzcr_tf.serve.ensemble import check_weights
@@ -204,15 +215,15 @@ def run(args) -> dict:
     work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
     try:
         source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers,
-                                       progress=not args.no_progress)
+                                       progress=not args.quiet)
         template = source.template
         partial = partial_path(out)
 
         def checkpoint(probs):  # the ensemble so far, beside --out: an earlier complete --out is never replaced by it
             write_submission(build_submission(template, probs), partial, template)
 
-        probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=args.batch_size,
-                                         progress=not args.no_progress, checkpoint=checkpoint)
+        probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=batch_size,
+                                         progress=not args.quiet, checkpoint=checkpoint)
         write_submission(build_submission(template, probs), out, template)
         if os.path.exists(partial):
             os.remove(partial)
@@ -226,13 +237,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as exc:
-        parser.exit(2, f"kaggle_kernel.py: error: {exc}\n")
-    return 0
+    return cli.main(build_parser(), lambda args: run(args) and 0, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Bundle the package, the wheels Kaggle lacks and chosen runs into one folder to upload as a Kaggle dataset.
 
-    python -m ranzcr_tf.serve.package --runs runs/b7_768 runs/b5_512 --out bundle/ [--name ranzcr-bundle]
+    python -m ranzcr_tf.serve.package --runs runs/b7_768 runs/b5_512 --out-dir bundle/ [--name ranzcr-bundle]
 
 Result::
 
@@ -24,7 +24,6 @@ Every run is checked first (no legacy .h5, no Lambda layer, config.yaml present)
 
 from __future__ import annotations
 
-import argparse
 import glob
 import importlib.metadata
 import json
@@ -34,12 +33,19 @@ import subprocess
 import sys
 import tempfile
 
+from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
 from ranzcr_tf.runs import BEST_INFO_FILE, METRICS_FILE, SERVING_FILES
 from ranzcr_tf.serve.modelio import discover_models, verify_models
 
 RUN_FILES = (*SERVING_FILES, METRICS_FILE, BEST_INFO_FILE)
 PACKAGE_NAME = "ranzcr-tf"
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "ranzcr_tf")
+
+
+class ToolFailed(RuntimeError):
+    """pip could not build or fetch a wheel (no PyPI access, a broken checkout): not a bug of ours."""
+
+    exit_code = 1  # ``ranzcr_tf.cli`` prints it as one line without the internal-error hint
 
 
 def source_root() -> str:
@@ -68,7 +74,7 @@ def build_wheel(wheel_dir: str, root: str | None = None) -> str:
         if result.returncode != 0:
             result = subprocess.run([*base, tmp], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"pip wheel failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+            raise ToolFailed(f"pip wheel failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     built = sorted(set(glob.glob(os.path.join(wheel_dir, "ranzcr_tf-*.whl"))) - before) or \
         sorted(glob.glob(os.path.join(wheel_dir, "ranzcr_tf-*.whl")))
     if not built:
@@ -95,7 +101,7 @@ def download_wheels(specs: list[str], wheel_dir: str, targets: list[tuple[str, s
             cmd += ["--python-version", python, "--platform", platform]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"pip download {' '.join(specs)} failed (it needs PyPI access; or pass --no-keras, "
+            raise ToolFailed(f"pip download {' '.join(specs)} failed (it needs PyPI access; or pass --no-keras, "
                                f"--no-decoder and no --wheel):\n{result.stderr[-2000:]}")
     return sorted(set(os.listdir(wheel_dir)) - before)
 
@@ -145,7 +151,7 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
         raise ValueError("pass at least one run folder: --runs runs/NAME [runs/NAME2 ...]")
     name = name or os.path.basename(os.path.abspath(out_dir)).lower().replace("_", "-")
     if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"{out_dir} is not empty: choose a new --out folder (or delete it)")
+        raise ValueError(f"{out_dir} is not empty: choose a new --out-dir folder (or delete it)")
     created = not os.path.exists(out_dir)
     try:
         return _fill_bundle(runs, out_dir, name, wheels, keras_wheel, decoder_wheel)
@@ -183,31 +189,35 @@ def _fill_bundle(runs: list[str], out_dir: str, name: str, wheels: list[str] | N
     return {"out": out_dir, "wheels": wheel_names, "runs": copied, "name": name}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.serve.package", description=__doc__.split("\n\n")[0],
-        epilog="Upload the folder as a Kaggle dataset; its README.md holds the notebook cell.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = cli.build_parser("python -m ranzcr_tf.serve.package", __doc__.split("\n\n")[0],
+                              epilog="Upload the folder as a Kaggle dataset; its README.md holds the notebook cell.")
     parser.add_argument("--runs", nargs="+", required=True, help="run folders (runs/NAME) to include")
-    parser.add_argument("--out", required=True, help="new (or empty) folder for the bundle")
+    parser.add_argument("--out-dir", required=True, help="new (or empty) folder for the bundle")
+    cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--name", help="Kaggle dataset slug, i.e. the folder name under /kaggle/input "
-                        "(default: the --out folder's name)")
+                        "(default: the --out-dir folder's name)")
     parser.add_argument("--wheel", action="append", default=[], metavar="SPEC",
                         help="extra wheel to bundle, e.g. --wheel 'timm==1.0.9' (pip download --no-deps)")
     parser.add_argument("--no-keras", action="store_true", help="do not bundle the installed Keras wheel "
                         "(when the target image already has Keras >= 3.14)")
     parser.add_argument("--no-decoder", action="store_true", help="do not bundle simplejpeg wheels (when the "
                         "target image already has simplejpeg)")
-    args = parser.parse_args(argv)
-    try:
-        result = make_bundle(args.runs, args.out, args.name, args.wheel, keras_wheel=not args.no_keras,
-                             decoder_wheel=not args.no_decoder)
-    except ValueError as exc:
-        parser.exit(2, f"package: error: {exc}\n")
+    return parser
+
+
+def run(args) -> int:
+    cli.check_output_dir(args.out_dir)
+    result = make_bundle(args.runs, args.out_dir, args.name, args.wheel, keras_wheel=not args.no_keras,
+                         decoder_wheel=not args.no_decoder)
     print(f"bundle {result['out']} ({result['name']}): wheels {', '.join(result['wheels'])}; "
           f"{len(result['runs'])} fold(s)")
     print("notebook cell:\n" + notebook_cell(result["name"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

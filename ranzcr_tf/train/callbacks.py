@@ -156,22 +156,44 @@ class Validation(keras.callbacks.Callback):
             print(f"epoch {epoch}: loss {logs.get('loss', math.nan):.4f}  val_auc {mean_auc:.4f}", flush=True)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
+
+    exit_code = 1  # the CLI prints the message as one line (``ranzcr_tf.cli``), without an internal-error hint
+
+
+def _write_then_rename(write, path: str, what: str, keeps: str) -> None:
+    """``write(tmp)`` to a temporary sibling, then rename it over ``path``: a kill, a full disk or an I/O
+    error mid-write leaves the previous file as it was (and no temporary file behind)."""
+    tmp = io_utils.temp_name(path)
+    try:
+        write(tmp)
+        io_utils.rename(tmp, path)
+    except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
+        try:
+            if io_utils.exists(tmp):
+                io_utils.remove(tmp)
+        except OSError:
+            pass
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointWriteError(f"could not write {what} {path} ({reason}; disk full?): {keeps}; free space "
+                                   f"and rerun the same command to resume") from exc
+
+
 def _atomic_save_model(model: keras.Model, path: str) -> None:
     """Save to a temporary sibling, then rename: a kill mid-save never leaves a broken best.keras."""
     from ranzcr_tf.train.placement import batchnorm_layers
 
-    tmp = io_utils.temp_name(path)
     # Saved with BatchNorm synchronisation off: it only matters in training, and a saved
     # ``synchronized=True`` would stop the model loading under the JAX backend.
     synced = [layer for layer in batchnorm_layers(model) if layer.synchronized]
     for layer in synced:
         layer.synchronized = False
     try:
-        model.save(tmp)
+        _write_then_rename(model.save, path, "the best model", "the previous best.keras is intact")
     finally:
         for layer in synced:
             layer.synchronized = True
-    io_utils.rename(tmp, path)
 
 
 class BestCheckpoint(keras.callbacks.Callback):
@@ -192,8 +214,12 @@ class BestCheckpoint(keras.callbacks.Callback):
         if current is None or not math.isfinite(current) or current <= self.best:
             return
         _atomic_save_model(self.model, self.path)
+        try:
+            io_utils.atomic_write_json(self.info_path, {"epoch": int(epoch), self.monitor: float(current)})
+        except OSError as exc:
+            raise CheckpointWriteError(f"could not write {self.info_path} ({exc.strerror}; disk full?): free space "
+                                       "and rerun the same command to resume") from exc
         self.best, self.best_epoch = float(current), int(epoch)
-        io_utils.atomic_write_json(self.info_path, {"epoch": self.best_epoch, self.monitor: self.best})
 
     def get_state(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -312,7 +338,12 @@ class Backup(keras.callbacks.Callback):
         meta = json.loads(io_utils.read_text(io_utils.join(self.backup_dir, BACKUP_METADATA)))
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(io_utils.join(self.backup_dir, meta["weights"]))
+        weights = io_utils.join(self.backup_dir, meta["weights"])
+        try:
+            self.model.load_weights(weights)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"the backup {weights} cannot be read ({(str(exc).splitlines() or ['?'])[0]}): pass "
+                             "--restart to train this fold anew") from None
         step = compat.optimizer_steps(self.model.optimizer) if self.model.optimizer else 0
         print(f"resumed from {self.backup_dir}: {epoch} epoch(s) already done, optimizer step {step}", flush=True)
         return epoch
@@ -326,9 +357,16 @@ class Backup(keras.callbacks.Callback):
             return
         io_utils.makedirs(self.backup_dir)
         name = f"epoch{epochs_done}.weights.h5"
-        self.model.save_weights(io_utils.join(self.backup_dir, name), overwrite=True)
-        io_utils.atomic_write_json(io_utils.join(self.backup_dir, BACKUP_METADATA),
-                                   {"epoch": epochs_done, "batch": 0, "weights": name})
+        previous = backup_epoch(self.backup_dir)
+        keeps = (f"the backup of epoch {previous} is intact" if previous is not None else "no earlier backup exists")
+        _write_then_rename(lambda tmp: self.model.save_weights(tmp, overwrite=True),
+                           io_utils.join(self.backup_dir, name), "the backup", keeps)
+        try:
+            io_utils.atomic_write_json(io_utils.join(self.backup_dir, BACKUP_METADATA),
+                                       {"epoch": epochs_done, "batch": 0, "weights": name})
+        except OSError as exc:
+            raise CheckpointWriteError(f"could not write the backup metadata in {self.backup_dir} ({exc.strerror}; "
+                                       f"disk full?): {keeps}; free space and rerun the same command to resume") from exc
         for old in io_utils.listdir(self.backup_dir):
             if old.endswith(".weights.h5") and old != name:
                 io_utils.remove(io_utils.join(self.backup_dir, old))

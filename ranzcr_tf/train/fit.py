@@ -24,6 +24,7 @@ from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.prep import records
 from ranzcr_tf.train import callbacks as cbs
+from ranzcr_tf.train import identity
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 from ranzcr_tf.serve import predict as serve_predict
 from ranzcr_tf.serve.modelio import load_model_file
@@ -31,6 +32,8 @@ from ranzcr_tf.serve.modelio import load_model_file
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message says what to try."""
+
+    exit_code = 3  # the CLI's exit status (``ranzcr_tf.cli``): not bad input, not an internal error
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -176,18 +179,34 @@ def _preprocess_info(manifest: dict, image_size: int, cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placement, *, verbose: int = 1) -> dict:
+def check_inputs(cfg: Config, tfrecords_dir: str, manifest: dict) -> None:
+    """Before any folder is made: the model settings name things that exist, and every fold's shards
+    are exactly those the manifest lists (training reads all folds: k for validation, the rest to train)."""
+    from ranzcr_tf.model.backbones import check_weights, get_spec
+
+    cfg.validate()
+    get_spec(cfg.model.backbone)
+    check_weights(cfg.model.weights)
+    records.check_shards(tfrecords_dir, manifest, records.TRAIN_DIR)
+
+
+def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placement, *, verbose: int = 1,
+               restart: bool = False) -> dict:
     """Train fold ``fold`` (validate on it, train on the others) into ``out_dir/fold{fold}``; returns metrics.
 
-    Re-running the same call after a kill continues from the backup. A finished fold is not retrained
-    (delete its folder to start over). Raises ``TrainingDiverged`` on a NaN loss.
+    Re-running the same call after a kill continues from the backup, once ``identity.json`` confirms
+    the same records and settings; ``restart`` discards the fold's checkpoint and state first. A
+    finished fold is not retrained. Raises ``TrainingDiverged`` on a NaN loss.
     """
-    cfg.validate()
     manifest = records.read_manifest(tfrecords_dir)
     num_folds = int(manifest["num_folds"])
     if not 0 <= fold < num_folds:
         raise ValueError(f"--fold {fold} is out of range: the records in {tfrecords_dir} have folds 0..{num_folds - 1}")
+    check_inputs(cfg, tfrecords_dir, manifest)
     chief_dir = fold_dir(out_dir, fold)
+    if restart and placement.is_chief and io_utils.exists(chief_dir):
+        print(f"fold {fold}: --restart: discarding {chief_dir}", flush=True)
+        io_utils.rmtree(chief_dir)
     if placement.is_chief:
         return _train_fold(cfg, tfrecords_dir, fold, chief_dir, chief_dir, manifest, placement, verbose)
     # Only the chief writes the run folder; other workers write their copies to a private temp folder,
@@ -206,22 +225,29 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
     from ranzcr_tf.model import build as models
     from ranzcr_tf.model import precision
 
-    io_utils.makedirs(run_dir)
     paths = {name: io_utils.join(run_dir, name) for name in runs.FOLD_FILES}
+    image_size, size_note = resolve_image_size(cfg, manifest)
+    global_batch = placement.global_batch_size(cfg.train.batch_size)
+    steps_per_epoch = steps_per_epoch_for(cfg, manifest, fold, global_batch)
+    peak_lr = scaled_learning_rate(cfg.train, global_batch)
+    # Before anything is written: a checkpoint continues only with the records and settings it was trained with.
+    current = identity.run_identity(cfg, tfrecords_dir, manifest, {
+        "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "image_size": image_size})
+    if identity.has_progress(chief_dir):
+        note = identity.check_resumable(chief_dir, current, fold)
+        if note:
+            print(note, flush=True)
     state = cbs.read_state(io_utils.join(chief_dir, runs.STATE_FILE))
     if state.get("completed") and io_utils.exists(paths[runs.METRICS_FILE]) and io_utils.exists(paths[runs.OOF_FILE]):
-        print(f"fold {fold} already finished in {chief_dir} (delete that folder to train it again)", flush=True)
+        print(f"fold {fold} already finished in {chief_dir} (pass --restart to train it again)", flush=True)
         return json.loads(io_utils.read_text(paths[runs.METRICS_FILE]))
 
-    image_size, size_note = resolve_image_size(cfg, manifest)
+    io_utils.makedirs(run_dir)
+    identity.write_identity(run_dir, current)
     save_config(cfg, paths[runs.CONFIG_FILE])
     io_utils.atomic_write_json(paths[runs.PREPROCESS_FILE], _preprocess_info(manifest, image_size, cfg))
     keras.utils.set_random_seed(cfg.train.seed + fold)
     policy = precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
-
-    global_batch = placement.global_batch_size(cfg.train.batch_size)
-    steps_per_epoch = steps_per_epoch_for(cfg, manifest, fold, global_batch)
-    peak_lr = scaled_learning_rate(cfg.train, global_batch)
     print(f"fold {fold}: {size_note}; dtype policy {policy}; global batch {global_batch} "
           f"({cfg.train.batch_size} x {placement.num_replicas} replicas); {steps_per_epoch} steps/epoch; "
           f"peak learning rate {peak_lr:.3g} ({cfg.train.schedule})", flush=True)
@@ -265,13 +291,14 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
         if placement.is_chief:
             _truncate_log(paths[runs.LOG_FILE], initial_epoch)
         if initial_epoch < last_epoch:  # the Backup callback restores the weights of initial_epoch
-            model.fit(train_ds, epochs=last_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                      shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
-                      callbacks=callbacks, verbose=1 if verbose == 1 else 0)  # quiet (2): Validation's line only
+            with data.naming_corrupt_shard(records.list_shards(tfrecords_dir, records.TRAIN_DIR)):
+                model.fit(train_ds, epochs=last_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                          shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
+                          callbacks=callbacks, verbose=1 if verbose == 1 else 0)  # quiet (2): Validation's line only
         else:  # this stage already finished: restore its weights for the next one
             _restore(model, backup_dir, flags)
         if flags.diverged:
-            raise TrainingDiverged(f"fold {fold}: {flags.message}")
+            raise TrainingDiverged(f"training diverged: fold {fold}: {flags.message}")
         previous_iterations = compat.optimizer_steps(optimizer)
         if verbose:
             print(f"after epoch {last_epoch - 1}: optimizer step {previous_iterations}", flush=True)
@@ -378,11 +405,13 @@ def parse_folds(value: str, num_folds: int) -> list[int]:
     return folds
 
 
-def train(cfg: Config, tfrecords_dir: str, folds: list[int], out_dir: str, placement, *, verbose: int = 1) -> list[dict]:
-    """Train each fold in turn into ``out_dir/fold{k}``; returns their metrics."""
+def train(cfg: Config, tfrecords_dir: str, folds: list[int], out_dir: str, placement, *, verbose: int = 1,
+          restart: bool = False) -> list[dict]:
+    """Train each fold in turn into ``out_dir/fold{k}``; returns their metrics. ``restart``: see ``train_fold``."""
+    check_inputs(cfg, tfrecords_dir, records.read_manifest(tfrecords_dir))  # once, before the first fold starts
     results = []
     for fold in folds:
-        results.append(train_fold(cfg, tfrecords_dir, fold, out_dir, placement, verbose=verbose))
+        results.append(train_fold(cfg, tfrecords_dir, fold, out_dir, placement, verbose=verbose, restart=restart))
     if len(results) > 1:
         aucs = [r["val_auc"] for r in results]
         print(f"folds {folds}: mean AUC per fold {', '.join(f'{a:.4f}' for a in aucs)}; "

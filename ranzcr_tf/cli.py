@@ -1,0 +1,231 @@
+"""One set of command-line conventions for every command of the project.
+
+    parser = cli.build_parser("train_tpu.py", description=..., settings=True, progress=True)
+    parser.add_argument(...)
+    return cli.main(parser, body, argv)        # body(args) -> exit code
+
+Every command gets ``--verbose`` (TensorFlow's C++ and absl start-up logging back; also
+``RANZCR_VERBOSE=1``) and ``--debug`` (tracebacks); commands with settings get ``--config YAML`` and
+``--set KEY=VALUE``; commands with progress output get ``--quiet``. Folders are ``--out-dir``,
+files ``--out``; an older spelling stays as a hidden alias (``hidden_alias``).
+
+Errors, one line on stderr, one exit code per class:
+
+===========================================  =====  ======================================================
+bad input (ValueError, FileNotFoundError,    2      ``<prog>: error: <message>``
+NotADirectoryError, IsADirectoryError)
+an exception with an ``exit_code`` attribute  its    ``<prog>: error: <message>`` (disk full while
+                                             code   checkpointing, a diverged training run)
+anything else                                1      ``<prog>: internal error: <type>: <message>`` + a hint
+                                                    to rerun with --debug
+Ctrl-C (KeyboardInterrupt)                   130    ``<prog>: interrupted``
+===========================================  =====  ======================================================
+
+Importing this module silences TensorFlow's C++ start-up lines (oneDNN, cpu_feature_guard, absl,
+"Unable to register cuDNN factory") before TensorFlow is imported, unless ``--verbose`` is on the
+command line or ``RANZCR_VERBOSE=1``; entry modules therefore import it before anything that imports
+TensorFlow. ``TF_CPP_MIN_LOG_LEVEL`` alone is not enough: TensorFlow 2.21 writes the oneDNN line and
+absl's "All log messages before absl::InitializeLog()" through absl while its libraries load, whatever
+that variable says. So the first ``import tensorflow`` (whoever triggers it: Keras, tf.data) runs with
+the process's stderr file descriptor captured, and every line of it that is not a C++ log line is
+written back afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import re
+import sys
+import tempfile
+import traceback
+from typing import Callable
+
+VERBOSE_ENV = "RANZCR_VERBOSE"
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# TF_CPP_MIN_LOG_LEVEL=3 hides C++ INFO/WARNING/ERROR lines: "Unable to register cuDNN factory" is logged
+# as an ERROR although it is harmless; a real failure still reaches Python as an exception.
+_QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR", "GLOG_minloglevel": "3"}
+
+
+def verbose_requested(argv: list[str] | None = None) -> bool:
+    """``--verbose`` among the arguments, or ``RANZCR_VERBOSE`` set to 1/true/yes."""
+    argv = sys.argv[1:] if argv is None else argv
+    return "--verbose" in argv or os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
+# absl / TensorFlow C++ log lines ("I0000 00:00:1796186224.255745   18483 port.cc:153] ..."), absl's
+# pre-initialisation notice, and cpu_feature_guard's second line.
+_NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\]|"
+                              r"^WARNING: All log messages before absl::InitializeLog\(\)|"
+                              r"^To enable the following instructions:")
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """Capture file descriptor 2 (where C++ libraries write) and write back all but their log lines."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not _NATIVE_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Runs the first ``import tensorflow`` inside ``native_stderr_filtered`` (then steps aside)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            with native_stderr_filtered():
+                execute(module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance only
+        return spec
+
+
+def _install_quiet_import(install: bool) -> None:
+    hooks = [hook for hook in sys.meta_path if isinstance(hook, _QuietTensorFlowImport)]
+    if install and not hooks and "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+    elif not install:
+        for hook in hooks:
+            sys.meta_path.remove(hook)
+
+
+def configure_logging(verbose: bool) -> None:
+    """Quiet (default) or restore the frameworks' logging. The environment part only takes effect if
+    TensorFlow has not been imported yet; the Python loggers are set either way."""
+    if verbose:
+        for key in _QUIET_ENV:
+            if os.environ.get(key) == _QUIET_ENV[key]:
+                os.environ.pop(key)  # back to TensorFlow's own default
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        level = logging.INFO
+    else:
+        for key, value in _QUIET_ENV.items():
+            os.environ.setdefault(key, value)  # a level the user set explicitly is respected
+        level = logging.ERROR
+    _install_quiet_import(not verbose)
+    logging.getLogger("tensorflow").setLevel(level)
+    logging.getLogger("absl").setLevel(level)
+    if "absl.logging" in sys.modules:
+        sys.modules["absl.logging"].set_verbosity(level)
+
+
+configure_logging(verbose_requested())
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+def build_parser(prog: str, description: str, *, epilog: str | None = None, settings: bool = False,
+                 progress: bool = False, formatter_class=argparse.RawDescriptionHelpFormatter) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the shared flags; the command adds its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=formatter_class)
+    if settings:
+        parser.add_argument("--config", help="YAML preset (configs/*.yaml) or a saved run's config.yaml")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one config value, e.g. --set train.epochs=3 (repeatable)")
+    if progress:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+        hidden_alias(parser, "--no-progress", "quiet", action="store_true")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show TensorFlow's start-up and framework logging (also {VERBOSE_ENV}=1)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def hidden_alias(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
+    """An older spelling of a flag that still works but is not shown in --help."""
+    parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def check_output_dir(path: str, flag: str = "--out-dir") -> None:
+    """At start-up: ``path`` is (or can become) a folder we can write into; a ``ValueError`` otherwise.
+
+    Creates the folder (it is created later anyway) and a probe file in it, so a read-only mount is
+    caught too (``os.access`` says yes to root there). Remote paths (gs://) are left to the writer.
+    """
+    if not path or "://" in path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder: pass a folder (new or existing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=path)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path} is not writable ({exc.strerror}): pass a folder you can write to") from None
+
+
+def check_output_file(path: str, flag: str = "--out") -> None:
+    """At start-up: ``path`` can be written as a file (its folder exists or can be made, is writable, and
+    ``path`` is not a folder); a ``ValueError`` otherwise. An existing file is left untouched."""
+    if not path or "://" in path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: pass a file path such as {os.path.join(path, 'submission.csv')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    check_output_dir(parent, flag=f"{flag} {path}: the folder")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} exists and is read-only: pass another path or make it writable")
+
+
+# ----------------------------------------------------------------------------------------------- running
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
+         argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run ``body(args)`` and turn what it raises into one line and an exit code."""
+    args = parser.parse_args(argv)
+    configure_logging(bool(args.verbose) or verbose_requested([]))
+    prog = parser.prog
+    try:
+        return int(body(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (every error ends as one line; --debug shows the traceback)
+        if args.debug:
+            traceback.print_exc()
+        code = getattr(exc, "exit_code", None)
+        if isinstance(exc, BAD_INPUT) or code is not None:
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2 if code is None else int(code)
+        print(f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+              f"traceback, and report it)", file=sys.stderr)
+        return 1
