@@ -140,19 +140,6 @@ def partial_path(out: str) -> str:
     return os.path.join(folder, f".partial-{name}")
 
 
-def check_writable(out: str) -> None:
-    """``--out`` must be a file path in a writable folder (checked by writing a probe file there)."""
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out} is a folder: give the submission file's path, e.g. {out}/submission.csv")
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc}); choose a writable path") from None
-
-
 def saved_tta(models) -> list[str]:
     """TTA views as the runs were configured (``infer.tta`` in each fold's config.yaml).
 
@@ -192,7 +179,6 @@ def run(args) -> dict:
 
     if keras.backend.backend() == "jax":
         data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
-    check_writable(out)  # before any inference: a read-only --out must not waste a Kaggle run
     models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
     verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached
     tta = args.tta or (settings.tta if "infer.tta" in given else None) or saved_tta(models)
