@@ -178,7 +178,7 @@ def convert_records(cfg, style: str, data_dir: str, out_dir: str) -> str:
 def capped_epochs(configured: int, minutes: float, fixed_seconds: float, epoch_seconds: float) -> int:
     """The most epochs ``E`` in ``1..configured`` with ``fixed_seconds + E * epoch_seconds <= minutes``."""
     room = minutes * 60.0 - max(fixed_seconds, 0.0)
-    return max(1, min(int(configured), int(math.floor(room / max(epoch_seconds, 1e-3)))))
+    return max(1, min(int(configured), math.floor(room / max(epoch_seconds, 1e-3))))
 
 
 def probe_seconds(cell: Cell, args, records: str, folder: str, placement) -> tuple[float, float]:
@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{done}/{total}] {cell.name} on {style}: val AUC {result['val_auc']:.4f}, test AUC "
                       f"{result['test_auc']:.4f}, {result['epochs']} epochs ({when})", flush=True)
         command = "python benchmarks/ablate_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = (f"Fold-0 validation and test mean AUC per phantom style; minutes = training + prediction on this "
-                  f"machine (conversion shared, not counted). Command: `{command}`")
+        header = (f"Fold-0 validation and test mean AUC per phantom style; min = minutes of training + prediction on "
+                  f"this machine (the shared conversion and the --minutes-per-cell probes are not counted: see "
+                  f"probe_minutes in results.csv). Command: `{command}`")
         print("\n" + write_tables(results, cells, list(styles), args.out_dir, header), flush=True)
         print(f"wrote {os.path.join(args.out_dir, 'results.csv')} and results.md", flush=True)
     except (ValueError, FileNotFoundError) as exc:
