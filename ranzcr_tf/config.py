@@ -137,6 +137,9 @@ class AugmentConfig:
         _check(0 <= self.blur_sigma <= 10, "augment.blur_sigma", self.blur_sigma, "in [0, 10]")
 
 
+POOLINGS = ("avg", "gem", "max", "avgmax")  # model.pooling choices (ranzcr_tf.model.build implements each)
+
+
 @dataclass
 class ModelConfig:
     """Backbone, head and numerics."""
@@ -144,7 +147,9 @@ class ModelConfig:
     backbone: str = "efficientnet_b0"
     weights: Optional[str] = None  # None | "imagenet" (offline, from the Keras cache) | path to a weights file
     input_channels: int = 1  # 1: grayscale in, expanded to 3 inside the model when the backbone needs it
-    pooling: str = "avg"  # avg | gem
+    # avg | gem | max | avgmax (average and max concatenated). Max keeps a feature that lights up a few
+    # positions of a large map (a thin line) at full strength; averaging dilutes it by the map's area.
+    pooling: str = "avg"
     gem_p: float = 3.0
     dropout_rate: float = 0.2
     head: str = "single"  # single | per_group
@@ -153,7 +158,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(self.input_channels in (1, 3), "model.input_channels", self.input_channels, "1 or 3")
-        _check(self.pooling in ("avg", "gem"), "model.pooling", self.pooling, "avg or gem")
+        _check(self.pooling in POOLINGS, "model.pooling", self.pooling, ", ".join(POOLINGS[:-1]) + " or " + POOLINGS[-1])
         _check(self.gem_p > 0, "model.gem_p", self.gem_p, "> 0")
         _check(0 <= self.dropout_rate < 1, "model.dropout_rate", self.dropout_rate, "in [0, 1)")
         _check(self.head in ("single", "per_group"), "model.head", self.head, "single or per_group")

@@ -79,7 +79,7 @@ def test_misspelt_key_in_yaml_is_named(tmp_path):
     ("train.epochs=zero", r"train\.epochs"),
     ("train.epochs=0", r"train\.epochs = 0 is invalid"),
     ("augment.hflip_prob=1.5", r"augment\.hflip_prob"),
-    ("model.pooling=max", r"model\.pooling = 'max' is invalid: expected avg or gem"),
+    ("model.pooling=median", r"model\.pooling = 'median' is invalid: expected avg, gem, max or avgmax"),
     ("train.jit_compile=maybe", r"train\.jit_compile"),
     ("train.epochs", r"section\.key=value"),
 ])

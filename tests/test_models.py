@@ -245,3 +245,60 @@ def test_macs_are_counted_from_layer_shapes(capsys):
     assert "compact_cnn" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown backbone"):
         main(["--summary", "--backbones", "resnet9000"])
+
+
+# ------------------------------------------------------------------------------------- pooling options, wide CNN
+
+
+@pytest.mark.parametrize("backbone,pooling", [("compact_cnn", "avg"), ("compact_cnn", "gem"), ("compact_cnn", "max"),
+                                              ("compact_cnn", "avgmax"), ("compact_cnn_wide", "max")])
+def test_each_pooling_trains_a_step_and_reloads_in_safe_mode_with_equal_predictions(backbone, pooling, tmp_path):
+    model = build_model(ModelConfig(backbone=backbone, pooling=pooling, dropout_rate=0.1), 32)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    head_before = model.get_layer("head").get_weights()[0].copy()
+    x, y = _images(8, 32, 1), RNG.integers(0, 2, size=(8, 11)).astype("float32")
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert not np.array_equal(head_before, model.get_layer("head").get_weights()[0])
+
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+def test_max_and_avgmax_pool_the_backbone_features_as_named():
+    x = _images(3, 64, 1)
+    for pooling, layer in (("avg", "avg_pool"), ("max", "max_pool"), ("avgmax", "avgmax_pool")):
+        model = build_model(ModelConfig(backbone="compact_cnn", pooling=pooling), 64)
+        features = np.asarray(get_backbone(model)(x.astype("float32")))  # (3, 2, 2, 192)
+        pooled = np.asarray(keras.Model(model.input, model.get_layer(layer).output)(x))
+        expected = {"avg": features.mean(axis=(1, 2)), "max": features.max(axis=(1, 2)),
+                    "avgmax": np.concatenate([features.mean(axis=(1, 2)), features.max(axis=(1, 2))], axis=-1)}[pooling]
+        assert pooled.shape == expected.shape, pooling
+        np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-5, err_msg=pooling)
+    # The head of avgmax reads twice the backbone's features.
+    assert model.get_layer("head").get_weights()[0].shape == (2 * 192, labels.NUM_CLASSES)
+
+
+def test_pooling_option_is_validated_naming_the_key():
+    from ranzcr_tf.config import load_config
+
+    with pytest.raises(ValueError, match=r"model\.pooling.*'median'.*avgmax"):
+        ModelConfig(pooling="median").validate()
+    with pytest.raises(ValueError, match=r"model\.pooling"):
+        load_config(None, ["model.pooling=mean"])
+    assert load_config(None, ["model.pooling=avgmax"]).model.pooling == "avgmax"
+
+
+def test_compact_cnn_wide_keeps_full_resolution_in_its_stem():
+    assert BACKBONES["compact_cnn_wide"].default_size == 256 and BACKBONES["compact_cnn_wide"].channels is None
+    wide = build_backbone("compact_cnn_wide", 64, channels=1)
+    narrow = build_backbone("compact_cnn", 64, channels=1)
+    # compact_cnn halves the image in its first convolution; the wide one convolves every pixel first.
+    assert narrow.get_layer("stage1_conv").output.shape[1:3] == (32, 32)
+    assert wide.get_layer("stem_conv").output.shape[1:3] == (64, 64)
+    assert wide.output.shape[1:] == (2, 2, 256) and narrow.output.shape[1:] == (2, 2, 192)
+    assert wide.count_params() > 3 * narrow.count_params()
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_backbone("compact_cnn_wide", 64, weights="imagenet")

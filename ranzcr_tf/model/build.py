@@ -68,10 +68,7 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
         x = RepeatChannels(backbone_channels, name="repeat_channels")(x)
     x = backbone(x)
 
-    if model_cfg.pooling == "gem":
-        x = GeMPooling2D(p=model_cfg.gem_p, name="gem_pool")(x)
-    else:
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = pool_features(x, model_cfg)
     if model_cfg.dropout_rate > 0:
         x = keras.layers.Dropout(model_cfg.dropout_rate, name="head_dropout")(x)
 
@@ -87,6 +84,28 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
     else:
         outputs = keras.layers.Activation("linear", dtype="float32", name="logits")(x)
     return keras.Model(inputs, outputs, name=f"ranzcr_{model_cfg.backbone}")
+
+
+def pool_features(features, model_cfg: ModelConfig):
+    """Global pooling of the backbone's 4-D feature map per ``model_cfg.pooling``, to ``(batch, features)``.
+
+    ``avg``: mean over positions. ``gem``: generalised mean with a learnable exponent (``gem_p`` to
+    start). ``max``: maximum over positions, so a feature that fires on a few positions only (a thin,
+    faint line in a large map) reaches the head at full strength instead of divided by the map's area.
+    ``avgmax``: both concatenated (twice the features), the head weighs extent against peak per feature.
+    All are built-in Keras layers or our registered ``GeMPooling2D``, so saved models reload in safe mode.
+    """
+    if model_cfg.pooling == "gem":
+        return GeMPooling2D(p=model_cfg.gem_p, name="gem_pool")(features)
+    if model_cfg.pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
+    if model_cfg.pooling == "avgmax":
+        average = keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
+        maximum = keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
+        return keras.layers.Concatenate(axis=-1, name="avgmax_pool")([average, maximum])
+    if model_cfg.pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
+    raise ValueError(f"model.pooling = {model_cfg.pooling!r}: not implemented here (valid: avg, gem, max, avgmax)")
 
 
 def load_model(path: str, compile: bool = False) -> keras.Model:
