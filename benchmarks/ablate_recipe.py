@@ -48,11 +48,10 @@ import time
 import traceback
 from dataclasses import dataclass
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from ranzcr_tf import io_utils  # noqa: E402
-from ranzcr_tf.config import load_config  # noqa: E402
-from ranzcr_tf.train.fit import TrainingDiverged  # noqa: E402
+from ranzcr_tf import cli  # noqa: F401  first: quiets TensorFlow's start-up lines, as every command does
+from ranzcr_tf import io_utils
+from ranzcr_tf.config import load_config
+from ranzcr_tf.train.fit import TrainingDiverged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "cpu_demo.yaml")
