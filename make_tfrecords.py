@@ -49,13 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: data.data_dir of --config, else the Kaggle input folder")
     io.add_argument("--out-dir", help="output folder, local or gs:// (default: data.tfrecords, i.e. tfrecords)")
     io.add_argument("--no-test", action="store_true", help="convert the training images only")
-    io.add_argument("--limit", type=int, default=0, help="only the first N train rows and N test IDs (smoke runs; default 0 = all)")
+    io.add_argument("--limit", type=int, default=0,
+                    help="only the first N train rows and N test IDs (smoke runs; default 0 = all)")
     pre = parser.add_argument_group("preprocessing (stored in manifest.json; the kernel reuses it)")
     pre.add_argument("--image-size", type=int, help="stored square side in pixels (default 768)")
     pre.add_argument("--clahe-clip", type=float, help="CLAHE clip limit, 0 disables CLAHE (default 2.0)")
     pre.add_argument("--clahe-grid", type=int, help="CLAHE tiles per side (default 8)")
     pre.add_argument("--jpeg-quality", type=int, help="stored JPEG quality 1..100 (default 95)")
-    pre.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter (default auto: bit-exact bilinear below a 2x shrink, area beyond)")
+    pre.add_argument("--interpolation", choices=INTERPOLATIONS,
+                     help="resize filter (default auto: bit-exact bilinear below a 2x shrink, area beyond)")
     split = parser.add_argument_group("folds and shards")
     split.add_argument("--folds", type=int, help="number of patient-grouped folds (default 5)")
     split.add_argument("--seed", type=int, help="fold and shard-order seed (default 42)")

@@ -72,9 +72,9 @@ def parse_args(argv=None):
 
 def run(args) -> int:
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.train.placement import choose_placement
     from ranzcr_tf.prep.records import read_manifest
     from ranzcr_tf.train.fit import parse_folds, train
+    from ranzcr_tf.train.placement import choose_placement
 
     cfg = load_config(args.config, args.overrides)
     if args.strategy:

@@ -48,8 +48,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from ranzcr_tf import cli  # noqa: F401  first: quiets TensorFlow's start-up lines, as every command does
-from ranzcr_tf import io_utils
+from ranzcr_tf import cli, io_utils  # noqa: F401  cli first: it quiets TensorFlow's start-up lines
 from ranzcr_tf.config import load_config
 from ranzcr_tf.train.fit import TrainingDiverged
 

@@ -4,8 +4,8 @@
     python benchmarks/bench_pipeline.py --n 128 --batches 20 --json out.json
 
 Writes ``--n`` realistic records (the synthetic chest phantoms of ``ranzcr_tf.synth.generate`` through the
-converter's CLAHE + resize, single-channel JPEG quality 95, the converter's shard layout) to a temporary folder, then measures images/s of, in the
-same run and the same way (warm-up batches, then ``--batches`` timed batches):
+converter's CLAHE + resize, single-channel JPEG quality 95, the converter's shard layout) to a temporary
+folder, then measures images/s of, in the same run and the same way (warm-up batches, then ``--batches`` timed batches):
 
 * ``ranzcr_tf``  ``data.build_train_dataset`` with the default ``AugmentConfig`` (every probability as
   shipped: flip, fused crop+affine, brightness/contrast, gamma, cutout), uint8, one channel;
@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ranzcr_tf.pipeline import data
-from ranzcr_tf.prep import records  # noqa: E402
 from ranzcr_tf.config import Config  # noqa: E402
 from ranzcr_tf.labels import NUM_CLASSES  # noqa: E402
+from ranzcr_tf.pipeline import data
+from ranzcr_tf.prep import records  # noqa: E402
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -79,9 +79,9 @@ def stored_image(rng: np.random.Generator, index: int, size: int) -> tuple[bytes
     1,400-2,600 px) through the converter's CLAHE + resize (``ranzcr_tf.prep.preprocess``); without those
     modules, a smooth phantom encoded at quality 95."""
     try:
+        from ranzcr_tf.config import PreprocessConfig
         from ranzcr_tf.prep import preprocess
         from ranzcr_tf.synth import generate as synthetic
-        from ranzcr_tf.config import PreprocessConfig
     except ImportError:
         target = (rng.random(NUM_CLASSES) < 0.2).astype(np.float32)
         return cv2.imencode(".jpg", phantom(rng, size), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), target

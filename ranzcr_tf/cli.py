@@ -43,7 +43,7 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 VERBOSE_ENV = "RANZCR_VERBOSE"
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf.prep import records
 from ranzcr_tf.labels import ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS
+from ranzcr_tf.prep import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def make_tiny_dataset(out_dir: str, n_train: int = 24, n_test: int = 6, seed: in
                     [cv2.IMWRITE_JPEG_QUALITY, 92])
         labels = (rng.random(len(LABELS)) < 0.3).astype(int)
         rows.append({ID_COLUMN: study, **dict(zip(LABELS, labels)), PATIENT_COLUMN: f"pt{i // 2}"})
-        for j in range(int(rng.integers(0, 3))):
+        for _ in range(int(rng.integers(0, 3))):
             points = [[int(rng.integers(0, width)), int(rng.integers(0, height))] for _ in range(int(rng.integers(2, 6)))]
             annotations.append({ID_COLUMN: study, "label": LABELS[int(rng.integers(0, len(LABELS)))],
                                 "data": json.dumps(points)})

@@ -16,9 +16,9 @@ import os
 import keras
 import numpy as np
 
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, PreprocessConfig, save_config
 from ranzcr_tf.labels import LABELS, NUM_CLASSES
+from ranzcr_tf.prep import records
 from ranzcr_tf.prep.preprocess import preprocess_file
 
 SLOPES = np.linspace(-6.0, 6.0, NUM_CLASSES)

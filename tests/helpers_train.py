@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf.prep import records
 from ranzcr_tf.labels import ID_COLUMN, LABELS, NUM_CLASSES, PATIENT_COLUMN
+from ranzcr_tf.prep import records
 
 # Positive rates high enough that every class has both labels in every fold of a few dozen studies.
 RATES = np.array([0.3, 0.3, 0.4, 0.3, 0.3, 0.3, 0.4, 0.3, 0.4, 0.6, 0.3])

@@ -6,8 +6,8 @@ import sys
 
 import pandas as pd
 import pytest
-
 from helpers_convert import REPO, make_dataset
+
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ranzcr_tf.pipeline.augment import augment_image
 from ranzcr_tf.config import AugmentConfig
+from ranzcr_tf.pipeline.augment import augment_image
 
 SIZE = 64
 PROBS = [f.name for f in dataclasses.fields(AugmentConfig) if f.name.endswith("_prob")]

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from ranzcr_tf.config import LossConfig, ModelConfig
+from ranzcr_tf.model.build import build_model
 from ranzcr_tf.model.losses import build_loss
 from ranzcr_tf.model.metrics import build_metrics, competition_metric
-from ranzcr_tf.model.build import build_model
 
 JAX_SIDE = textwrap.dedent("""
     import json, sys

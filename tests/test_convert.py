@@ -12,16 +12,23 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_convert import (
+    REPO,
+    load_cli_module,
+    make_dataset,
+    mismatched_targets,
+    phantom,
+    read_records,
+    run_cli,
+    shard_bytes,
+)
 
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig
+from ranzcr_tf.labels import ID_COLUMN, LABELS, PATIENT_COLUMN
+from ranzcr_tf.prep import records
 from ranzcr_tf.prep.convert import KILL_HOOK_ENV, ConvertOptions, convert
 from ranzcr_tf.prep.csv_checks import read_train_csv
-from ranzcr_tf.labels import ID_COLUMN, LABELS, PATIENT_COLUMN
 from ranzcr_tf.prep.preprocess import BadImageError, decode_source, preprocess_array
-
-from helpers_convert import (REPO, load_cli_module, make_dataset, mismatched_targets, phantom, read_records, run_cli,
-                             shard_bytes)
 
 SIZE = 64
 SHARD_RECORDS = 3
@@ -103,7 +110,8 @@ def test_folds_are_patient_disjoint_and_match_records_and_manifest(dataset, clea
     names = manifest["shards"]["train"]
     assert len(names) > 3 and all(records.parse_shard_name(n)["count"] <= SHARD_RECORDS for n in names)
     assert records.count_records(names) == 21
-    assert manifest["preprocess"]["decoder"] == records.SOURCE_DECODER and manifest["preprocess"]["stored_dct_method"] == "INTEGER_ACCURATE"
+    assert manifest["preprocess"]["decoder"] == records.SOURCE_DECODER
+    assert manifest["preprocess"]["stored_dct_method"] == "INTEGER_ACCURATE"
     assert records.read_manifest(out)["labels"] == list(LABELS)
 
 
@@ -337,8 +345,8 @@ def test_cli_config_preset_and_missing_data_dir(dataset, tmp_path, capsys):
     assert code == 2 and "--data-dir" in err and "ranzcr_tf.synth.generate" in err
     # Preset gives the defaults (cpu_demo: 128 px), explicit flags override them (folds).
     out = tmp_path / "preset"
-    code = make_tfrecords.main(["--config", os.path.join(REPO, "configs", "cpu_demo.yaml"), "--data-dir", dataset, "--out-dir", str(out),
-                                "--folds", "3", "--limit", "9", "--workers", "1", "--no-progress"])
+    code = make_tfrecords.main(["--config", os.path.join(REPO, "configs", "cpu_demo.yaml"), "--data-dir", dataset,
+                                "--out-dir", str(out), "--folds", "3", "--limit", "9", "--workers", "1", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     manifest = records.read_manifest(str(out))
     assert manifest["image_size"] == 128 and manifest["num_folds"] == 3 and manifest["num_train"] == 9

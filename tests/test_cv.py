@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ranzcr_tf.report import cv
 from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.report import cv
 
 
 def _write_fold(run, fold, n, rng, signal):

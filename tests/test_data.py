@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ranzcr_tf.pipeline import data
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config
 from ranzcr_tf.labels import NUM_CLASSES
+from ranzcr_tf.pipeline import data
+from ranzcr_tf.prep import records
 
 SIZE = 32
 # fold -> records per shard; fold 1 has a single shard (fewer files than input pipelines).

@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers_train import TINY_SETTINGS, write_tiny_records
 from test_train import ROOT, _env, run_cli, settings
 
@@ -202,10 +201,10 @@ def test_worker_shares_partition_the_training_data(tmp_path, shards_per_fold):
     """Each of two workers reads a disjoint share, together all of it: by record from 1 shard, by file from 2."""
     import tensorflow as tf
 
-    from ranzcr_tf.pipeline import data
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.train.placement import Placement
+    from ranzcr_tf.pipeline import data
     from ranzcr_tf.train.fit import worker_dataset_fn
+    from ranzcr_tf.train.placement import Placement
 
     root = str(tmp_path / "records")
     write_tiny_records(root, num_folds=2, per_fold=12, size=32, shards_per_fold=shards_per_fold, seed=5)

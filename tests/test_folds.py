@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ranzcr_tf.prep.folds import assign_folds, fold_positives, folds_frame, stratification_key
 from ranzcr_tf.labels import ID_COLUMN, LABELS, NUM_CLASSES, PATIENT_COLUMN
+from ranzcr_tf.prep.folds import assign_folds, fold_positives, folds_frame, stratification_key
 
 RATES = np.array([0.03, 0.06, 0.24, 0.02, 0.04, 0.09, 0.16, 0.11, 0.28, 0.71, 0.05])
 

@@ -15,14 +15,23 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_convert import make_tiny_dataset, run_cli
+from helpers_infer import (
+    BIASES,
+    SLOPES,
+    asymmetry,
+    asymmetry_model,
+    constant_model,
+    expected_asymmetry_probs,
+    sigmoid,
+    stored_pixels,
+    write_run,
+)
 from scipy.stats import rankdata
 
-from helpers_convert import make_tiny_dataset, run_cli
-from helpers_infer import (BIASES, SLOPES, asymmetry, asymmetry_model, constant_model, expected_asymmetry_probs,
-                           sigmoid, stored_pixels, write_run)
-from ranzcr_tf.serve import kernel
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
+from ranzcr_tf.serve import kernel
 
 # Non-default on every axis the converter exposes: size, CLAHE clip and grid, interpolation, quality.
 S1 = PreprocessConfig(image_size=40, clahe_clip_limit=3.5, clahe_tile_grid=4, interpolation="linear", jpeg_quality=70)

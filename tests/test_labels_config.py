@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from ranzcr_tf import labels
-from ranzcr_tf.config import Config, load_config, save_config, PRESET_DIR
+from ranzcr_tf.config import PRESET_DIR, Config, load_config, save_config
 
 
 def test_label_order_is_the_submission_order():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ranzcr_tf import labels
-from ranzcr_tf.model.backbones import BACKBONES, build_backbone, list_backbones
 from ranzcr_tf.config import ModelConfig
+from ranzcr_tf.model.backbones import BACKBONES, build_backbone, list_backbones
 from ranzcr_tf.model.build import assemble_model, build_model, count_macs, get_backbone, main, set_backbone_trainable
 from ranzcr_tf.model.noisy_student import IMAGENET_MEAN, IMAGENET_STDDEV, convert_efficientnet_package_weights
 from ranzcr_tf.model.precision import apply_policy

@@ -7,13 +7,21 @@ import io
 import cv2
 import numpy as np
 import pytest
-
-from ranzcr_tf.prep import records
-from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.prep.preprocess import (BadImageError, decode_source, encode_jpeg, jpeg_size, preprocess_array,
-                                  decode_scale, preprocess_bytes, preprocess_file, resize_filter)
-
 from helpers_convert import phantom
+
+from ranzcr_tf.config import PreprocessConfig
+from ranzcr_tf.prep import records
+from ranzcr_tf.prep.preprocess import (
+    BadImageError,
+    decode_scale,
+    decode_source,
+    encode_jpeg,
+    jpeg_size,
+    preprocess_array,
+    preprocess_bytes,
+    preprocess_file,
+    resize_filter,
+)
 
 SETTINGS = PreprocessConfig(image_size=64)
 # Full-resolution decode: colour conversion is compared without the (tiny-image) DCT reduction in between.

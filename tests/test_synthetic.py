@@ -335,7 +335,7 @@ def test_hard_tips_agree_with_labels_via_landmarks(hard_films):
 
 def test_hard_lines_are_the_only_difference_and_are_thin_and_faint(hard_films):
     over_dark, over_bright = [], []
-    for labels, _, image, bare, geometry in hard_films:
+    for _labels, _, image, bare, geometry in hard_films:
         added = image.astype(np.int16) - bare.astype(np.int16)
         near = np.zeros(image.shape, np.uint8)
         for label, line in geometry.lines:

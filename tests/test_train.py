@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers_train import TINY_SETTINGS, write_tiny_records
+
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,10 +89,11 @@ def test_killed_run_resumes_with_unbroken_log_and_never_worse_best(tiny, tmp_pat
     # path (plain model.predict of logits, another batch size). Predictions are compared, not AUCs: on a
     # 24-image fold one near-tied pair flipped by float rounding moves the mean AUC by 3e-4.
     import keras
+
     import ranzcr_tf.model.layers  # noqa: F401  (registers the model's custom layers, as any loader must)
     from ranzcr_tf.config import load_config
-    from ranzcr_tf.pipeline.data import build_eval_dataset
     from ranzcr_tf.model.metrics import competition_metric
+    from ranzcr_tf.pipeline.data import build_eval_dataset
 
     model = keras.saving.load_model(os.path.join(run, "best.keras"), compile=False, safe_mode=True)
     cfg = load_config(os.path.join(run, "config.yaml"))
@@ -149,6 +150,7 @@ def test_image_size_mismatch_is_announced(tiny):
 
 def test_schedules_warmup_cosine_exponential_and_scaling():
     import keras
+
     import ranzcr_tf.model.layers  # noqa: F401  (registers the model's custom layers, as any loader must)
     from ranzcr_tf.config import load_config
     from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
@@ -175,8 +177,8 @@ def test_schedules_warmup_cosine_exponential_and_scaling():
 def test_plateau_counters_survive_a_restart_and_follow_the_config():
     import keras
 
-    from ranzcr_tf.train import callbacks as cbs
     from ranzcr_tf.config import load_config
+    from ranzcr_tf.train import callbacks as cbs
 
     cfg = load_config(None, ["train.schedule=plateau", "train.plateau_factor=0.25", "train.plateau_patience=2"])
     with pytest.raises(ValueError, match="train.plateau_factor"):
@@ -212,9 +214,9 @@ def test_run_folder_on_a_remote_filesystem(tiny):
     ram:// filesystem takes the same path here); a rerun of the finished fold trains nothing more."""
     import tensorflow as tf
 
-    from ranzcr_tf.train import placement as distribute
-    from ranzcr_tf.train import fit as train
     from ranzcr_tf.config import load_config
+    from ranzcr_tf.train import fit as train
+    from ranzcr_tf.train import placement as distribute
 
     records_dir, table = tiny
     cfg = load_config(None, [*TINY_SETTINGS, "train.epochs=2"])

@@ -20,8 +20,8 @@ import time
 import keras
 
 from ranzcr_tf import labels
-from ranzcr_tf.model.backbones import BACKBONE_NAME, BACKBONES, build_backbone, get_spec, list_backbones  # noqa: F401
 from ranzcr_tf.config import ModelConfig
+from ranzcr_tf.model.backbones import BACKBONE_NAME, BACKBONES, build_backbone, get_spec, list_backbones  # noqa: F401
 from ranzcr_tf.model.layers import CastToComputeDtype, GeMPooling2D, RepeatChannels
 
 INPUT_NAME = "image"

@@ -8,7 +8,7 @@ Written with ``keras.ops`` only, so it runs on the TensorFlow and JAX backends.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -51,7 +51,7 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
 
     def __init__(self, pos_weight: Sequence[float], from_logits: bool = True, label_smoothing: float = 0.0,
                  epsilon: float = 1e-7, reduction: str = "sum_over_batch_size",
-                 name: str = "weighted_binary_crossentropy", dtype: Optional[str] = None):
+                 name: str = "weighted_binary_crossentropy", dtype: str | None = None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.pos_weight = [float(w) for w in np.asarray(pos_weight).reshape(-1)]
         self.from_logits = bool(from_logits)
@@ -76,7 +76,7 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
                 "label_smoothing": self.label_smoothing, "epsilon": self.epsilon}
 
 
-def build_loss(loss_cfg: LossConfig, positives: Optional[Sequence[float]] = None, num_examples: Optional[int] = None,
+def build_loss(loss_cfg: LossConfig, positives: Sequence[float] | None = None, num_examples: int | None = None,
                from_logits: bool = True) -> keras.losses.Loss:
     """The loss named by ``loss_cfg.name``; ``from_logits`` must match the model's output.
 

@@ -17,7 +17,8 @@ killed with ``kill -9`` and rerun ends byte-identical to an uninterrupted run.
 Parallelism: worker threads (``convert_worker.start_threads``; the work is native code that releases
 the GIL) read, decode, CLAHE, resize and encode images and return JPEG bytes; the main thread
 consumes results strictly in plan order through a bounded window of in-flight tasks (memory stays
-flat, and 1 or N workers write the same bytes), and writes shards with ``shard_writer.ShardWriter`` (the kernel's test images use the same writer).
+flat, and 1 or N workers write the same bytes), and writes shards with ``shard_writer.ShardWriter`` (the
+kernel's test images use the same writer).
 """
 
 from __future__ import annotations
@@ -32,17 +33,33 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig, run_metadata
-from ranzcr_tf.prep.csv_checks import (ANNOTATIONS_CSV, TRAIN_CSV, read_annotations, read_test_ids, read_train_csv,
-                                  scale_points)
-from ranzcr_tf.prep.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
+from ranzcr_tf.prep import records
+from ranzcr_tf.prep.csv_checks import (
+    ANNOTATIONS_CSV,
+    TRAIN_CSV,
+    read_annotations,
+    read_test_ids,
+    read_train_csv,
+    scale_points,
+)
+from ranzcr_tf.prep.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.prep.preprocess import BadImageError
+from ranzcr_tf.prep.shard_plan import (
+    PROGRESS_DIR,
+    SETTINGS_FILE,
+    check_resume,
+    own_files,
+    plan_shards,
+    preprocess_settings,
+    read_json,
+    remove_stale,
+    sha256_file,
+    slot_name,
+)
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
-from ranzcr_tf.prep.shard_plan import (PROGRESS_DIR, SETTINGS_FILE, check_resume, own_files, plan_shards,
-                                  preprocess_settings, read_json, remove_stale, sha256_file, slot_name)
+from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
 
 KILL_HOOK_ENV = "RANZCR_CONVERT_KILL_AFTER"  # tests: SIGKILL this process after N records (mid-shard)
 RECORD_OVERHEAD_BYTES = 600  # ID, targets, sizes, typical annotations and TFRecord framing per record

@@ -14,8 +14,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf.labels import (ANNOTATION_COLUMNS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS,
-                              TRAIN_COLUMNS)
+from ranzcr_tf.labels import ANNOTATION_COLUMNS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS, TRAIN_COLUMNS
 
 TRAIN_CSV = "train.csv"
 ANNOTATIONS_CSV = "train_annotations.csv"

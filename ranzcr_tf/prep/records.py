@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -14,9 +14,9 @@ import os
 import numpy as np
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN
+from ranzcr_tf.prep import records
 
 PROGRESS_DIR = ".progress"
 SETTINGS_FILE = "settings.json"

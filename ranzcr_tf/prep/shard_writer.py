@@ -28,7 +28,7 @@ class ShardWriter:
         self._tmp = io_utils.temp_name(io_utils.join(self.folder, records.shard_name(fold, self.index, 0)))
         self._writer = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         import tensorflow as tf
 
         io_utils.makedirs(self.folder)

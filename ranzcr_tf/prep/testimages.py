@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import PreprocessConfig
-from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
+from ranzcr_tf.prep import records
 from ranzcr_tf.prep.shard_plan import preprocess_settings
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
+from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
 
 TEST_IMAGE_DIR = "test"
 

@@ -12,11 +12,10 @@ import io
 import os
 import sys
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging (gs:// paths import it)
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import io_utils
+from ranzcr_tf import cli, io_utils  # cli before TensorFlow is imported (gs:// paths do): it quiets start-up lines
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
 from ranzcr_tf.report.score import check_values, read_table
 from ranzcr_tf.runs import CV_REPORT_FILE, OOF_FILE, ROC_PLOT_FILE

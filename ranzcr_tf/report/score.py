@@ -13,11 +13,10 @@ import io
 import math
 import sys
 
-from ranzcr_tf import cli
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import io_utils
+from ranzcr_tf import cli, io_utils
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 
 

@@ -16,8 +16,8 @@ model or a slow disk is noticed as soon as it is measured.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 Pass = tuple[int, int, int]  # (model index, fold index, view index)
 

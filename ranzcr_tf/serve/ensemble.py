@@ -16,7 +16,7 @@ mean of probabilities is what the public RANZCR ensembles used.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -22,21 +22,21 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import keras
 import numpy as np
 
-from ranzcr_tf.serve import ensemble
-from ranzcr_tf.serve import predict as serve_predict
-from ranzcr_tf.prep import records
-from ranzcr_tf.serve.budget import (DEGRADE_ORDER, Budget, CostModel, choose_plan, degrade_levels, describe_plan)
 from ranzcr_tf.config import InferConfig, PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
+from ranzcr_tf.prep import records
+from ranzcr_tf.prep.testimages import DeadlineReached, preprocess_test_images
+from ranzcr_tf.serve import ensemble
+from ranzcr_tf.serve import predict as serve_predict
+from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget, CostModel, choose_plan, degrade_levels, describe_plan
 from ranzcr_tf.serve.modelio import FoldSpec, ModelSpec, load_fold_model
 from ranzcr_tf.serve.submission import SAMPLE_SUBMISSION, read_sample_submission, template_from_ids
-from ranzcr_tf.prep.testimages import DeadlineReached, preprocess_test_images
 from ranzcr_tf.serve.testrecords import RecordsCheck, check_test_records, complete_records, describe_ids
 
 CALIBRATION_BATCHES = 3  # timed batches (after the first, which includes tracing) before estimating
@@ -68,7 +68,7 @@ class TestSource:
 
     @classmethod
     def from_paths(cls, data_dir: str | None, tfrecords: str | None, work_dir: str, workers: int = 0,
-                   progress: bool = True) -> "TestSource":
+                   progress: bool = True) -> TestSource:
         """Template from ``data_dir/sample_submission.csv``, else from the test records' IDs (their order).
 
         ``tfrecords`` are checked against the sample before anything is predicted (``testrecords.py``).
@@ -305,7 +305,7 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
                     raise DeadlineReached("time budget spent")
                 group = fold.preprocess_key()
                 records_dir = source.records_for(
-                    fold, budget, on_measured=lambda s: costs.preprocess_seconds_per_image.__setitem__(group, s))
+                    fold, budget, on_measured=lambda s, group=group: costs.preprocess_seconds_per_image.__setitem__(group, s))
                 costs.prepared.add(fold.preprocess_key())
                 if records_dir is None:
                     _log(f"warning: no readable test image for {fold.name}'s preprocessing; skipping it")

@@ -23,9 +23,9 @@ import zlib
 from dataclasses import dataclass, field
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.prep import records
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
 from ranzcr_tf.labels import LABELS
+from ranzcr_tf.prep import records
 from ranzcr_tf.runs import CONFIG_FILE, MODEL_FILE, PREPROCESS_FILE, is_fold_dir
 
 LEGACY_SUFFIXES = (".h5", ".hdf5")

@@ -70,9 +70,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.synth import hard, phantom
+from ranzcr_tf.labels import (
+    ANNOTATION_COLUMNS,
+    GROUPS,
+    ID_COLUMN,
+    LABELS,
+    PATIENT_COLUMN,
+    SUBMISSION_COLUMNS,
+    TRAIN_COLUMNS,
+)
 from ranzcr_tf.prep.workers import available_cores, ordered_map, start_pool
-from ranzcr_tf.labels import ANNOTATION_COLUMNS, GROUPS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS, TRAIN_COLUMNS
+from ranzcr_tf.synth import hard, phantom
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 JPEG_QUALITY = 90
@@ -366,7 +374,8 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     io_utils.atomic_write_text(paths["train_annotations.csv"],
                                pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS)).to_csv(index=False))
     return {
-        "out_dir": out_dir, "style": style, "seed": seed, "scale": float(scale), "n_train": n_train, "n_test": n_test, "n_patients": len(patient_names),
+        "out_dir": out_dir, "style": style, "seed": seed, "scale": float(scale), "n_train": n_train, "n_test": n_test,
+        "n_patients": len(patient_names),
         "n_annotations": len(ann_rows), "n_annotated_images": int(sum(1 for i in annotations if annotations[i])),
         "train_positives": {k: int(v) for k, v in train[list(LABELS)].sum().items()},
         "test_positives": {k: int(v) for k, v in test[list(LABELS)].sum().items()},

@@ -112,7 +112,8 @@ def _lung(a: Anatomy, side: int) -> list[tuple[float, float]]:
     lat = a.s_lat_r if side < 0 else a.s_lat_l
     m = lambda d: a.s_tr + side * d  # noqa: E731 - distance from the midline
     return [(m(0.05), a.t_apex + 0.07), (m(0.08), a.t_apex + 0.005), (m(0.13), a.t_apex - 0.02),
-            (lat - side * 0.05, a.t_apex + 0.05), (lat - side * 0.01, a.t_apex + 0.17), (lat, 0.50), (lat + side * 0.01, a.t_d + 0.12),
+            (lat - side * 0.05, a.t_apex + 0.05), (lat - side * 0.01, a.t_apex + 0.17), (lat, 0.50),
+            (lat + side * 0.01, a.t_d + 0.12),
             (m(0.05), a.t_d + 0.12), (m(0.05), 0.5), (m(0.045), 0.25)]
 
 
@@ -176,7 +177,7 @@ def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int
             ang = rng.uniform(-1.3, 1.3) + (0 if side > 0 else np.pi)
             length = rng.uniform(0.08, 0.25)
             pts = [hilum]
-            for k in range(3):
+            for _ in range(3):
                 ang += rng.uniform(-0.35, 0.35)
                 pts.append(pts[-1] + length / 3 * np.array([np.cos(ang), np.sin(ang) * 1.2]))
             cv2.polylines(vessels, [c.poly(pts)], False, 0.07, u(0.006))
