@@ -235,6 +235,24 @@ def _photometric(image, draws, seeds, flags, aug: AugmentConfig):
     return tf.cast(values, image.dtype)
 
 
+def _draw(seed):
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    return seeds, tf.random.stateless_uniform([_NUM_DRAWS], seed=seeds[0])
+
+
+def geometric_matrix(aug_cfg: AugmentConfig, seed, size: int):
+    """The 3x3 matrix (output pixel -> input pixel) that ``augment_image`` applies to a ``size`` image with
+    ``seed``; the identity when no flip, crop or affine is drawn. For checks: a point q of the input lands at
+    ``inv(matrix) @ q`` in the output."""
+    aug = aug_cfg
+    _, draws = _draw(seed)
+    no = tf.constant(False)
+    do_flip = draws[_FLIP] < aug.hflip_prob if aug.hflip_prob > 0 else no
+    do_crop = draws[_CROP] < aug.crop_prob if aug.crop_prob > 0 or aug.affine_prob > 0 else no
+    do_affine = draws[_AFFINE] < aug.affine_prob if aug.crop_prob > 0 or aug.affine_prob > 0 else no
+    return _geometric_matrix(float(size), draws, do_flip, do_crop, do_affine, aug)
+
+
 def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None):
     """Randomly augment one ``(S, S, 1)`` image (uint8, or float in 0..255); same shape and dtype out.
 
@@ -252,9 +270,7 @@ def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None):
     if image.shape[2] != 1:
         raise ValueError(f"augment_image works on the single grey channel (3x cheaper): augment before "
                          f"expanding to the model's channels (data.expand_channels), got {image.shape}")
-    seed = tf.cast(seed, tf.int64)
-    seeds = tf.random.experimental.stateless_split(seed, num=3)
-    draws = tf.random.stateless_uniform([_NUM_DRAWS], seed=seeds[0])
+    seeds, draws = _draw(seed)
 
     def chance(slot, prob):
         return draws[slot] < prob
