@@ -89,20 +89,26 @@ def padded_segments(ann_label, ann_num_points, ann_xy, settings: MaskSettings):
 def rasterize_segments(starts, ends, family, valid, size: int, half_width):
     """``(size, size, 4)`` float32 masks: 1 where a pixel centre is within ``half_width`` of a valid segment
     of that family. Coordinates are in mask pixels (pixel centres at integers)."""
+    return _rasterize(starts, ends, family, valid, tf.constant(size), tf.cast(half_width, tf.float32), size=size)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)  # XLA fuses the (M, M, S) distance math into one loop
+def _rasterize(starts, ends, family, valid, size_tensor, half_width, size: int):
+    del size_tensor  # the static ``size`` sets the shapes
     coords = tf.range(size, dtype=tf.float32)
-    ys, xs = tf.meshgrid(coords, coords, indexing="ij")
-    pixels = tf.stack([tf.reshape(xs, [-1]), tf.reshape(ys, [-1])], axis=1)  # (M^2, 2)
     direction = ends - starts  # (S, 2)
-    length2 = tf.reduce_sum(direction * direction, axis=1)  # (S,)
-    rel = pixels[:, None, :] - starts[None, :, :]  # (M^2, S, 2)
-    t = tf.reduce_sum(rel * direction[None], axis=2) / tf.maximum(length2, 1e-12)[None]
-    t = tf.clip_by_value(t, 0.0, 1.0)
-    closest = rel - t[..., None] * direction[None]
-    dist2 = tf.reduce_sum(closest * closest, axis=2)  # (M^2, S)
-    hits = tf.cast((dist2 <= half_width * half_width) & valid[None, :], tf.float32)
+    length2 = tf.maximum(tf.reduce_sum(direction * direction, axis=1), 1e-12)  # (S,)
+    # The grid is separable: x - sx depends on the column only, y - sy on the row only.
+    rel_x = coords[:, None] - starts[None, :, 0]  # (M, S)
+    rel_y = coords[:, None] - starts[None, :, 1]  # (M, S)
+    rel_x, rel_y = rel_x[None, :, :], rel_y[:, None, :]  # (1, M, S) columns, (M, 1, S) rows
+    t = tf.clip_by_value((rel_x * direction[:, 0] + rel_y * direction[:, 1]) / length2, 0.0, 1.0)  # (M, M, S)
+    dx = rel_x - t * direction[:, 0]
+    dy = rel_y - t * direction[:, 1]
+    hits = tf.cast((dx * dx + dy * dy <= half_width * half_width) & valid, tf.float32)  # (M, M, S)
     # Hits per family as one small matmul with the segments' one-hot families.
-    per_family = tf.matmul(hits, tf.one_hot(family, NUM_FAMILIES, dtype=tf.float32))  # (M^2, 4)
-    return tf.reshape(tf.minimum(per_family, 1.0), [size, size, NUM_FAMILIES])
+    per_family = tf.einsum("yxs,sf->yxf", hits, tf.one_hot(family, NUM_FAMILIES, dtype=tf.float32))
+    return tf.minimum(per_family, 1.0)
 
 
 def line_masks(parsed: dict, image_size: int, settings: MaskSettings):
