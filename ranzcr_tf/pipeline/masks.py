@@ -48,7 +48,7 @@ class MaskSettings:
     max_points: int = 256
 
     @classmethod
-    def from_config(cls, train_cfg) -> "MaskSettings":
+    def from_config(cls, train_cfg) -> MaskSettings:
         return cls(float(train_cfg.mask_line_width), int(train_cfg.mask_max_lines), int(train_cfg.mask_max_points))
 
 

@@ -115,6 +115,7 @@ def inference_model_of(model: keras.Model) -> keras.Model:
     has one (``train.recipe: aux_seg`` trains a decoder that is not served), else the model itself."""
     return getattr(model, "inference_model", None) or model
 
+
 class NaNGuard(keras.callbacks.Callback):
     """Stops training at the first non-finite loss and records what to try (read by the trainer)."""
 
@@ -209,8 +210,8 @@ class Validation(keras.callbacks.Callback):
             self._predictor = build_predictor(inference_model_of(self.model), from_logits=self.from_logits,
                                               placement=self.placement)
             self._predictor_of = self.model
-        probs = predict_eval(inference_model_of(self.model), self.eval_data, from_logits=self.from_logits, placement=self.placement,
-                             predictor=self._predictor)
+        probs = predict_eval(inference_model_of(self.model), self.eval_data, from_logits=self.from_logits,
+                             placement=self.placement, predictor=self._predictor)
         mean_auc, per_class = competition_metric(self.targets, probs)
         logs["val_auc"] = float(mean_auc)
         for label in LABELS:

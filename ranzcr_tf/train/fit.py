@@ -222,9 +222,9 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
 
 
 def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placement, verbose) -> dict:
-    from ranzcr_tf.pipeline import data
     from ranzcr_tf.model import build as models
     from ranzcr_tf.model import precision
+    from ranzcr_tf.pipeline import data
 
     io_utils.makedirs(run_dir)
     paths = {name: io_utils.join(run_dir, name) for name in
