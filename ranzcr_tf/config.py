@@ -27,6 +27,7 @@ INTERPOLATIONS = ("auto", "linear", "area", "cubic", "lanczos")  # resize filter
 STRATEGIES = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")  # where training runs (train/placement.py)
 TTA_VIEWS = ("identity", "hflip")  # test-time augmentation views
 ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines runs (serve/ensemble.py)
+RECIPES = ("plain", "aux_seg")  # how a fold is trained (train/recipes.py)
 
 
 def _one_of(options) -> str:
@@ -208,6 +209,11 @@ class TrainConfig:
     early_stopping_patience: int = 0  # 0 = off
     strategy: str = "auto"  # auto | tpu | mirrored | multiworker | jax | default
     seed: int = 42
+    recipe: str = "plain"  # plain | aux_seg (+ a line-mask decoder on annotated studies; train/recipes.py)
+    mask_loss_weight: float = 1.0  # aux_seg: total loss = classification + weight x (Dice + BCE) of the masks
+    mask_line_width: float = 8.0  # aux_seg: drawn line width in stored pixels
+    mask_max_lines: int = 8  # aux_seg: polylines per study kept (fixed shapes; the rest are dropped)
+    mask_max_points: int = 256  # aux_seg: polyline points per study kept, all lines together
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -225,6 +231,11 @@ class TrainConfig:
         _check(0 < self.ema_momentum < 1, "train.ema_momentum", self.ema_momentum, "in (0, 1)")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, ">= 1")
         _check(self.strategy in STRATEGIES, "train.strategy", self.strategy, _one_of(STRATEGIES))
+        _check(self.recipe in RECIPES, "train.recipe", self.recipe, _one_of(RECIPES))
+        _check(self.mask_loss_weight >= 0, "train.mask_loss_weight", self.mask_loss_weight, ">= 0")
+        _check(self.mask_line_width > 0, "train.mask_line_width", self.mask_line_width, "> 0 (stored pixels)")
+        _check(self.mask_max_lines >= 1, "train.mask_max_lines", self.mask_max_lines, "an integer >= 1")
+        _check(self.mask_max_points >= 2, "train.mask_max_points", self.mask_max_points, "an integer >= 2")
 
 
 @dataclass

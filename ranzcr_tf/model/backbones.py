@@ -58,6 +58,9 @@ class BackboneSpec:
     build: Callable[[tuple, Optional[str]], keras.Model]
     channels: Optional[int]
     application: Optional[str] = None
+    # Encoder stages at strides 4, 8 and 16 for a decoder (``train.recipe: aux_seg``): each the name prefix
+    # of a stage's layers; the stage's output is its last layer (``stage_outputs``). None: not supported.
+    feature_stages: Optional[tuple[str, ...]] = None
 
 
 def keras_cache_dir() -> str:
@@ -174,6 +177,8 @@ def _compact_cnn_wide(input_shape: tuple, weights: Optional[str]) -> keras.Model
     return model
 
 
+# Keras' EfficientNet (V1 and V2) names its blocks blockNx_*: block2 ends at stride 4, block3 at 8, block5 at 16.
+_EFFICIENTNET_STAGES = ("block2", "block3", "block5")
 _EFFICIENTNET_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
 # V2-M / V2-L are left out: each takes long to build, and at RANZCR sizes they are slower than B7 on TPUs.
 _EFFICIENTNETV2 = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384}
@@ -181,16 +186,21 @@ _EFFICIENTNETV2 = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384}
 BACKBONES: dict[str, BackboneSpec] = {}
 for _i, _size in enumerate(_EFFICIENTNET_SIZES):
     BACKBONES[f"efficientnet_b{_i}"] = BackboneSpec(
-        f"efficientnet_b{_i}", _size, _application(f"efficientnet_b{_i}", f"EfficientNetB{_i}", "efficientnet"), 3, f"EfficientNetB{_i}")
+        f"efficientnet_b{_i}", _size, _application(f"efficientnet_b{_i}", f"EfficientNetB{_i}", "efficientnet"), 3, f"EfficientNetB{_i}",
+        _EFFICIENTNET_STAGES)
 for _variant, _size in _EFFICIENTNETV2.items():
     _ctor = f"EfficientNetV2{_variant.upper()}"
     BACKBONES[f"efficientnetv2_{_variant}"] = BackboneSpec(
-        f"efficientnetv2_{_variant}", _size, _application(f"efficientnetv2_{_variant}", _ctor, "efficientnet_v2", include_preprocessing=True), 3, _ctor)
+        f"efficientnetv2_{_variant}", _size, _application(f"efficientnetv2_{_variant}", _ctor, "efficientnet_v2", include_preprocessing=True), 3, _ctor,
+        _EFFICIENTNET_STAGES)
 BACKBONES["mobilenetv3_small"] = BackboneSpec(
     "mobilenetv3_small", 224, _application("mobilenetv3_small", "MobileNetV3Small", "mobilenet_v3", include_preprocessing=True), 3,
     "MobileNetV3Small")
-BACKBONES["compact_cnn"] = BackboneSpec("compact_cnn", 128, _compact_cnn, None)
-BACKBONES["compact_cnn_wide"] = BackboneSpec("compact_cnn_wide", 256, _compact_cnn_wide, None)
+# Both compact CNNs reach stride 2**k at stage k: stages 2-4 are strides 4, 8 and 16.
+BACKBONES["compact_cnn"] = BackboneSpec("compact_cnn", 128, _compact_cnn, None,
+                                        feature_stages=("stage2_add", "stage3_add", "stage4_add"))
+BACKBONES["compact_cnn_wide"] = BackboneSpec("compact_cnn_wide", 256, _compact_cnn_wide, None,
+                                             feature_stages=("stage2_add", "stage3_add", "stage4_add"))
 
 
 def list_backbones() -> list[str]:
@@ -231,3 +241,19 @@ def build_backbone(name: str, image_size: int, channels: int = 3, weights: Optio
     model = spec.build((image_size, image_size, in_channels), check_weights(weights))
     model.name = BACKBONE_NAME
     return model
+
+
+def stage_outputs(backbone: keras.Model, name: str) -> list:
+    """The symbolic outputs of backbone ``name``'s feature stages (strides 4, 8, 16) inside ``backbone``."""
+    spec = get_spec(name)
+    if spec.feature_stages is None:
+        supported = [n for n, s in BACKBONES.items() if s.feature_stages]
+        raise ValueError(f"backbone {name} exposes no encoder stages for a decoder (train.recipe aux_seg): "
+                         f"use one of {', '.join(supported)}")
+    outputs = []
+    for prefix in spec.feature_stages:
+        matches = [layer for layer in backbone.layers if layer.name.startswith(prefix)]
+        if not matches:
+            raise ValueError(f"backbone {name} has no layer named {prefix}*: its registry entry is out of date")
+        outputs.append(matches[-1].output)
+    return outputs

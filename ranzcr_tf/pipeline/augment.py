@@ -19,7 +19,8 @@ nothing, and with every probability 0 the image comes back bit-identical):
    Gaussian blur (reflect-padded separable convolution), then coarse dropout / cutout last so its holes
    hold exactly the fill value (0 or the image mean); rounded back to uint8 once.
 
-Labels are never an input here: none of these ops can change them.
+Labels are never an input here: none of these ops can change them. Line masks (``train.recipe: aux_seg``) may
+be: ``augment_image(image, cfg, seed, mask=mask)`` moves them with the image's geometric matrix.
 """
 
 from __future__ import annotations
@@ -86,9 +87,8 @@ def _flip_matrix(size: float):
     return tf.constant([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
 
-def _geometric(image, draws, do_flip, do_crop, do_affine, aug: AugmentConfig):
-    size = image.shape[0]
-    size_f = float(size)
+def _geometric_matrix(size_f: float, draws, do_flip, do_crop, do_affine, aug: AugmentConfig):
+    """Output pixel -> input pixel of the drawn flip, crop and affine, as one 3x3 matrix (image pixels)."""
     eye = tf.eye(3)
     flip = tf.where(do_flip, _flip_matrix(size_f), eye)
     crop = tf.cond(do_crop, lambda: _crop_matrix(draws, size_f, aug), lambda: eye)
@@ -96,14 +96,35 @@ def _geometric(image, draws, do_flip, do_crop, do_affine, aug: AugmentConfig):
     # Flip, then crop-and-resize, then the affine: B(p) = A(affine p) = flipped(crop affine p) = I(F C A p).
     # One product, one resampling pass: the flip (an exact integer mirror) rides along for free.
     matrix = flip @ crop @ affine
-    matrix = matrix / matrix[2, 2]
+    return matrix / matrix[2, 2]
+
+
+def _warp(image, matrix, aug: AugmentConfig):
+    """Resample ``(S, S, C)`` ``image`` at ``matrix @ p`` for every output pixel p (bilinear, fill 0)."""
+    size = image.shape[0]
     if aug.warp == "xla":
-        return tf.ensure_shape(_xla_affine_warp(image, matrix), image.shape)
+        channels = [_xla_affine_warp(image[..., c:c + 1], matrix) for c in range(image.shape[-1])]
+        return tf.ensure_shape(channels[0] if len(channels) == 1 else tf.concat(channels, -1), image.shape)
     transform = tf.reshape(matrix, [9])[:8][tf.newaxis]
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=image[tf.newaxis], transforms=transform, output_shape=tf.constant([size, size], tf.int32),
         fill_value=tf.constant(0.0), interpolation="BILINEAR", fill_mode="CONSTANT")
     return tf.ensure_shape(out[0], image.shape)
+
+
+def rescale_matrix(matrix, from_size: int, to_size: int):
+    """The same geometric map expressed on a ``to_size`` grid (pixel centres at integers on both):
+    a ``(from_size / 4)`` mask is warped with ``rescale_matrix(matrix, S, S // 4)`` of the image's matrix."""
+    f = float(to_size) / float(from_size)
+    down = tf.constant([[f, 0.0, 0.5 * f - 0.5], [0.0, f, 0.5 * f - 0.5], [0.0, 0.0, 1.0]])
+    up = tf.constant([[1.0 / f, 0.0, 0.5 / f - 0.5], [0.0, 1.0 / f, 0.5 / f - 0.5], [0.0, 0.0, 1.0]])
+    return down @ matrix @ up
+
+
+def warp_mask(mask, matrix, image_size: int, aug: AugmentConfig):
+    """Warp ``(M, M, C)`` 0/1 masks with the image's ``matrix`` (bilinear, then thresholded at 0.5)."""
+    mask_matrix = rescale_matrix(matrix, image_size, mask.shape[0])
+    return tf.cast(_warp(tf.cast(mask, tf.float32), mask_matrix, aug) >= 0.5, mask.dtype)
 
 
 @tf.function(jit_compile=True)  # one trace per (size, dtype): static shapes for XLA
@@ -214,12 +235,34 @@ def _photometric(image, draws, seeds, flags, aug: AugmentConfig):
     return tf.cast(values, image.dtype)
 
 
-def augment_image(image, aug_cfg: AugmentConfig, seed):
+def _draw(seed):
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    return seeds, tf.random.stateless_uniform([_NUM_DRAWS], seed=seeds[0])
+
+
+def geometric_matrix(aug_cfg: AugmentConfig, seed, size: int):
+    """The 3x3 matrix (output pixel -> input pixel) that ``augment_image`` applies to a ``size`` image with
+    ``seed``; the identity when no flip, crop or affine is drawn. For checks: a point q of the input lands at
+    ``inv(matrix) @ q`` in the output."""
+    aug = aug_cfg
+    _, draws = _draw(seed)
+    no = tf.constant(False)
+    do_flip = draws[_FLIP] < aug.hflip_prob if aug.hflip_prob > 0 else no
+    do_crop = draws[_CROP] < aug.crop_prob if aug.crop_prob > 0 or aug.affine_prob > 0 else no
+    do_affine = draws[_AFFINE] < aug.affine_prob if aug.crop_prob > 0 or aug.affine_prob > 0 else no
+    return _geometric_matrix(float(size), draws, do_flip, do_crop, do_affine, aug)
+
+
+def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None):
     """Randomly augment one ``(S, S, 1)`` image (uint8, or float in 0..255); same shape and dtype out.
 
     ``seed`` is an int tensor of shape ``[2]`` (as for ``tf.random.stateless_uniform``); the same seed
     gives the same output. Each augmentation is applied with its ``*_prob`` from ``aug_cfg``; with all
     probabilities 0 the output equals the input exactly.
+
+    ``mask``: optional ``(M, M, C)`` 0/1 line masks of the same image at any resolution M (``masks.py``);
+    then returns ``(image, mask)``: the flip, crop and affine move the mask with the image's own matrix
+    (``warp_mask``), the pixel-value ops leave it alone. The image comes out exactly as without a mask.
     """
     aug = aug_cfg
     if image.shape.rank != 3 or image.shape[0] is None or image.shape[0] != image.shape[1]:
@@ -227,22 +270,29 @@ def augment_image(image, aug_cfg: AugmentConfig, seed):
     if image.shape[2] != 1:
         raise ValueError(f"augment_image works on the single grey channel (3x cheaper): augment before "
                          f"expanding to the model's channels (data.expand_channels), got {image.shape}")
-    seed = tf.cast(seed, tf.int64)
-    seeds = tf.random.experimental.stateless_split(seed, num=3)
-    draws = tf.random.stateless_uniform([_NUM_DRAWS], seed=seeds[0])
+    seeds, draws = _draw(seed)
 
     def chance(slot, prob):
         return draws[slot] < prob
 
     do_flip = chance(_FLIP, aug.hflip_prob) if aug.hflip_prob > 0 else tf.constant(False)
+    size = image.shape[0]
+    pair = (image,) if mask is None else (image, mask)
     if aug.crop_prob > 0 or aug.affine_prob > 0:
         do_crop = chance(_CROP, aug.crop_prob)
         do_affine = chance(_AFFINE, aug.affine_prob)
         resample = do_crop | do_affine
-        image = tf.cond(resample, lambda: _geometric(image, draws, do_flip, do_crop, do_affine, aug),
-                        lambda: tf.cond(do_flip, lambda: mirror(image), lambda: image))
+
+        def geometric():
+            matrix = _geometric_matrix(float(size), draws, do_flip, do_crop, do_affine, aug)
+            warped = _warp(image, matrix, aug)
+            return (warped,) if mask is None else (warped, warp_mask(mask, matrix, size, aug))
+
+        pair = tf.cond(resample, geometric,
+                       lambda: tf.cond(do_flip, lambda: tuple(mirror(x) for x in pair), lambda: pair))
     elif aug.hflip_prob > 0:
-        image = tf.cond(do_flip, lambda: mirror(image), lambda: image)
+        pair = tf.cond(do_flip, lambda: tuple(mirror(x) for x in pair), lambda: pair)
+    image = pair[0]
 
     # Each flag is None when its op is configured off (no graph at all), else a boolean tensor.
     flags = (
@@ -257,4 +307,4 @@ def augment_image(image, aug_cfg: AugmentConfig, seed):
     if active:
         any_active = tf.reduce_any(tf.stack(active))
         image = tf.cond(any_active, lambda: _photometric(image, draws, seeds, flags, aug), lambda: image)
-    return image
+    return image if mask is None else (image, pair[1])

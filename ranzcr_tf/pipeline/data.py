@@ -183,6 +183,9 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
                         image_dtype=None, augment: bool = True, deterministic: bool = False) -> tf.data.Dataset:
     """Endless, shuffled, augmented ``(images, targets)`` batches from every fold except ``fold``.
 
+    With ``train.recipe: aux_seg`` the targets are a dict: ``target`` (B, 11), ``mask`` (B, S/4, S/4, 4)
+    uint8 line masks that follow the augmented image (``masks.line_masks``) and ``has_mask`` (B,) float32.
+
     images: ``(B, S, S, model.input_channels)`` of ``image_dtype`` (default ``image_dtype_for`` the
     current Keras backend and accelerator); targets: ``(B, 11)`` float32. ``B`` is the global batch,
     or its per-replica share under ``input_context`` (``distribute_datasets_from_function``), which
@@ -231,13 +234,26 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
     ds = tf.data.Dataset.zip((ds, element_seeds))
     aug_cfg = cfg.augment
 
+    with_masks = cfg.train.recipe == "aux_seg"
+    if with_masks:
+        from ranzcr_tf.pipeline import masks
+
+        mask_settings = masks.MaskSettings.from_config(cfg.train)
+        masks.mask_size(size)  # a clear error now rather than inside the map
+
     def prepare(serialized, element_seed):
-        parsed = records.parse_example(serialized)
+        parsed = records.parse_example(serialized, with_annotations=with_masks)
         image = decode_for_model(parsed[records.IMAGE], size, channels=1)
+        if not with_masks:
+            if augment:
+                image = augment_image(image, aug_cfg, element_seed)
+            return _to_model_dtype(expand_channels(image, channels), dtype), parsed[records.TARGET]
+        mask, has_mask = masks.line_masks(parsed, size, mask_settings)
         if augment:
-            image = augment_image(image, aug_cfg, element_seed)
-        image = _to_model_dtype(expand_channels(image, channels), dtype)
-        return image, parsed[records.TARGET]
+            image, mask = augment_image(image, aug_cfg, element_seed, mask=mask)
+        # uint8 masks: a quarter of float32's host-to-device traffic; the loss casts them.
+        targets = {"target": parsed[records.TARGET], "mask": tf.cast(mask, tf.uint8), "has_mask": has_mask}
+        return _to_model_dtype(expand_channels(image, channels), dtype), targets
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)

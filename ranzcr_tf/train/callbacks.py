@@ -49,6 +49,13 @@ class RunFlags:
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
+
+def inference_model_of(model: keras.Model) -> keras.Model:
+    """What validation predicts with and ``best.keras`` holds: the training model's ``inference_model`` when it
+    has one (``train.recipe: aux_seg`` trains a decoder that is not served), else the model itself."""
+    return getattr(model, "inference_model", None) or model
+
+
 class NaNGuard(keras.callbacks.Callback):
     """Stops training at the first non-finite loss and records what to try (read by the trainer)."""
 
@@ -141,11 +148,12 @@ class Validation(keras.callbacks.Callback):
             logs["val_auc"] = math.nan
             return
         if self._predictor_of is not self.model:
-            self._predictor = serve_predict.build_predictor(self.model, from_logits=self.from_logits,
-                                                            placement=self.placement)
+            self._predictor = serve_predict.build_predictor(inference_model_of(self.model),
+                                                            from_logits=self.from_logits, placement=self.placement)
             self._predictor_of = self.model
-        probs = serve_predict.predict_eval(self.model, self.eval_data, from_logits=self.from_logits,
-                                           placement=self.placement, predictor=self._predictor)
+        probs = serve_predict.predict_eval(inference_model_of(self.model), self.eval_data,
+                                           from_logits=self.from_logits, placement=self.placement,
+                                           predictor=self._predictor)
         self.probabilities = probs  # this epoch's validation predictions, in eval_data.ids order
         mean_auc, per_class = competition_metric(self.targets, probs)
         logs["val_auc"] = float(mean_auc)
@@ -213,7 +221,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         current = (logs or {}).get(self.monitor)
         if current is None or not math.isfinite(current) or current <= self.best:
             return
-        _atomic_save_model(self.model, self.path)
+        _atomic_save_model(inference_model_of(self.model), self.path)
         try:
             io_utils.atomic_write_json(self.info_path, {"epoch": int(epoch), self.monitor: float(current)})
         except OSError as exc:

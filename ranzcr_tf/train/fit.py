@@ -24,7 +24,7 @@ from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.prep import records
 from ranzcr_tf.train import callbacks as cbs
-from ranzcr_tf.train import identity
+from ranzcr_tf.train import identity, recipes
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 from ranzcr_tf.serve import predict as serve_predict
 from ranzcr_tf.serve.modelio import load_model_file
@@ -124,7 +124,8 @@ def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, p
         optimizer = build_optimizer(cfg.train, learning_rate)
         model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
                       jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
-    prepare_model(model, placement, (image_size, image_size, cfg.model.input_channels), num_classes=len(LABELS))
+    prepare_model(model, placement, (image_size, image_size, cfg.model.input_channels), num_classes=len(LABELS),
+                  targets=recipes.symbolic_targets(cfg, image_size))
     return optimizer
 
 
@@ -220,10 +221,9 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
 
 
 def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placement, verbose) -> dict:
-    from ranzcr_tf.pipeline import data
-    from ranzcr_tf.model import losses
     from ranzcr_tf.model import build as models
     from ranzcr_tf.model import precision
+    from ranzcr_tf.pipeline import data
 
     paths = {name: io_utils.join(run_dir, name) for name in runs.FOLD_FILES}
     image_size, size_note = resolve_image_size(cfg, manifest)
@@ -256,9 +256,8 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
     eval_data = make_eval_data(cfg, tfrecords_dir, fold, placement, image_size=image_size)
     positives, num_train = data.training_positive_counts(tfrecords_dir, fold)
     from_logits = cfg.model.output == "logits"
-    with placement.scope():
-        model = models.build_model(cfg.model, image_size)
-        loss = losses.build_loss(cfg.loss, positives, num_train, from_logits=from_logits)
+    with placement.scope():  # train.recipe: plain (the classifier) or aux_seg (+ a line-mask decoder)
+        model, loss = recipes.build_training_model(cfg, image_size, positives, num_train, from_logits=from_logits)
     schedule = build_learning_rate(cfg.train, steps_per_epoch, peak_lr)
 
     flags = cbs.RunFlags()

@@ -274,10 +274,12 @@ def set_batchnorm_synchronized(model, synchronized: bool) -> int:
 
 
 def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: str = "float32",
-                  num_classes: int = 11) -> None:
+                  num_classes: int = 11, targets=None) -> None:
     """Make a compiled ``model`` train correctly under ``placement``'s TensorFlow strategy (no-op otherwise).
 
-    ``input_shape`` is one image's shape ``(H, W, C)``. Call it after every ``compile``. It
+    ``input_shape`` is one image's shape ``(H, W, C)``. ``targets``: the symbolic target structure of a
+    batch (``keras.KerasTensor``s) when it is not ``(1, num_classes)`` float32 (``train.recipes``). Call it
+    after every ``compile``. It
 
     - synchronises BatchNorm across replicas where ``wants_synchronized_batchnorm`` says so;
     - builds the model, loss, metrics and optimizer from symbolic shapes. Under a strategy, Keras 3.15's
@@ -300,8 +302,9 @@ def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: 
     import keras
 
     set_batchnorm_synchronized(model, wants_synchronized_batchnorm(placement))
-    symbolic = (keras.KerasTensor((1, *tuple(input_shape)), dtype=input_dtype),
-                keras.KerasTensor((1, num_classes), dtype="float32"))
+    if targets is None:
+        targets = keras.KerasTensor((1, num_classes), dtype="float32")
+    symbolic = (keras.KerasTensor((1, *tuple(input_shape)), dtype=input_dtype), targets)
     compat.build_from_symbolic_batch(model, strategy, symbolic)
     if placement.kind == "multiworker":
         compat.wrap_train_step(model, _with_vector_logs)
