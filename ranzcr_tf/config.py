@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -46,7 +46,7 @@ class PreprocessConfig:
     reduced_decode: bool = True  # JPEG DCT-domain downscale (M/8) to the smallest size with short side >= target
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PreprocessConfig":
+    def from_dict(cls, values: dict) -> PreprocessConfig:
         """Validated settings from a dict that may hold other keys too (a manifest's or a run's ``preprocess``)."""
         known = {f.name for f in fields(cls)}
         settings = cls(**{key: value for key, value in values.items() if key in known})
@@ -146,7 +146,7 @@ class ModelConfig:
     """Backbone, head and numerics."""
 
     backbone: str = "efficientnet_b0"
-    weights: Optional[str] = None  # None | "imagenet" (offline, from the Keras cache) | path to a weights file
+    weights: str | None = None  # None | "imagenet" (offline, from the Keras cache) | path to a weights file
     input_channels: int = 1  # 1: grayscale in, expanded to 3 inside the model when the backbone needs it
     # avg | gem | max | avgmax (average and max concatenated). Max keeps a feature that lights up a few
     # positions of a large map (a thin line) at full strength; averaging dilutes it by the map's area.
@@ -266,7 +266,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for f in fields(self):
             getattr(self, f.name).validate()
         return self

@@ -28,8 +28,8 @@ differs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import keras
 
@@ -55,12 +55,12 @@ class BackboneSpec:
 
     name: str
     default_size: int
-    build: Callable[[tuple, Optional[str]], keras.Model]
-    channels: Optional[int]
-    application: Optional[str] = None
+    build: Callable[[tuple, str | None], keras.Model]
+    channels: int | None
+    application: str | None = None
     # Encoder stages at strides 4, 8 and 16 for a decoder (``train.recipe: aux_seg``): each the name prefix
     # of a stage's layers; the stage's output is its last layer (``stage_outputs``). None: not supported.
-    feature_stages: Optional[tuple[str, ...]] = None
+    feature_stages: tuple[str, ...] | None = None
 
 
 def keras_cache_dir() -> str:
@@ -78,7 +78,7 @@ class _OfflineFileUtils:
         self._original = original
         self._backbone = backbone
         self._weights = weights
-        self.resolved: Optional[str] = None
+        self.resolved: str | None = None
 
     def __getattr__(self, name):  # exists(), etc. keep their real behaviour
         return getattr(self._original, name)
@@ -101,7 +101,7 @@ class _OfflineFileUtils:
 
 
 def _application(name: str, constructor_name: str, module_name: str, **extra):
-    def build(input_shape: tuple, weights: Optional[str]) -> keras.Model:
+    def build(input_shape: tuple, weights: str | None) -> keras.Model:
         constructor = getattr(keras.applications, constructor_name)
         if weights is None:
             return constructor(include_top=False, weights=None, input_shape=input_shape, **extra)
@@ -111,7 +111,7 @@ def _application(name: str, constructor_name: str, module_name: str, **extra):
     return build
 
 
-def _compact_cnn(input_shape: tuple, weights: Optional[str]) -> keras.Model:
+def _compact_cnn(input_shape: tuple, weights: str | None) -> keras.Model:
     """A small CNN for CPUs: five stride-2 stages of conv-BN-swish (+ one depthwise-separable conv).
 
     About 0.15 M parameters and 0.02 G multiply-adds at 128 px: trains from scratch on two CPU cores in
@@ -141,7 +141,7 @@ def _compact_cnn(input_shape: tuple, weights: Optional[str]) -> keras.Model:
     return model
 
 
-def _compact_cnn_wide(input_shape: tuple, weights: Optional[str]) -> keras.Model:
+def _compact_cnn_wide(input_shape: tuple, weights: str | None) -> keras.Model:
     """compact_cnn for thin, faint lines: a full-resolution stem and about twice the filters per stage.
 
     A stride-1 3x3 stem (16 filters) looks at every pixel before anything is subsampled, so a line
@@ -186,16 +186,17 @@ _EFFICIENTNETV2 = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384}
 BACKBONES: dict[str, BackboneSpec] = {}
 for _i, _size in enumerate(_EFFICIENTNET_SIZES):
     BACKBONES[f"efficientnet_b{_i}"] = BackboneSpec(
-        f"efficientnet_b{_i}", _size, _application(f"efficientnet_b{_i}", f"EfficientNetB{_i}", "efficientnet"), 3, f"EfficientNetB{_i}",
-        _EFFICIENTNET_STAGES)
+        f"efficientnet_b{_i}", _size, _application(f"efficientnet_b{_i}", f"EfficientNetB{_i}", "efficientnet"), 3,
+        f"EfficientNetB{_i}", _EFFICIENTNET_STAGES)
 for _variant, _size in _EFFICIENTNETV2.items():
     _ctor = f"EfficientNetV2{_variant.upper()}"
     BACKBONES[f"efficientnetv2_{_variant}"] = BackboneSpec(
-        f"efficientnetv2_{_variant}", _size, _application(f"efficientnetv2_{_variant}", _ctor, "efficientnet_v2", include_preprocessing=True), 3, _ctor,
+        f"efficientnetv2_{_variant}", _size,
+        _application(f"efficientnetv2_{_variant}", _ctor, "efficientnet_v2", include_preprocessing=True), 3, _ctor,
         _EFFICIENTNET_STAGES)
 BACKBONES["mobilenetv3_small"] = BackboneSpec(
-    "mobilenetv3_small", 224, _application("mobilenetv3_small", "MobileNetV3Small", "mobilenet_v3", include_preprocessing=True), 3,
-    "MobileNetV3Small")
+    "mobilenetv3_small", 224,
+    _application("mobilenetv3_small", "MobileNetV3Small", "mobilenet_v3", include_preprocessing=True), 3, "MobileNetV3Small")
 # Both compact CNNs reach stride 2**k at stage k: stages 2-4 are strides 4, 8 and 16.
 BACKBONES["compact_cnn"] = BackboneSpec("compact_cnn", 128, _compact_cnn, None,
                                         feature_stages=("stage2_add", "stage3_add", "stage4_add"))
@@ -215,7 +216,7 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def check_weights(weights: Optional[str]) -> Optional[str]:
+def check_weights(weights: str | None) -> str | None:
     """Normalise ``model.weights``: None/"none" -> None, "imagenet", or an existing local file."""
     if weights is None or str(weights).lower() in ("none", "null", ""):
         return None
@@ -228,7 +229,7 @@ def check_weights(weights: Optional[str]) -> Optional[str]:
     return path
 
 
-def build_backbone(name: str, image_size: int, channels: int = 3, weights: Optional[str] = None) -> keras.Model:
+def build_backbone(name: str, image_size: int, channels: int = 3, weights: str | None = None) -> keras.Model:
     """Build backbone ``name`` for square ``image_size`` inputs, as a ``keras.Model`` named ``"backbone"``.
 
     ``channels`` is used only by backbones that take any channel count (``spec.channels is None``);

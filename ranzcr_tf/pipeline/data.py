@@ -23,10 +23,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from ranzcr_tf.prep import records
-from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.config import TTA_VIEWS, Config
 from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
+from ranzcr_tf.pipeline.augment import augment_image, mirror
+from ranzcr_tf.prep import records
 
 AUTOTUNE = tf.data.AUTOTUNE
 log = logging.getLogger(__name__)

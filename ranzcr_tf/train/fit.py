@@ -23,11 +23,11 @@ from ranzcr_tf import compat, io_utils, runs
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.prep import records
+from ranzcr_tf.serve import predict as serve_predict
+from ranzcr_tf.serve.modelio import load_model_file
 from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train import identity, recipes
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
-from ranzcr_tf.serve import predict as serve_predict
-from ranzcr_tf.serve.modelio import load_model_file
 
 
 class TrainingDiverged(RuntimeError):

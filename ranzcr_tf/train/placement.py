@@ -185,7 +185,8 @@ def worker_info(tf_config: str | None = None) -> tuple[int, int, bool]:
         task_type, task_index = task["type"], int(task["index"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"TF_CONFIG is not valid ({exc}): it must be JSON like "
-                         '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}') from None
+                         '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                         '"task": {"type": "worker", "index": 0}}') from None
     num_workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
     is_chief = task_type == "chief" or (task_type == "worker" and task_index == 0 and "chief" not in cluster)
     index = task_index + (1 if "chief" in cluster and task_type == "worker" else 0)
