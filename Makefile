@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= tf-cpu,cv
 DEMO := demo
 
-.PHONY: demo test install install-dev bench clean-demo
+.PHONY: demo test lint install install-dev bench clean-demo
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q tests
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
 
 bench: install-dev
 	$(PY) benchmarks/bench_convert.py
