@@ -111,34 +111,50 @@ def _application(name: str, constructor_name: str, module_name: str, **extra):
     return build
 
 
+def _conv_bn(x, filters: int, kernel: int, strides: int, name: str):
+    x = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.Activation("swish", name=f"{name}_act")(x)
+
+
+def _separable_residual(x, filters: int, name: str):
+    y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"{name}_dwconv")(x)
+    y = keras.layers.BatchNormalization(name=f"{name}_dwbn")(y)
+    y = keras.layers.Activation("swish", name=f"{name}_dwact")(y)
+    y = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_pwconv")(y)
+    y = keras.layers.BatchNormalization(name=f"{name}_pwbn")(y)
+    return keras.layers.Add(name=f"{name}_add")([x, y])
+
+
+def _compact_net(input_shape: tuple, weights: str | None, *, name: str, stem_filters: int,
+                 stage_filters: tuple, first_residual_stage: int, top_filters: int) -> keras.Model:
+    """Five stride-2 conv-BN-swish stages (``stage{k}``: stride 2**k, with a residual depthwise-separable
+    block from ``first_residual_stage`` on), an optional stride-1 stem before them, a 1x1 ``top``."""
+    if weights == "imagenet":
+        raise ValueError(f"backbone {name} has no ImageNet weights: set model.weights=none (or a local file)")
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    if stem_filters:
+        x = _conv_bn(x, stem_filters, 3, 1, "stem")
+    for stage, filters in enumerate(stage_filters, start=1):
+        x = _conv_bn(x, filters, 3, 2, f"stage{stage}")
+        if stage >= first_residual_stage:
+            x = _separable_residual(x, filters, f"stage{stage}")
+    x = _conv_bn(x, top_filters, 1, 1, "top")
+    model = keras.Model(inputs, x, name=name)
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
 def _compact_cnn(input_shape: tuple, weights: str | None) -> keras.Model:
     """A small CNN for CPUs: five stride-2 stages of conv-BN-swish (+ one depthwise-separable conv).
 
     About 0.15 M parameters and 0.02 G multiply-adds at 128 px: trains from scratch on two CPU cores in
     minutes. Its BatchNorm layers make freezing behaviour testable like the big backbones'.
     """
-    if weights == "imagenet":
-        raise ValueError("backbone compact_cnn has no ImageNet weights: set model.weights=none (or a local file)")
-    inputs = keras.Input(shape=input_shape)
-    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    for stage, filters in enumerate((24, 32, 48, 64, 96), start=1):
-        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"stage{stage}_conv")(x)
-        x = keras.layers.BatchNormalization(name=f"stage{stage}_bn")(x)
-        x = keras.layers.Activation("swish", name=f"stage{stage}_act")(x)
-        if stage >= 2:
-            y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"stage{stage}_dwconv")(x)
-            y = keras.layers.BatchNormalization(name=f"stage{stage}_dwbn")(y)
-            y = keras.layers.Activation("swish", name=f"stage{stage}_dwact")(y)
-            y = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"stage{stage}_pwconv")(y)
-            y = keras.layers.BatchNormalization(name=f"stage{stage}_pwbn")(y)
-            x = keras.layers.Add(name=f"stage{stage}_add")([x, y])
-    x = keras.layers.Conv2D(192, 1, use_bias=False, name="top_conv")(x)
-    x = keras.layers.BatchNormalization(name="top_bn")(x)
-    x = keras.layers.Activation("swish", name="top_act")(x)
-    model = keras.Model(inputs, x, name="compact_cnn")
-    if weights is not None:
-        model.load_weights(weights)
-    return model
+    return _compact_net(input_shape, weights, name="compact_cnn", stem_filters=0,
+                        stage_filters=(24, 32, 48, 64, 96), first_residual_stage=2, top_filters=192)
 
 
 def _compact_cnn_wide(input_shape: tuple, weights: str | None) -> keras.Model:
@@ -151,30 +167,8 @@ def _compact_cnn_wide(input_shape: tuple, weights: str | None) -> keras.Model:
     parameters and 0.32 G multiply-adds at its default 256 px (compact_cnn: 0.15 M, 0.07 G at 256 px);
     0.08 G at 128 px, 0.72 G at 384 px (``python -m ranzcr_tf.model.build --summary``).
     """
-    if weights == "imagenet":
-        raise ValueError("backbone compact_cnn_wide has no ImageNet weights: set model.weights=none (or a local file)")
-
-    def conv_bn(x, filters, kernel, strides, name):
-        x = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
-        x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
-        return keras.layers.Activation("swish", name=f"{name}_act")(x)
-
-    inputs = keras.Input(shape=input_shape)
-    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = conv_bn(x, 16, 3, 1, "stem")
-    for stage, filters in enumerate((32, 64, 96, 128, 192), start=1):
-        x = conv_bn(x, filters, 3, 2, f"stage{stage}")
-        y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"stage{stage}_dwconv")(x)
-        y = keras.layers.BatchNormalization(name=f"stage{stage}_dwbn")(y)
-        y = keras.layers.Activation("swish", name=f"stage{stage}_dwact")(y)
-        y = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"stage{stage}_pwconv")(y)
-        y = keras.layers.BatchNormalization(name=f"stage{stage}_pwbn")(y)
-        x = keras.layers.Add(name=f"stage{stage}_add")([x, y])
-    x = conv_bn(x, 256, 1, 1, "top")
-    model = keras.Model(inputs, x, name="compact_cnn_wide")
-    if weights is not None:
-        model.load_weights(weights)
-    return model
+    return _compact_net(input_shape, weights, name="compact_cnn_wide", stem_filters=16,
+                        stage_filters=(32, 64, 96, 128, 192), first_residual_stage=1, top_filters=256)
 
 
 # Keras' EfficientNet (V1 and V2) names its blocks blockNx_*: block2 ends at stride 4, block3 at 8, block5 at 16.
