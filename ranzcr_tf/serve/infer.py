@@ -251,101 +251,161 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
     ``batch_size`` None uses each fold's own ``infer.batch_size`` from its saved config.
     If no pass finishes in time, the rows the unfinished pass did predict are used and the rest filled.
     """
-    infer_cfg.validate()
-    if not models:
-        raise ValueError("no models to predict with")
-    views = list(infer_cfg.tta)
-    if infer_cfg.ensemble == "weighted":
-        weights = ensemble.check_weights(infer_cfg.weights, len(models))
-        priority = sorted(range(len(models)), key=lambda m: -weights[m])
-    else:
-        priority = list(range(len(models)))
-    fold_counts = [len(m.folds) for m in models]
-    levels = degrade_levels(fold_counts, len(views), priority)
-    costs = CostModel(num_images=len(source.ids),
-                      image_sizes={(m, f): fold.image_size for m, spec in enumerate(models)
-                                   for f, fold in enumerate(spec.folds)},
-                      groups={(m, f): fold.preprocess_key() for m, spec in enumerate(models)
-                              for f, fold in enumerate(spec.folds)})
-    report = InferReport(full_plan=describe_plan(levels[0], fold_counts, len(views)))
-    row_of = {sid: row for row, sid in enumerate(source.ids)}
-    results: dict = {}
-    partial = None
-    announced: set = set()
+    run = _EnsembleRun.plan(models, source, infer_cfg, budget, batch_size=batch_size, progress=progress,
+                            checkpoint=checkpoint)
+    try:
+        # Model by model, fold by fold, so each model file is loaded once (module docstring).
+        for model_index, spec in enumerate(models):
+            for fold_index, fold in enumerate(spec.folds):
+                run.predict_fold(model_index, fold_index, fold)
+    except DeadlineReached as exc:
+        # Stop predicting but still return a complete array: the caller must have time to write it.
+        _log(f"budget: {exc}; writing the ensemble of the {len(run.results)} finished pass(es)")
+    return run.final_probs()
 
-    def replan() -> frozenset:
-        index, plan = choose_plan(levels, costs, budget.remaining(), start=report.level)
-        if index != report.level:
-            _log(f"budget: the estimate exceeds the time left -> plan {describe_plan(plan, fold_counts, len(views))} "
+
+@dataclass
+class _EnsembleRun:
+    """The state one ``predict_ensemble`` call carries from pass to pass: the plan, the costs, the results.
+
+    Keys are ``(model index, fold index, view index)`` throughout, as in ``budget.py``.
+    """
+
+    models: list[ModelSpec]
+    source: TestSource
+    infer_cfg: InferConfig
+    budget: Budget
+    views: list[str]
+    fold_counts: list[int]
+    levels: list  # degrade levels, largest plan first (budget.degrade_levels)
+    costs: CostModel
+    report: InferReport
+    row_of: dict  # test ID -> template row
+    batch_size: int | None
+    progress: bool
+    checkpoint: Callable[[np.ndarray], None] | None
+    results: dict = field(default_factory=dict)  # key -> probs of a finished pass
+    partial: np.ndarray | None = None  # rows of the pass abandoned at the deadline
+    announced: set = field(default_factory=set)  # models whose time estimate was already logged
+
+    # ------------------------------------------------------------------------------------------- planning
+    @classmethod
+    def plan(cls, models: list[ModelSpec], source: TestSource, infer_cfg: InferConfig, budget: Budget, *,
+             batch_size: int | None, progress: bool,
+             checkpoint: Callable[[np.ndarray], None] | None) -> _EnsembleRun:
+        """Check the inputs and lay out the degrade levels and cost model before any pass runs."""
+        infer_cfg.validate()
+        if not models:
+            raise ValueError("no models to predict with")
+        views = list(infer_cfg.tta)
+        # When models must be dropped, the lowest-weighted go first (weighted ensembles), else the last listed.
+        if infer_cfg.ensemble == "weighted":
+            weights = ensemble.check_weights(infer_cfg.weights, len(models))
+            priority = sorted(range(len(models)), key=lambda m: -weights[m])
+        else:
+            priority = list(range(len(models)))
+        fold_counts = [len(m.folds) for m in models]
+        levels = degrade_levels(fold_counts, len(views), priority)
+        costs = CostModel(num_images=len(source.ids),
+                          image_sizes={(m, f): fold.image_size for m, spec in enumerate(models)
+                                       for f, fold in enumerate(spec.folds)},
+                          groups={(m, f): fold.preprocess_key() for m, spec in enumerate(models)
+                                  for f, fold in enumerate(spec.folds)})
+        return cls(models=models, source=source, infer_cfg=infer_cfg, budget=budget, views=views,
+                   fold_counts=fold_counts, levels=levels, costs=costs,
+                   report=InferReport(full_plan=describe_plan(levels[0], fold_counts, len(views))),
+                   row_of={sid: row for row, sid in enumerate(source.ids)}, batch_size=batch_size,
+                   progress=progress, checkpoint=checkpoint)
+
+    def replan(self) -> frozenset:
+        """The largest plan that still fits the time left, never larger than the one already chosen."""
+        index, plan = choose_plan(self.levels, self.costs, self.budget.remaining(), start=self.report.level)
+        if index != self.report.level:
+            _log(f"budget: the estimate exceeds the time left -> plan "
+                 f"{describe_plan(plan, self.fold_counts, len(self.views))} "
                  f"(degrade order: {'; then '.join(DEGRADE_ORDER)})")
-            report.level = index
+            self.report.level = index
         return plan
 
-    def calibrated(key, seconds_per_image: float) -> None:
-        costs.predict_seconds_per_image[key] = seconds_per_image
-        if key[0] in announced:
+    def calibrated(self, key: tuple, seconds_per_image: float) -> None:
+        """Record a measured prediction speed; log the total estimate once per model (its first speed)."""
+        self.costs.predict_seconds_per_image[key] = seconds_per_image
+        if key[0] in self.announced:
             return
-        announced.add(key[0])
-        plan = levels[report.level]
-        total = budget.elapsed() + costs.estimate(plan) / costs.safety
-        report.estimated_total_seconds = total
-        limit = "no limit" if budget.max_seconds is None else f"budget {budget.max_seconds / 60:.1f} min"
-        _log(f"estimated total time: {total / 60:.1f} min for {describe_plan(plan, fold_counts, len(views))} "
-             f"({seconds_per_image * 1000:.1f} ms/image for {models[key[0]].name}; {limit})")
+        self.announced.add(key[0])
+        plan = self.levels[self.report.level]
+        total = self.budget.elapsed() + self.costs.estimate(plan) / self.costs.safety
+        self.report.estimated_total_seconds = total
+        limit = "no limit" if self.budget.max_seconds is None else f"budget {self.budget.max_seconds / 60:.1f} min"
+        _log(f"estimated total time: {total / 60:.1f} min for {describe_plan(plan, self.fold_counts, len(self.views))} "
+             f"({seconds_per_image * 1000:.1f} ms/image for {self.models[key[0]].name}; {limit})")
 
-    try:
-        for m, spec in enumerate(models):
-            for f, fold in enumerate(spec.folds):
-                plan = replan()
-                wanted = [v for v in range(len(views)) if (m, f, v) in plan]
-                if not wanted:
-                    costs.passed.update((m, f, v) for v in range(len(views)))
-                    continue
-                if budget.expired():
-                    raise DeadlineReached("time budget spent")
-                group = fold.preprocess_key()
-                records_dir = source.records_for(
-                    fold, budget, on_measured=lambda s, group=group: costs.preprocess_seconds_per_image.__setitem__(group, s))
-                costs.prepared.add(fold.preprocess_key())
-                if records_dir is None:
-                    _log(f"warning: no readable test image for {fold.name}'s preprocessing; skipping it")
-                    costs.passed.update((m, f, v) for v in range(len(views)))
-                    continue
-                load_start = budget.clock()
-                model = load_fold_model(fold)
-                predictor = serve_predict.build_predictor(model, from_logits=fold.output == "logits")
-                costs.load_seconds.append(budget.clock() - load_start)
-                costs.loaded.add((m, f))
-                for v in range(len(views)):
-                    key = (m, f, v)
-                    if key not in replan():
-                        costs.passed.add(key)
-                        continue
-                    probs, complete, seconds_per_image = _run_pass(
-                        predictor, fold, records_dir, views[v], batch_size or int(fold.cfg.infer.batch_size), row_of,
-                        budget, lambda s, key=key: calibrated(key, s), progress)
-                    if not complete:
-                        report.aborted.append(key)
-                        partial = probs
-                        raise DeadlineReached(f"time budget spent during {fold.name} {views[v]}")
-                    costs.predict_seconds_per_image[key] = seconds_per_image
-                    results[key] = probs
-                    costs.done.add(key)
-                    report.done.append(key)
-                    if checkpoint is not None:
-                        checkpoint(_finish(results, models, infer_cfg, report, source, quiet=True))
-                del model, predictor
-                _release_memory()
-    except DeadlineReached as exc:
-        _log(f"budget: {exc}; writing the ensemble of the {len(results)} finished pass(es)")
-    if not results:
+    # ------------------------------------------------------------------------------------------- passes
+    def predict_fold(self, model_index: int, fold_index: int, fold: FoldSpec) -> None:
+        """Every planned view of one fold: prepare its test records, load it once, run the views.
+
+        Raises ``DeadlineReached`` when the budget runs out before or during a pass.
+        """
+        all_views = [(model_index, fold_index, v) for v in range(len(self.views))]
+        plan = self.replan()
+        if not any(key in plan for key in all_views):
+            # Marked as passed so the cost model stops counting them as work still to do.
+            self.costs.passed.update(all_views)
+            return
+        if self.budget.expired():
+            raise DeadlineReached("time budget spent")
+        group = fold.preprocess_key()
+        records_dir = self.source.records_for(
+            fold, self.budget,
+            on_measured=lambda s, group=group: self.costs.preprocess_seconds_per_image.__setitem__(group, s))
+        self.costs.prepared.add(fold.preprocess_key())
+        if records_dir is None:
+            _log(f"warning: no readable test image for {fold.name}'s preprocessing; skipping it")
+            self.costs.passed.update(all_views)
+            return
+        load_start = self.budget.clock()
+        model = load_fold_model(fold)
+        predictor = serve_predict.build_predictor(model, from_logits=fold.output == "logits")
+        self.costs.load_seconds.append(self.budget.clock() - load_start)
+        self.costs.loaded.add((model_index, fold_index))
+        for key in all_views:
+            # Re-planned before every view: a slow earlier view may have pushed this one out of the budget.
+            if key not in self.replan():
+                self.costs.passed.add(key)
+                continue
+            self.predict_view(predictor, fold, records_dir, key)
+        del model, predictor
+        _release_memory()
+
+    def predict_view(self, predictor, fold: FoldSpec, records_dir: str, key: tuple) -> None:
+        """One fold x one view; a finished pass is stored and checkpointed, an abandoned one kept as partial."""
+        view = self.views[key[2]]
+        probs, complete, seconds_per_image = _run_pass(
+            predictor, fold, records_dir, view, self.batch_size or int(fold.cfg.infer.batch_size), self.row_of,
+            self.budget, lambda s, key=key: self.calibrated(key, s), self.progress)
+        if not complete:
+            self.report.aborted.append(key)
+            self.partial = probs  # the fallback if no pass at all finishes (final_probs)
+            raise DeadlineReached(f"time budget spent during {fold.name} {view}")
+        self.costs.predict_seconds_per_image[key] = seconds_per_image
+        self.results[key] = probs
+        self.costs.done.add(key)
+        self.report.done.append(key)
+        if self.checkpoint is not None:
+            self.checkpoint(_finish(self.results, self.models, self.infer_cfg, self.report, self.source, quiet=True))
+
+    # ------------------------------------------------------------------------------------------- result
+    def final_probs(self) -> tuple[np.ndarray, InferReport]:
+        """The ensemble of the finished passes, else the abandoned pass's rows, else 0.5 everywhere."""
+        if self.results:
+            return _finish(self.results, self.models, self.infer_cfg, self.report, self.source), self.report
+        partial = self.partial
         if partial is None:
             _log("warning: no prediction finished within the budget: every row gets 0.5")
-            partial = np.full((len(source.ids), NUM_CLASSES), np.nan)
-        report.partial_fallback = True
-        filled, report.filled_rows = ensemble.fill_missing_rows(partial)
-        return np.clip(filled, 0.0, 1.0), report
-    return _finish(results, models, infer_cfg, report, source), report
+            partial = np.full((len(self.source.ids), NUM_CLASSES), np.nan)
+        self.report.partial_fallback = True
+        filled, self.report.filled_rows = ensemble.fill_missing_rows(partial)
+        return np.clip(filled, 0.0, 1.0), self.report
 
 
 def _finish(results: dict, models: list[ModelSpec], infer_cfg: InferConfig, report: InferReport,
