@@ -95,6 +95,7 @@ class _Canvas:
         x0, y0, fw, fh = body_frame(width, height)
         kx, ky = size[0] / width, size[1] / height
         self.x0, self.fw, self.y0, self.fh, self.kx, self.ky = x0 * kx, fw * kx, y0 * ky, fh * ky, kx, ky
+        self.size = size
 
     def px(self, st) -> np.ndarray:
         st = np.asarray(st, dtype=np.float64)
@@ -105,6 +106,11 @@ class _Canvas:
         if smooth:
             pts = chaikin(np.vstack([pts, pts[:1]]), smooth)
         return np.round(self.px(pts)).astype(np.int32).reshape(-1, 1, 2)
+
+    def length(self, frame_length: float) -> int:
+        """A length in frame units (of the frame height) as whole pixels, at least 1 so that a
+        line or circle drawn with it never disappears on a small canvas."""
+        return max(1, int(round(frame_length * self.fh)))
 
 
 def _lung(a: Anatomy, side: int) -> list[tuple[float, float]]:
@@ -133,6 +139,169 @@ def _arc(center_s, center_t, ax_s, ax_t, deg0, deg1, n=28):
     return np.stack([center_s + ax_s * np.cos(th), center_t - ax_t * np.sin(th)], 1)
 
 
+def _abdomen_outline(a: Anatomy) -> np.ndarray:
+    """Diaphragm domes and everything below them: the lower of two curves, right dome higher."""
+    s = np.linspace(-0.3, 1.3, 90)
+    dome = np.minimum(a.t_d - 0.05 + 1.2 * np.abs(s - 0.30) ** 1.7, a.t_d - 0.02 + 1.2 * np.abs(s - 0.70) ** 1.7)
+    return np.vstack([np.stack([s, dome], 1), [(1.3, 1.1), (-0.3, 1.1)]])
+
+
+def _upper_mediastinum(a: Anatomy) -> list[tuple[float, float]]:
+    """The midline column from the top edge down to the carina (trachea and great vessels)."""
+    st, tc = a.s_tr, a.t_c
+    return [(st - 0.05, 0.0), (st + 0.05, 0.0), (st + 0.05, tc), (st - 0.055, tc)]
+
+
+def _draw_body(density: np.ndarray, c: _Canvas, a: Anatomy) -> None:
+    """Soft tissue of neck and trunk, plus the humeral heads (fully visible on landscape films)."""
+    st = a.s_tr
+    body = [(st - 0.10, -0.05), (st + 0.10, -0.05), (st + 0.12, 0.08), (1.02, 0.13), (1.25, 0.25), (1.25, 1.05),
+            (-0.25, 1.05), (-0.25, 0.25), (-0.02, 0.13), (st - 0.12, 0.08)]
+    cv2.fillPoly(density, [c.poly(body, 3)], 0.46)
+    for s_head in (-0.05, 1.05):
+        h = c.px([(s_head, 0.2)])[0]
+        cv2.circle(density, (int(h[0]), int(h[1])), c.length(0.075), 0.62, -1)
+
+
+def _lung_mask(c: _Canvas, a: Anatomy) -> np.ndarray:
+    """1 inside the aerated lungs, 0 elsewhere, with soft edges: both lung outlines less the
+    abdomen, the heart and the upper mediastinum, which overlap them on a frontal film."""
+    lungs = np.zeros(c.size[::-1], np.float32)
+    for side in (-1, 1):
+        cv2.fillPoly(lungs, [c.poly(_lung(a, side), 3)], 1.0)
+    cv2.fillPoly(lungs, [c.poly(_abdomen_outline(a))], 0.0)
+    cv2.fillPoly(lungs, [c.poly(_heart(a), 3)], 0.0)
+    cv2.fillPoly(lungs, [c.poly(_upper_mediastinum(a))], 0.0)
+    return cv2.GaussianBlur(lungs, (0, 0), 0.004 * c.size[1])
+
+
+def _vessel_markings(rng: np.random.Generator, c: _Canvas, a: Anatomy) -> np.ndarray:
+    """Branching vessel lines fanning out of both hila (random walks of three steps each)."""
+    vessels = np.zeros(c.size[::-1], np.float32)
+    for side in (-1, 1):
+        hilum = np.array([a.s_tr + side * 0.09, a.t_c + 0.07])
+        for _ in range(22):
+            ang = rng.uniform(-1.3, 1.3) + (0 if side > 0 else np.pi)
+            length = rng.uniform(0.08, 0.25)
+            pts = [hilum]
+            for _ in range(3):
+                ang += rng.uniform(-0.35, 0.35)
+                pts.append(pts[-1] + length / 3 * np.array([np.cos(ang), np.sin(ang) * 1.2]))
+            cv2.polylines(vessels, [c.poly(pts)], False, 0.07, c.length(0.006))
+    return vessels
+
+
+def _draw_lungs(density: np.ndarray, rng: np.random.Generator, c: _Canvas, a: Anatomy) -> None:
+    """Darken the lung fields, less toward the bases (more tissue in the way), with fine mottle,
+    and add the vessel markings only where there is lung (so they fade at its edges)."""
+    lungs = _lung_mask(c, a)
+    vessels = _vessel_markings(rng, c, a)
+    width, height = c.size
+    fine = cv2.resize(rng.standard_normal((height // 6 + 2, width // 6 + 2)).astype(np.float32), c.size,
+                      interpolation=cv2.INTER_CUBIC)
+    lung_grad = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    density += lungs * (-0.31 + 0.10 * lung_grad + 0.012 * fine) + lungs * vessels
+
+
+def _draw_abdomen_and_mediastinum(density: np.ndarray, rng: np.random.Generator, c: _Canvas, a: Anatomy) -> None:
+    """Dense abdomen under the domes with bowel gas and the gastric bubble, then the upper
+    mediastinum and the heart drawn over the lungs (they are denser than aerated lung)."""
+    cv2.fillPoly(density, [c.poly(_abdomen_outline(a))], 0.54)
+    for _ in range(int(rng.integers(2, 6))):  # bowel gas
+        g = c.px([(rng.uniform(0.2, 0.8), rng.uniform(a.t_d + 0.12, 1.0))])[0]
+        cv2.ellipse(density, (int(g[0]), int(g[1])),
+                    (c.length(rng.uniform(0.02, 0.05)), c.length(rng.uniform(0.01, 0.025))),
+                    float(rng.uniform(0, 180)), 0, 360, 0.38, -1)
+    bubble = c.px([(a.s_tr + 0.17, a.t_d + 0.06)])[0]  # gastric air under the left dome
+    cv2.ellipse(density, (int(bubble[0]), int(bubble[1])), (c.length(0.05 * c.fw / c.fh), c.length(0.028)),
+                0, 0, 360, 0.24, -1)
+    cv2.fillPoly(density, [c.poly(_upper_mediastinum(a), 2)], 0.74)
+    cv2.fillPoly(density, [c.poly(_heart(a), 3)], 0.76)
+
+
+def _draw_ribs(bones: np.ndarray, c: _Canvas, a: Anatomy) -> None:
+    """Nine rib pairs: posterior ribs as arcs dropping laterally, then fainter anterior ribs
+    sloping back down toward the midline from near each posterior rib's lateral end."""
+    st = a.s_tr
+    for i in range(9):
+        ti = a.t_apex - 0.01 + i * 0.058 * a.rib_gap
+        for side in (-1, 1):
+            lat = a.s_lat_r if side < 0 else a.s_lat_l
+            ax_s = abs(lat - st) * 1.02
+            post = _arc(st, ti + 0.15, ax_s, 0.15, 75, -22)
+            post[:, 0] = st + side * (post[:, 0] - st)  # mirror the arc onto the image-left side
+            cv2.polylines(bones, [c.poly(post)], False, 0.13, c.length(0.016))
+            end = post[-3]
+            ant = np.stack([end[0] + (st + side * 0.16 - end[0]) * np.linspace(0, 1, 16),
+                            end[1] - 0.03 + 0.11 * np.linspace(0, 1, 16) ** 1.3], 1)
+            cv2.polylines(bones, [c.poly(ant)], False, 0.045, c.length(0.012))
+
+
+def _draw_bones(density: np.ndarray, c: _Canvas, a: Anatomy) -> None:
+    """Spine (vertebral bodies with darker disc gaps), ribs, clavicles and scapular edges, drawn on
+    their own layer and added so overlapping bones sum like real attenuation."""
+    st = a.s_tr
+    bones = np.zeros_like(density)
+    spine_x, half = c.px([(st, 0)])[0][0], 0.033 * c.fw
+    for tv in np.arange(0.0, 1.05, 0.036):
+        y0, y1 = c.px([(0, tv), (0, tv + 0.029)])[:, 1]
+        cv2.rectangle(bones, (int(spine_x - half), int(y0)), (int(spine_x + half), int(y1)), 0.07, -1)
+    _draw_ribs(bones, c, a)
+    uu = np.linspace(0, 1, 24)
+    for side in (-1, 1):
+        clav = np.stack([st + side * (0.035 + 0.40 * uu), 0.19 - 0.07 * uu + 0.025 * np.sin(np.pi * uu)], 1)
+        cv2.polylines(bones, [c.poly(clav)], False, 0.16, c.length(0.018))
+        lat = a.s_lat_r if side < 0 else a.s_lat_l
+        scap = [(lat + side * 0.02, 0.16), (lat - side * 0.05, 0.28), (lat - side * 0.01, 0.42)]
+        cv2.polylines(bones, [c.poly(scap)], False, 0.05, c.length(0.01))
+    density += bones
+
+
+def _draw_airways(density: np.ndarray, c: _Canvas, a: Anatomy) -> None:
+    """Darker trachea column and main bronchi meeting at the carina (the ETT landmark)."""
+    st, tc = a.s_tr, a.t_c
+    air = np.zeros_like(density)
+    cv2.polylines(air, [c.poly([(st, 0.0), (st, tc)])], False, 1.0, c.length(0.03))
+    for seg in ([(st, tc), (st - 0.045, tc + 0.07)], [(st, tc), (st + 0.06, tc + 0.08)]):
+        cv2.polylines(air, [c.poly(seg)], False, 0.8, c.length(0.02))
+    density -= 0.2 * cv2.GaussianBlur(air, (0, 0), 0.003 * c.size[1])
+
+
+def _draw_faint_devices(density: np.ndarray, rng: np.random.Generator, c: _Canvas, lumens: list | None,
+                        ecg: bool) -> None:
+    """Things on or in the patient that are part of the background, all below tube brightness:
+    the faint tube bodies in ``lumens`` and (if ``ecg``) 0-3 ECG electrodes with their leads."""
+    for points, width_frame in lumens or []:
+        cv2.polylines(density, [c.poly(chaikin(np.asarray(points), 3))], False, 0.62, c.length(width_frame))
+    for _ in range(int(rng.integers(0, 4)) if ecg else 0):
+        e = np.array([rng.uniform(0.15, 0.85), rng.uniform(0.12, 0.55)])
+        ep = c.px([e])[0]
+        cv2.circle(density, (int(ep[0]), int(ep[1])), c.length(0.014), 0.95, c.length(0.004))
+        lead = [e, e + rng.uniform(-0.1, 0.1, 2), e + rng.uniform(-0.25, 0.25, 2) + [0, 0.1]]
+        cv2.polylines(density, [c.poly(chaikin(np.array(lead), 3))], False, 0.85, c.length(0.003))
+
+
+def _pose_density(density: np.ndarray, pose: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Tilt and shift the low-resolution density by ``pose`` (given in full-resolution pixels):
+    the patient moves, the detector (and the gain field applied after this) does not."""
+    size = density.shape[::-1]
+    kx, ky = size[0] / width, size[1] / height
+    low_pose = np.array([[kx, 0, 0], [0, ky, 0]]) @ np.vstack([pose, [0, 0, 1]]) @ np.diag([1 / kx, 1 / ky, 1])
+    return cv2.warpAffine(density, low_pose, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _expose(density: np.ndarray, rng: np.random.Generator, tone: tuple | None) -> np.ndarray:
+    """Density -> uint8 grey levels: a tilted gain field, gamma and a level that tops out at or
+    below the tone's cap (:data:`ANATOMY_MAX` by default), so anatomy stays darker than tubes."""
+    height, width = density.shape
+    gx, gy = np.meshgrid(np.linspace(-1, 1, width, dtype=np.float32), np.linspace(-1, 1, height, dtype=np.float32))
+    density *= 1 + rng.uniform(-0.06, 0.06) * gx + rng.uniform(-0.06, 0.06) * gy
+    low_range, high_range, gamma_range, cap = tone or ((0, 12), (145, ANATOMY_MAX), (0.8, 1.3), ANATOMY_MAX)
+    low, high = rng.uniform(*low_range), rng.uniform(*high_range)
+    levels = low + (high - low) * np.clip(density, 0, 1) ** rng.uniform(*gamma_range)
+    return np.clip(levels, 0, cap).astype(np.uint8)
+
+
 def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int, lumens: list | None = None,
                    pose: np.ndarray | None = None, ecg: bool = True, tone: tuple | None = None,
                    texture=None) -> np.ndarray:
@@ -144,112 +313,25 @@ def render_anatomy(rng: np.random.Generator, a: Anatomy, width: int, height: int
     own); ``tone`` is ``((low_min, low_max), (high_min, high_max), (gamma_min, gamma_max), cap)``
     for the exposure mapping (default: the easy style's, capped at :data:`ANATOMY_MAX`);
     ``texture(density, canvas)`` may add to the low-resolution density map before it is blurred."""
+    # Drawn at low resolution (long side <= _LOWRES) and upscaled at the end: see the module docstring.
     f = max(1.0, max(width, height) / _LOWRES)
     size = (max(8, int(round(width / f))), max(8, int(round(height / f))))
     c = _Canvas(width, height, size)
-    d = np.full(size[::-1], 0.03, np.float32)  # air around the patient
-    u = lambda v: max(1, int(round(v * c.fh)))  # noqa: E731 - frame units (of height) -> low-res pixels
-    st, tc, td = a.s_tr, a.t_c, a.t_d
-    body = [(st - 0.10, -0.05), (st + 0.10, -0.05), (st + 0.12, 0.08), (1.02, 0.13), (1.25, 0.25), (1.25, 1.05),
-            (-0.25, 1.05), (-0.25, 0.25), (-0.02, 0.13), (st - 0.12, 0.08)]
-    cv2.fillPoly(d, [c.poly(body, 3)], 0.46)
-    for s_head in (-0.05, 1.05):  # shoulders / humeral heads (fully visible on landscape films)
-        h = c.px([(s_head, 0.2)])[0]
-        cv2.circle(d, (int(h[0]), int(h[1])), u(0.075), 0.62, -1)
-    lungs = np.zeros_like(d)
-    for side in (-1, 1):
-        cv2.fillPoly(lungs, [c.poly(_lung(a, side), 3)], 1.0)
-    # Diaphragm domes: everything under the lower of the two curves is abdomen; right dome higher.
-    s = np.linspace(-0.3, 1.3, 90)
-    dome = np.minimum(td - 0.05 + 1.2 * np.abs(s - 0.30) ** 1.7, td - 0.02 + 1.2 * np.abs(s - 0.70) ** 1.7)
-    abdomen = np.vstack([np.stack([s, dome], 1), [(1.3, 1.1), (-0.3, 1.1)]])
-    cv2.fillPoly(lungs, [c.poly(abdomen)], 0.0)
-    heart = c.poly(_heart(a), 3)
-    cv2.fillPoly(lungs, [heart], 0.0)
-    upper = [(st - 0.05, 0.0), (st + 0.05, 0.0), (st + 0.05, tc), (st - 0.055, tc)]
-    cv2.fillPoly(lungs, [c.poly(upper)], 0.0)
-    lungs = cv2.GaussianBlur(lungs, (0, 0), 0.004 * size[1])
-    # Vessel markings fanning out of the hila, fading to the periphery.
-    vessels = np.zeros_like(d)
-    for side in (-1, 1):
-        hilum = np.array([st + side * 0.09, tc + 0.07])
-        for _ in range(22):
-            ang = rng.uniform(-1.3, 1.3) + (0 if side > 0 else np.pi)
-            length = rng.uniform(0.08, 0.25)
-            pts = [hilum]
-            for _ in range(3):
-                ang += rng.uniform(-0.35, 0.35)
-                pts.append(pts[-1] + length / 3 * np.array([np.cos(ang), np.sin(ang) * 1.2]))
-            cv2.polylines(vessels, [c.poly(pts)], False, 0.07, u(0.006))
-    fine = cv2.resize(rng.standard_normal((size[1] // 6 + 2, size[0] // 6 + 2)).astype(np.float32), size,
-                      interpolation=cv2.INTER_CUBIC)
-    lung_grad = np.linspace(0, 1, size[1], dtype=np.float32)[:, None]
-    d += lungs * (-0.31 + 0.10 * lung_grad + 0.012 * fine) + lungs * vessels
-    cv2.fillPoly(d, [c.poly(abdomen)], 0.54)
-    for _ in range(int(rng.integers(2, 6))):  # bowel gas
-        g = c.px([(rng.uniform(0.2, 0.8), rng.uniform(td + 0.12, 1.0))])[0]
-        cv2.ellipse(d, (int(g[0]), int(g[1])), (u(rng.uniform(0.02, 0.05)), u(rng.uniform(0.01, 0.025))),
-                    float(rng.uniform(0, 180)), 0, 360, 0.38, -1)
-    bubble = c.px([(st + 0.17, td + 0.06)])[0]  # gastric air under the left dome
-    cv2.ellipse(d, (int(bubble[0]), int(bubble[1])), (u(0.05 * c.fw / c.fh), u(0.028)), 0, 0, 360, 0.24, -1)
-    cv2.fillPoly(d, [c.poly(upper, 2)], 0.74)
-    cv2.fillPoly(d, [heart], 0.76)
-    # Bones: spine (bodies with darker discs), posterior ribs as arcs dropping laterally, fainter
-    # anterior ribs sloping down medially, clavicles, scapular edges.
-    bones = np.zeros_like(d)
-    spine_x, half = c.px([(st, 0)])[0][0], 0.033 * c.fw
-    for tv in np.arange(0.0, 1.05, 0.036):
-        y0, y1 = c.px([(0, tv), (0, tv + 0.029)])[:, 1]
-        cv2.rectangle(bones, (int(spine_x - half), int(y0)), (int(spine_x + half), int(y1)), 0.07, -1)
-    for i in range(9):
-        ti = a.t_apex - 0.01 + i * 0.058 * a.rib_gap
-        for side in (-1, 1):
-            lat = a.s_lat_r if side < 0 else a.s_lat_l
-            ax_s = abs(lat - st) * 1.02
-            post = _arc(st, ti + 0.15, ax_s, 0.15, 75, -22)
-            post[:, 0] = st + side * (post[:, 0] - st)
-            cv2.polylines(bones, [c.poly(post)], False, 0.13, u(0.016))
-            end = post[-3]
-            ant = np.stack([end[0] + (st + side * 0.16 - end[0]) * np.linspace(0, 1, 16),
-                            end[1] - 0.03 + 0.11 * np.linspace(0, 1, 16) ** 1.3], 1)
-            cv2.polylines(bones, [c.poly(ant)], False, 0.045, u(0.012))
-    uu = np.linspace(0, 1, 24)
-    for side in (-1, 1):
-        clav = np.stack([st + side * (0.035 + 0.40 * uu), 0.19 - 0.07 * uu + 0.025 * np.sin(np.pi * uu)], 1)
-        cv2.polylines(bones, [c.poly(clav)], False, 0.16, u(0.018))
-        lat = a.s_lat_r if side < 0 else a.s_lat_l
-        scap = [(lat + side * 0.02, 0.16), (lat - side * 0.05, 0.28), (lat - side * 0.01, 0.42)]
-        cv2.polylines(bones, [c.poly(scap)], False, 0.05, u(0.01))
-    d += bones
-    # Airways: darker trachea column and main bronchi meeting at the carina (the ETT landmark).
-    air = np.zeros_like(d)
-    cv2.polylines(air, [c.poly([(st, 0.0), (st, tc)])], False, 1.0, u(0.03))
-    for seg in ([(st, tc), (st - 0.045, tc + 0.07)], [(st, tc), (st + 0.06, tc + 0.08)]):
-        cv2.polylines(air, [c.poly(seg)], False, 0.8, u(0.02))
-    d -= 0.2 * cv2.GaussianBlur(air, (0, 0), 0.003 * size[1])
-    for points, width_frame in lumens or []:
-        cv2.polylines(d, [c.poly(chaikin(np.asarray(points), 3))], False, 0.62, u(width_frame))
-    for _ in range(int(rng.integers(0, 4)) if ecg else 0):  # ECG electrodes and their leads (below tube brightness)
-        e = np.array([rng.uniform(0.15, 0.85), rng.uniform(0.12, 0.55)])
-        ep = c.px([e])[0]
-        cv2.circle(d, (int(ep[0]), int(ep[1])), u(0.014), 0.95, u(0.004))
-        lead = [e, e + rng.uniform(-0.1, 0.1, 2), e + rng.uniform(-0.25, 0.25, 2) + [0, 0.1]]
-        cv2.polylines(d, [c.poly(chaikin(np.array(lead), 3))], False, 0.85, u(0.003))
+    density = np.full(size[::-1], 0.03, np.float32)  # air around the patient
+    # The order matters twice over: later layers paint over earlier ones, and the helpers that
+    # draw from ``rng`` must keep their turn so a seed keeps giving the same film.
+    _draw_body(density, c, a)
+    _draw_lungs(density, rng, c, a)
+    _draw_abdomen_and_mediastinum(density, rng, c, a)
+    _draw_bones(density, c, a)
+    _draw_airways(density, c, a)
+    _draw_faint_devices(density, rng, c, lumens, ecg)
     if texture is not None:
-        texture(d, c)
-    d = cv2.GaussianBlur(d, (0, 0), 0.0025 * size[1])
-    if pose is not None:  # the patient moves, the detector (and its gain field below) does not
-        kx, ky = size[0] / width, size[1] / height
-        low_pose = np.array([[kx, 0, 0], [0, ky, 0]]) @ np.vstack([pose, [0, 0, 1]]) @ np.diag([1 / kx, 1 / ky, 1])
-        d = cv2.warpAffine(d, low_pose, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    # Exposure: a tilted gain field, gamma and a level that tops out at or below ANATOMY_MAX.
-    gx, gy = np.meshgrid(np.linspace(-1, 1, size[0], dtype=np.float32), np.linspace(-1, 1, size[1], dtype=np.float32))
-    d *= 1 + rng.uniform(-0.06, 0.06) * gx + rng.uniform(-0.06, 0.06) * gy
-    low_range, high_range, gamma_range, cap = tone or ((0, 12), (145, ANATOMY_MAX), (0.8, 1.3), ANATOMY_MAX)
-    low, high = rng.uniform(*low_range), rng.uniform(*high_range)
-    levels = low + (high - low) * np.clip(d, 0, 1) ** rng.uniform(*gamma_range)
-    small = np.clip(levels, 0, cap).astype(np.uint8)
-    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+        texture(density, c)
+    density = cv2.GaussianBlur(density, (0, 0), 0.0025 * size[1])
+    if pose is not None:
+        density = _pose_density(density, pose, width, height)
+    return cv2.resize(_expose(density, rng, tone), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float | None = None) -> np.ndarray:
