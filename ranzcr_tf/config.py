@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -283,7 +284,7 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert a YAML/command-line value to the field's declared type, or raise naming the key."""
     origin = get_origin(annotation)
-    if origin is Union:  # Optional[X]
+    if origin in (Union, types.UnionType):  # Optional[X] or X | None (Python < 3.14 tells them apart)
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         inner = [a for a in get_args(annotation) if a is not type(None)][0]
