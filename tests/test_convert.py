@@ -143,7 +143,7 @@ def test_test_shards_hold_every_test_id_once(dataset, clean_run):
 
 def test_kernel_test_images_use_the_converters_shard_and_manifest_writer(dataset, clean_run, tmp_path):
     # The kernel's raw-JPEG path writes the same shard bytes and the same manifest fields as the converter.
-    from ranzcr_tf.prep.shard_writer import manifest_num_test
+    from ranzcr_tf.prep.records import manifest_num_test
     from ranzcr_tf.prep.testimages import preprocess_test_images
 
     out, manifest = clean_run

@@ -146,6 +146,12 @@ def positives_from_manifest(manifest: dict, train_folds: Iterable[int]) -> tuple
 
 
 
+def manifest_num_test(manifest: dict) -> int | None:
+    """Test records the manifest claims (``num_test``; manifests before it also wrote ``test_count``)."""
+    value = manifest.get("num_test", manifest.get("test_count"))
+    return None if value is None else int(value)
+
+
 def check_shards(tfrecords_dir: str, manifest: dict, split: str = TRAIN_DIR, folds: Iterable[int] | None = None,
                  framing: bool = True) -> list[str]:
     """The shards of ``split`` (train: of ``folds``, default all) exactly as ``manifest.json`` lists them;
@@ -182,9 +188,9 @@ def check_shards(tfrecords_dir: str, manifest: dict, split: str = TRAIN_DIR, fol
                 if fold in expected and found != expected[fold]:
                     problems.append(f"fold {fold} has {found} records in its shards but the manifest says {expected[fold]}")
         else:
-            expected = manifest.get("test_count", manifest.get("num_test"))
+            expected = manifest_num_test(manifest)
             found = count_records(on_disk)
-            if expected is not None and found != int(expected):
+            if expected is not None and found != expected:
                 problems.append(f"the test shards hold {found} records but the manifest says {expected}")
     if problems:
         raise ValueError(f"the records in {tfrecords_dir} do not match its {MANIFEST}: {'; '.join(problems)}: "

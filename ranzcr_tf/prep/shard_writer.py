@@ -66,7 +66,3 @@ def write_manifest(out_dir: str, *, preprocess: dict, image_size: int, num_folds
     return manifest
 
 
-def manifest_num_test(manifest: dict) -> int | None:
-    """Test records the manifest claims (``num_test``; manifests before it also wrote ``test_count``)."""
-    value = manifest.get("num_test", manifest.get("test_count"))
-    return None if value is None else int(value)

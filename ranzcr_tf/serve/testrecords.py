@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from ranzcr_tf.labels import ID_COLUMN
 from ranzcr_tf.prep import records
-from ranzcr_tf.prep.shard_writer import manifest_num_test
 
 SHOWN = 3  # IDs named in a message (then the count)
 
@@ -81,7 +80,7 @@ def check_test_records(tfrecords: str, sample_ids: list[str] | None, data_dir: s
     listed = [os.path.join(tfrecords, name) for name in (manifest.get("shards") or {}).get(records.TEST_DIR, [])]
     absent = [os.path.basename(p) for p in listed if not os.path.exists(p)]
     ids = [sid for shard_ids in shards.values() for sid in shard_ids]
-    claimed = manifest_num_test(manifest)
+    claimed = records.manifest_num_test(manifest)
     result = RecordsCheck(ids=ids, unreadable={entry["id"]: entry.get("reason", "unreadable")
                                                for entry in manifest.get("skipped", [])
                                                if entry.get("split", records.TEST_DIR) == records.TEST_DIR})
