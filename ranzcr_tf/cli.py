@@ -45,6 +45,8 @@ import tempfile
 import traceback
 from collections.abc import Callable
 
+from ranzcr_tf import io_utils  # imports no TensorFlow
+
 VERBOSE_ENV = "RANZCR_VERBOSE"
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # TF_CPP_MIN_LOG_LEVEL=3 hides C++ INFO/WARNING/ERROR lines: "Unable to register cuDNN factory" is logged
@@ -172,7 +174,7 @@ def check_output_dir(path: str, flag: str = "--out-dir") -> None:
     Creates the folder (it is created later anyway) and a probe file in it, so a read-only mount is
     caught too (``os.access`` says yes to root there). Remote paths (gs://) are left to the writer.
     """
-    if not path or "://" in path:
+    if not path or io_utils.is_remote(path):
         return
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file, not a folder: pass a folder (new or existing)")
@@ -188,7 +190,7 @@ def check_output_dir(path: str, flag: str = "--out-dir") -> None:
 def check_output_file(path: str, flag: str = "--out") -> None:
     """At start-up: ``path`` can be written as a file (its folder exists or can be made, is writable, and
     ``path`` is not a folder); a ``ValueError`` otherwise. An existing file is left untouched."""
-    if not path or "://" in path:
+    if not path or io_utils.is_remote(path):
         return
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a folder: pass a file path such as {os.path.join(path, 'submission.csv')}")
