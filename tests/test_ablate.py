@@ -70,7 +70,9 @@ def test_tiny_ablation_end_to_end_then_a_rerun_only_prints_the_table(tmp_path, c
     assert "easy test AUC" in table and "other test AUC" in table and "min test AUC over styles" in table
     base_row = next(line for line in table.splitlines() if line.startswith("| base |"))
     base_tests = frame[frame["cell"] == "base"]["test_auc"]
-    assert base_row.rstrip(" |").endswith(f"{base_tests.min():.3f}")
+    # The table shows 3 decimals of the same minimum results.csv holds (compared as numbers: a value such as
+    # 0.4995 prints as 0.500 from one float and 0.499 from its neighbour).
+    assert abs(float(base_row.rstrip(" |").rsplit("|", 1)[1]) - base_tests.min()) <= 0.0005 + 1e-9
     assert "[4/4]" in first
 
     # Each cell trained its own setting; the cells shared one records folder per style (same stored size).
