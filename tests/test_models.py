@@ -251,7 +251,8 @@ def test_macs_are_counted_from_layer_shapes(capsys):
 
 
 @pytest.mark.parametrize("backbone,pooling", [("compact_cnn", "avg"), ("compact_cnn", "gem"), ("compact_cnn", "max"),
-                                              ("compact_cnn", "avgmax"), ("compact_cnn_wide", "max")])
+                                              ("compact_cnn", "avgmax"), ("compact_cnn_wide", "max"),
+                                              ("line_cnn", "max")])
 def test_each_pooling_trains_a_step_and_reloads_in_safe_mode_with_equal_predictions(backbone, pooling, tmp_path):
     model = build_model(ModelConfig(backbone=backbone, pooling=pooling, dropout_rate=0.1), 32)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.BinaryCrossentropy(from_logits=True))
@@ -302,3 +303,22 @@ def test_compact_cnn_wide_keeps_full_resolution_in_its_stem():
     assert wide.count_params() > 3 * narrow.count_params()
     with pytest.raises(ValueError, match="no ImageNet weights"):
         build_backbone("compact_cnn_wide", 64, weights="imagenet")
+
+
+def test_line_cnn_subsamples_by_max_pooling_and_keeps_a_one_pixel_line():
+    spec = BACKBONES["line_cnn"]
+    assert spec.default_size == 256 and spec.channels is None
+    net = build_backbone("line_cnn", 64, channels=1)
+    assert net.get_layer("stem_conv").output.shape[1:3] == (64, 64)
+    assert not [layer.name for layer in net.layers if getattr(layer, "strides", (1, 1)) != (1, 1)
+                and not layer.name.endswith("_pool")], "only the max pools subsample"
+    # The decoder's feature stages exist at strides 4, 8 and 16.
+    assert [net.get_layer(name).output.shape[1] for name in spec.feature_stages] == [16, 8, 4]
+    # A 2x2 max pool passes a 1-px bright line at full height wherever it lies; a stride-2 average halves it.
+    pool = net.get_layer("stage1_pool")
+    for column in (10, 11):
+        image = np.zeros((1, 8, 32, 1), "float32")
+        image[:, :, column] = 1.0
+        assert np.asarray(pool(image)).max() == 1.0
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_backbone("line_cnn", 64, weights="imagenet")

@@ -338,9 +338,10 @@ def test_hard_lines_are_the_only_difference_and_are_thin_and_faint(hard_films):
     for _labels, _, image, bare, geometry in hard_films:
         added = image.astype(np.int16) - bare.astype(np.int16)
         near = np.zeros(image.shape, np.uint8)
+        reach = int(np.ceil(60 * max(image.shape) / 2000)) + 4  # the ETT's faint body is up to 55 px at 2,000 px
         for label, line in geometry.lines:
             pts = np.round(line * 16).astype(np.int32).reshape(-1, 1, 2)
-            cv2.polylines(near, [pts], False, 1, 12, cv2.LINE_8, 4)
+            cv2.polylines(near, [pts], False, 1, reach, cv2.LINE_8, 4)
             inside = line[(line[:, 0] >= 0) & (line[:, 0] < image.shape[1] - 1) & (line[:, 1] >= 0)
                           & (line[:, 1] < image.shape[0] - 1)]
             cells = np.round(inside).astype(int)
@@ -369,10 +370,10 @@ def test_hard_realistic_size_and_line_width():
             inside = (line[:, 0] >= 0) & (line[:, 0] < w) & (line[:, 1] >= 0) & (line[:, 1] < h)
             length += np.linalg.norm(np.diff(line, axis=0), axis=1)[inside[1:] & inside[:-1]].sum()
         # Equivalent width (added grey levels over length times the line's typical peak), in pixels:
-        # 2-4 px at 2,000 px for the NGT and the CVC, give or take the anti-aliasing.
+        # 3-10 px at 2,000 px for the NGT and the CVC (their real calibre), give or take the anti-aliasing.
         peak = np.percentile(added[added > 0], 90)
         width = added.sum() / (length * peak)
-        assert 1.0 <= width <= 5.0 * max(w, h) / 2000, width
+        assert 2.0 <= width <= 11.0 * max(w, h) / 2000, width
 
 
 def test_hard_distractors_present_and_never_annotated(hard_films, hard_dataset):

@@ -4,13 +4,16 @@ The ``easy`` style (:mod:`ranzcr_tf.synth.phantom`) draws thick tubes brighter t
 upright, in fixed zones. This style is hard in the ways real films are:
 
 * films 1,400-2,600 px on the long side (times ``scale``), 65% portrait; line widths and opacities
-  from realistic ranges at the film's own resolution (``k`` = long side / 2,000 px): guide wires and
-  leads 1-3 px times ``k``; NGT 1.5-3.5 px, CVC 1.5-3 px, Swan-Ganz 2-3.5 px; the ETT a 1.5-3 px
-  radio-opaque stripe, on 60% of films with the faint 14-24 px tube body around it; opacities
-  0.06-0.2 (:data:`FAMILY_STYLE`), about 10-40 grey levels over the lung. Each line adds opacity,
-  so crossing lines add up and lines over the heart, spine and abdomen show less contrast (down
-  to about 6 grey levels; see :mod:`ranzcr_tf.synth.overlays`); noise (sigma 2-5), exposure,
-  gamma and contrast vary per film;
+  from realistic ranges at the film's own resolution (``k`` = long side / 2,000 px, about 0.2 mm per
+  px on a 40 cm film): guide wires and leads 1-3 px times ``k``; the labelled tubes at their real
+  calibre (:data:`FAMILY_STYLE`): NGT 4-10 px (8-16 Fr, 2.7-5.3 mm, seen as its radio-opaque
+  part), CVC 3-7 px (4-7 Fr), Swan-Ganz 4-8 px (7-7.5 Fr), the ETT a 3-6 px radio-opaque stripe,
+  on 60% of films with the faint 40-55 px tube body (10-11 mm) around it; opacities 0.06-0.25,
+  about 10-40 grey levels over the lung, fainter than most ECG leads and cables. Each line adds
+  opacity, so crossing lines add up and lines over the heart, spine and abdomen show less contrast
+  (down to about 6 grey levels; see :mod:`ranzcr_tf.synth.overlays`); noise (sigma 2-5), exposure,
+  gamma and contrast vary per film. (The first version drew every tube at guide-wire width,
+  1.5-3.5 px: at 256-384 px stored that is a tenth to a half of a pixel, and no recipe learnt it.)
 * the patient is rotated by up to +-10 degrees about the film centre, shifted by up to 8% sideways
   and 5% vertically and scaled by 0.88-1.08 (the *pose*); anatomy varies more than in ``easy``
   (carina, diaphragm height, heart size, lung width and apex);
@@ -51,8 +54,8 @@ from ranzcr_tf.synth import overlays, phantom
 
 TONE = ((0, 30), (150, 220), (0.75, 1.5), 255)  # exposure: black level, white level, gamma, cap
 FAMILY_STYLE = {  # (width px at 2,000 px, opacity) ranges per labelled family
-    "ETT": ((1.5, 3.0), (0.08, 0.20)), "NGT": ((1.5, 3.5), (0.06, 0.15)),
-    "CVC": ((1.5, 3.0), (0.06, 0.13)), "Swan Ganz": ((2.0, 3.5), (0.06, 0.15)),
+    "ETT": ((3.0, 6.0), (0.10, 0.25)), "NGT": ((4.0, 10.0), (0.08, 0.20)),
+    "CVC": ((3.0, 7.0), (0.06, 0.15)), "Swan Ganz": ((4.0, 8.0), (0.08, 0.18)),
 }
 
 
@@ -258,7 +261,7 @@ def render(rng: np.random.Generator, patient_rng: np.random.Generator, tubes: li
         (w0, w1), (a0, a1) = FAMILY_STYLE[family]
         line = geometry.to_px(st)
         stripe_w, alpha = max(1.0, rng.uniform(w0, w1) * k), rng.uniform(a0, a1)
-        body = (rng.uniform(14, 24) * k, rng.uniform(0.02, 0.05)) if family == "ETT" and rng.random() < 0.6 else None
+        body = (rng.uniform(40, 55) * k, rng.uniform(0.02, 0.05)) if family == "ETT" and rng.random() < 0.6 else None
         if draw_labelled:
             if body:
                 opacity.line(line, *body)
