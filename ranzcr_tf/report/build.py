@@ -241,7 +241,7 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
             family = panels.family_index(label)
             if any(panels.family_index(LABELS[index]) == family for index, _ in study.lines):
                 mask = tube_mask(study.parsed, family, MASK_TOLERANCE_FRACTION * max(study.image.shape))
-                hit = bool(mask[peak_position(heatmap)])
+                hit = bool(heatmap.max() > 0 and mask[peak_position(heatmap)])
                 on_tube["on"] += hit
                 on_tube["annotated"] += 1
             probability = run.oof.loc[row, label]
@@ -260,7 +260,7 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
                  f"confident true positive, the worst false positive and the worst false negative (threshold 0.5), "
                  f"{len(picks)} studies in all (--max-images). Left: the stored image with its annotation lines "
                  f"(ETT red, NGT green, CVC blue, Swan Ganz orange); right: the heat map, peak marked x.</p>",
-                 summary, *figures)
+                 summary, '<div class="grid">', *figures, "</div>")
     return on_tube
 
 

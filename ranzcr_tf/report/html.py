@@ -27,6 +27,8 @@ th { background: #f2f2f2; } td.name, th.name { text-align: left; }
 td.best { font-weight: bold; background: #eaf6ea; }
 img { max-width: 100%; } img.thumb { width: 96px; height: 96px; image-rendering: auto; }
 p.note { color: #555; font-size: 0.9em; } nav a { margin-right: 0.8em; }
+div.grid { display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-start; }
+div.grid img { width: calc(33% - 6px); }
 """
 
 SCRIPT = """

@@ -40,9 +40,12 @@ def gradcam_figure(column: str, rows: list) -> bytes:
         left.set_title(f"{title}\nannotation lines" + ("" if study.lines else ": none"), fontsize=8)
         right.imshow(study.image, cmap="gray", vmin=0, vmax=255)
         right.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        peak_row, peak_column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-        right.plot([peak_column], [peak_row], marker="x", color="white", markersize=9, markeredgewidth=2)
-        where = "" if on_tube is None else ("; peak on the tube" if on_tube else "; peak off the tube")
+        if heatmap.max() > 0:
+            peak_row, peak_column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+            right.plot([peak_column], [peak_row], marker="x", color="white", markersize=9, markeredgewidth=2)
+            where = "" if on_tube is None else ("; peak on the tube" if on_tube else "; peak off the tube")
+        else:  # every position lowers the score: Grad-CAM has nothing to show
+            where = ": empty (no position raises this column)"
         right.set_title(f"Grad-CAM{where}", fontsize=8)
         for ax in (left, right):
             ax.set_axis_off()
