@@ -25,7 +25,6 @@ from ranzcr_tf.report import curves, html
 from ranzcr_tf.report.cv import cv_report, merge_oof
 
 CATEGORIES = ("most confident true positive", "worst false positive", "worst false negative")
-MASK_TOLERANCE_FRACTION = 0.03  # "on the tube": within 3 % of the image side of an annotation line
 
 
 @dataclass
@@ -217,7 +216,7 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
     from ranzcr_tf.report.gradcam import GradCam, peak_position, tube_mask
     from ranzcr_tf.serve.modelio import load_fold_model
 
-    heatmaps = {}
+    heatmaps, tolerance = {}, {}
     by_fold: dict = {}
     for label, category, row in picks:
         by_fold.setdefault(int(run.oof.loc[row, "fold"]), []).append((label, category, row))
@@ -225,6 +224,8 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
         cam = GradCam(load_fold_model(fold_spec(run, fold)))
         for label, category, row in items:
             study = studies[run.oof.loc[row, ID_COLUMN]]
+            # "On the tube": within half a feature-map cell of a line, the finest a last-stage heat map resolves.
+            tolerance[(label, category)] = 0.5 * max(study.image.shape) / max(cam.feature_size)
             heatmaps[(label, category)] = cam.heatmaps(study.model_input[None], LABELS.index(label),
                                                        output_size=study.image.shape)[0]
             progress.update(1)
@@ -240,21 +241,22 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
             hit = None
             family = panels.family_index(label)
             if any(panels.family_index(LABELS[index]) == family for index, _ in study.lines):
-                mask = tube_mask(study.parsed, family, MASK_TOLERANCE_FRACTION * max(study.image.shape))
+                mask = tube_mask(study.parsed, family, tolerance[(label, category)])
                 hit = bool(heatmap.max() > 0 and mask[peak_position(heatmap)])
                 on_tube["on"] += hit
                 on_tube["annotated"] += 1
             probability = run.oof.loc[row, label]
-            rows.append((f"{category}: p = {probability:.3f}, fold {study.fold}\n{study.study_id}", study, heatmap, hit))
+            short_id = study.study_id if len(study.study_id) <= 28 else "..." + study.study_id[-25:]
+            rows.append((f"{category}\np = {probability:.3f}, fold {study.fold}, {short_id}", study, heatmap, hit))
         if rows:
             figures.append(html.image(panels.gradcam_figure(label, rows), f"Grad-CAM of {label}"))
     if not picks:
         figures.append("<p>No study qualified (or --max-images 0).</p>")
     summary = ""
     if on_tube["annotated"]:
-        summary = (f"<p>Heat-map peak on an annotated line of the column's tube family (within "
-                   f"{MASK_TOLERANCE_FRACTION:.0%} of the image side): {on_tube['on']} of {on_tube['annotated']} "
-                   "shown studies that have such a line.</p>")
+        summary = (f"<p>Heat-map peak on an annotated line of the column's tube family (within half a cell of the "
+                   f"last stage's feature map, {min(tolerance.values()):.0f} stored pixels here): {on_tube['on']} of "
+                   f"{on_tube['annotated']} shown studies that have such a line.</p>")
     page.section("Where the model looks (Grad-CAM)",
                  f"<p>Last convolutional stage (the backbone's output), per column, on validation studies: the most "
                  f"confident true positive, the worst false positive and the worst false negative (threshold 0.5), "

@@ -47,6 +47,7 @@ class GradCam:
         self.features_model = keras.Model(model.inputs, features, name="gradcam_features")
         self.head_model = keras.Model(features, _score_tensor(model), name="gradcam_head")
         self.input_size = tuple(model.inputs[0].shape[1:3])
+        self.feature_size = tuple(features.shape[1:3])  # the heat map's own resolution, before upsampling
 
     def _gradient(self, features, column: int):
         """d(sum over the batch of the column's score) / d(features); the one backend-specific step."""

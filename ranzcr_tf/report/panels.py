@@ -37,7 +37,7 @@ def gradcam_figure(column: str, rows: list) -> bytes:
     for (title, study, heatmap, on_tube), (left, right) in zip(rows, axes):
         left.imshow(study.image, cmap="gray", vmin=0, vmax=255)
         draw_lines(left, study)
-        left.set_title(f"{title}\nannotation lines" + ("" if study.lines else ": none"), fontsize=8)
+        left.set_title(f"{title}\nannotation lines" + ("" if study.lines else ": none"), fontsize=7)
         right.imshow(study.image, cmap="gray", vmin=0, vmax=255)
         right.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         if heatmap.max() > 0:
