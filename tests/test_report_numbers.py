@@ -112,3 +112,6 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys):
     assert main([str(unfinished), "--out-dir", str(tmp_path / "out"), "--quiet"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out" / "index.html").exists()
+    (tmp_path / "a_file").write_text("x")
+    assert main([str(unfinished), "--out-dir", str(tmp_path / "a_file"), "--quiet"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

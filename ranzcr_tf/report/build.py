@@ -110,8 +110,8 @@ def data_section(page: html.Page, run: RunData, tfrecords: str | None, note: str
     from ranzcr_tf.prep import records
     from ranzcr_tf.report.studies import annotated_counts
 
-    if tfrecords:
-        manifest = records.read_manifest(tfrecords)
+    manifest = records.read_manifest(tfrecords) if tfrecords else {}
+    if "fold_counts" in manifest and "fold_positives" in manifest:  # converters before the counts: from oof.csv
         folds = sorted(int(f) for f in manifest["fold_counts"])
         studies = {f: int(manifest["fold_counts"][str(f)]) for f in folds}
         positives = {f: manifest["fold_positives"][str(f)] for f in folds}
