@@ -23,9 +23,10 @@ ARTIFACTS = os.environ.get("RANZCR_TEST_ARTIFACTS", os.path.join(ROOT, "tests", 
 # The page test: a small run, trained briefly (the page is about layout and numbers matching, not skill).
 PAGE_SETTINGS = ["train.epochs=2", "train.warmup_epochs=0", "infer.batch_size=32"]
 # The localisation test: a fit that learns the easy phantoms' tubes at 128 px (compact_cnn's last stage is 4 x 4):
-# max pooling keeps a thin line's feature at full strength, no augmentation, plain BCE. Measured: 800 steps reach
-# validation AUC 0.99, 300 steps 0.83.
-LEARNED_SETTINGS = ["train.epochs=10", "train.steps_per_epoch=50", "train.learning_rate=0.003", "train.warmup_epochs=0",
+# max pooling keeps a thin line's feature at full strength, no augmentation, plain BCE. 800 steps reach validation
+# AUC 0.99 (three trainings: heat-map peaks on the tube 0.44, 0.57 and 0.61 against chance 0.17). 500 steps reached AUC
+# 0.988, but its peaks fell on the tube only 0.27 of the time: too close to chance for a test.
+LEARNED_SETTINGS = ["train.epochs=16", "train.steps_per_epoch=50", "train.learning_rate=0.003", "train.warmup_epochs=0",
                     "model.pooling=max", "model.dropout_rate=0", "augment.affine_prob=0", "augment.cutout_prob=0",
                     "loss.name=bce"]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome", "google-chrome-stable")
@@ -137,9 +138,13 @@ def test_page_opens_in_headless_chromium(trained, chromium):
     assert os.path.getsize(shot) > 10_000
 
 
-def test_several_runs_give_a_side_by_side_cv_table(trained, tmp_path):
-    """A second run folder (a copy with other predictions) enters the CV table beside the first."""
+def test_several_runs_give_a_side_by_side_cv_table_and_missing_records_only_drop_the_images(trained, tmp_path,
+                                                                                            monkeypatch):
+    """A second run folder (a copy with other predictions) enters the CV table beside the first. No --tfrecords,
+    and the run's data.tfrecords is not there: the page says so and keeps every section that needs no image."""
     import pandas as pd
+
+    from ranzcr_tf.report.build import build_report
 
     other = tmp_path / "other"
     shutil.copytree(os.path.join(trained["run"], "fold0"), other / "fold0",
@@ -147,30 +152,37 @@ def test_several_runs_give_a_side_by_side_cv_table(trained, tmp_path):
     oof = pd.read_csv(other / "fold0" / "oof.csv", dtype={ID_COLUMN: str})
     oof[list(LABELS)] = np.random.default_rng(0).random((len(oof), len(LABELS)))
     oof.to_csv(other / "fold0" / "oof.csv", index=False)
+    monkeypatch.chdir(tmp_path)  # the saved config's data.tfrecords (demo/tfrecords) is relative: not here
     out = tmp_path / "report"
-    from ranzcr_tf.report.build import build_report
-
-    path = build_report([trained["run"], str(other)], str(out), tfrecords=trained["records"], max_images=0, worst=2,
-                        num_resamples=50, quiet=True)
+    path = build_report([trained["run"], str(other)], str(out), max_images=5, worst=2, num_resamples=50, quiet=True)
     text = open(path, encoding="utf-8").read()
     table = text[text.index("Cross-validation by run"):]
     assert "<th>run</th>" in table.replace(' class="name"', "") and "<th>other</th>" in table
     summary = json.loads((out / "summary.json").read_text())["runs"]
     assert f"{summary['other']['cv_auc']:.4f}" in table and f"{summary['run']['cv_auc']:.4f}" in table
+    assert "are not here" in text and "pass --tfrecords DIR" in text
+    assert "Grad-CAM of" not in text and 'class="thumb"' not in text  # the image sections are left out
+    assert text.count("<img") == 1 + len(LABELS)  # training curves and the column figures remain
 
 
 # ----------------------------------------------------------------------------------------------- Grad-CAM
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """Easy phantoms, 600 studies at 128 px, fold 0 trained long enough to learn the tubes (500 steps)."""
+    """Easy phantoms, 600 studies at 128 px, fold 0 trained long enough to learn the tubes (800 steps)."""
     return _train_run(tmp_path_factory.mktemp("learned"), 600, 128, LEARNED_SETTINGS)
 
 
 @pytest.mark.slow
 def test_gradcam_peak_falls_on_the_annotated_tube_more_often_than_chance(learned):
     """Every validation study with a positive column and a drawn line of that column's tube: is the heat
-    map's peak within 4 stored pixels (3 % of 128) of the line? Against the chance of a uniformly random
-    peak (the mask's area fraction), over the columns the model learned (validation AUC >= 0.8)."""
+    map's peak on the line? Against the chance of a uniformly random peak (the widened line's area
+    fraction), over the columns the model learned (validation AUC >= 0.8).
+
+    "On" is within half a cell of the last stage's 4 x 4 feature map (16 stored pixels at 128 px): a
+    last-stage heat map is bilinearly upsampled from that grid, so its peak sits at a cell centre and
+    resolves nothing finer. At 4 stored pixels the fraction is set by where the grid happens to fall
+    relative to the tubes (0.24 against chance 0.04 on one training of these settings, 0.003 on a
+    rerun with validation AUC 0.993 all the same); it is printed beside the asserted one."""
     from ranzcr_tf.report.build import fold_spec, read_run
     from ranzcr_tf.report.gradcam import GradCam, peak_position, tube_mask
     from ranzcr_tf.report.panels import family_index
@@ -181,10 +193,13 @@ def test_gradcam_peak_falls_on_the_annotated_tube_more_often_than_chance(learned
     spec = fold_spec(run, 0)
     studies = read_studies(learned["records"], 0, run.oof[ID_COLUMN], spec.image_size, spec.cfg.model.input_channels)
     cam = GradCam(load_fold_model(spec))
-    learned = [label for label in LABELS if run.metrics[0]["per_class_auc"][label] >= 0.8]
-    assert learned, f"the short fit learned no column: {run.metrics[0]['per_class_auc']}"
-    hits, chance = [], []
-    for label in learned:
+    half_cell = 0.5 * spec.image_size / max(cam.feature_size)
+    assert half_cell == 16
+    learned_columns = [label for label in LABELS if run.metrics[0]["per_class_auc"][label] >= 0.8]
+    assert learned_columns, f"the fit learned no column: {run.metrics[0]['per_class_auc']}"
+    hits = {half_cell: [], 4.0: []}
+    chance = {half_cell: [], 4.0: []}
+    for label in learned_columns:
         family = family_index(label)
         ids = [i for i in run.oof.loc[run.oof[f"target_{label}"] == 1, ID_COLUMN]
                if any(family_index(LABELS[index]) == family for index, _ in studies[i].lines)]
@@ -192,11 +207,13 @@ def test_gradcam_peak_falls_on_the_annotated_tube_more_often_than_chance(learned
             continue
         maps = cam.heatmaps(np.stack([studies[i].model_input for i in ids]), LABELS.index(label))
         for study_id, heatmap in zip(ids, maps):
-            mask = tube_mask(studies[study_id].parsed, family, tolerance=4.0)
-            hits.append(bool(heatmap.max() > 0 and mask[peak_position(heatmap)]))
-            chance.append(float(mask.mean()))
-    on_tube, random_peak = float(np.mean(hits)), float(np.mean(chance))
-    print(f"\nGrad-CAM peak on the annotated tube: {on_tube:.3f} of {len(hits)} (study, column) pairs "
-          f"({', '.join(learned)}); a random peak: {random_peak:.3f}")
-    assert len(hits) >= 10
-    assert on_tube >= 2 * random_peak and on_tube - random_peak >= 0.1
+            for tolerance in hits:
+                mask = tube_mask(studies[study_id].parsed, family, tolerance=tolerance)
+                hits[tolerance].append(bool(heatmap.max() > 0 and mask[peak_position(heatmap)]))
+                chance[tolerance].append(float(mask.mean()))
+    for tolerance in sorted(hits, reverse=True):
+        print(f"\nGrad-CAM peak within {tolerance:.0f} stored px of the annotated tube: {np.mean(hits[tolerance]):.3f} of "
+              f"{len(hits[tolerance])} (study, column) pairs; a random peak: {np.mean(chance[tolerance]):.3f}")
+    on_tube, random_peak = float(np.mean(hits[half_cell])), float(np.mean(chance[half_cell]))
+    assert len(hits[half_cell]) >= 50
+    assert on_tube >= 2 * random_peak, (on_tube, random_peak)
