@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= tf-cpu,cv
 DEMO := demo
 
-.PHONY: demo test lint install install-dev bench clean-demo
+.PHONY: demo test lint install install-dev bench clean-demo browser
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ install-dev:
 demo: install
 	$(PY) -m ranzcr_tf.demo --out-dir $(DEMO)
 
-test: install-dev
+# Headless Chromium for the run report's browser test (tests/test_report.py skips, saying why, without it).
+# Debian's package, installed quietly when apt is usable (root); otherwise a one-line note.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || \
+		echo "note: could not install chromium (needs apt as root); the report's browser test will be skipped"
+
+test: install-dev browser
 	$(PY) -m pytest -q tests
 
 lint: install-dev

@@ -31,7 +31,7 @@ CHECKED_KERAS_VERSIONS = ("3.14.0", "3.14.1", "3.15.0", "3.15.1")
 
 # Every private name used below, for the test that pins one check per name.
 PRIVATE_NAMES = ("keras_home", "file_utils", "_distribute_strategy", "_maybe_symbolic_build", "_symbolic_build",
-                 "_swap_variables", "_iterations")
+                 "_swap_variables", "_iterations", "_inbound_nodes")
 
 
 def checked_versions() -> str:
@@ -153,3 +153,22 @@ def optimizer_step_counter(optimizer):
 def optimizer_steps(optimizer) -> int:
     """``optimizer_step_counter(optimizer)`` as a Python int."""
     return int(keras.ops.convert_to_numpy(optimizer_step_counter(optimizer)))
+
+
+# ----------------------------------------------------------------------------------------------- graph
+def called_output(layer):
+    """The output tensor of ``layer``'s (first) call inside the functional model that contains it.
+
+    Private: ``Operation._inbound_nodes`` and ``Node.output_tensors`` (3.14.0-3.15.1). For a nested
+    functional model (our backbone), the public ``layer.output`` is the output of the nested model's own
+    graph, which cannot serve as an output of the outer model; the Grad-CAM of the run report
+    (``report.gradcam``) needs the backbone's feature map as a tensor of the outer graph, to split the
+    classifier into features and head without rebuilding either.
+    """
+    nodes = layer._inbound_nodes
+    if not nodes:
+        raise ValueError(f"layer {layer.name!r} is not called inside a functional model")
+    outputs = nodes[0].output_tensors
+    if len(outputs) != 1:
+        raise ValueError(f"layer {layer.name!r} has {len(outputs)} outputs; expected one")
+    return outputs[0]

@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> None:
          [script("kaggle_kernel.py"), "--data-dir", data, "--models", run, "--out", submission, "--max-minutes", "10"])
     _run("score against the synthetic test labels",
          ["-m", "ranzcr_tf.report.score", submission, os.path.join(data, "test_labels.csv")])
+    report = os.path.join(args.out_dir, "report")
+    # A bounded Grad-CAM budget (one study per column) keeps the report to seconds on a CPU.
+    _run("run report", ["-m", "ranzcr_tf.report", run, "--tfrecords", records, "--out-dir", report,
+                        "--max-images", "11", "--quiet"])
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {args.out_dir}/")
+    print(f"run report: {os.path.join(report, 'index.html')} (open it in a browser)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The run-folder layout, defined once: training writes it, the kernel, ``package``, ``report.cv`` and model
-discovery read it. Import the names from here instead of typing the file names.
+discovery read it, and so does the run report (``python -m ranzcr_tf.report``). Import the names from here instead of
+typing the file names.
 
 ``<out>/fold{k}/`` (one per trained fold; :func:`fold_dir`):
 

@@ -179,6 +179,22 @@ def test_iterations():
     assert float(keras.ops.convert_to_numpy(optimizer.learning_rate)) == 6.0
 
 
+def test_inbound_nodes():
+    inner_input = keras.Input((4,))
+    inner = keras.Model(inner_input, keras.layers.Dense(3, name="inner_dense")(inner_input), name="inner")
+    outer_input = keras.Input((4,))
+    features = inner(outer_input)
+    outer = keras.Model(outer_input, keras.layers.Dense(2, name="outer_head")(features))
+    require(inner, "_inbound_nodes", "keras.Operation")
+    tensor = compat.called_output(outer.get_layer("inner"))
+    assert tensor is features and tensor is not inner.output  # the outer graph's tensor, not the nested one
+    split = keras.Model(outer.inputs, [tensor, outer.output])  # what report.gradcam builds
+    x = np.ones((1, 4), "float32")
+    hidden, out = split(x)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(inner(x)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(outer(x)), rtol=1e-6)
+
+
 def lambda_schedule():
     class StepAsRate(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
@@ -193,7 +209,7 @@ def lambda_schedule():
 CHECKS = {"keras_home": test_keras_home, "file_utils": test_file_utils,
           "_distribute_strategy": test_distribute_strategy, "_maybe_symbolic_build": test_maybe_symbolic_build,
           "_symbolic_build": test_symbolic_build, "_swap_variables": test_swap_variables,
-          "_iterations": test_iterations}
+          "_iterations": test_iterations, "_inbound_nodes": test_inbound_nodes}
 
 
 def test_every_private_name_of_compat_has_a_check_here():
