@@ -84,7 +84,7 @@ def run(args) -> int:
     tfrecords = args.tfrecords or cfg.data.tfrecords
     manifest = read_manifest(tfrecords)
     folds = parse_folds(args.fold, int(manifest["num_folds"]))
-    placement = choose_placement(cfg.train.strategy)
+    placement = choose_placement(cfg.train.strategy, cfg.distribute)
     print(placement.describe(), flush=True)
     train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
     return 0
