@@ -485,9 +485,13 @@ def git_revision() -> str | None:
 
 
 def config_to_yaml(cfg: Config, with_meta: bool = True) -> str:
+    """The config as YAML, ``distribute`` at its defaults: that section says where one process of a run sat
+    (process 0's address, this process's number), and a saved config reused on another machine must not try
+    to join that cluster; ``_meta.distribute`` keeps it for the record."""
     values = cfg.to_dict()
+    values["distribute"] = dataclasses.asdict(DistributeConfig())
     if with_meta:
-        values["_meta"] = run_metadata()
+        values["_meta"] = {**run_metadata(), "distribute": cfg.to_dict()["distribute"]}
     return yaml.safe_dump(values, sort_keys=False)
 
 

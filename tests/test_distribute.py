@@ -1,5 +1,4 @@
-"""Placement: TF_CONFIG parsing, MirroredStrategy equivalence, two workers on localhost, JAX DataParallel
-(one process, and two processes on localhost)."""
+"""Placement: TF_CONFIG parsing, MirroredStrategy equivalence, two workers on localhost, JAX DataParallel."""
 
 import json
 import os
@@ -15,8 +14,6 @@ import pytest
 from helpers_train import TINY_SETTINGS, write_tiny_records
 from test_train import ROOT, _env, run_cli, settings
 
-from ranzcr_tf.config import load_config
-from ranzcr_tf.train import multihost
 from ranzcr_tf.train.placement import choose_placement, worker_info
 
 
@@ -50,38 +47,6 @@ def test_choose_placement_defaults_and_refusals(monkeypatch):
         choose_placement("jax")
     with pytest.raises(ValueError, match="unknown"):
         choose_placement("gpu-please")
-
-
-def test_when_a_jax_process_joins_others(monkeypatch):
-    for name in (*multihost.CLUSTER_VARIABLES, *multihost.TPU_HOST_VARIABLES):
-        monkeypatch.delenv(name, raising=False)
-    distribute = load_config(None, []).distribute
-    assert multihost.multi_process_reason(distribute) is None and multihost.multi_process_reason(None) is None
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-w-0")  # a single-host TPU VM: alone
-    assert multihost.multi_process_reason(distribute) is None
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3")  # a v4-32 slice
-    assert multihost.multi_process_reason(distribute) == "TPU_WORKER_HOSTNAMES names 4 TPU hosts"
-    distribute.multi_process = "off"
-    assert multihost.multi_process_reason(distribute) is None
-    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
-    distribute.multi_process = "on"  # JAX finds the cluster (TPU metadata, SLURM, ...)
-    assert "multi_process = on" in multihost.multi_process_reason(distribute)
-    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "10.0.0.1:1234,10.0.0.2:1234")
-    assert multihost.multi_process_reason(load_config(None, []).distribute) == "KERAS_DISTRIBUTION_JOB_ADDRESSES is set"
-    explicit = load_config(None, ["distribute.coordinator=10.0.0.1:1234", "distribute.num_processes=2",
-                                  "distribute.process_id=1"]).distribute
-    assert multihost.multi_process_reason(explicit) == "distribute.coordinator = 10.0.0.1:1234 (process 1 of 2)"
-
-
-def test_multi_process_settings_refused_on_tensorflow_and_unequal_devices(monkeypatch):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    explicit = load_config(None, ["distribute.coordinator=10.0.0.1:1234", "distribute.num_processes=2",
-                                  "distribute.process_id=0"]).distribute
-    with pytest.raises(ValueError, match="distribute.* settings are for the JAX backend"):
-        choose_placement("auto", explicit)
-    multihost.check_device_counts(8, 4, 2)
-    with pytest.raises(ValueError, match="same number of devices"):
-        multihost.check_device_counts(6, 4, 2)
 
 
 MIRRORED_SCRIPT = textwrap.dedent("""
@@ -262,47 +227,6 @@ def test_worker_shares_partition_the_training_data(tmp_path, shards_per_fold):
         shares.append(set(rows(dataset, 6)))  # 12 rows: every record of this worker's share, repeated
     assert shares[0] and shares[1] and not shares[0] & shares[1]
     assert shares[0] | shares[1] == everything
-
-
-@pytest.mark.parametrize("shards_per_fold", [1, 2])
-def test_jax_processes_read_their_own_shares(tmp_path, shards_per_fold):
-    """Two JAX processes: each reads a disjoint half in batches of global / 2 (by record from 1 shard, by file
-    from 2); together all of it. The validation shares: every record once, equal numbers of batches."""
-    from ranzcr_tf.pipeline import data
-    from ranzcr_tf.train.fit import make_eval_data, make_train_dataset
-    from ranzcr_tf.train.placement import Placement
-
-    root = str(tmp_path / "records")
-    write_tiny_records(root, num_folds=2, per_fold=11, size=32, shards_per_fold=shards_per_fold, seed=5)
-    cfg = load_config(None, [*TINY_SETTINGS, *NO_AUGMENT, "train.batch_size=2", "infer.batch_size=2"])
-    everything = data.build_train_dataset(cfg, root, 0, 11, image_size=32, augment=False, deterministic=True)
-    everything = {image.tobytes() for image in next(iter(everything))[0].numpy()}
-    assert len(everything) == 11  # fold 1's eleven distinct images
-    shares, valid_rows, batch_counts = [], [], []
-    for process in range(2):
-        placement = Placement("jax", "test", 2, "cpu", num_workers=2, worker_index=process, is_chief=process == 0)
-        dataset = make_train_dataset(cfg, root, 0, placement, image_size=32, seed=3, deterministic=True)
-        assert dataset.element_spec[0].shape[0] == 2  # global batch 4 = 2 replicas x 2; half of it per process
-        shares.append({image.tobytes() for images, _ in dataset.take(6) for image in images.numpy()})
-        valid = make_eval_data(cfg, root, 0, placement, image_size=32)
-        assert (valid.num_shards, valid.shard_index, valid.local_batch_size) == (2, process, 2)
-        batches = [images.numpy() for images in valid.dataset]
-        batch_counts.append(len(batches))
-        rows = np.concatenate(batches)
-        for position, image in enumerate(rows):
-            valid_rows.append((valid.record_index(position), image.tobytes(), bool(image.any())))
-    assert shares[0] and shares[1] and not shares[0] & shares[1]
-    assert shares[0] | shares[1] == everything
-    # 11 validation records, global batch 4: 3 batches on each process, 12 rows, the 12th (index 11) padding.
-    assert batch_counts == [3, 3] == [valid.num_batches] * 2
-    real = sorted(index for index, _, _ in valid_rows if index < valid.num_examples)
-    assert real == list(range(11))  # every validation record once, over both processes
-    assert [filled for index, _, filled in valid_rows if index >= valid.num_examples] == [False]
-    alone = data.build_eval_dataset(cfg, root, "valid", 4, fold=0, image_size=32, with_targets=False)
-    in_order = alone.unpad(np.concatenate([x.numpy() for x in alone.dataset]))
-    assert all(in_order[index].tobytes() == image for index, image, _ in valid_rows if index < 11)
-    with pytest.raises(ValueError, match="one share of several processes"):
-        valid.unpad(rows)
 
 
 @pytest.mark.slow

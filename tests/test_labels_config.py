@@ -118,3 +118,14 @@ def test_distribute_settings_load_and_default_to_the_environment():
     default = load_config(None, []).distribute
     assert (default.multi_process, default.coordinator, default.num_processes, default.process_id) == \
         ("auto", "", None, None)
+
+
+def test_saved_config_does_not_rejoin_the_cluster(tmp_path):
+    """A run's config.yaml keeps the cluster in ``_meta`` only: reused elsewhere, it trains alone."""
+    cfg = load_config(None, [*CLUSTER, "distribute.process_id=0", "train.epochs=3"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, str(path))
+    assert yaml.safe_load(path.read_text())["_meta"]["distribute"]["coordinator"] == "10.0.0.1:1234"
+    again = load_config(str(path))
+    assert again.train.epochs == 3
+    assert (again.distribute.coordinator, again.distribute.num_processes, again.distribute.process_id) == ("", None, None)
