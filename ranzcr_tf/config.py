@@ -29,7 +29,7 @@ STRATEGIES = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")  # whe
 TTA_VIEWS = ("identity", "hflip")  # test-time augmentation views
 ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines runs (serve/ensemble.py)
 RECIPES = ("plain", "aux_seg")  # how a fold is trained (train/recipes.py)
-MULTI_PROCESS = ("auto", "on", "off")  # whether the JAX backend joins a multi-process run (train/placement.py)
+MULTI_PROCESS = ("auto", "on", "off")  # whether the JAX backend joins a multi-process run (train/multihost.py)
 
 
 def _one_of(options) -> str:
@@ -242,7 +242,7 @@ class TrainConfig:
 
 @dataclass
 class DistributeConfig:
-    """Several processes (hosts) training one model on the JAX backend (``train.placement``).
+    """Several processes (hosts) training one model on the JAX backend (``train.multihost``).
 
     A TPU pod slice or a cluster scheduler tells each process its part; on GPU hosts without one, name the
     coordinator (process 0's ``HOST:PORT``, any free port) and give every process the same

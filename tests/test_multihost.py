@@ -102,8 +102,11 @@ PROCESS_TIMEOUT = 480  # seconds; a loaded 2-core machine, not the expected ~30 
 
 
 def _jax_env(tmp_path, **extra):
-    # TMPDIR: the non-chief's scratch folder lands in the test's folder, where the test can look for it.
-    return _env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path), **extra)
+    # TF_DETERMINISTIC_OPS: tf.data keeps the element order although the trainer asks for speed over order
+    # (a parallel map could otherwise hand over record 0 of the second pass before record 23 of the first,
+    # and a step would train on another set of studies). TMPDIR: the non-chief's scratch folder lands in the
+    # test's folder, where the test can look for it.
+    return _env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_DETERMINISTIC_OPS="1", TMPDIR=str(tmp_path), **extra)
 
 
 def _two_processes(records, out, tmp_path, **extra_env) -> list[tuple[int, str, str]]:
