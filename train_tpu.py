@@ -10,7 +10,9 @@ from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before 
 
 EPILOG = """\
 placement (--strategy auto):
-  KERAS_BACKEND=jax -> keras.distribution.DataParallel over every JAX device; a reachable TPU -> TPUStrategy;
+  KERAS_BACKEND=jax -> keras.distribution.DataParallel over every JAX device, across hosts when distribute.* or
+  the environment names a cluster (TPU pod: --set distribute.multi_process=on; GPU hosts: distribute.coordinator,
+  num_processes, process_id); a reachable TPU -> TPUStrategy;
   TF_CONFIG set -> MultiWorkerMirroredStrategy (only the chief writes the run folder); >1 GPU ->
   MirroredStrategy; otherwise the default device. The global batch is train.batch_size x replicas, and the
   learning rate scales with it when train.lr_reference_batch is set.
@@ -26,7 +28,7 @@ restarts:
   setting that shapes the checkpoint must match what fold{k}/identity.json recorded, else it stops and
   offers --restart (discard that fold's checkpoint and state) or a new --out-dir. Settings that may change
   on resume: infer.* (validation batch size, TTA), data.cache, data.image_dtype, data.tfrecords/data_dir
-  (the path; the records themselves are checked), train.strategy, train.steps_per_execution,
+  (the path; the records themselves are checked), train.strategy, distribute.*, train.steps_per_execution,
   train.jit_compile, train.early_stopping_patience, and train.epochs when train.schedule is constant or
   plateau (the other schedules' curve depends on it). Everything else must stay as it was.
 
@@ -84,7 +86,7 @@ def run(args) -> int:
     tfrecords = args.tfrecords or cfg.data.tfrecords
     manifest = read_manifest(tfrecords)
     folds = parse_folds(args.fold, int(manifest["num_folds"]))
-    placement = choose_placement(cfg.train.strategy)
+    placement = choose_placement(cfg.train.strategy, cfg.distribute)
     print(placement.describe(), flush=True)
     train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
     return 0

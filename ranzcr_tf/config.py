@@ -29,6 +29,7 @@ STRATEGIES = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")  # whe
 TTA_VIEWS = ("identity", "hflip")  # test-time augmentation views
 ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines runs (serve/ensemble.py)
 RECIPES = ("plain", "aux_seg")  # how a fold is trained (train/recipes.py)
+MULTI_PROCESS = ("auto", "on", "off")  # whether the JAX backend joins a multi-process run (train/multihost.py)
 
 
 def _one_of(options) -> str:
@@ -240,6 +241,48 @@ class TrainConfig:
 
 
 @dataclass
+class DistributeConfig:
+    """Several processes (hosts) training one model on the JAX backend (``train.multihost``).
+
+    A TPU pod slice or a cluster scheduler tells each process its part; on GPU hosts without one, name the
+    coordinator (process 0's ``HOST:PORT``, any free port) and give every process the same
+    ``num_processes`` and its own ``process_id``. The TensorFlow backend uses ``TF_CONFIG`` instead.
+    """
+
+    multi_process: str = "auto"  # auto: when the settings below or the environment name a cluster | on | off
+    coordinator: str = ""  # HOST:PORT of process 0; "" = from the environment
+    num_processes: int | None = None  # every process's count; None = from the environment
+    process_id: int | None = None  # this process, 0..num_processes-1 (0 writes the run folder); None = from the environment
+
+    def validate(self) -> None:
+        _check(self.multi_process in MULTI_PROCESS, "distribute.multi_process", self.multi_process,
+               _one_of(MULTI_PROCESS))
+        if self.coordinator:
+            host, _, port = self.coordinator.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distribute.coordinator",
+                   self.coordinator, "HOST:PORT of process 0 (e.g. 10.0.0.1:1234), or '' to take it from the environment")
+        _check(self.num_processes is None or self.num_processes >= 1, "distribute.num_processes", self.num_processes,
+               "an integer >= 1 (the number of processes, usually one per host)")
+        _check(self.process_id is None or self.process_id >= 0, "distribute.process_id", self.process_id,
+               "an integer >= 0")
+        if self.num_processes is not None and self.process_id is not None and self.process_id >= self.num_processes:
+            raise ValueError(f"config distribute.process_id = {self.process_id} is invalid: processes are numbered "
+                             f"0..{self.num_processes - 1} (distribute.num_processes = {self.num_processes}); give "
+                             "each process its own number in that range")
+        given = {"distribute.coordinator": bool(self.coordinator), "distribute.num_processes": self.num_processes is not None,
+                 "distribute.process_id": self.process_id is not None}
+        if any(given.values()) and not all(given.values()):
+            named = ", ".join(key for key, ok in given.items() if ok)
+            missing = ", ".join(key for key, ok in given.items() if not ok)
+            raise ValueError(f"config {named} given without {missing}: a cluster without a scheduler needs all three "
+                             "(coordinator=HOST:PORT of process 0, the same num_processes everywhere, each process its "
+                             "own process_id), or none of them to take the cluster from the environment")
+        if self.multi_process == "off" and self.coordinator:
+            raise ValueError(f"config distribute.multi_process = 'off' contradicts distribute.coordinator = "
+                             f"{self.coordinator!r}: drop the coordinator settings, or set multi_process to auto or on")
+
+
+@dataclass
 class InferConfig:
     """Submission: test-time augmentation and ensembling."""
 
@@ -266,6 +309,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     def validate(self) -> Config:
         for f in fields(self):
@@ -441,9 +485,13 @@ def git_revision() -> str | None:
 
 
 def config_to_yaml(cfg: Config, with_meta: bool = True) -> str:
+    """The config as YAML, ``distribute`` at its defaults: that section says where one process of a run sat
+    (process 0's address, this process's number), and a saved config reused on another machine must not try
+    to join that cluster; ``_meta.distribute`` keeps it for the record."""
     values = cfg.to_dict()
+    values["distribute"] = dataclasses.asdict(DistributeConfig())
     if with_meta:
-        values["_meta"] = run_metadata()
+        values["_meta"] = {**run_metadata(), "distribute": cfg.to_dict()["distribute"]}
     return yaml.safe_dump(values, sort_keys=False)
 
 

@@ -91,3 +91,41 @@ def test_bad_values_are_rejected_with_the_key(override, message):
 def test_missing_preset_lists_presets():
     with pytest.raises(ValueError, match="cpu_demo"):
         load_config("configs/nope.yaml")
+
+
+CLUSTER = ["distribute.coordinator=10.0.0.1:1234", "distribute.num_processes=2"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([*CLUSTER, "distribute.process_id=2"], r"distribute\.process_id = 2 is invalid: processes are numbered 0\.\.1"),
+    (["distribute.coordinator=10.0.0.1:1234"], r"distribute\.coordinator given without distribute\.num_processes, "
+                                               r"distribute\.process_id"),
+    (["distribute.num_processes=2", "distribute.process_id=0"], r"without distribute\.coordinator"),
+    (["distribute.coordinator=10.0.0.1", "distribute.num_processes=2", "distribute.process_id=0"], r"HOST:PORT"),
+    ([*CLUSTER, "distribute.process_id=0", "distribute.multi_process=off"], r"multi_process = 'off' contradicts"),
+    (["distribute.multi_process=maybe"], r"distribute\.multi_process = 'maybe' is invalid: expected auto, on or off"),
+    (["distribute.num_processes=0"], r"distribute\.num_processes = 0 is invalid"),
+])
+def test_bad_distribute_settings_say_what_to_change(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_distribute_settings_load_and_default_to_the_environment():
+    cfg = load_config(None, [*CLUSTER, "distribute.process_id=1"])
+    assert (cfg.distribute.coordinator, cfg.distribute.num_processes, cfg.distribute.process_id) == \
+        ("10.0.0.1:1234", 2, 1)
+    default = load_config(None, []).distribute
+    assert (default.multi_process, default.coordinator, default.num_processes, default.process_id) == \
+        ("auto", "", None, None)
+
+
+def test_saved_config_does_not_rejoin_the_cluster(tmp_path):
+    """A run's config.yaml keeps the cluster in ``_meta`` only: reused elsewhere, it trains alone."""
+    cfg = load_config(None, [*CLUSTER, "distribute.process_id=0", "train.epochs=3"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, str(path))
+    assert yaml.safe_load(path.read_text())["_meta"]["distribute"]["coordinator"] == "10.0.0.1:1234"
+    again = load_config(str(path))
+    assert again.train.epochs == 3
+    assert (again.distribute.coordinator, again.distribute.num_processes, again.distribute.process_id) == ("", None, None)

@@ -270,16 +270,28 @@ class EvalData:
     ``images`` alone, or ``(images, targets, weights)`` with weight 0 on padding rows (so
     ``model.evaluate`` ignores them). Row ``i < num_examples`` of the concatenated predictions belongs
     to ``ids[i]``; ``unpad(predictions)`` drops the padding rows.
+
+    One share of ``num_shards`` (several JAX processes, ``shard_index`` this one): ``dataset`` yields
+    ``num_batches`` batches of ``local_batch_size`` = ``batch_size / num_shards``, and row ``k`` of the
+    share is record ``k * num_shards + shard_index`` (``record_index``; past ``num_examples``: padding).
+    ``ids`` and ``targets`` still cover every record, for the metric.
     """
 
-    def __init__(self, dataset, files, num_examples: int, batch_size: int, split: str):
+    def __init__(self, dataset, files, num_examples: int, batch_size: int, split: str, *, num_shards: int = 1,
+                 shard_index: int = 0):
         self.dataset = dataset
         self.files = list(files)
         self.num_examples = int(num_examples)
         self.batch_size = int(batch_size)
         self.split = split
+        self.num_shards, self.shard_index = int(num_shards), int(shard_index)
+        self.local_batch_size = self.batch_size // self.num_shards
         self.num_batches = math.ceil(self.num_examples / self.batch_size)
         self.num_padding = self.num_batches * self.batch_size - self.num_examples
+
+    def record_index(self, position):
+        """The record (row of ``ids``) at ``position`` in this share's stream of rows (numbers or tensors)."""
+        return position * self.num_shards + self.shard_index
 
     @functools.cached_property
     def _labels(self) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +323,9 @@ class EvalData:
 
     def unpad(self, predictions):
         """Drop the padding rows: ``predictions[:num_examples]`` (after checking the row count)."""
+        if self.num_shards > 1:
+            raise ValueError("unpad needs every row in order, but this is one share of several processes: predict "
+                             "with serve.predict.predict_eval, which places rows by their record index")
         predictions = np.asarray(predictions)
         if predictions.shape[0] != self.num_batches * self.batch_size:
             raise ValueError(f"expected {self.num_batches * self.batch_size} predicted rows "
@@ -326,13 +341,18 @@ def _ordered_records(files):
 
 def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch_size: int, *,
                        fold: int | None = None, image_size: int | None = None, tta: str = "identity",
-                       with_targets: bool = True, with_weights: bool = False, image_dtype=None) -> EvalData:
+                       with_targets: bool = True, with_weights: bool = False, image_dtype=None,
+                       num_shards: int = 1, shard_index: int = 0) -> EvalData:
     """Validation (``split='valid'``, fold ``fold``) or test data, in a fixed order, every batch full.
 
     No augmentation; ``tta='hflip'`` mirrors every image (test-time augmentation). The last batch is
     padded with zero images (targets 0, weight 0) up to ``global_batch_size``; drop them from
     predictions with ``EvalData.unpad``. ``with_targets=False`` yields images only (prediction);
     ``with_weights=True`` adds per-row weights (0 on padding) for ``model.evaluate``.
+
+    ``num_shards`` > 1 (several JAX processes): only share ``shard_index``, every ``num_shards``-th record
+    (chosen before decoding, so each process decodes its share alone), in batches of
+    ``global_batch_size / num_shards``, padded so that every share has the same number of batches.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
@@ -340,6 +360,9 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
         raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards or global_batch_size % num_shards:
+        raise ValueError(f"share {shard_index} of {num_shards} of batches of {global_batch_size}: the shares are "
+                         "numbered 0..num_shards-1 and must split the global batch evenly")
     _, num_folds, stored_size = _manifest_info(tfrecords_dir)
     if split == "valid":
         fold = _check_fold(fold, num_folds)
@@ -361,10 +384,15 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
         image = _to_model_dtype(expand_channels(image, channels), dtype)
         return image, parsed[records.TARGET], tf.constant(1.0)
 
-    ds = _ordered_records(files).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = _ordered_records(files)
+    if num_shards > 1:
+        ds = ds.shard(num_shards, shard_index)
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     if cfg.data.cache and split == "valid":
         ds = ds.cache()
-    pad = math.ceil(num_examples / global_batch_size) * global_batch_size - num_examples
+    local_batch = global_batch_size // num_shards
+    share_rows = len(range(shard_index, num_examples, num_shards))
+    pad = math.ceil(num_examples / global_batch_size) * local_batch - share_rows
     if pad:
         padding = (tf.zeros([size, size, channels], dtype), tf.zeros([NUM_CLASSES], tf.float32), tf.constant(0.0))
         ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
@@ -374,8 +402,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
         ds = ds.map(lambda x, y, w: (x, y))
     else:
         ds = ds.map(lambda x, y, w: x)
-    ds = ds.batch(global_batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-    return EvalData(ds, files, num_examples, global_batch_size, split)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    return EvalData(ds, files, num_examples, global_batch_size, split, num_shards=num_shards, shard_index=shard_index)
 
 
 # ----------------------------------------------------------------------------------------------- preview

@@ -11,6 +11,10 @@ the graph (a float32 sigmoid over logits), so validation AUC, ``oof.csv`` and th
 from the same numbers. Keras ``predict`` compiles the predictor once; a Keras callback passed in
 ``callbacks`` may stop a pass early (``model.stop_predicting = True``, the kernel's time budget), and
 ``allow_partial=True`` then returns NaN rows for the rows not reached.
+
+Several JAX processes (``train.multihost``): each feeds its share of the rows (``EvalData.num_shards``)
+and the predictor ends in ``GatherFromAllProcesses``, an all-gather in the graph, so every process gets
+every row back and places it by its index: the exact metric over every study once, on every process.
 """
 
 from __future__ import annotations
@@ -21,27 +25,46 @@ import keras
 import numpy as np
 
 
-def _indexed_model(model: keras.Model, from_logits: bool) -> keras.Model:
-    """``{"image", "index"} -> {"probabilities", "index"}`` sharing ``model``'s weights."""
+class GatherFromAllProcesses(keras.layers.Layer):
+    """Identity whose output every process holds in full: the batch rows of all processes, gathered in
+    the graph (``keras.distribution.distribute_tensor`` to a replicated layout over the global mesh).
+
+    Keras' JAX ``predict`` returns the batch-sharded outputs of a multi-process ``DataParallel`` as arrays
+    that span other hosts' devices, which no process can read ("Fetching value for `jax.Array` that
+    spans non-addressable ... devices is not possible"); replicated, each process reads all of them.
+    """
+
+    def call(self, inputs):
+        mesh = keras.distribution.distribution().device_mesh
+        return keras.distribution.distribute_tensor(
+            inputs, keras.distribution.TensorLayout([None] * len(inputs.shape), mesh))
+
+
+def _indexed_model(model: keras.Model, from_logits: bool, gather: bool = False) -> keras.Model:
+    """``{"image", "index"} -> {"probabilities", "index"}`` sharing ``model``'s weights; ``gather``: every
+    process receives every process's rows (``GatherFromAllProcesses``)."""
     source = model.inputs[0]
     image = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype, name="image")
     index = keras.Input(shape=(), dtype="int32", name="index")
     outputs = model(image)
     if from_logits:
         outputs = keras.layers.Activation("sigmoid", dtype="float32", name="to_probabilities")(outputs)
-    return keras.Model({"image": image, "index": index},
-                       {"probabilities": outputs, "index": keras.layers.Identity(name="row_index")(index)},
+    row_index = keras.layers.Identity(name="row_index")(index)
+    if gather:
+        outputs = GatherFromAllProcesses(name="gather_probabilities")(outputs)
+        row_index = GatherFromAllProcesses(name="gather_row_index")(row_index)
+    return keras.Model({"image": image, "index": index}, {"probabilities": outputs, "index": row_index},
                        name="indexed_predictor")
 
 
 def _indexed_dataset(eval_data):
     import tensorflow as tf
 
-    batch = eval_data.batch_size
+    batch = eval_data.local_batch_size  # the whole batch, or this process's share of it
 
     def add_index(step, element):
         images = element[0] if isinstance(element, (tuple, list)) else element
-        index = tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32)
+        index = eval_data.record_index(tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32))
         return {"image": images, "index": index}
 
     # A known length lets predict stop without probing (and warning about) the end of the data.
@@ -57,8 +80,10 @@ def build_predictor(model: keras.Model, *, from_logits: bool, placement=None) ->
     # multi-worker predict hands each worker the same first part of an unsharded set, and a sharded set
     # would leave workers with unequal numbers of batches.
     local = placement is not None and placement.kind == "multiworker"
+    # Several JAX processes predict one set together (each its share), then gather (the module docstring).
+    gather = placement is not None and placement.kind == "jax" and placement.num_workers > 1
     with placement.scope() if placement is not None and not local else contextlib.nullcontext():
-        return _indexed_model(model, from_logits)
+        return _indexed_model(model, from_logits, gather=gather)
 
 
 def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=None,

@@ -26,6 +26,7 @@ import numpy as np
 from ranzcr_tf import compat, io_utils
 from ranzcr_tf.labels import LABELS
 from ranzcr_tf.serve import predict as serve_predict  # the one prediction function (validation, OOF, kernel)
+from ranzcr_tf.train import multihost
 from ranzcr_tf.train.schedules import learning_rate_value
 
 KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this process after that epoch's backup
@@ -198,7 +199,8 @@ def _atomic_save_model(model: keras.Model, path: str) -> None:
     for layer in synced:
         layer.synchronized = False
     try:
-        _write_then_rename(model.save, path, "the best model", "the previous best.keras is intact")
+        with multihost.process_local_objects():  # every process saves (the others to a scratch folder), unsynchronised
+            _write_then_rename(model.save, path, "the best model", "the previous best.keras is intact")
     finally:
         for layer in synced:
             layer.synchronized = True
@@ -367,8 +369,9 @@ class Backup(keras.callbacks.Callback):
         name = f"epoch{epochs_done}.weights.h5"
         previous = backup_epoch(self.backup_dir)
         keeps = (f"the backup of epoch {previous} is intact" if previous is not None else "no earlier backup exists")
-        _write_then_rename(lambda tmp: self.model.save_weights(tmp, overwrite=True),
-                           io_utils.join(self.backup_dir, name), "the backup", keeps)
+        with multihost.process_local_objects():  # the chief alone: no collectives (multihost)
+            _write_then_rename(lambda tmp: self.model.save_weights(tmp, overwrite=True),
+                               io_utils.join(self.backup_dir, name), "the backup", keeps)
         try:
             io_utils.atomic_write_json(io_utils.join(self.backup_dir, BACKUP_METADATA),
                                        {"epoch": epochs_done, "batch": 0, "weights": name})

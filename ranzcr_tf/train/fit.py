@@ -26,7 +26,7 @@ from ranzcr_tf.prep import records
 from ranzcr_tf.serve import predict as serve_predict
 from ranzcr_tf.serve.modelio import load_model_file
 from ranzcr_tf.train import callbacks as cbs
-from ranzcr_tf.train import identity, recipes
+from ranzcr_tf.train import identity, multihost, recipes
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
 
@@ -73,7 +73,9 @@ def make_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, placement, *,
 
     One process (default, mirrored, TPU, JAX): global batches, which the strategy splits across its
     replicas in order. Several workers: a distributed dataset whose every worker reads only its share
-    (``worker_dataset_fn``) in per-replica batches, so a step still trains on one global batch.
+    (``worker_dataset_fn``) in per-replica batches, so a step still trains on one global batch. Several
+    JAX processes: this process's share in batches of global / processes (``multihost.input_context``),
+    which Keras puts together with the other processes' parts into the global batch.
     """
     if placement.num_workers > 1 and placement.strategy is not None:
         return placement.strategy.distribute_datasets_from_function(
@@ -81,9 +83,10 @@ def make_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, placement, *,
                               deterministic=deterministic))
     from ranzcr_tf.pipeline import data
 
+    context = multihost.input_context(placement) if multihost.is_multi_process(placement) else None
     return data.build_train_dataset(cfg, tfrecords_dir, fold, placement.global_batch_size(cfg.train.batch_size),
-                                    image_size=image_size, seed=seed, image_dtype=_image_dtype(cfg, placement),
-                                    deterministic=deterministic)
+                                    image_size=image_size, input_context=context, seed=seed,
+                                    image_dtype=_image_dtype(cfg, placement), deterministic=deterministic)
 
 
 def worker_dataset_fn(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int, seed=None,
@@ -134,8 +137,9 @@ def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, ima
 
     dtype = _image_dtype(cfg, placement)
     batch = placement.global_batch_size(cfg.infer.batch_size)
+    num_shares, share = multihost.process_share(placement)  # several JAX processes: each decodes its share
     return data.build_eval_dataset(cfg, tfrecords_dir, "valid", batch, fold=fold, image_size=image_size,
-                                   with_targets=False, image_dtype=dtype)
+                                   with_targets=False, image_dtype=dtype, num_shards=num_shares, shard_index=share)
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -208,6 +212,8 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
     if restart and placement.is_chief and io_utils.exists(chief_dir):
         print(f"fold {fold}: --restart: discarding {chief_dir}", flush=True)
         io_utils.rmtree(chief_dir)
+    # Several JAX processes: the others read the chief's folder only after it has been discarded.
+    multihost.check_same_everywhere(placement, f"fold {fold}", fold)
     if placement.is_chief:
         return _train_fold(cfg, tfrecords_dir, fold, chief_dir, chief_dir, manifest, placement, verbose)
     # Only the chief writes the run folder; other workers write their copies to a private temp folder,
@@ -238,9 +244,14 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
         if note:
             print(note, flush=True)
     state = cbs.read_state(io_utils.join(chief_dir, runs.STATE_FILE))
-    if state.get("completed") and io_utils.exists(paths[runs.METRICS_FILE]) and io_utils.exists(paths[runs.OOF_FILE]):
+    # The chief's files (every worker reads them), so that all workers skip a finished fold together.
+    chief_metrics = io_utils.join(chief_dir, runs.METRICS_FILE)
+    finished = bool(state.get("completed")) and io_utils.exists(chief_metrics) and \
+        io_utils.exists(io_utils.join(chief_dir, runs.OOF_FILE))
+    multihost.check_same_everywhere(placement, f"whether fold {fold} has finished", int(finished))
+    if finished:
         print(f"fold {fold} already finished in {chief_dir} (pass --restart to train it again)", flush=True)
-        return json.loads(io_utils.read_text(paths[runs.METRICS_FILE]))
+        return json.loads(io_utils.read_text(chief_metrics))
 
     io_utils.makedirs(run_dir)
     identity.write_identity(run_dir, current)
@@ -278,6 +289,7 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
                 compat.optimizer_step_counter(optimizer).assign(previous_iterations)
         backup_dir = _backup_dir(chief_dir, index)
         initial_epoch = cbs.backup_epoch(backup_dir) or first_epoch
+        multihost.check_same_everywhere(placement, f"the stage and epoch fold {fold} resumes at", index, initial_epoch)
         callbacks, stateful = _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags,
                                                from_logits, verbose)
         snapshot = state.get("snapshots", {}).get(str(initial_epoch - 1), {}) if initial_epoch > 0 else {}
@@ -305,7 +317,7 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
             print(f"early stopping after epoch {stateful['early_stopping'].stopped_epoch}", flush=True)
             break
 
-    result = _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits)
+    result = _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_logits)
     if placement.is_chief:
         state = cbs.read_state(paths[runs.STATE_FILE])
         state["completed"] = True
@@ -367,18 +379,26 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
     return callbacks, stateful
 
 
-def _finish(cfg, fold, run_dir, paths, eval_data, placement, from_logits) -> dict:
+def _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_logits) -> dict:
     """Reload best.keras, predict the validation fold in order, write oof.csv and metrics.json."""
     from ranzcr_tf.model.metrics import competition_metric
 
-    if not io_utils.exists(paths[runs.MODEL_FILE]):
+    # Every worker reloads the same best.keras: the chief's, once it is written (the barrier), since a
+    # worker's own copy lacks the epochs before a resume; its own where it cannot read the chief's folder
+    # (a first run on local disks: the same epochs improved, so the same weights; checked below).
+    multihost.check_same_everywhere(placement, f"fold {fold} reaching its end", fold)
+    best_dir = chief_dir if io_utils.exists(io_utils.join(chief_dir, runs.MODEL_FILE)) else run_dir
+    if not io_utils.exists(io_utils.join(best_dir, runs.MODEL_FILE)):
         raise RuntimeError(f"no best.keras in {run_dir}: no epoch produced a finite validation AUC")
+    info = cbs.read_state(io_utils.join(best_dir, runs.BEST_INFO_FILE))
+    # Several JAX processes predict one set together, each with its own copy of the weights: they must agree.
+    best_epoch = info.get("epoch")
+    multihost.check_same_everywhere(placement, "the best epoch", -1 if best_epoch is None else int(best_epoch))
     with placement.scope():
-        best = load_model_file(paths[runs.MODEL_FILE])
+        best = load_model_file(io_utils.join(best_dir, runs.MODEL_FILE))
     probs = serve_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
     targets = np.asarray(eval_data.targets)
     mean_auc, per_class = competition_metric(targets, probs)
-    info = cbs.read_state(io_utils.join(run_dir, runs.BEST_INFO_FILE))
     result = {"fold": fold, "val_auc": mean_auc, "per_class_auc": per_class, "best_epoch": info.get("epoch"),
               "logged_val_auc": info.get("val_auc"), "num_examples": int(eval_data.num_examples),
               "placement": placement.kind, "num_replicas": placement.num_replicas}

@@ -9,8 +9,9 @@ Settings that MAY change on resume (they do not shape the weights or the optimiz
 - ``infer.*`` (validation batch size, TTA), ``data.cache``, ``data.image_dtype`` (the pixels are the same
   integers in every dtype), ``data.tfrecords`` and ``data.data_dir`` (paths: the records themselves are
   compared by their manifest hash and shard bytes);
-- ``train.strategy``, ``train.steps_per_execution``, ``train.jit_compile`` (placement and speed; the
-  global batch and steps per epoch they lead to are compared);
+- ``train.strategy``, ``train.steps_per_execution``, ``train.jit_compile`` and ``distribute.*`` (placement
+  and speed, and each host's own process number; the global batch and steps per epoch they lead to are
+  compared);
 - ``train.early_stopping_patience`` (when to stop, not what was learned);
 - ``train.epochs`` only with ``train.schedule`` constant or plateau: cosine and exponential spread their
   curve over the epochs, so a changed count changes the learning rate the checkpoint continues with.
@@ -33,7 +34,7 @@ from ranzcr_tf.prep import records
 
 IDENTITY_FILE = runs.IDENTITY_FILE
 MAY_CHANGE = ("infer.", "data.cache", "data.image_dtype", "data.tfrecords", "data.data_dir", "train.strategy",
-              "train.steps_per_execution", "train.jit_compile", "train.early_stopping_patience")
+              "train.steps_per_execution", "train.jit_compile", "train.early_stopping_patience", "distribute.")
 EPOCHS_FREE_SCHEDULES = ("constant", "plateau")
 # What a fold folder holds once training has made progress (identity.json alone is not progress).
 PROGRESS_FILES = (runs.MODEL_FILE, runs.STATE_FILE, runs.BACKUP_DIR)

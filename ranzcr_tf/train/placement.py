@@ -8,7 +8,9 @@
 ``auto`` picks, in this order:
 
 1. the JAX backend (``KERAS_BACKEND=jax``) -> ``keras.distribution.DataParallel`` over every JAX device
-   (TensorFlow, which only feeds tf.data there, is kept off the accelerators);
+   (TensorFlow, which only feeds tf.data there, is kept off the accelerators), across several processes
+   (TPU pod hosts, GPU hosts) when the ``distribute`` settings or the environment name a cluster
+   (``train.multihost``);
 2. a TPU that ``TPUClusterResolver`` can reach -> ``TPUStrategy``;
 3. ``TF_CONFIG`` set -> ``MultiWorkerMirroredStrategy`` (several hosts, or several processes on one);
 4. more than one GPU -> ``MirroredStrategy``;
@@ -102,9 +104,10 @@ def detect_accelerator() -> str:
     return "cpu"
 
 
-def choose_placement(requested: str = "auto") -> Placement:
+def choose_placement(requested: str = "auto", distribute=None) -> Placement:
     """Create the distribution for ``requested`` (one of ``KINDS``); ``auto`` decides as the module says.
 
+    ``distribute``: the config's ``DistributeConfig`` (several JAX processes; ``None`` = the defaults).
     Raises ``ValueError`` when the requested placement cannot run here, saying what to use instead.
     """
     if requested not in KINDS:
@@ -114,11 +117,14 @@ def choose_placement(requested: str = "auto") -> Placement:
         if requested not in ("auto", "jax", "default"):
             raise ValueError(f"strategy {requested!r} is a TensorFlow strategy but KERAS_BACKEND=jax: "
                              "use --strategy jax (or auto), or run with KERAS_BACKEND=tensorflow")
-        return _jax_placement(requested)
+        return _jax_placement(requested, distribute)
     if backend != "tensorflow":
         raise ValueError(f"Keras backend {backend!r} is not supported: set KERAS_BACKEND to tensorflow or jax")
     if requested == "jax":
         raise ValueError("strategy jax needs the JAX backend: run with KERAS_BACKEND=jax")
+    if getattr(distribute, "coordinator", "") or getattr(distribute, "multi_process", "auto") == "on":
+        raise ValueError("the distribute.* settings are for the JAX backend: run with KERAS_BACKEND=jax, or give "
+                         "TensorFlow its cluster in TF_CONFIG (MultiWorkerMirroredStrategy) and drop them")
 
     import tensorflow as tf
 
@@ -209,9 +215,11 @@ def _multiworker_placement(tf) -> Placement:
 
 
 # ----------------------------------------------------------------------------------------------- JAX
-def _jax_placement(requested: str) -> Placement:
+def _jax_placement(requested: str, distribute=None) -> Placement:
     import jax
     import keras
+
+    from ranzcr_tf.train import multihost
 
     try:  # TensorFlow only feeds tf.data here: it must not reserve GPU/TPU memory that JAX needs.
         from ranzcr_tf.pipeline.data import hide_accelerators_from_tf
@@ -219,6 +227,12 @@ def _jax_placement(requested: str) -> Placement:
         hide_accelerators_from_tf()
     except ImportError:  # TensorFlow absent: tf.data cannot run either, the data module says so later
         pass
+    joined = multihost.multi_process_reason(distribute)
+    if joined and requested == "default":
+        raise ValueError(f"--strategy default trains on one device, but this process is one of several ({joined}): "
+                         "use --strategy jax (or auto), or set distribute.multi_process=off")
+    if joined:  # before the first jax.devices(): afterwards JAX cannot join other processes
+        multihost.initialize_processes(distribute, joined)
     devices = jax.devices()
     platform = devices[0].platform
     accelerator = detect_accelerator()
@@ -226,11 +240,16 @@ def _jax_placement(requested: str) -> Placement:
         return Placement("default", "--strategy default was asked for (JAX backend, first device only)", 1,
                          accelerator, devices=[str(devices[0])])
     keras_devices = keras.distribution.list_devices()
-    distribution = keras.distribution.DataParallel(devices=keras_devices)
-    keras.distribution.set_distribution(distribution)
+    processes = jax.process_count()
     why = f"KERAS_BACKEND=jax with {len(keras_devices)} {platform} device(s): batch split over all of them"
+    if processes > 1:
+        multihost.check_device_counts(len(keras_devices), jax.local_device_count(), processes)
+        why += f", in {processes} processes joined because {joined or 'JAX was initialised for several'}"
+    # Several processes: each reads its own share of the records (train.fit), so Keras must not shard again.
+    distribution = keras.distribution.DataParallel(devices=keras_devices, auto_shard_dataset=processes == 1)
+    keras.distribution.set_distribution(distribution)
     return Placement("jax", why, len(keras_devices), accelerator, distribution=distribution,
-                     num_workers=jax.process_count(), worker_index=jax.process_index(),
+                     num_workers=processes, worker_index=jax.process_index(),
                      is_chief=jax.process_index() == 0, devices=keras_devices)
 
 
