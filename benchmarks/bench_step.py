@@ -336,6 +336,8 @@ def call_worker(args, name: str, worker: str, backend: str, compiled: bool) -> d
             return json.loads(line[len(RESULT_MARK):])
     tail = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][-15:]
     print("\n".join(f"  {name}| {line}" for line in tail), file=sys.stderr)
+    if done.returncode < 0:  # stopped from outside (the last line it printed would mislead)
+        return {"failed": f"killed by signal {-done.returncode} before it reported"}
     return {"failed": f"exit {done.returncode}: {tail[-1][:160] if tail else 'no output'}"}
 
 
