@@ -163,8 +163,13 @@ class InferReport:
 
 
 # ----------------------------------------------------------------------------------------------- maths
-def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConfig) -> tuple[np.ndarray, list[int]]:
-    """Views -> folds -> models, over the passes present in ``results``; returns ``(probs, models used)``."""
+def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConfig,
+                    blend: ensemble.BlendWeights | None = None) -> tuple[np.ndarray, list[int]]:
+    """Views -> folds -> models, over the passes present in ``results``; returns ``(probs, models used)``.
+
+    ``blend`` (fitted per-label weights, ``serve/blend.py``) replaces ``infer_cfg.ensemble``; a model dropped by
+    the budget leaves its weight out, the other models' weights are renormalised per label.
+    """
     used = sorted({m for m, _, _ in results})
     per_model = []
     for m in used:
@@ -172,6 +177,10 @@ def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConf
         fold_probs = [ensemble.average_views([results[k] for k in sorted(results) if k[:2] == (m, f)])
                       for f in folds]
         per_model.append(ensemble.average_folds(fold_probs))
+    if blend is not None:
+        weights = np.array(blend.weights[used], dtype=np.float64)
+        weights[:, weights.sum(axis=0) <= 0] = 1.0  # a label whose weighted models were all dropped: plain mean
+        return ensemble.blend_models(per_model, weights, rank=blend.rank), used
     weights = None
     if infer_cfg.ensemble == "weighted":
         weights = [ensemble.check_weights(infer_cfg.weights, len(models))[m] for m in used]
@@ -242,7 +251,8 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
 
 def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: InferConfig, budget: Budget, *,
                      batch_size: int | None = None, progress: bool = True,
-                     checkpoint: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, InferReport]:
+                     checkpoint: Callable[[np.ndarray], None] | None = None,
+                     blend: ensemble.BlendWeights | None = None) -> tuple[np.ndarray, InferReport]:
     """Predict every test row with the largest plan that fits the budget; ``(probs, report)``.
 
     ``probs`` has the template's rows and ``labels.LABELS`` columns, every value in [0, 1], no NaN:
@@ -250,9 +260,10 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
     called after every finished pass with the ensemble so far (the kernel writes it out atomically).
     ``batch_size`` None uses each fold's own ``infer.batch_size`` from its saved config.
     If no pass finishes in time, the rows the unfinished pass did predict are used and the rest filled.
+    ``blend``: fitted per-label weights (``serve/blend.py``) used instead of ``infer_cfg.ensemble``.
     """
     run = _EnsembleRun.plan(models, source, infer_cfg, budget, batch_size=batch_size, progress=progress,
-                            checkpoint=checkpoint)
+                            checkpoint=checkpoint, blend=blend)
     try:
         # Model by model, fold by fold, so each model file is loaded once (module docstring).
         for model_index, spec in enumerate(models):
@@ -284,6 +295,7 @@ class _EnsembleRun:
     batch_size: int | None
     progress: bool
     checkpoint: Callable[[np.ndarray], None] | None
+    blend: ensemble.BlendWeights | None = None
     results: dict = field(default_factory=dict)  # key -> probs of a finished pass
     partial: np.ndarray | None = None  # rows of the pass abandoned at the deadline
     announced: set = field(default_factory=set)  # models whose time estimate was already logged
@@ -292,14 +304,18 @@ class _EnsembleRun:
     @classmethod
     def plan(cls, models: list[ModelSpec], source: TestSource, infer_cfg: InferConfig, budget: Budget, *,
              batch_size: int | None, progress: bool,
-             checkpoint: Callable[[np.ndarray], None] | None) -> _EnsembleRun:
+             checkpoint: Callable[[np.ndarray], None] | None,
+             blend: ensemble.BlendWeights | None = None) -> _EnsembleRun:
         """Check the inputs and lay out the degrade levels and cost model before any pass runs."""
         infer_cfg.validate()
         if not models:
             raise ValueError("no models to predict with")
         views = list(infer_cfg.tta)
         # When models must be dropped, the lowest-weighted go first (weighted ensembles), else the last listed.
-        if infer_cfg.ensemble == "weighted":
+        if blend is not None:  # a blend's least-weighted model (mean over labels) is dropped first
+            weights = np.asarray(blend.weights).mean(axis=1)
+            priority = sorted(range(len(models)), key=lambda m: -weights[m])
+        elif infer_cfg.ensemble == "weighted":
             weights = ensemble.check_weights(infer_cfg.weights, len(models))
             priority = sorted(range(len(models)), key=lambda m: -weights[m])
         else:
@@ -315,7 +331,7 @@ class _EnsembleRun:
                    fold_counts=fold_counts, levels=levels, costs=costs,
                    report=InferReport(full_plan=describe_plan(levels[0], fold_counts, len(views))),
                    row_of={sid: row for row, sid in enumerate(source.ids)}, batch_size=batch_size,
-                   progress=progress, checkpoint=checkpoint)
+                   progress=progress, checkpoint=checkpoint, blend=blend)
 
     def replan(self) -> frozenset:
         """The largest plan that still fits the time left, never larger than the one already chosen."""
@@ -392,13 +408,15 @@ class _EnsembleRun:
         self.costs.done.add(key)
         self.report.done.append(key)
         if self.checkpoint is not None:
-            self.checkpoint(_finish(self.results, self.models, self.infer_cfg, self.report, self.source, quiet=True))
+            self.checkpoint(_finish(self.results, self.models, self.infer_cfg, self.report, self.source, quiet=True,
+                                    blend=self.blend))
 
     # ------------------------------------------------------------------------------------------- result
     def final_probs(self) -> tuple[np.ndarray, InferReport]:
         """The ensemble of the finished passes, else the abandoned pass's rows, else 0.5 everywhere."""
         if self.results:
-            return _finish(self.results, self.models, self.infer_cfg, self.report, self.source), self.report
+            return _finish(self.results, self.models, self.infer_cfg, self.report, self.source,
+                           blend=self.blend), self.report
         partial = self.partial
         if partial is None:
             _log("warning: no prediction finished within the budget: every row gets 0.5")
@@ -409,8 +427,8 @@ class _EnsembleRun:
 
 
 def _finish(results: dict, models: list[ModelSpec], infer_cfg: InferConfig, report: InferReport,
-            source: TestSource, quiet: bool = False) -> np.ndarray:
-    probs, used = combine_results(results, models, infer_cfg)
+            source: TestSource, quiet: bool = False, blend: ensemble.BlendWeights | None = None) -> np.ndarray:
+    probs, used = combine_results(results, models, infer_cfg, blend)
     filled, count = ensemble.fill_missing_rows(probs)
     if not quiet:
         report.filled_rows = count
