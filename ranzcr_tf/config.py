@@ -215,6 +215,8 @@ class TrainConfig:
     mask_line_width: float = 8.0  # aux_seg: drawn line width in stored pixels
     mask_max_lines: int = 8  # aux_seg: polylines per study kept (fixed shapes; the rest are dropped)
     mask_max_points: int = 256  # aux_seg: polyline points per study kept, all lines together
+    soft_labels: str | None = None  # CSV of ID + 11 probabilities (serve/pseudo.py): soft training targets
+    soft_alpha: float = 0.5  # target = alpha x soft + (1 - alpha) x hard where a hard label exists (pipeline/soft.py)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -237,6 +239,7 @@ class TrainConfig:
         _check(self.mask_line_width > 0, "train.mask_line_width", self.mask_line_width, "> 0 (stored pixels)")
         _check(self.mask_max_lines >= 1, "train.mask_max_lines", self.mask_max_lines, "an integer >= 1")
         _check(self.mask_max_points >= 2, "train.mask_max_points", self.mask_max_points, "an integer >= 2")
+        _check(0 <= self.soft_alpha <= 1, "train.soft_alpha", self.soft_alpha, "in [0, 1] (1: soft labels alone)")
 
 
 @dataclass

@@ -241,8 +241,11 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         mask_settings = masks.MaskSettings.from_config(cfg.train)
         masks.mask_size(size)  # a clear error now rather than inside the map
 
+    target_of = _target_fn(cfg)
+
     def prepare(serialized, element_seed):
         parsed = records.parse_example(serialized, with_annotations=with_masks)
+        parsed[records.TARGET] = target_of(parsed)
         image = decode_for_model(parsed[records.IMAGE], size, channels=1)
         if not with_masks:
             if augment:
@@ -260,6 +263,17 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def _target_fn(cfg: Config):
+    """``parsed -> target``: the record's hard labels, or with ``train.soft_labels`` the soft/hard mix
+    (``pipeline/soft.py``). Training only: validation and OOF always score against the hard labels."""
+    if not cfg.train.soft_labels:
+        return lambda parsed: parsed[records.TARGET]
+    from ranzcr_tf.pipeline.soft import SoftLabels
+
+    soft_target = SoftLabels.read(cfg.train.soft_labels).target_fn(cfg.train.soft_alpha)
+    return lambda parsed: soft_target(parsed[ID_COLUMN], parsed[records.TARGET], parsed[records.HAS_TARGET])
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

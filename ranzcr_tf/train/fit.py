@@ -189,6 +189,12 @@ def check_inputs(cfg: Config, tfrecords_dir: str, manifest: dict) -> None:
     get_spec(cfg.model.backbone)
     check_weights(cfg.model.weights)
     records.check_shards(tfrecords_dir, manifest, records.TRAIN_DIR)
+    if cfg.train.soft_labels:  # every study any fold trains on needs its soft label: checked now, not mid-epoch
+        from ranzcr_tf.pipeline.soft import SoftLabels, training_ids
+
+        soft = SoftLabels.read(cfg.train.soft_labels)
+        ids = training_ids(tfrecords_dir, range(int(manifest.get("num_folds") or 0)))
+        soft.check_covers(ids, f"the training records of {tfrecords_dir}")
 
 
 def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placement, *, verbose: int = 1,
