@@ -61,6 +61,7 @@ class TestSource:
     _prepared: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)  # group key -> unusable images
     unusable: dict = field(default_factory=dict)  # test ID -> why it has no prediction
+    split: str = "test"  # the shards of ``tfrecords`` predicted: test, or extra (unlabeled records, serve/pseudo.py)
 
     @property
     def ids(self) -> list[str]:
@@ -97,6 +98,22 @@ class TestSource:
                      f"(documented fallback)")
         return source
 
+    @classmethod
+    def from_records(cls, tfrecords: str, split: str, work_dir: str) -> TestSource:
+        """Every record of ``tfrecords``'s ``split`` shards (test or extra), rows in record order; no sample.
+
+        The models must have been trained with the records' preprocessing (there are no raw images to redo).
+        """
+        from ranzcr_tf.serve.testrecords import read_shard_ids
+
+        if split not in (records.TEST_DIR, records.EXTRA_DIR):
+            raise ValueError(f"split must be test or extra, got {split!r}")
+        ids = [sid for path in records.list_shards(tfrecords, split) for sid in read_shard_ids(path)]
+        if not ids:
+            raise ValueError(f"no {split} shards in {tfrecords}: convert them first (make_tfrecords.py"
+                             f"{' --unlabeled DIR' if split == records.EXTRA_DIR else ''})")
+        return cls(template=template_from_ids(ids), tfrecords=tfrecords, work_dir=work_dir, split=split)
+
     def records_for(self, fold: FoldSpec, budget: Budget | None = None,
                     on_measured: Callable[[float], None] | None = None) -> str | None:
         """A test-records folder preprocessed exactly as ``fold``'s training records (``None``: no image readable)."""
@@ -113,6 +130,10 @@ class TestSource:
                 self._note_skipped(key, skipped)
             self._prepared[key] = folder
             return folder
+        if self.split != records.TEST_DIR:  # extra records: no raw images to preprocess again
+            raise ValueError(f"{fold.name} was trained on images preprocessed with {fold.preprocess}, but the "
+                             f"{self.split} records in {self.tfrecords} were made with "
+                             f"{_records_settings(self.tfrecords)}: convert them again with the run's settings")
         if not self.data_dir or not os.path.isdir(os.path.join(self.data_dir, "test")):
             where = (f"the records in {self.tfrecords} were made with {_records_settings(self.tfrecords)}"
                      if self.tfrecords else "no records were given")
@@ -218,7 +239,8 @@ class _PassMonitor(keras.callbacks.Callback):
 
 
 def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size: int, row_of: dict, budget: Budget,
-              on_calibrated: Callable[[float], None], progress: bool) -> tuple[np.ndarray, bool, float]:
+              on_calibrated: Callable[[float], None], progress: bool,
+              split: str = "test") -> tuple[np.ndarray, bool, float]:
     """One fold x one view: ``(probs in template rows with NaN where absent, complete?, seconds per image)``.
 
     Predicts through ``serve.predict.predict_eval``, the function validation and OOF writing use.
@@ -227,7 +249,7 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
 
     from ranzcr_tf.pipeline.data import build_eval_dataset
 
-    data = build_eval_dataset(fold.cfg, records_dir, "test", batch_size, tta=view, image_size=fold.image_size,
+    data = build_eval_dataset(fold.cfg, records_dir, split, batch_size, tta=view, image_size=fold.image_size,
                               with_targets=False)
     rows = np.array([row_of.get(i, -1) for i in data.ids])
     probs = np.full((len(row_of), NUM_CLASSES), np.nan)
@@ -398,7 +420,8 @@ class _EnsembleRun:
         view = self.views[key[2]]
         probs, complete, seconds_per_image = _run_pass(
             predictor, fold, records_dir, view, self.batch_size or int(fold.cfg.infer.batch_size), self.row_of,
-            self.budget, lambda s, key=key: self.calibrated(key, s), self.progress)
+            self.budget, lambda s, key=key: self.calibrated(key, s), self.progress,
+            split=self.source.split if self.source.tfrecords and records_dir == self.source.tfrecords else "test")
         if not complete:
             self.report.aborted.append(key)
             self.partial = probs  # the fallback if no pass at all finishes (final_probs)
