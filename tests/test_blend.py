@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.report.cv import TARGET_COLUMNS
 from ranzcr_tf.serve import blend
-from ranzcr_tf.serve.ensemble import blend_models
+from ranzcr_tf.serve.ensemble import blend_models, rank_normalize
 
 NUM_STUDIES, NUM_FOLDS = 240, 3
 
@@ -148,3 +148,18 @@ def test_blend_file_must_name_the_same_runs_and_labels(tmp_path):
     path.write_text(json.dumps({**fitted, "labels": list(reversed(LABELS))}))
     with pytest.raises(ValueError, match="submission order"):
         blend.read_blend(str(path))
+
+
+def test_with_rank_every_column_of_the_table_is_on_within_fold_ranks(two_runs, tmp_path):
+    out = tmp_path / "rank.json"
+    assert blend.main([two_runs["a"], two_runs["b"], "--out", str(out), "--rank", "--step", "0.1"]) == 0
+    fitted = json.loads(out.read_text())
+    runs = blend.load_runs([two_runs["a"], two_runs["b"]])
+    folds, targets = runs["folds"], runs["targets"]
+    order = np.concatenate([np.flatnonzero(folds == k) for k in range(NUM_FOLDS)])
+    ranked_a = np.concatenate([rank_normalize(runs["probs"][0][folds == k]) for k in range(NUM_FOLDS)])
+    expected = blend.score(targets[order], ranked_a, folds[order])
+    assert fitted["cv"]["single"]["run_a"]["cv_auc"] == pytest.approx(expected["cv_auc"], abs=1e-12)
+    # Per-fold AUCs do not depend on the ranking; the pooled score does (the scale differs between folds).
+    assert fitted["cv"]["single"]["run_a"]["mean_fold_auc"] == pytest.approx(
+        blend.score(targets, runs["probs"][0], folds)["mean_fold_auc"], abs=1e-12)

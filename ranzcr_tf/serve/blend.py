@@ -163,17 +163,26 @@ def fit_blend(runs: dict, divisions: int, rank: bool) -> dict:
     """Everything ``blend.json`` holds: the weights on all rows, and single / equal-mean / nested-blend CVs."""
     probs, targets, folds, names = runs["probs"], runs["targets"], runs["folds"], runs["names"]
     grid = simplex_grid(len(names), divisions)
-    blended, per_fold = nested_cv(runs, grid, rank)
-    equal = np.full((len(names), NUM_CLASSES), 1.0 / len(names))
-    equal_mean = np.concatenate([blend_models(list(probs[:, folds == k]), equal, rank=rank) for k in sorted(set(folds))])
-    order = np.concatenate([np.flatnonzero(folds == k) for k in sorted(set(folds))])
+    blended, fold_weights = nested_cv(runs, grid, rank)
+    fold_ids = sorted(set(folds.tolist()))
+    order = np.concatenate([np.flatnonzero(folds == k) for k in fold_ids])
+
+    def blend_by_fold(weights):  # blended fold by fold, as the nested blend is (ranks are taken within each fold)
+        return np.concatenate([blend_models(list(probs[:, folds == k]), weights, rank=rank) for k in fold_ids])
+
+    equal_mean = blend_by_fold(np.full((len(names), NUM_CLASSES), 1.0 / len(names)))
+    single = {}
+    for m, name in enumerate(names):  # on the blend's scale: with --rank each run's within-fold ranks
+        one_hot = np.zeros((len(names), NUM_CLASSES))
+        one_hot[m] = 1.0
+        single[name] = score(targets[order], blend_by_fold(one_hot), folds[order])
     weights = fit_weights(probs, targets, grid, rank)
     return {
         "format": BLEND_FORMAT, "runs": names, "labels": list(LABELS), "rank": bool(rank), "step": 1.0 / divisions,
         "weights": {label: dict(zip(names, weights[:, c].round(12).tolist())) for c, label in enumerate(LABELS)},
         "fold_weights": {str(k): {label: w[:, c].round(12).tolist() for c, label in enumerate(LABELS)}
-                         for k, w in per_fold.items()},
-        "cv": {"single": {name: score(targets, probs[m], folds) for m, name in enumerate(names)},
+                         for k, w in fold_weights.items()},
+        "cv": {"single": single,
                "equal_mean": score(targets[order], equal_mean, folds[order]),
                "blend_nested": score(targets, blended, folds)},
         "num_studies": int(len(folds)),
