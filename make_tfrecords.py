@@ -3,6 +3,7 @@
 
     python make_tfrecords.py --data-dir /path/to/ranzcr --out-dir tfrecords --image-size 768
     python make_tfrecords.py --config configs/cpu_demo.yaml --data-dir demo/data --out-dir demo/tfrecords
+    python make_tfrecords.py --unlabeled /path/to/images --out-dir extra_records --image-size 768   # extra/ shards
 
 Settings come from the config tree (defaults <- --config preset <- --set overrides) and explicit flags
 override both. Rerunning the same command resumes an interrupted conversion; --overwrite starts over.
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--data-dir", help="competition folder (train.csv, train/, test/, train_annotations.csv); "
                     "default: data.data_dir of --config, else the Kaggle input folder")
     io.add_argument("--out-dir", help="output folder, local or gs:// (default: data.tfrecords, i.e. tfrecords)")
+    io.add_argument("--unlabeled", metavar="DIR", help="instead: a folder of unlabeled .jpg/.png images (8/16-bit; "
+                    "DICOM not yet) -> --out-dir/extra/ records with has_target 0 and no folds, IDs from file names "
+                    "(for serve.pseudo and train.extra_records)")
     io.add_argument("--no-test", action="store_true", help="convert the training images only")
     io.add_argument("--limit", type=int, default=0,
                     help="only the first N train rows and N test IDs (smoke runs; default 0 = all)")
@@ -94,7 +98,29 @@ def resolve(args: argparse.Namespace):
     return cfg, options
 
 
+def run_unlabeled(args: argparse.Namespace) -> int:
+    """``--unlabeled DIR``: the images of DIR -> ``--out-dir/extra/`` shards (``prep/unlabeled.py``)."""
+    from ranzcr_tf.config import load_config
+
+    if not args.out_dir:  # never the default data.tfrecords, which holds the competition records
+        raise ValueError("--unlabeled needs --out-dir: a new folder for the unlabeled records")
+    flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items()
+             if getattr(args, dest) is not None and key.startswith("preprocess.")]
+    cfg = load_config(args.config, list(args.overrides) + flags)
+    cli.check_output_dir(args.out_dir)
+    from ranzcr_tf.prep.unlabeled import convert_unlabeled
+
+    manifest = convert_unlabeled(args.unlabeled, args.out_dir, cfg.preprocess, workers=args.workers,
+                                 shard_records=args.shard_records, progress=not args.quiet)
+    skipped = len(manifest["skipped"])
+    print(f"wrote {manifest['num_extra']} unlabeled records in {len(manifest['shards']['extra'])} shards to "
+          f"{args.out_dir}/extra" + (f"; skipped {skipped} files (listed in manifest.json)" if skipped else ""))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.unlabeled:
+        return run_unlabeled(args)
     _, options = resolve(args)
     cli.check_output_dir(options.out_dir)
     from ranzcr_tf.prep.convert import convert

@@ -229,6 +229,10 @@ class TrainConfig:
     mask_line_width: float = 8.0  # aux_seg: drawn line width in stored pixels
     mask_max_lines: int = 8  # aux_seg: polylines per study kept (fixed shapes; the rest are dropped)
     mask_max_points: int = 256  # aux_seg: polyline points per study kept, all lines together
+    soft_labels: str | None = None  # CSV of ID + 11 probabilities (serve/pseudo.py): soft training targets
+    soft_alpha: float = 0.5  # target = alpha x soft + (1 - alpha) x hard where a hard label exists (pipeline/soft.py)
+    extra_records: str | None = None  # make_tfrecords.py --unlabeled output: its extra/ shards join training only
+    extra_fraction: float = 0.5  # share of training examples drawn from extra_records (needs soft_labels for them)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -251,6 +255,10 @@ class TrainConfig:
         _check(self.mask_line_width > 0, "train.mask_line_width", self.mask_line_width, "> 0 (stored pixels)")
         _check(self.mask_max_lines >= 1, "train.mask_max_lines", self.mask_max_lines, "an integer >= 1")
         _check(self.mask_max_points >= 2, "train.mask_max_points", self.mask_max_points, "an integer >= 2")
+        _check(0 <= self.soft_alpha <= 1, "train.soft_alpha", self.soft_alpha, "in [0, 1] (1: soft labels alone)")
+        _check(0 < self.extra_fraction < 1, "train.extra_fraction", self.extra_fraction, "in (0, 1)")
+        _check(not self.extra_records or bool(self.soft_labels), "train.extra_records", self.extra_records,
+               "to come with train.soft_labels: unlabeled records train on their soft labels only")
 
 
 @dataclass

@@ -62,6 +62,9 @@ def write_tiny_records(root: str, *, num_folds: int = 3, per_fold: int = 24, siz
         json.dump(manifest, fh)
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(root, "train.csv"), index=False)
+    # The converter's folds.csv beside the shards (train.soft_labels reads the studies per fold from it).
+    folds = [int(sid.split(".")[-2]) for sid in table[ID_COLUMN]]
+    table[[ID_COLUMN, PATIENT_COLUMN]].assign(fold=folds).to_csv(os.path.join(root, records.FOLDS_CSV), index=False)
     return table
 
 

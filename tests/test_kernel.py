@@ -7,6 +7,7 @@ preprocessing; the run folders record those settings, and the kernel must find t
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -425,3 +426,39 @@ def test_truncated_test_shard_is_named_in_one_line(dataset, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("kaggle_kernel.py:")]
     assert code == 2 and len(lines) == 1 and f"shard {shard} is corrupt" in lines[0], err[-3000:]
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("rank", [False, True])
+def test_blend_json_applies_per_label_weights_in_the_kernel(dataset, tmp_path, rank):
+    # blend.json names runs by folder; the kernel reorders its weights to the --models order.
+    run1 = os.path.join(dataset["runs"], "asym_s1", "fold0")
+    run2 = os.path.join(dataset["runs"], "asym_s2")
+    w1 = np.linspace(0.0, 1.0, 11)
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps({"runs": ["asym_s2", "asym_s1"], "labels": list(LABELS), "rank": rank,
+                                "weights": {label: {"asym_s1": w1[c], "asym_s2": 1 - w1[c]}
+                                            for c, label in enumerate(LABELS)}}))
+    result = run_kernel(["--data-dir", dataset["data"], "--models", run1, run2, "--out", str(tmp_path / "sub.csv"),
+                         "--workers", "1", "--tta", "identity", "--blend", str(path)])
+    d1, d2 = good_asymmetries(dataset, S1), good_asymmetries(dataset, S2)
+    ids = list(d1)
+    p1 = np.array([sigmoid(SLOPES * d1[s] + BIASES) for s in ids])
+    p2 = np.array([sigmoid(-0.5 * SLOPES * d2[s] + 0.3) for s in ids])
+    if rank:
+        p1, p2 = [np.column_stack([(rankdata(p[:, c]) - 0.5) / len(ids) for c in range(11)]) for p in (p1, p2)]
+    expected = with_filled_row(dataset, dict(zip(ids, w1 * p1 + (1 - w1) * p2)))
+    np.testing.assert_allclose(read_submission(result["out"])[list(LABELS)].to_numpy(), expected, atol=2e-6)
+
+
+def test_blend_for_other_runs_is_refused_in_one_line(dataset, tmp_path):
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps({"runs": ["asym_s1", "other"], "labels": list(LABELS), "rank": False,
+                                "weights": {label: {"asym_s1": 0.5, "other": 0.5} for label in LABELS}}))
+    result = subprocess.run([sys.executable, "kaggle_kernel.py", "--data-dir", dataset["data"], "--models",
+                             os.path.join(dataset["runs"], "asym_s1"), os.path.join(dataset["runs"], "asym_s2"),
+                             "--blend", str(path), "--out", str(tmp_path / "sub.csv")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert "fitted for runs asym_s1, other but the models are asym_s1, asym_s2" in error
+    assert not (tmp_path / "sub.csv").exists()

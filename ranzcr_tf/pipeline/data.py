@@ -229,6 +229,8 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
                                 block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     # Shuffle serialized records (~0.2 MB at 768 px), not decoded images (0.6 MB): a big buffer stays affordable.
     ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if cfg.train.extra_records:
+        ds = _mix_extra_records(cfg, ds, pipelines, pipeline_id, seed, deterministic)
     # One independent [2] seed per element for the stateless augmentation ops.
     element_seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
     ds = tf.data.Dataset.zip((ds, element_seeds))
@@ -241,8 +243,11 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         mask_settings = masks.MaskSettings.from_config(cfg.train)
         masks.mask_size(size)  # a clear error now rather than inside the map
 
+    target_of = _target_fn(cfg)
+
     def prepare(serialized, element_seed):
         parsed = records.parse_example(serialized, with_annotations=with_masks)
+        parsed[records.TARGET] = target_of(parsed)
         image = decode_for_model(parsed[records.IMAGE], size, channels=1)
         if not with_masks:
             if augment:
@@ -260,6 +265,42 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def extra_files(extra_dir: str) -> list[str]:
+    """The ``extra/`` shards of ``make_tfrecords.py --unlabeled`` output; a clear error when there are none."""
+    files = records.list_shards(extra_dir, records.EXTRA_DIR)
+    if not files:
+        raise ValueError(f"train.extra_records {extra_dir} holds no extra/ shards: convert the images with "
+                         f"make_tfrecords.py --unlabeled DIR --out-dir {extra_dir}")
+    return files
+
+
+def _mix_extra_records(cfg: Config, ds, pipelines: int, pipeline_id: int, seed, deterministic: bool):
+    """``train.extra_fraction`` of the serialized training records drawn from ``train.extra_records`` (endless).
+
+    Training only: validation, OOF and the test set read their own shards and never this folder. Steps per
+    epoch stay those of the competition folds, so an epoch then holds fewer competition images.
+    """
+    files = extra_files(cfg.train.extra_records)
+    extra = tf.data.TFRecordDataset(files) if pipelines == 1 else tf.data.TFRecordDataset(files).shard(pipelines,
+                                                                                                      pipeline_id)
+    extra = extra.repeat().shuffle(cfg.data.shuffle_buffer, seed=None if seed is None else seed + 7,
+                                   reshuffle_each_iteration=True)
+    fraction = float(cfg.train.extra_fraction)
+    return tf.data.Dataset.sample_from_datasets([ds, extra], weights=[1.0 - fraction, fraction],
+                                                seed=None if seed is None else seed + 11)
+
+
+def _target_fn(cfg: Config):
+    """``parsed -> target``: the record's hard labels, or with ``train.soft_labels`` the soft/hard mix
+    (``pipeline/soft.py``). Training only: validation and OOF always score against the hard labels."""
+    if not cfg.train.soft_labels:
+        return lambda parsed: parsed[records.TARGET]
+    from ranzcr_tf.pipeline.soft import SoftLabels
+
+    soft_target = SoftLabels.read(cfg.train.soft_labels).target_fn(cfg.train.soft_alpha)
+    return lambda parsed: soft_target(parsed[ID_COLUMN], parsed[records.TARGET], parsed[records.HAS_TARGET])
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -343,7 +384,7 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
                        fold: int | None = None, image_size: int | None = None, tta: str = "identity",
                        with_targets: bool = True, with_weights: bool = False, image_dtype=None,
                        num_shards: int = 1, shard_index: int = 0) -> EvalData:
-    """Validation (``split='valid'``, fold ``fold``) or test data, in a fixed order, every batch full.
+    """Validation (``split='valid'``, fold ``fold``), test or extra data, in a fixed order, every batch full.
 
     No augmentation; ``tta='hflip'`` mirrors every image (test-time augmentation). The last batch is
     padded with zero images (targets 0, weight 0) up to ``global_batch_size``; drop them from
@@ -354,8 +395,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     (chosen before decoding, so each process decodes its share alone), in batches of
     ``global_batch_size / num_shards``, padded so that every share has the same number of batches.
     """
-    if split not in ("valid", "test"):
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    if split not in ("valid", "test", "extra"):
+        raise ValueError(f"split must be 'valid', 'test' or 'extra', got {split!r}")
     if tta not in TTA_VIEWS:
         raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
     if global_batch_size < 1:
@@ -367,8 +408,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     if split == "valid":
         fold = _check_fold(fold, num_folds)
         files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, [fold])
-    else:
-        files = records.list_shards(tfrecords_dir, records.TEST_DIR)
+    else:  # test, or extra: unlabeled records, predicted to make their soft labels (serve/pseudo.py)
+        files = records.list_shards(tfrecords_dir, records.TEST_DIR if split == "test" else records.EXTRA_DIR)
     if not files:
         raise ValueError(f"no {split} shards in {tfrecords_dir} (fold {fold}): convert the data first")
     size = _model_image_size(cfg, stored_size, image_size)

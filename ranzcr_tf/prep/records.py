@@ -61,14 +61,19 @@ MANIFEST = "manifest.json"
 FOLDS_CSV = "folds.csv"
 TRAIN_DIR = "train"
 TEST_DIR = "test"
+EXTRA_DIR = "extra"  # unlabeled records (make_tfrecords.py --unlabeled): has_target 0, no fold, never validated on
+SPLITS = (TRAIN_DIR, TEST_DIR, EXTRA_DIR)
 SHARD_SUFFIX = ".tfrec"
-_SHARD_RE = re.compile(r"^(?P<prefix>fold(?P<fold>\d+)|test)-(?P<index>\d{3,})-(?P<count>\d+)\.tfrec$")
+_SHARD_RE = re.compile(r"^(?P<prefix>fold(?P<fold>\d+)|test|extra)-(?P<index>\d{3,})-(?P<count>\d+)\.tfrec$")
 
 
 # ----------------------------------------------------------------------------------------------- naming
-def shard_name(fold: int | None, index: int, count: int) -> str:
-    """``fold{k}-{i:03d}-{count}.tfrec`` for train (fold k), ``test-{i:03d}-{count}.tfrec`` when fold is None."""
-    prefix = "test" if fold is None else f"fold{fold}"
+def shard_name(fold: int | None, index: int, count: int, split: str = TEST_DIR) -> str:
+    """``fold{k}-{i:03d}-{count}.tfrec`` for train (fold k); ``{split}-{i:03d}-{count}.tfrec`` (test or extra)
+    when fold is None."""
+    if fold is None and split not in (TEST_DIR, EXTRA_DIR):
+        raise ValueError(f"a shard without a fold is a test or extra shard, not {split!r}")
+    prefix = split if fold is None else f"fold{fold}"
     return f"{prefix}-{index:03d}-{count}{SHARD_SUFFIX}"
 
 
@@ -78,8 +83,9 @@ def parse_shard_name(name: str) -> dict | None:
     if not match:
         return None
     fold = match.group("fold")
+    split = TRAIN_DIR if fold is not None else match.group("prefix")
     return {"fold": None if fold is None else int(fold), "index": int(match.group("index")),
-            "count": int(match.group("count"))}
+            "count": int(match.group("count")), "split": split}
 
 
 def list_shards(tfrecords_dir: str, split: str, folds: Iterable[int] | None = None) -> list[str]:
@@ -87,8 +93,8 @@ def list_shards(tfrecords_dir: str, split: str, folds: Iterable[int] | None = No
 
     Temporary files of an interrupted writer (``.tmp-*``) are never listed.
     """
-    if split not in (TRAIN_DIR, TEST_DIR):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'test' or 'extra', got {split!r}")
     folder = io_utils.join(tfrecords_dir, split)
     if not io_utils.exists(folder):
         return []
@@ -98,7 +104,9 @@ def list_shards(tfrecords_dir: str, split: str, folds: Iterable[int] | None = No
         info = parse_shard_name(name)
         if info is None:
             continue
-        if split == TRAIN_DIR and (info["fold"] is None or (wanted is not None and info["fold"] not in wanted)):
+        if info["split"] != split:  # a shard's name says its split: a test shard copied into extra/ is not listed
+            continue
+        if split == TRAIN_DIR and wanted is not None and info["fold"] not in wanted:
             continue
         paths.append(io_utils.join(folder, name))
     return sorted(paths)
@@ -164,8 +172,8 @@ def check_shards(tfrecords_dir: str, manifest: dict, split: str = TRAIN_DIR, fol
     locally; on gs:// every read is a request, so it is skipped there and a corrupt shard is named when
     it is read (``pipeline.data.naming_corrupt_shard``).
     """
-    if split not in (TRAIN_DIR, TEST_DIR):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'test' or 'extra', got {split!r}")
     num_folds = int(manifest.get("num_folds", 0))
     wanted = sorted(set(int(f) for f in folds)) if folds is not None else list(range(num_folds))
     on_disk = list_shards(tfrecords_dir, split, wanted if split == TRAIN_DIR else None)

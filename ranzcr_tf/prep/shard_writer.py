@@ -18,14 +18,14 @@ from ranzcr_tf.prep import records
 
 
 class ShardWriter:
-    """Context manager writing one ``split`` shard (train fold ``fold``, or test when ``fold`` is None)."""
+    """Context manager writing one ``split`` shard (train fold ``fold``, or test / extra when ``fold`` is None)."""
 
     def __init__(self, out_dir: str, split: str, fold: int | None, index: int):
         self.folder = io_utils.join(out_dir, split)
         self.split, self.fold, self.index = split, fold, int(index)
         self.count = 0
         self.name: str | None = None  # "split/file.tfrec" once closed with records
-        self._tmp = io_utils.temp_name(io_utils.join(self.folder, records.shard_name(fold, self.index, 0)))
+        self._tmp = io_utils.temp_name(io_utils.join(self.folder, records.shard_name(fold, self.index, 0, split)))
         self._writer = None
 
     def __enter__(self) -> ShardWriter:
@@ -48,7 +48,7 @@ class ShardWriter:
             if io_utils.exists(self._tmp):
                 io_utils.remove(self._tmp)
             return
-        final = records.shard_name(self.fold, self.index, self.count)
+        final = records.shard_name(self.fold, self.index, self.count, self.split)
         io_utils.rename(self._tmp, io_utils.join(self.folder, final))
         self.name = f"{self.split}/{final}"
 

@@ -62,8 +62,10 @@ def check_values(frame: pd.DataFrame, columns, path: str, what: str, probabiliti
             need = "0 or 1"
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
+            value = frame[column].iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value  # 1.5, not np.float64(1.5)
             raise ValueError(f"{what} {path} line {row + 2} ({ID_COLUMN} {frame[ID_COLUMN].iloc[row]}), column "
-                             f"{column!r}: {frame[column].iloc[row]!r} is not {need} ({int(bad.sum())} such value(s))")
+                             f"{column!r}: {value!r} is not {need} ({int(bad.sum())} such value(s))")
         values[:, c] = numbers
     return values
 

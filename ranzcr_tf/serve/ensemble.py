@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,11 +45,19 @@ def _stack(arrays: Sequence, what: str) -> np.ndarray:
 
 
 def nanmean(stacked: np.ndarray, weights=None) -> np.ndarray:
-    """(Weighted) mean over axis 0 that ignores NaNs; all-NaN positions stay NaN (no warning)."""
+    """(Weighted) mean over axis 0 that ignores NaNs; all-NaN positions stay NaN (no warning).
+
+    ``weights``: one per entry of axis 0, or (for ``(models, rows, classes)`` stacks) a ``(models, classes)``
+    array, one weight per model and column (a per-label blend).
+    """
     stacked = np.asarray(stacked, dtype=np.float64)
     if weights is None:
         weights = np.ones(stacked.shape[0])
-    weights = np.asarray(weights, dtype=np.float64).reshape(-1, *([1] * (stacked.ndim - 1)))
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim == 2 and stacked.ndim == 3:
+        weights = weights[:, None, :]  # (models, 1, classes): broadcast over rows
+    else:
+        weights = weights.reshape(-1, *([1] * (stacked.ndim - 1)))
     present = ~np.isnan(stacked)
     total = np.where(present, weights, 0.0).sum(axis=0)
     summed = np.where(present, stacked * weights, 0.0).sum(axis=0)
@@ -113,6 +122,34 @@ def combine_models(model_probs: Sequence, method: str = "mean", weights=None) ->
     if method == "rank_mean":
         stacked = np.stack([rank_normalize(p) for p in stacked])
     return nanmean(stacked)
+
+
+@dataclass(frozen=True)
+class BlendWeights:
+    """A fitted blend as the kernel applies it: ``weights (models, classes)`` in the kernel's model order."""
+
+    weights: np.ndarray
+    rank: bool = False
+
+
+def blend_models(model_probs: Sequence, weights, rank: bool = False) -> np.ndarray:
+    """Per-label weighted mean of per-model probabilities (the fitted blend of ``serve/blend.py``).
+
+    ``weights`` is ``(models, classes)``: column ``c`` of the result is ``sum_m weights[m, c] * p_m[:, c]``
+    divided by the weights of the models that predict that row (NaN rows skipped as in ``nanmean``).
+    ``rank``: each model's columns are first replaced by their ranks in (0, 1) (``rank_normalize``), as
+    when the blend was fitted. The one function both the OOF fit and the kernel apply.
+    """
+    stacked = _stack(model_probs, "models")
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (stacked.shape[0], stacked.shape[2]):
+        raise ValueError(f"blend weights of shape {weights.shape} do not fit {stacked.shape[0]} model(s) x "
+                         f"{stacked.shape[2]} label(s)")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or np.any(weights.sum(axis=0) <= 0):
+        raise ValueError("blend weights must be finite, >= 0 and not all 0 for any label")
+    if rank:
+        stacked = np.stack([rank_normalize(p) for p in stacked])
+    return nanmean(stacked, weights)
 
 
 def fill_missing_rows(probs) -> tuple[np.ndarray, int]:

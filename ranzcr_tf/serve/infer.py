@@ -61,6 +61,7 @@ class TestSource:
     _prepared: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)  # group key -> unusable images
     unusable: dict = field(default_factory=dict)  # test ID -> why it has no prediction
+    split: str = "test"  # the shards of ``tfrecords`` predicted: test, or extra (unlabeled records, serve/pseudo.py)
 
     @property
     def ids(self) -> list[str]:
@@ -97,6 +98,22 @@ class TestSource:
                      f"(documented fallback)")
         return source
 
+    @classmethod
+    def from_records(cls, tfrecords: str, split: str, work_dir: str) -> TestSource:
+        """Every record of ``tfrecords``'s ``split`` shards (test or extra), rows in record order; no sample.
+
+        The models must have been trained with the records' preprocessing (there are no raw images to redo).
+        """
+        from ranzcr_tf.serve.testrecords import read_shard_ids
+
+        if split not in (records.TEST_DIR, records.EXTRA_DIR):
+            raise ValueError(f"split must be test or extra, got {split!r}")
+        ids = [sid for path in records.list_shards(tfrecords, split) for sid in read_shard_ids(path)]
+        if not ids:
+            raise ValueError(f"no {split} shards in {tfrecords}: convert them first (make_tfrecords.py"
+                             f"{' --unlabeled DIR' if split == records.EXTRA_DIR else ''})")
+        return cls(template=template_from_ids(ids), tfrecords=tfrecords, work_dir=work_dir, split=split)
+
     def records_for(self, fold: FoldSpec, budget: Budget | None = None,
                     on_measured: Callable[[float], None] | None = None) -> str | None:
         """A test-records folder preprocessed exactly as ``fold``'s training records (``None``: no image readable)."""
@@ -113,6 +130,10 @@ class TestSource:
                 self._note_skipped(key, skipped)
             self._prepared[key] = folder
             return folder
+        if self.split != records.TEST_DIR:  # extra records: no raw images to preprocess again
+            raise ValueError(f"{fold.name} was trained on images preprocessed with {fold.preprocess}, but the "
+                             f"{self.split} records in {self.tfrecords} were made with "
+                             f"{_records_settings(self.tfrecords)}: convert them again with the run's settings")
         if not self.data_dir or not os.path.isdir(os.path.join(self.data_dir, "test")):
             where = (f"the records in {self.tfrecords} were made with {_records_settings(self.tfrecords)}"
                      if self.tfrecords else "no records were given")
@@ -163,8 +184,13 @@ class InferReport:
 
 
 # ----------------------------------------------------------------------------------------------- maths
-def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConfig) -> tuple[np.ndarray, list[int]]:
-    """Views -> folds -> models, over the passes present in ``results``; returns ``(probs, models used)``."""
+def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConfig,
+                    blend: ensemble.BlendWeights | None = None) -> tuple[np.ndarray, list[int]]:
+    """Views -> folds -> models, over the passes present in ``results``; returns ``(probs, models used)``.
+
+    ``blend`` (fitted per-label weights, ``serve/blend.py``) replaces ``infer_cfg.ensemble``; a model dropped by
+    the budget leaves its weight out, the other models' weights are renormalised per label.
+    """
     used = sorted({m for m, _, _ in results})
     per_model = []
     for m in used:
@@ -172,6 +198,10 @@ def combine_results(results: dict, models: list[ModelSpec], infer_cfg: InferConf
         fold_probs = [ensemble.average_views([results[k] for k in sorted(results) if k[:2] == (m, f)])
                       for f in folds]
         per_model.append(ensemble.average_folds(fold_probs))
+    if blend is not None:
+        weights = np.array(blend.weights[used], dtype=np.float64)
+        weights[:, weights.sum(axis=0) <= 0] = 1.0  # a label whose weighted models were all dropped: plain mean
+        return ensemble.blend_models(per_model, weights, rank=blend.rank), used
     weights = None
     if infer_cfg.ensemble == "weighted":
         weights = [ensemble.check_weights(infer_cfg.weights, len(models))[m] for m in used]
@@ -209,7 +239,8 @@ class _PassMonitor(keras.callbacks.Callback):
 
 
 def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size: int, row_of: dict, budget: Budget,
-              on_calibrated: Callable[[float], None], progress: bool) -> tuple[np.ndarray, bool, float]:
+              on_calibrated: Callable[[float], None], progress: bool,
+              split: str = "test") -> tuple[np.ndarray, bool, float]:
     """One fold x one view: ``(probs in template rows with NaN where absent, complete?, seconds per image)``.
 
     Predicts through ``serve.predict.predict_eval``, the function validation and OOF writing use.
@@ -218,7 +249,7 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
 
     from ranzcr_tf.pipeline.data import build_eval_dataset
 
-    data = build_eval_dataset(fold.cfg, records_dir, "test", batch_size, tta=view, image_size=fold.image_size,
+    data = build_eval_dataset(fold.cfg, records_dir, split, batch_size, tta=view, image_size=fold.image_size,
                               with_targets=False)
     rows = np.array([row_of.get(i, -1) for i in data.ids])
     probs = np.full((len(row_of), NUM_CLASSES), np.nan)
@@ -242,7 +273,8 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
 
 def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: InferConfig, budget: Budget, *,
                      batch_size: int | None = None, progress: bool = True,
-                     checkpoint: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, InferReport]:
+                     checkpoint: Callable[[np.ndarray], None] | None = None,
+                     blend: ensemble.BlendWeights | None = None) -> tuple[np.ndarray, InferReport]:
     """Predict every test row with the largest plan that fits the budget; ``(probs, report)``.
 
     ``probs`` has the template's rows and ``labels.LABELS`` columns, every value in [0, 1], no NaN:
@@ -250,9 +282,10 @@ def predict_ensemble(models: list[ModelSpec], source: TestSource, infer_cfg: Inf
     called after every finished pass with the ensemble so far (the kernel writes it out atomically).
     ``batch_size`` None uses each fold's own ``infer.batch_size`` from its saved config.
     If no pass finishes in time, the rows the unfinished pass did predict are used and the rest filled.
+    ``blend``: fitted per-label weights (``serve/blend.py``) used instead of ``infer_cfg.ensemble``.
     """
     run = _EnsembleRun.plan(models, source, infer_cfg, budget, batch_size=batch_size, progress=progress,
-                            checkpoint=checkpoint)
+                            checkpoint=checkpoint, blend=blend)
     try:
         # Model by model, fold by fold, so each model file is loaded once (module docstring).
         for model_index, spec in enumerate(models):
@@ -284,6 +317,7 @@ class _EnsembleRun:
     batch_size: int | None
     progress: bool
     checkpoint: Callable[[np.ndarray], None] | None
+    blend: ensemble.BlendWeights | None = None
     results: dict = field(default_factory=dict)  # key -> probs of a finished pass
     partial: np.ndarray | None = None  # rows of the pass abandoned at the deadline
     announced: set = field(default_factory=set)  # models whose time estimate was already logged
@@ -292,14 +326,18 @@ class _EnsembleRun:
     @classmethod
     def plan(cls, models: list[ModelSpec], source: TestSource, infer_cfg: InferConfig, budget: Budget, *,
              batch_size: int | None, progress: bool,
-             checkpoint: Callable[[np.ndarray], None] | None) -> _EnsembleRun:
+             checkpoint: Callable[[np.ndarray], None] | None,
+             blend: ensemble.BlendWeights | None = None) -> _EnsembleRun:
         """Check the inputs and lay out the degrade levels and cost model before any pass runs."""
         infer_cfg.validate()
         if not models:
             raise ValueError("no models to predict with")
         views = list(infer_cfg.tta)
         # When models must be dropped, the lowest-weighted go first (weighted ensembles), else the last listed.
-        if infer_cfg.ensemble == "weighted":
+        if blend is not None:  # a blend's least-weighted model (mean over labels) is dropped first
+            weights = np.asarray(blend.weights).mean(axis=1)
+            priority = sorted(range(len(models)), key=lambda m: -weights[m])
+        elif infer_cfg.ensemble == "weighted":
             weights = ensemble.check_weights(infer_cfg.weights, len(models))
             priority = sorted(range(len(models)), key=lambda m: -weights[m])
         else:
@@ -315,7 +353,7 @@ class _EnsembleRun:
                    fold_counts=fold_counts, levels=levels, costs=costs,
                    report=InferReport(full_plan=describe_plan(levels[0], fold_counts, len(views))),
                    row_of={sid: row for row, sid in enumerate(source.ids)}, batch_size=batch_size,
-                   progress=progress, checkpoint=checkpoint)
+                   progress=progress, checkpoint=checkpoint, blend=blend)
 
     def replan(self) -> frozenset:
         """The largest plan that still fits the time left, never larger than the one already chosen."""
@@ -382,7 +420,8 @@ class _EnsembleRun:
         view = self.views[key[2]]
         probs, complete, seconds_per_image = _run_pass(
             predictor, fold, records_dir, view, self.batch_size or int(fold.cfg.infer.batch_size), self.row_of,
-            self.budget, lambda s, key=key: self.calibrated(key, s), self.progress)
+            self.budget, lambda s, key=key: self.calibrated(key, s), self.progress,
+            split=self.source.split if self.source.tfrecords and records_dir == self.source.tfrecords else "test")
         if not complete:
             self.report.aborted.append(key)
             self.partial = probs  # the fallback if no pass at all finishes (final_probs)
@@ -392,13 +431,15 @@ class _EnsembleRun:
         self.costs.done.add(key)
         self.report.done.append(key)
         if self.checkpoint is not None:
-            self.checkpoint(_finish(self.results, self.models, self.infer_cfg, self.report, self.source, quiet=True))
+            self.checkpoint(_finish(self.results, self.models, self.infer_cfg, self.report, self.source, quiet=True,
+                                    blend=self.blend))
 
     # ------------------------------------------------------------------------------------------- result
     def final_probs(self) -> tuple[np.ndarray, InferReport]:
         """The ensemble of the finished passes, else the abandoned pass's rows, else 0.5 everywhere."""
         if self.results:
-            return _finish(self.results, self.models, self.infer_cfg, self.report, self.source), self.report
+            return _finish(self.results, self.models, self.infer_cfg, self.report, self.source,
+                           blend=self.blend), self.report
         partial = self.partial
         if partial is None:
             _log("warning: no prediction finished within the budget: every row gets 0.5")
@@ -409,8 +450,8 @@ class _EnsembleRun:
 
 
 def _finish(results: dict, models: list[ModelSpec], infer_cfg: InferConfig, report: InferReport,
-            source: TestSource, quiet: bool = False) -> np.ndarray:
-    probs, used = combine_results(results, models, infer_cfg)
+            source: TestSource, quiet: bool = False, blend: ensemble.BlendWeights | None = None) -> np.ndarray:
+    probs, used = combine_results(results, models, infer_cfg, blend)
     filled, count = ensemble.fill_missing_rows(probs)
     if not quiet:
         report.filled_rows = count

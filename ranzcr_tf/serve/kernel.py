@@ -41,6 +41,8 @@ averaging:
   probabilities (sigmoid of logits) are averaged over TTA views, then over a run's folds, then
   combined over runs with --ensemble: mean, rank_mean (per-column ranks, for differently
   calibrated models), or weighted (--weights, one per run, in the order runs are listed).
+  --blend blend.json instead applies per-label weights fitted on the runs' out-of-fold predictions
+  (python -m ranzcr_tf.serve.blend), on probabilities or on ranks as they were fitted.
 
 time budget (--max-minutes, default {DEFAULT_MAX_MINUTES:g}):
   After the first batches the estimated total time is printed. The plan is re-chosen before every
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"how runs are combined (default: infer.ensemble of --config, else {InferConfig().ensemble})")
     parser.add_argument("--weights", nargs="+", type=float, help="one weight per run for --ensemble weighted "
                         "(default: infer.weights of --config)")
+    parser.add_argument("--blend", metavar="BLEND_JSON", help="per-label weights fitted on the runs' OOF by "
+                        "`python -m ranzcr_tf.serve.blend` (replaces --ensemble/--weights; its run names must be "
+                        "the --models runs' folder names)")
     parser.add_argument("--batch-size", type=int, help="prediction batch size (default: infer.batch_size of "
                         "--config, else each run's own)")
     parser.add_argument("--workers", type=int, default=0, help="processes preprocessing raw test images (0 = all cores)")
@@ -155,6 +160,21 @@ def saved_tta(models) -> list[str]:
     return views
 
 
+def load_blend(args, models):
+    """``--blend``'s weights in the order of ``models`` (None without it); its runs must be exactly these."""
+    path = getattr(args, "blend", None)
+    if not path:
+        return None
+    if args.ensemble or args.weights:
+        raise ValueError("--blend replaces --ensemble and --weights: pass one or the other")
+    from ranzcr_tf.serve.blend import read_blend, run_name, weights_for_models
+    from ranzcr_tf.serve.ensemble import BlendWeights
+
+    blend = read_blend(path)
+    matrix = weights_for_models(blend, [run_name(spec.root) for spec in models], path)
+    return BlendWeights(weights=matrix, rank=bool(blend["rank"]))
+
+
 def run(args) -> dict:
     """Everything ``main`` does, returning a summary (tests call this)."""
     start = time.monotonic()
@@ -186,12 +206,15 @@ def run(args) -> dict:
                             weights=list(settings.weights if args.weights is None else args.weights),
                             batch_size=batch_size or 1)
     infer_cfg.validate()
-    if infer_cfg.ensemble == "weighted":
+    blend = load_blend(args, models)
+    if infer_cfg.ensemble == "weighted" and blend is None:
         from ranzcr_tf.serve.ensemble import check_weights
 
         check_weights(infer_cfg.weights, len(models))
     for index, spec in enumerate(models):
-        weight = f", weight {infer_cfg.weights[index]:g}" if infer_cfg.ensemble == "weighted" else ""
+        weight = f", weight {infer_cfg.weights[index]:g}" if infer_cfg.ensemble == "weighted" and blend is None else ""
+        if blend is not None:
+            weight = f", blend weights {blend.weights[index].min():.2f}..{blend.weights[index].max():.2f}"
         sizes = sorted({fold.image_size for fold in spec.folds})
         print(f"model {index}: {spec.name} ({len(spec.folds)} fold(s), {'/'.join(map(str, sizes))} px{weight})",
               file=sys.stderr)
@@ -209,7 +232,7 @@ def run(args) -> dict:
             write_submission(build_submission(template, probs), partial, template)
 
         probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=batch_size,
-                                         progress=not args.quiet, checkpoint=checkpoint)
+                                         progress=not args.quiet, checkpoint=checkpoint, blend=blend)
         write_submission(build_submission(template, probs), out, template)
         if os.path.exists(partial):
             os.remove(partial)

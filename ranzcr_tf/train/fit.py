@@ -193,6 +193,28 @@ def check_inputs(cfg: Config, tfrecords_dir: str, manifest: dict) -> None:
     get_spec(cfg.model.backbone)
     check_weights(cfg.model.weights)
     records.check_shards(tfrecords_dir, manifest, records.TRAIN_DIR)
+    if cfg.train.soft_labels:  # every study any fold trains on needs its soft label: checked now, not mid-epoch
+        from ranzcr_tf.pipeline.soft import SoftLabels, training_ids
+
+        soft = SoftLabels.read(cfg.train.soft_labels)
+        ids = training_ids(tfrecords_dir, range(int(manifest.get("num_folds") or 0)))
+        soft.check_covers(ids, f"the training records of {tfrecords_dir}")
+        if cfg.train.extra_records:
+            check_extra_records(cfg.train.extra_records, manifest, soft)
+
+
+def check_extra_records(extra_dir: str, manifest: dict, soft) -> None:
+    """The unlabeled records were preprocessed as the training records, and each has a soft label."""
+    from ranzcr_tf.pipeline.data import extra_files
+    from ranzcr_tf.serve.testrecords import read_shard_ids
+
+    extra = records.read_manifest(extra_dir)
+    if extra.get("preprocess") != manifest.get("preprocess"):
+        raise ValueError(f"train.extra_records {extra_dir} was preprocessed with {extra.get('preprocess')}, the "
+                         f"training records with {manifest.get('preprocess')}: convert the unlabeled images with "
+                         f"the same settings (make_tfrecords.py --unlabeled ... --config the same preset)")
+    ids = [sid for path in extra_files(extra_dir) for sid in read_shard_ids(path)]
+    soft.check_covers(ids, f"train.extra_records {extra_dir}")
 
 
 def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placement, *, verbose: int = 1,
