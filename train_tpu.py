@@ -49,7 +49,7 @@ examples:
 
 
 def build_parser():
-    from ranzcr_tf.config import STRATEGIES  # the one list (light: imports no TensorFlow)
+    from ranzcr_tf.config import RECIPES, STRATEGIES  # the one lists (light: imports no TensorFlow)
 
     parser = cli.build_parser("train_tpu.py", __doc__, epilog=EPILOG, settings=True)
     parser.add_argument("--fold", required=True, help="validation fold to train: a number, a comma list (0,2) or 'all'")
@@ -59,6 +59,9 @@ def build_parser():
     cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--restart", action="store_true", help="discard each trained fold's checkpoint and state "
                         "in the run folder and train it from the start (instead of resuming)")
+    parser.add_argument("--recipe", choices=RECIPES,
+                        help="training recipe (default: train.recipe of the config, normally plain); 3stage trains "
+                             "teacher -> student -> finetune into OUT_DIR/<stage>/fold{k}, resumable per stage")
     parser.add_argument("--strategy", choices=STRATEGIES,
                         help="placement (default: train.strategy of the config, normally auto)")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
@@ -79,6 +82,9 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.strategy:
         cfg.train.strategy = args.strategy
+    if args.recipe:
+        cfg.train.recipe = args.recipe
+        cfg.validate()
     out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config or "default"))[0])
     cli.check_output_dir(out)
     tfrecords = args.tfrecords or cfg.data.tfrecords
