@@ -34,6 +34,8 @@ outputs (<out-dir>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
   (StudyInstanceUID, fold, 11 probabilities named by label, 11 target_<label> columns), tensorboard/.
   Pool the folds' OOF files with `python -m ranzcr_tf.report.cv <out>`.
+  --recipe 3stage: <out-dir>/teacher/fold{k}, <out-dir>/student/fold{k}, <out-dir>/finetune/fold{k} (each as
+  above) and <out-dir>/stages.json; the kernel given <out-dir> serves the finetune stage.
 
 label-shuffle control (proves the score comes from the images): shuffle train.csv's label rows before
 converting, e.g.
@@ -44,6 +46,7 @@ d[list(L)]=d[list(L)].values[np.random.default_rng(0).permutation(len(d))]; d.to
 examples:
   python train_tpu.py --config configs/cpu_demo.yaml --tfrecords demo/tfrecords --fold 0 --out-dir runs/demo
   python train_tpu.py --config configs/b7_768_tpu.yaml --tfrecords gs://bucket/tfrec --fold all --out-dir gs://bucket/runs/b7
+  python train_tpu.py --config configs/cpu_demo.yaml --fold 0 --recipe 3stage --out-dir runs/demo3
   KERAS_BACKEND=jax python train_tpu.py --config configs/b5_512_gpu.yaml --fold 0 --set train.epochs=3
 """
 
