@@ -214,9 +214,9 @@ class TrainConfig:
     seed: int = 42
     recipe: str = "plain"  # plain | aux_seg | teacher | student | finetune | 3stage (train/recipes.py)
     mask_loss_weight: float = 1.0  # aux_seg: total loss = classification + weight x (Dice + BCE) of the masks
-    mask_line_width: float = 8.0  # aux_seg: drawn line width in stored pixels
-    mask_max_lines: int = 8  # aux_seg: polylines per study kept (fixed shapes; the rest are dropped)
-    mask_max_points: int = 256  # aux_seg: polyline points per study kept, all lines together
+    mask_line_width: float = 8.0  # aux_seg, teacher, student: drawn line width in stored pixels
+    mask_max_lines: int = 8  # aux_seg, teacher, student: polylines per study kept (fixed shapes; the rest are dropped)
+    mask_max_points: int = 256  # aux_seg, teacher, student: polyline points per study kept, all lines together
     teacher: str = ""  # student: the teacher's run folder (holds fold{k}/best.keras); 3stage sets it itself
     init_from: str = ""  # finetune: the run folder whose fold{k}/best.keras starts the weights (3stage: the student)
     distill_layer: str = ""  # student: backbone layer whose feature maps are compared ("" = the backbone's output)

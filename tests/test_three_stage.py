@@ -191,6 +191,20 @@ def test_student_and_finetune_need_their_run_folders_and_matching_models(dataset
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_stage_configs_wire_the_run_folders_and_epochs(dataset, tmp_path):
+    cfg = _cfg("train.recipe=3stage", "train.epochs=7", "train.student_epochs=3")
+    teacher, student, finetune = (stages.stage_config(cfg, stage, "runs/x") for stage in stages.STAGES)
+    assert [c.train.recipe for c in (teacher, student, finetune)] == list(stages.STAGES)
+    assert (teacher.train.epochs, student.train.epochs, finetune.train.epochs) == (7, 3, 7)
+    assert student.train.teacher == "runs/x/teacher" and finetune.train.init_from == "runs/x/student"
+    assert cfg.train.recipe == "3stage" and cfg.train.student_epochs == 3  # the given config is left as it was
+    from ranzcr_tf.train import fit
+
+    with pytest.raises(ValueError, match="call fit.train"):
+        fit.train_fold(cfg, dataset["records"], 0, str(tmp_path / "run"), placement=None)
+    assert not os.path.exists(tmp_path / "run")
+
+
 JAX_STUDENT = r"""
 import os, sys
 import numpy as np, keras, tensorflow as tf
@@ -255,6 +269,10 @@ def test_3stage_each_stage_resumes_after_a_kill_then_the_kernel_serves_the_final
             assert np.isfinite(json.load(handle)["val_auc"])
     assert "fold 0 already finished" in outputs[-1].split("stage 2 of 3")[1]  # finished stages are skipped
     assert {"feature_loss", "classification_loss"} <= set(pd.read_csv(os.path.join(out, "student", "fold0", "log.csv")))
+    for stage, source in (("student", "teacher"), ("finetune", "student")):  # resumes keep the stage they start from
+        with open(os.path.join(out, stage, "fold0", "identity.json")) as handle, \
+                open(os.path.join(out, source, "fold0", "best.json")) as best:
+            assert json.load(handle)["derived"]["source_best"] == json.load(best)
     teacher_best = models.load_model(os.path.join(out, "teacher", "fold0", "best.keras"))
     assert set(teacher_best.input) == {"image", "masks"}
     final = models.load_model(os.path.join(out, "finetune", "fold0", "best.keras"))

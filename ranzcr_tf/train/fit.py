@@ -246,7 +246,8 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
     peak_lr = scaled_learning_rate(cfg.train, global_batch)
     # Before anything is written: a checkpoint continues only with the records and settings it was trained with.
     current = identity.run_identity(cfg, tfrecords_dir, manifest, {
-        "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "image_size": image_size})
+        "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "image_size": image_size,
+        **recipes.source_identity(cfg, fold)})
     if identity.has_progress(chief_dir):
         note = identity.check_resumable(chief_dir, current, fold)
         if note:

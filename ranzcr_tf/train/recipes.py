@@ -82,6 +82,20 @@ def run_model_path(run_dir: str, fold: int) -> str:
     return io_utils.join(runs.fold_dir(run_dir, fold), runs.MODEL_FILE)
 
 
+def source_identity(cfg: Config, fold: int) -> dict:
+    """The checkpoint a student or finetune run starts from, by its ``best.json`` (epoch and AUC of that
+    ``best.keras``), for ``identity.json``: a student resumed with a retrained teacher is refused."""
+    import json
+
+    from ranzcr_tf import io_utils, runs
+
+    source = {"student": cfg.train.teacher, "finetune": cfg.train.init_from}.get(cfg.train.recipe)
+    if not source:
+        return {}
+    path = io_utils.join(runs.fold_dir(source, fold), runs.BEST_INFO_FILE)
+    return {"source_best": json.loads(io_utils.read_text(path)) if io_utils.exists(path) else None}
+
+
 def _load_run_model(run_dir: str, fold: int, setting: str) -> keras.Model:
     from ranzcr_tf import io_utils
     from ranzcr_tf.serve.modelio import load_model_file
