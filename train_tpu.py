@@ -36,6 +36,8 @@ outputs (<out-dir>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
   (StudyInstanceUID, fold, 11 probabilities named by label, 11 target_<label> columns), tensorboard/.
   Pool the folds' OOF files with `python -m ranzcr_tf.report.cv <out>`.
+  --recipe 3stage: <out-dir>/teacher/fold{k}, <out-dir>/student/fold{k}, <out-dir>/finetune/fold{k} (each as
+  above) and <out-dir>/stages.json; the kernel given <out-dir> serves the finetune stage.
 
 label-shuffle control (proves the score comes from the images): shuffle train.csv's label rows before
 converting, e.g.
@@ -46,12 +48,13 @@ d[list(L)]=d[list(L)].values[np.random.default_rng(0).permutation(len(d))]; d.to
 examples:
   python train_tpu.py --config configs/cpu_demo.yaml --tfrecords demo/tfrecords --fold 0 --out-dir runs/demo
   python train_tpu.py --config configs/b7_768_tpu.yaml --tfrecords gs://bucket/tfrec --fold all --out-dir gs://bucket/runs/b7
+  python train_tpu.py --config configs/cpu_demo.yaml --fold 0 --recipe 3stage --out-dir runs/demo3
   KERAS_BACKEND=jax python train_tpu.py --config configs/b5_512_gpu.yaml --fold 0 --set train.epochs=3
 """
 
 
 def build_parser():
-    from ranzcr_tf.config import STRATEGIES  # the one list (light: imports no TensorFlow)
+    from ranzcr_tf.config import RECIPES, STRATEGIES  # the one lists (light: imports no TensorFlow)
 
     parser = cli.build_parser("train_tpu.py", __doc__, epilog=EPILOG, settings=True)
     parser.add_argument("--fold", required=True, help="validation fold to train: a number, a comma list (0,2) or 'all'")
@@ -61,6 +64,9 @@ def build_parser():
     cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--restart", action="store_true", help="discard each trained fold's checkpoint and state "
                         "in the run folder and train it from the start (instead of resuming)")
+    parser.add_argument("--recipe", choices=RECIPES,
+                        help="training recipe (default: train.recipe of the config, normally plain); 3stage trains "
+                             "teacher -> student -> finetune into OUT_DIR/<stage>/fold{k}, resumable per stage")
     parser.add_argument("--strategy", choices=STRATEGIES,
                         help="placement (default: train.strategy of the config, normally auto)")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
@@ -81,6 +87,9 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.strategy:
         cfg.train.strategy = args.strategy
+    if args.recipe:
+        cfg.train.recipe = args.recipe
+        cfg.validate()
     out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config or "default"))[0])
     cli.check_output_dir(out)
     tfrecords = args.tfrecords or cfg.data.tfrecords

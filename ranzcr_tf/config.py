@@ -28,7 +28,9 @@ INTERPOLATIONS = ("auto", "linear", "area", "cubic", "lanczos")  # resize filter
 STRATEGIES = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")  # where training runs (train/placement.py)
 TTA_VIEWS = ("identity", "hflip")  # test-time augmentation views
 ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines runs (serve/ensemble.py)
-RECIPES = ("plain", "aux_seg")  # how a fold is trained (train/recipes.py)
+# How a fold is trained (train/recipes.py); 3stage runs teacher -> student -> finetune in turn (train/stages.py).
+RECIPES = ("plain", "aux_seg", "teacher", "student", "finetune", "3stage")
+DISTILL_LOSSES = ("mse", "cosine")  # student: distance between the student's and the teacher's feature maps
 MULTI_PROCESS = ("auto", "on", "off")  # whether the JAX backend joins a multi-process run (train/multihost.py)
 
 
@@ -224,11 +226,19 @@ class TrainConfig:
     early_stopping_patience: int = 0  # 0 = off
     strategy: str = "auto"  # auto | tpu | mirrored | multiworker | jax | default
     seed: int = 42
-    recipe: str = "plain"  # plain | aux_seg (+ a line-mask decoder on annotated studies; train/recipes.py)
+    recipe: str = "plain"  # plain | aux_seg | teacher | student | finetune | 3stage (train/recipes.py)
     mask_loss_weight: float = 1.0  # aux_seg: total loss = classification + weight x (Dice + BCE) of the masks
-    mask_line_width: float = 8.0  # aux_seg: drawn line width in stored pixels
-    mask_max_lines: int = 8  # aux_seg: polylines per study kept (fixed shapes; the rest are dropped)
-    mask_max_points: int = 256  # aux_seg: polyline points per study kept, all lines together
+    mask_line_width: float = 8.0  # aux_seg, teacher, student: drawn line width in stored pixels
+    mask_max_lines: int = 8  # aux_seg, teacher, student: polylines per study kept (fixed shapes; the rest are dropped)
+    mask_max_points: int = 256  # aux_seg, teacher, student: polyline points per study kept, all lines together
+    teacher: str = ""  # student: the teacher's run folder (holds fold{k}/best.keras); 3stage sets it itself
+    init_from: str = ""  # finetune: the run folder whose fold{k}/best.keras starts the weights (3stage: the student)
+    distill_layer: str = ""  # student: backbone layer whose feature maps are compared ("" = the backbone's output)
+    distill_loss: str = "mse"  # student: mse | cosine (1 - cosine similarity per position)
+    distill_weight: float = 1.0  # student: total loss = classification + weight x feature distance
+    teacher_epochs: int = 0  # 3stage: epochs of stage 1 (0 = train.epochs)
+    student_epochs: int = 0  # 3stage: epochs of stage 2 (0 = train.epochs)
+    finetune_epochs: int = 0  # 3stage: epochs of stage 3 (0 = train.epochs)
     soft_labels: str | None = None  # CSV of ID + 11 probabilities (serve/pseudo.py): soft training targets
     soft_alpha: float = 0.5  # target = alpha x soft + (1 - alpha) x hard where a hard label exists (pipeline/soft.py)
     extra_records: str | None = None  # make_tfrecords.py --unlabeled output: its extra/ shards join training only
@@ -259,6 +269,16 @@ class TrainConfig:
         _check(0 < self.extra_fraction < 1, "train.extra_fraction", self.extra_fraction, "in (0, 1)")
         _check(not self.extra_records or bool(self.soft_labels), "train.extra_records", self.extra_records,
                "to come with train.soft_labels: unlabeled records train on their soft labels only")
+        _check(self.distill_loss in DISTILL_LOSSES, "train.distill_loss", self.distill_loss, _one_of(DISTILL_LOSSES))
+        _check(self.distill_weight >= 0, "train.distill_weight", self.distill_weight, ">= 0")
+        for name in ("teacher_epochs", "student_epochs", "finetune_epochs"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0 (0 = train.epochs)")
+        if self.recipe == "student" and not self.teacher:
+            raise ValueError("train.recipe = student needs the teacher's run folder: --set train.teacher=runs/NAME "
+                             "(trained with train.recipe=teacher), or run --recipe 3stage")
+        if self.recipe == "finetune" and not self.init_from:
+            raise ValueError("train.recipe = finetune needs the run folder to start from: --set "
+                             "train.init_from=runs/NAME (the student), or run --recipe 3stage")
 
 
 @dataclass

@@ -19,6 +19,9 @@ backup/                the Backup callback's weights + optimizer (a restarted co
 tensorboard/           TensorBoard logs
 =====================  ===========================================================================
 
+A 3stage run (``train.stages``) holds one such run per stage, ``<out>/teacher``, ``<out>/student`` and
+``<out>/finetune``, and ``<out>/stages.json`` naming the final one: what is served (:func:`final_stage_dir`).
+
 ``<out>/`` itself gets ``cv.json`` and ``roc.png`` from ``python -m ranzcr_tf.report.cv`` (pooled OOF score).
 
 Only ``best.keras``, ``config.yaml`` and ``preprocess.json`` are needed to predict (:data:`SERVING_FILES`:
@@ -45,6 +48,7 @@ BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tensorboard"
 CV_REPORT_FILE = "cv.json"  # in the run folder, above the folds
 ROC_PLOT_FILE = "roc.png"
+STAGES_FILE = "stages.json"  # a 3stage run's <out>/: {"recipe": "3stage", "stages": [...], "final": "finetune"}
 
 FOLD_FILES = (CONFIG_FILE, PREPROCESS_FILE, MODEL_FILE, LOG_FILE, METRICS_FILE, OOF_FILE, STATE_FILE)
 SERVING_FILES = (MODEL_FILE, CONFIG_FILE, PREPROCESS_FILE)  # what inference reads beside each model
@@ -62,3 +66,19 @@ def fold_dir(out_dir: str, fold: int) -> str:
 
 def is_fold_dir(path: str) -> bool:
     return bool(FOLD_DIR_PATTERN.match(os.path.basename(os.path.normpath(path))))
+
+
+def final_stage_dir(folder: str) -> str | None:
+    """The final stage's folder when ``folder`` is a 3stage run (it holds ``stages.json``), else None."""
+    import json
+
+    path = os.path.join(folder, STAGES_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            final = json.load(handle)["final"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a stages file written by train_tpu.py --recipe 3stage: "
+                         "remove it or train the run again") from None
+    return os.path.join(folder, str(final))

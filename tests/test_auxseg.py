@@ -278,7 +278,7 @@ def test_registry_names_encoder_stages_at_strides_4_8_16(name):
 def test_recipe_settings_are_checked():
     assert load_config(None, []).train.recipe == "plain"
     with pytest.raises(ValueError, match="train.recipe"):
-        load_config(None, ["train.recipe=teacher"]).validate()
+        load_config(None, ["train.recipe=distill"]).validate()
     with pytest.raises(ValueError, match="divisible by 32"):
         masks.mask_size(100)
     with pytest.raises(ValueError, match="exposes no encoder stages"):

@@ -66,9 +66,14 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
             raise ValueError(f"backbone {model_cfg.backbone} takes {backbone_channels} channels; "
                              f"set model.input_channels to 1 or {backbone_channels}")
         x = RepeatChannels(backbone_channels, name="repeat_channels")(x)
-    x = backbone(x)
+    outputs = classifier_head(backbone(x), model_cfg, num_classes)
+    return keras.Model(inputs, outputs, name=f"ranzcr_{model_cfg.backbone}")
 
-    x = pool_features(x, model_cfg)
+
+def classifier_head(features, model_cfg: ModelConfig, num_classes: int = labels.NUM_CLASSES):
+    """Pooling, dropout and the float32 head on the backbone's feature map: the model's outputs (one copy for
+    the classifier and the 3-stage teacher)."""
+    x = pool_features(features, model_cfg)
     if model_cfg.dropout_rate > 0:
         x = keras.layers.Dropout(model_cfg.dropout_rate, name="head_dropout")(x)
 
@@ -80,10 +85,8 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
     else:
         x = keras.layers.Dense(num_classes, dtype="float32", name="head")(x)
     if model_cfg.output == "probabilities":
-        outputs = keras.layers.Activation("sigmoid", dtype="float32", name="probabilities")(x)
-    else:
-        outputs = keras.layers.Activation("linear", dtype="float32", name="logits")(x)
-    return keras.Model(inputs, outputs, name=f"ranzcr_{model_cfg.backbone}")
+        return keras.layers.Activation("sigmoid", dtype="float32", name="probabilities")(x)
+    return keras.layers.Activation("linear", dtype="float32", name="logits")(x)
 
 
 def pool_features(features, model_cfg: ModelConfig):

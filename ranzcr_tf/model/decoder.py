@@ -75,7 +75,7 @@ class LineMaskLoss(keras.losses.Loss):
         return bce + dice
 
 
-class _Reference:
+class UntrackedReference:
     """Holds a model without Keras tracking it (so its weights are not a second time in the checkpoints)."""
 
     def __init__(self, model):
@@ -93,7 +93,7 @@ class AuxSegModel(keras.Model):
     def __init__(self, inputs, outputs, *, classifier, classification_loss, mask_loss_weight: float = 1.0,
                  name: str = "aux_seg", **kwargs):
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
-        self._classifier = _Reference(classifier)
+        self._classifier = UntrackedReference(classifier)
         self.classification_loss = classification_loss
         self.mask_loss = LineMaskLoss()
         self.mask_loss_weight = float(mask_loss_weight)
@@ -131,7 +131,7 @@ def build_aux_seg_model(classifier: keras.Model, backbone_name: str, classificat
     stages = stage_outputs(backbone, backbone_name)
     encoder = keras.Model(backbone.input, [*stages, backbone.output], name=BACKBONE_NAME)
     # The classifier's layers after the backbone (pooling, dropout, head), as one callable on the final map.
-    head = keras.Model(_backbone_output(classifier, backbone), classifier.output, name="classifier_head")
+    head = keras.Model(backbone_output_tensor(classifier, backbone), classifier.output, name="classifier_head")
     decoder = build_decoder([tuple(s.shape[1:]) for s in stages], width=decoder_width)
 
     image = keras.Input(shape=classifier.input.shape[1:], dtype=classifier.input.dtype, name="image")
@@ -144,7 +144,7 @@ def build_aux_seg_model(classifier: keras.Model, backbone_name: str, classificat
                        mask_loss_weight=mask_loss_weight)
 
 
-def _backbone_output(classifier: keras.Model, backbone: keras.Model):
+def backbone_output_tensor(classifier: keras.Model, backbone: keras.Model):
     """The backbone's output tensor in the classifier's graph: the input of the layer that follows it
     (``backbone.output`` is the nested model's own tensor, not connected to the classifier's input)."""
     following = classifier.layers[classifier.layers.index(backbone) + 1]

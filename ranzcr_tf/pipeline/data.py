@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from ranzcr_tf.config import TTA_VIEWS, Config
 from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
+from ranzcr_tf.pipeline import masks
 from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.prep import records
 
@@ -139,6 +140,28 @@ def training_positive_counts(tfrecords_dir: str, fold: int) -> tuple[np.ndarray,
     return records.positives_from_manifest(manifest, [k for k in range(num_folds) if k != fold])
 
 
+def annotated_positive_counts(tfrecords_dir: str, fold: int) -> tuple[np.ndarray, int]:
+    """``training_positive_counts`` of the annotated studies only (the teacher's and the student's data).
+
+    The manifest does not count annotated studies, so this reads the training shards once, parsing two
+    small features per record (no image decoding): about a second per 1,000 studies on local disk.
+    """
+    _, num_folds, _ = _manifest_info(tfrecords_dir)
+    fold = _check_fold(fold, num_folds)
+    files = _train_files(tfrecords_dir, fold, num_folds)
+    spec = {records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
+    ds = _ordered_records(files).filter(masks.is_annotated).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
+    positives, count = np.zeros(NUM_CLASSES, np.int64), 0
+    with naming_corrupt_shard(files):
+        for batch in ds.as_numpy_iterator():
+            positives += (batch[records.TARGET] > 0.5).sum(axis=0).astype(np.int64)
+            count += len(batch[records.TARGET])
+    if count == 0:
+        raise ValueError(f"no annotated study in the training folds of {tfrecords_dir} (fold {fold} validates): "
+                         "the teacher and the student train on studies with train_annotations.csv lines")
+    return positives, count
+
+
 # ----------------------------------------------------------------------------------------------- corrupt shards
 def find_corrupt_shard(files) -> tuple[str, str] | None:
     """The first of ``files`` that TensorFlow cannot read through (bad framing or CRC), with its error."""
@@ -183,8 +206,10 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
                         image_dtype=None, augment: bool = True, deterministic: bool = False) -> tf.data.Dataset:
     """Endless, shuffled, augmented ``(images, targets)`` batches from every fold except ``fold``.
 
-    With ``train.recipe: aux_seg`` the targets are a dict: ``target`` (B, 11), ``mask`` (B, S/4, S/4, 4)
-    uint8 line masks that follow the augmented image (``masks.line_masks``) and ``has_mask`` (B,) float32.
+    With ``train.recipe: aux_seg`` or ``student`` the targets are a dict: ``target`` (B, 11), ``mask``
+    (B, S/4, S/4, 4) uint8 line masks that follow the augmented image (``masks.line_masks``) and ``has_mask``
+    (B,) float32; with ``teacher`` the masks are an input: ``({"image", "masks"}, targets)``. ``teacher``
+    and ``student`` read the annotated studies only (``masks.RECIPE_DATA``).
 
     images: ``(B, S, S, model.input_channels)`` of ``image_dtype`` (default ``image_dtype_for`` the
     current Keras backend and accelerator); targets: ``(B, 11)`` float32. ``B`` is the global batch,
@@ -228,6 +253,9 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         ds = file_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), _MAX_PARALLEL_FILES),
                                 block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     # Shuffle serialized records (~0.2 MB at 768 px), not decoded images (0.6 MB): a big buffer stays affordable.
+    needs = masks.recipe_data(cfg.train.recipe)
+    if needs.annotated_only:  # before the shuffle buffer, so it holds only studies that will be used
+        ds = ds.filter(masks.is_annotated)
     ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if cfg.train.extra_records:
         ds = _mix_extra_records(cfg, ds, pipelines, pipeline_id, seed, deterministic)
@@ -236,10 +264,8 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
     ds = tf.data.Dataset.zip((ds, element_seeds))
     aug_cfg = cfg.augment
 
-    with_masks = cfg.train.recipe == "aux_seg"
+    with_masks = needs.masks is not None
     if with_masks:
-        from ranzcr_tf.pipeline import masks
-
         mask_settings = masks.MaskSettings.from_config(cfg.train)
         masks.mask_size(size)  # a clear error now rather than inside the map
 
@@ -256,9 +282,11 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         mask, has_mask = masks.line_masks(parsed, size, mask_settings)
         if augment:
             image, mask = augment_image(image, aug_cfg, element_seed, mask=mask)
-        # uint8 masks: a quarter of float32's host-to-device traffic; the loss casts them.
-        targets = {"target": parsed[records.TARGET], "mask": tf.cast(mask, tf.uint8), "has_mask": has_mask}
-        return _to_model_dtype(expand_channels(image, channels), dtype), targets
+        # uint8 masks: a quarter of float32's host-to-device traffic; the loss (or the teacher) casts them.
+        image, mask = _to_model_dtype(expand_channels(image, channels), dtype), tf.cast(mask, tf.uint8)
+        if needs.masks == "input":
+            return {"image": image, "masks": mask}, parsed[records.TARGET]
+        return image, {"target": parsed[records.TARGET], "mask": mask, "has_mask": has_mask}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -319,9 +347,10 @@ class EvalData:
     """
 
     def __init__(self, dataset, files, num_examples: int, batch_size: int, split: str, *, num_shards: int = 1,
-                 shard_index: int = 0):
+                 shard_index: int = 0, annotated_only: bool = False):
         self.dataset = dataset
         self.files = list(files)
+        self.annotated_only = bool(annotated_only)  # the rows are the files' annotated studies only
         self.num_examples = int(num_examples)
         self.batch_size = int(batch_size)
         self.split = split
@@ -339,7 +368,7 @@ class EvalData:
         # A pass over the same files in the same order, parsing only two small features (no decoding).
         spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string),
                 records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
-        ds = _ordered_records(self.files).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
+        ds = _ordered_records(self.files, self.annotated_only).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
         ids, targets = [], []
         with naming_corrupt_shard(self.files):
             for batch in ds.as_numpy_iterator():
@@ -375,15 +404,17 @@ class EvalData:
         return predictions[:self.num_examples]
 
 
-def _ordered_records(files):
+def _ordered_records(files, annotated_only: bool = False):
     # One file after another: the order is the sorted file order, identical on every pass.
-    return tf.data.TFRecordDataset(files, buffer_size=8 << 20)
+    ds = tf.data.TFRecordDataset(files, buffer_size=8 << 20)
+    return ds.filter(masks.is_annotated) if annotated_only else ds
 
 
 def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch_size: int, *,
                        fold: int | None = None, image_size: int | None = None, tta: str = "identity",
                        with_targets: bool = True, with_weights: bool = False, image_dtype=None,
-                       num_shards: int = 1, shard_index: int = 0) -> EvalData:
+                       num_shards: int = 1, shard_index: int = 0, recipe: str = "plain",
+                       mask_settings: masks.MaskSettings | None = None) -> EvalData:
     """Validation (``split='valid'``, fold ``fold``), test or extra data, in a fixed order, every batch full.
 
     No augmentation; ``tta='hflip'`` mirrors every image (test-time augmentation). The last batch is
@@ -394,6 +425,9 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     ``num_shards`` > 1 (several JAX processes): only share ``shard_index``, every ``num_shards``-th record
     (chosen before decoding, so each process decodes its share alone), in batches of
     ``global_batch_size / num_shards``, padded so that every share has the same number of batches.
+
+    ``recipe="teacher"`` (validation of the teacher, ``masks.RECIPE_DATA``): the annotated studies only, each
+    as ``{"image", "masks"}`` with its line masks (``mask_settings``) as the teacher's second input.
     """
     if split not in ("valid", "test", "extra"):
         raise ValueError(f"split must be 'valid', 'test' or 'extra', got {split!r}")
@@ -415,17 +449,32 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     size = _model_image_size(cfg, stored_size, image_size)
     channels = int(cfg.model.input_channels)
     dtype = _resolve_dtype(cfg, image_dtype)
-    num_examples = records.count_records(files)
+    needs = masks.recipe_data(recipe)
+    masks_in = needs.masks == "input"
+    if masks_in and tta != "identity":
+        raise ValueError("the teacher (masks as input) is validated without TTA: set infer.tta=identity")
+    if needs.annotated_only:  # the filtered count, by a pass parsing one small feature per record
+        num_examples = int(_ordered_records(files, True).reduce(np.int64(0), lambda n, _: n + 1))
+        if num_examples == 0:
+            raise ValueError(f"validation fold {fold} of {tfrecords_dir} has no annotated study, which the teacher "
+                             "needs to be validated: convert with more annotated studies or other folds")
+    else:
+        num_examples = records.count_records(files)
+    if masks_in:
+        settings = mask_settings or masks.MaskSettings()
+        mask_side = masks.mask_size(size)
 
     def prepare(serialized):
-        parsed = records.parse_example(serialized)
+        parsed = records.parse_example(serialized, with_annotations=masks_in)
         image = decode_for_model(parsed[records.IMAGE], size, channels=1)
         if tta == "hflip":
             image = mirror(image)
         image = _to_model_dtype(expand_channels(image, channels), dtype)
+        if masks_in:
+            image = {"image": image, "masks": tf.cast(masks.line_masks(parsed, size, settings)[0], tf.uint8)}
         return image, parsed[records.TARGET], tf.constant(1.0)
 
-    ds = _ordered_records(files)
+    ds = _ordered_records(files, needs.annotated_only)
     if num_shards > 1:
         ds = ds.shard(num_shards, shard_index)
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -435,7 +484,10 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     share_rows = len(range(shard_index, num_examples, num_shards))
     pad = math.ceil(num_examples / global_batch_size) * local_batch - share_rows
     if pad:
-        padding = (tf.zeros([size, size, channels], dtype), tf.zeros([NUM_CLASSES], tf.float32), tf.constant(0.0))
+        blank = tf.zeros([size, size, channels], dtype)
+        if masks_in:
+            blank = {"image": blank, "masks": tf.zeros([mask_side, mask_side, masks.NUM_FAMILIES], tf.uint8)}
+        padding = (blank, tf.zeros([NUM_CLASSES], tf.float32), tf.constant(0.0))
         ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
     if with_targets and with_weights:
         pass
@@ -444,7 +496,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     else:
         ds = ds.map(lambda x, y, w: x)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-    return EvalData(ds, files, num_examples, global_batch_size, split, num_shards=num_shards, shard_index=shard_index)
+    return EvalData(ds, files, num_examples, global_batch_size, split, num_shards=num_shards, shard_index=shard_index,
+                    annotated_only=needs.annotated_only)
 
 
 # ----------------------------------------------------------------------------------------------- preview

@@ -52,6 +52,38 @@ class MaskSettings:
         return cls(float(train_cfg.mask_line_width), int(train_cfg.mask_max_lines), int(train_cfg.mask_max_points))
 
 
+@dataclass(frozen=True)
+class RecipeData:
+    """What a recipe's batches hold: only annotated studies or all, and where the line masks go.
+
+    ``masks``: ``None`` (image, target); ``"target"``: (image, {target, mask, has_mask}); ``"input"``:
+    ({image, masks}, target), the teacher's input. Validation of an ``"input"`` recipe also needs masks,
+    so it runs on the annotated validation studies only.
+    """
+
+    annotated_only: bool = False
+    masks: str | None = None
+
+
+RECIPE_DATA = {"plain": RecipeData(), "finetune": RecipeData(), "aux_seg": RecipeData(masks="target"),
+               "teacher": RecipeData(annotated_only=True, masks="input"),
+               "student": RecipeData(annotated_only=True, masks="target")}
+
+
+def recipe_data(recipe: str) -> RecipeData:
+    """The ``RecipeData`` of ``train.recipe`` (3stage is not a fold recipe: it runs three of them)."""
+    if recipe not in RECIPE_DATA:
+        raise ValueError(f"train.recipe {recipe!r} has no training data of its own; expected one of "
+                         f"{', '.join(RECIPE_DATA)}")
+    return RECIPE_DATA[recipe]
+
+
+def is_annotated(serialized):
+    """True for a serialized record with at least one annotation line (parses that one feature only)."""
+    parsed = tf.io.parse_single_example(serialized, {records.ANN_LABEL: tf.io.VarLenFeature(tf.int64)})
+    return tf.size(parsed[records.ANN_LABEL].values) > 0
+
+
 def mask_size(image_size: int) -> int:
     """Side of the masks for a model input of ``image_size`` px (1/4: the decoder's output size)."""
     if image_size % 32:

@@ -26,7 +26,7 @@ from ranzcr_tf import io_utils
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
 from ranzcr_tf.labels import LABELS
 from ranzcr_tf.prep import records
-from ranzcr_tf.runs import CONFIG_FILE, MODEL_FILE, PREPROCESS_FILE, is_fold_dir
+from ranzcr_tf.runs import CONFIG_FILE, MODEL_FILE, PREPROCESS_FILE, final_stage_dir, is_fold_dir
 
 LEGACY_SUFFIXES = (".h5", ".hdf5")
 
@@ -182,6 +182,9 @@ def discover_models(paths: list[str], exclude: tuple[str, ...] = ()) -> list[Mod
             for folder, dirs, files in os.walk(given, followlinks=True):
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                                  and os.path.abspath(os.path.join(folder, d)) not in exclude)
+                final = final_stage_dir(folder)
+                if final is not None:  # a 3stage run: serve its final (image-only) stage, not teacher or student
+                    dirs[:] = [d for d in dirs if os.path.join(folder, d) == final]
                 found += [os.path.join(folder, f) for f in sorted(files) if f == MODEL_FILE]
                 legacy += [os.path.join(folder, f) for f in files if f.lower().endswith(LEGACY_SUFFIXES)]
             if not found:

@@ -42,18 +42,25 @@ class GatherFromAllProcesses(keras.layers.Layer):
 
 def _indexed_model(model: keras.Model, from_logits: bool, gather: bool = False) -> keras.Model:
     """``{"image", "index"} -> {"probabilities", "index"}`` sharing ``model``'s weights; ``gather``: every
-    process receives every process's rows (``GatherFromAllProcesses``)."""
-    source = model.inputs[0]
-    image = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype, name="image")
+    process receives every process's rows (``GatherFromAllProcesses``).
+
+    A model of several named inputs (the teacher's ``{"image", "masks"}``) gets each of them beside ``index``.
+    """
+    inputs = {source.name: keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype, name=source.name)
+              for source in model.inputs}
+    if len(inputs) == 1:
+        inputs = {"image": next(iter(inputs.values()))}
+        outputs = model(inputs["image"])
+    else:
+        outputs = model(inputs)
     index = keras.Input(shape=(), dtype="int32", name="index")
-    outputs = model(image)
     if from_logits:
         outputs = keras.layers.Activation("sigmoid", dtype="float32", name="to_probabilities")(outputs)
     row_index = keras.layers.Identity(name="row_index")(index)
     if gather:
         outputs = GatherFromAllProcesses(name="gather_probabilities")(outputs)
         row_index = GatherFromAllProcesses(name="gather_row_index")(row_index)
-    return keras.Model({"image": image, "index": index}, {"probabilities": outputs, "index": row_index},
+    return keras.Model({**inputs, "index": index}, {"probabilities": outputs, "index": row_index},
                        name="indexed_predictor")
 
 
@@ -65,7 +72,7 @@ def _indexed_dataset(eval_data):
     def add_index(step, element):
         images = element[0] if isinstance(element, (tuple, list)) else element
         index = eval_data.record_index(tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32))
-        return {"image": images, "index": index}
+        return {**images, "index": index} if isinstance(images, dict) else {"image": images, "index": index}
 
     # A known length lets predict stop without probing (and warning about) the end of the data.
     return (eval_data.dataset.enumerate().map(add_index)

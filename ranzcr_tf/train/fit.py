@@ -56,10 +56,13 @@ def build_optimizer(train_cfg, learning_rate) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(**kwargs)
 
 
-def steps_per_epoch_for(cfg: Config, manifest: dict, fold: int, global_batch: int) -> int:
+def steps_per_epoch_for(cfg: Config, manifest: dict, fold: int, global_batch: int, num_train: int | None = None) -> int:
+    """``train.steps_per_epoch``, else one pass over the training studies (``num_train``, default all of the
+    training folds; the teacher and the student pass their annotated count)."""
     if cfg.train.steps_per_epoch:
         return int(cfg.train.steps_per_epoch)
-    num_train = sum(int(n) for k, n in manifest["fold_counts"].items() if int(k) != fold)
+    if num_train is None:
+        num_train = sum(int(n) for k, n in manifest["fold_counts"].items() if int(k) != fold)
     steps = num_train // global_batch
     if steps < 1:
         raise ValueError(f"the training folds hold {num_train} studies, fewer than one global batch of {global_batch}: "
@@ -128,18 +131,20 @@ def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, p
         model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
                       jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
     prepare_model(model, placement, (image_size, image_size, cfg.model.input_channels), num_classes=len(LABELS),
-                  targets=recipes.symbolic_targets(cfg, image_size))
+                  targets=recipes.symbolic_targets(cfg, image_size), inputs=recipes.symbolic_inputs(cfg, image_size))
     return optimizer
 
 
 def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int):
     from ranzcr_tf.pipeline import data
+    from ranzcr_tf.pipeline.masks import MaskSettings
 
     dtype = _image_dtype(cfg, placement)
     batch = placement.global_batch_size(cfg.infer.batch_size)
     num_shares, share = multihost.process_share(placement)  # several JAX processes: each decodes its share
     return data.build_eval_dataset(cfg, tfrecords_dir, "valid", batch, fold=fold, image_size=image_size,
-                                   with_targets=False, image_dtype=dtype, num_shards=num_shares, shard_index=share)
+                                   with_targets=False, image_dtype=dtype, num_shards=num_shares, shard_index=share,
+                                   recipe=cfg.train.recipe, mask_settings=MaskSettings.from_config(cfg.train))
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -230,6 +235,8 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
     if not 0 <= fold < num_folds:
         raise ValueError(f"--fold {fold} is out of range: the records in {tfrecords_dir} have folds 0..{num_folds - 1}")
     check_inputs(cfg, tfrecords_dir, manifest)
+    if cfg.train.recipe == "3stage":
+        raise ValueError("train.recipe = 3stage trains three runs per fold: call fit.train (train_tpu.py), not train_fold")
     chief_dir = fold_dir(out_dir, fold)
     if restart and placement.is_chief and io_utils.exists(chief_dir):
         print(f"fold {fold}: --restart: discarding {chief_dir}", flush=True)
@@ -252,15 +259,22 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
     from ranzcr_tf.model import build as models
     from ranzcr_tf.model import precision
     from ranzcr_tf.pipeline import data
+    from ranzcr_tf.pipeline.masks import recipe_data
 
     paths = {name: io_utils.join(run_dir, name) for name in runs.FOLD_FILES}
     image_size, size_note = resolve_image_size(cfg, manifest)
     global_batch = placement.global_batch_size(cfg.train.batch_size)
-    steps_per_epoch = steps_per_epoch_for(cfg, manifest, fold, global_batch)
+    if recipe_data(cfg.train.recipe).annotated_only:  # teacher, student: the annotated studies' counts
+        positives, num_train = data.annotated_positive_counts(tfrecords_dir, fold)
+        size_note += f"; {num_train} annotated training studies"
+    else:
+        positives, num_train = data.training_positive_counts(tfrecords_dir, fold)
+    steps_per_epoch = steps_per_epoch_for(cfg, manifest, fold, global_batch, num_train)
     peak_lr = scaled_learning_rate(cfg.train, global_batch)
     # Before anything is written: a checkpoint continues only with the records and settings it was trained with.
     current = identity.run_identity(cfg, tfrecords_dir, manifest, {
-        "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "image_size": image_size})
+        "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "image_size": image_size,
+        **recipes.source_identity(cfg, fold)})
     if identity.has_progress(chief_dir):
         note = identity.check_resumable(chief_dir, current, fold)
         if note:
@@ -287,10 +301,10 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
 
     train_ds = make_train_dataset(cfg, tfrecords_dir, fold, placement, image_size=image_size, seed=cfg.train.seed + fold)
     eval_data = make_eval_data(cfg, tfrecords_dir, fold, placement, image_size=image_size)
-    positives, num_train = data.training_positive_counts(tfrecords_dir, fold)
     from_logits = cfg.model.output == "logits"
-    with placement.scope():  # train.recipe: plain (the classifier) or aux_seg (+ a line-mask decoder)
-        model, loss = recipes.build_training_model(cfg, image_size, positives, num_train, from_logits=from_logits)
+    with placement.scope():  # train.recipe: the classifier, or a training model around it (train/recipes.py)
+        model, loss = recipes.build_training_model(cfg, image_size, positives, num_train, from_logits=from_logits,
+                                                   fold=fold)
     schedule = build_learning_rate(cfg.train, steps_per_epoch, peak_lr)
 
     flags = cbs.RunFlags()
@@ -450,13 +464,24 @@ def train(cfg: Config, tfrecords_dir: str, folds: list[int], out_dir: str, place
           restart: bool = False) -> list[dict]:
     """Train each fold in turn into ``out_dir/fold{k}``; returns their metrics. ``restart``: see ``train_fold``."""
     check_inputs(cfg, tfrecords_dir, records.read_manifest(tfrecords_dir))  # once, before the first fold starts
+    if cfg.train.recipe == "3stage":  # teacher -> student -> finetune per fold, into out_dir/<stage>/fold{k}
+        from ranzcr_tf.train import stages
+
+        results = stages.train_three_stages(cfg, tfrecords_dir, folds, out_dir, placement, verbose=verbose,
+                                            restart=restart)
+        _summarise(results, folds, stages.stage_dir(out_dir, stages.FINAL_STAGE))
+        return results
     results = []
     for fold in folds:
         results.append(train_fold(cfg, tfrecords_dir, fold, out_dir, placement, verbose=verbose, restart=restart))
+    _summarise(results, folds, out_dir)
+    return results
+
+
+def _summarise(results: list[dict], folds: list[int], out_dir: str) -> None:
     if len(results) > 1:
         aucs = [r["val_auc"] for r in results]
         print(f"folds {folds}: mean AUC per fold {', '.join(f'{a:.4f}' for a in aucs)}; "
               f"run `python -m ranzcr_tf.report.cv {out_dir}` for the pooled CV score", flush=True)
     if any(not math.isfinite(r["val_auc"]) for r in results):
         print("warning: some folds have no finite AUC", flush=True)
-    return results

@@ -294,11 +294,12 @@ def set_batchnorm_synchronized(model, synchronized: bool) -> int:
 
 
 def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: str = "float32",
-                  num_classes: int = 11, targets=None) -> None:
+                  num_classes: int = 11, targets=None, inputs=None) -> None:
     """Make a compiled ``model`` train correctly under ``placement``'s TensorFlow strategy (no-op otherwise).
 
     ``input_shape`` is one image's shape ``(H, W, C)``. ``targets``: the symbolic target structure of a
-    batch (``keras.KerasTensor``s) when it is not ``(1, num_classes)`` float32 (``train.recipes``). Call it
+    batch (``keras.KerasTensor``s) when it is not ``(1, num_classes)`` float32 (``train.recipes``); ``inputs``
+    likewise when a batch's input is not one image (the teacher's ``{"image", "masks"}``). Call it
     after every ``compile``. It
 
     - synchronises BatchNorm across replicas where ``wants_synchronized_batchnorm`` says so;
@@ -324,7 +325,9 @@ def prepare_model(model, placement: Placement, input_shape: tuple, input_dtype: 
     set_batchnorm_synchronized(model, wants_synchronized_batchnorm(placement))
     if targets is None:
         targets = keras.KerasTensor((1, num_classes), dtype="float32")
-    symbolic = (keras.KerasTensor((1, *tuple(input_shape)), dtype=input_dtype), targets)
+    if inputs is None:
+        inputs = keras.KerasTensor((1, *tuple(input_shape)), dtype=input_dtype)
+    symbolic = (inputs, targets)
     compat.build_from_symbolic_batch(model, strategy, symbolic)
     if placement.kind == "multiworker":
         compat.wrap_train_step(model, _with_vector_logs)
