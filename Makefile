@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= tf-cpu,cv
 DEMO := demo
 
-.PHONY: demo test lint install install-dev bench clean-demo browser
+.PHONY: demo demo-hard test lint install install-dev bench clean-demo browser
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install-dev:
 
 demo: install
 	$(PY) -m ranzcr_tf.demo --out-dir $(DEMO)
+
+# The hard phantoms (thin, faint, crowded lines) with the preset chosen for them (configs/cpu_lines.yaml).
+demo-hard: install
+	$(PY) -m ranzcr_tf.demo --style hard --config configs/cpu_lines.yaml --out-dir $(DEMO)_hard
 
 # Headless Chromium for the run report's browser test (tests/test_report.py skips, saying why, without it).
 # Debian's package, installed quietly when apt is usable (root); otherwise a one-line note.

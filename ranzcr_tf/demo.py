@@ -29,20 +29,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=600, help="synthetic training studies (default: 600)")
     parser.add_argument("--n-test", type=int, default=200, help="synthetic test studies (default: 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--style", choices=("easy", "hard"), default="easy",
+                        help="phantom style (default: easy; `make demo-hard` runs hard with configs/cpu_lines.yaml)")
+    parser.add_argument("--config", default=PRESET, help="training preset (default: configs/cpu_demo.yaml)")
     args = parser.parse_args(argv)
+    preset = args.config
     data = os.path.join(args.out_dir, "data")
     start = time.time()
     _run("synthetic data", ["-m", "ranzcr_tf.synth.generate", "--out", data, "--n-train", str(args.n_train),
-                            "--n-test", str(args.n_test), "--seed", str(args.seed),
+                            "--n-test", str(args.n_test), "--seed", str(args.seed), "--style", args.style,
                             "--preview", os.path.join(data, "preview.png")])
     records = os.path.join(args.out_dir, "tfrecords")
-    run = os.path.join(args.out_dir, "runs", "cpu_demo")
+    run = os.path.join(args.out_dir, "runs", os.path.splitext(os.path.basename(preset))[0])
     submission = os.path.join(args.out_dir, "submission.csv")
     script = lambda name: os.path.join(ROOT, name)  # noqa: E731
     _run("convert to TFRecords",
-         [script("make_tfrecords.py"), "--config", PRESET, "--data-dir", data, "--out-dir", records])
+         [script("make_tfrecords.py"), "--config", preset, "--data-dir", data, "--out-dir", records])
     _run("train fold 0",
-         [script("train_tpu.py"), "--config", PRESET, "--tfrecords", records, "--fold", "0", "--out-dir", run, "--quiet"])
+         [script("train_tpu.py"), "--config", preset, "--tfrecords", records, "--fold", "0", "--out-dir", run, "--quiet"])
     _run("submission",
          [script("kaggle_kernel.py"), "--data-dir", data, "--models", run, "--out", submission, "--max-minutes", "10"])
     _run("score against the synthetic test labels",

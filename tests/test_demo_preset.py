@@ -7,6 +7,7 @@ these checks are the cheap invariants that keep that measurement valid.
 import os
 
 import numpy as np
+import pytest
 
 from ranzcr_tf import labels
 from ranzcr_tf.config import PRESET_DIR, load_config
@@ -21,8 +22,9 @@ DEMO_TRAIN_IMAGES = 480
 MAX_TRAINING_GMACS = 6000.0
 
 
-def test_preset_trains_from_scratch_without_mirrored_views():
-    cfg = load_config(PRESET)
+@pytest.mark.parametrize("preset", ["cpu_demo.yaml", "cpu_lines.yaml"])
+def test_preset_trains_from_scratch_without_mirrored_views(preset):
+    cfg = load_config(os.path.join(PRESET_DIR, preset))
     assert cfg.model.weights is None, "the demo must reach its AUC without pretrained weights"
     # Which side a line lies on tells the tubes apart, so mirrored films are never trained on, and
     # test-time augmentation must not ask the model about views it never saw.
@@ -41,3 +43,10 @@ def test_preset_model_fits_the_cpu_budget():
     gmacs = 3 * count_macs(model) * DEMO_TRAIN_IMAGES * cfg.train.epochs / 1e9
     assert gmacs <= MAX_TRAINING_GMACS, (
         f"cpu_demo trains ~{gmacs:.0f} G multiply-adds (limit {MAX_TRAINING_GMACS:.0f}): too slow for `make demo` on 2 cores")
+
+
+def test_thin_line_preset_is_the_recipe_the_ablation_chose():
+    cfg = load_config(os.path.join(PRESET_DIR, "cpu_lines.yaml"))
+    assert (cfg.model.backbone, cfg.model.pooling, cfg.train.recipe) == ("line_cnn", "max", "aux_seg")
+    assert cfg.preprocess.image_size % 32 == 0, "the line-mask decoder needs sizes divisible by 32"
+    assert cfg.augment.cutout_prob == 0
