@@ -127,3 +127,17 @@ def load_cli_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def hard_records(root: str, image_size: int, env: dict) -> dict[str, str]:
+    """48 train / 6 test hard-style phantoms (30 % annotated) under ``root/data``, converted at ``image_size``
+    into ``root/records`` (3 folds): the dataset of the line-mask recipe tests."""
+    raw, rec = os.path.join(root, "data"), os.path.join(root, "records")
+    made = subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.generate", "--style", "hard", "--out", raw,
+                           "--n-train", "48", "--n-test", "6", "--seed", "0"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert made.returncode == 0, made.stderr[-2000:]
+    converted = run_cli(["--data-dir", raw, "--out-dir", rec, "--image-size", str(image_size), "--folds", "3",
+                         "--workers", "1", "--no-progress"])
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    return {"raw": raw, "records": rec}

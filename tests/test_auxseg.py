@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from helpers_convert import run_cli as run_converter
+from helpers_convert import hard_records
 
 from ranzcr_tf.config import AugmentConfig, ModelConfig, load_config
 from ranzcr_tf.labels import LABELS
@@ -43,16 +43,7 @@ def _env(**extra):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("auxseg")
-    raw, rec = str(root / "data"), str(root / "records")
-    made = subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.generate", "--style", "hard", "--out", raw,
-                           "--n-train", "48", "--n-test", "6", "--seed", "0"], env=_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert made.returncode == 0, made.stderr[-2000:]
-    converted = run_converter(["--data-dir", raw, "--out-dir", rec, "--image-size", str(SIZE), "--folds", "3",
-                               "--workers", "1", "--no-progress"])
-    assert converted.returncode == 0, converted.stderr[-2000:]
-    return {"raw": raw, "records": rec}
+    return hard_records(str(tmp_path_factory.mktemp("auxseg")), SIZE, _env())
 
 
 def _parsed_records(records_dir):

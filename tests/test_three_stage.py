@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from helpers_convert import run_cli as run_converter
+from helpers_convert import hard_records
 
 from ranzcr_tf.config import ModelConfig, load_config
 from ranzcr_tf.labels import LABELS
@@ -47,16 +47,7 @@ def _env(**extra):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("three_stage")
-    raw, rec = str(root / "data"), str(root / "records")
-    made = subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.generate", "--style", "hard", "--out", raw,
-                           "--n-train", "48", "--n-test", "6", "--seed", "0"], env=_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert made.returncode == 0, made.stderr[-2000:]
-    converted = run_converter(["--data-dir", raw, "--out-dir", rec, "--image-size", str(SIZE), "--folds", "3",
-                               "--workers", "1", "--no-progress"])
-    assert converted.returncode == 0, converted.stderr[-2000:]
-    return {"raw": raw, "records": rec}
+    return hard_records(str(tmp_path_factory.mktemp("three_stage")), SIZE, _env())
 
 
 def _cfg(*extra):
