@@ -351,15 +351,21 @@ def neighbour_ids(table: pd.DataFrame, slice_id: str, context: int) -> list[str]
     return before[::-1] + [slice_id] + after
 
 
+def resize_nearest(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize in NumPy (the fallback without OpenCV): output pixel ``(i, j)`` takes input
+    ``(i * H_in // H_out, j * W_in // W_out)``."""
+    rows = np.arange(shape[0]) * image.shape[0] // shape[0]
+    cols = np.arange(shape[1]) * image.shape[1] // shape[1]
+    return image[rows[:, None], cols[None, :]]
+
+
 def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if image.shape == shape:
         return image
     try:
         import cv2
     except ImportError:
-        rows = (np.arange(shape[0]) * image.shape[0] // shape[0]).clip(0, image.shape[0] - 1)
-        cols = (np.arange(shape[1]) * image.shape[1] // shape[1]).clip(0, image.shape[1] - 1)
-        return image[rows[:, None], cols[None, :]]
+        return resize_nearest(image, shape)
     return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 

@@ -43,7 +43,8 @@ At the span's ends (``s`` 0.31-0.71) the bleed is small and faint, hard to call 
 while the neighbour inward shows it clearly; every slice of the span is labelled. So a model that
 sees a slice's neighbours as extra channels has information a single-slice model lacks. ``any`` is the
 maximum of the five. About 30-40% of slices are positive (a patient has bleeds with probability 0.8,
-1-3 of them; the types cycle through a shuffled list weighted like the real data, epidural rarest).
+1-3 of them; types are dealt per split from a shuffled deck that starts with one of each type, then follows
+the real data's mix roughly, epidural rarest, so a split with 5 bleeds or more has every type).
 
 **Quirks** (seeded, listed in ``quirks.csv``; their label rows exist as in the real data):
 
@@ -291,32 +292,39 @@ def _hex_ids(rng: np.random.Generator, n: int, digits: int, taken: set) -> list[
     return out
 
 
-def _plan_patients(rng: np.random.Generator, n_patients: int) -> list[dict]:
-    """Per patient: slice count, z, scanner and bleeds (type, first slice, length), types cycled for balance."""
+def _plan_patients(rng: np.random.Generator, n_patients: int, test: set) -> list[dict]:
+    """Per patient: split, slice count, z, scanner and bleeds (type, first slice, length).
+
+    Bleed types are dealt per split from a shuffled deck that starts with one of each type and goes on
+    with :data:`_TYPE_CYCLE` (weighted like the real data), so a split with 5 bleeds or more has every type.
+    """
     patients = []
-    for _ in range(n_patients):
+    for i in range(n_patients):
         n = int(rng.integers(8, 17))
         n_bleeds = int(rng.choice([1, 2, 2, 3])) if rng.random() < 0.8 else 0
-        patients.append({"n": n, "z0": float(rng.uniform(-40.0, 120.0)), "scanner": str(rng.choice(["u12", "s16"])),
-                         "n_bleeds": n_bleeds})
-    total = sum(p["n_bleeds"] for p in patients)
-    cycle = list(_TYPE_CYCLE) * (total // len(_TYPE_CYCLE) + 1)
-    types = [cycle[i] for i in rng.permutation(len(cycle))][:total]
-    k = 0
-    for p in patients:
-        p["bleeds"] = []
-        for _ in range(p["n_bleeds"]):
-            kind = types[k]
-            k += 1
-            length = int(rng.choice([2, 3, 3, 4, 4, 5]))
-            if kind == "intraventricular":  # within the ventricle slices (t in [0.33, 0.72])
-                lo, hi = math.ceil(0.33 * (p["n"] - 1)), math.floor(0.72 * (p["n"] - 1))
-                length = max(2, min(length, hi - lo + 1))
-                start = int(rng.integers(lo, max(lo, hi - length + 1) + 1))
-            else:
-                start = int(rng.integers(0, p["n"] - length + 1))
-            p["bleeds"].append({"kind": kind, "start": start, "length": length, **_draw_bleed_params(rng, kind)})
+        patients.append({"split": "test" if i in test else "train", "n": n, "z0": float(rng.uniform(-40.0, 120.0)),
+                         "scanner": str(rng.choice(["u12", "s16"])), "n_bleeds": n_bleeds, "bleeds": []})
+    for split in ("train", "test"):
+        members = [p for p in patients if p["split"] == split]
+        total = sum(p["n_bleeds"] for p in members)
+        deck = [BLEED_TYPES[j] for j in rng.permutation(len(BLEED_TYPES))]
+        while len(deck) < total:
+            deck += [_TYPE_CYCLE[j] for j in rng.permutation(len(_TYPE_CYCLE))]
+        order = [(p, b) for p in members for b in range(p["n_bleeds"])]
+        for (p, _), kind in zip([order[j] for j in rng.permutation(len(order))], deck):
+            p["bleeds"].append(_place_bleed(rng, kind, p["n"]))
     return patients
+
+
+def _place_bleed(rng: np.random.Generator, kind: str, n: int) -> dict:
+    length = int(rng.choice([2, 3, 3, 4, 4, 5]))
+    if kind == "intraventricular":  # within the ventricle slices (t in [0.33, 0.72])
+        lo, hi = math.ceil(0.33 * (n - 1)), math.floor(0.72 * (n - 1))
+        length = max(2, min(length, hi - lo + 1))
+        start = int(rng.integers(lo, max(lo, hi - length + 1) + 1))
+    else:
+        start = int(rng.integers(0, n - length + 1))
+    return {"kind": kind, "start": start, "length": length, **_draw_bleed_params(rng, kind)}
 
 
 def _validate(out_dir: str, n_patients: int, seed: int, size: int, test_fraction: float) -> None:
@@ -346,13 +354,10 @@ def make_dataset(out_dir: str, n_patients: int = 40, seed: int = 0, size: int = 
     folder that already holds DICOM files."""
     _validate(out_dir, n_patients, seed, size, test_fraction)
     rng = np.random.default_rng([int(seed), 1902])
-    patients = _plan_patients(rng, int(n_patients))
-    n_test = 0 if n_patients < 2 else max(1, round(test_fraction * n_patients)) if test_fraction > 0 else 0
-    order = rng.permutation(n_patients)
-    test_set = set(order[:n_test].tolist())
+    n_test = min(n_patients - 1, max(1, round(test_fraction * n_patients))) if test_fraction > 0 else 0
+    patients = _plan_patients(rng, int(n_patients), set(rng.permutation(n_patients)[:n_test].tolist()))
     taken: set = set()
-    for i, p in enumerate(patients):
-        p["split"] = "test" if i in test_set else "train"
+    for p in patients:
         p["patient"], p["study"], p["series"] = _hex_ids(rng, 1, 8, taken) + _hex_ids(rng, 2, 10, taken)
         p["sops"] = _hex_ids(rng, p["n"], 9, taken)
     train_ids = [i for i in range(n_patients) if patients[i]["split"] == "train"]
