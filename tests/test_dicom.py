@@ -101,18 +101,25 @@ def test_rsna_12bit_intercept_quirk_is_fixed(tmp_path):
     np.testing.assert_array_equal(read_hu(path)[0], [[24, 1024]])
 
 
-def test_monochrome1_is_inverted_before_the_rescale(tmp_path):
-    # Unsigned 12-bit: stored = 4095 - v, HU = (4095 - stored) * slope + intercept.
-    path, _ = write(tmp_path, "ID_m1", [[4095, 3071], [3031, 2071]], bits_stored=12, signed=False,
-                    intercept=-1024.0, photometric="MONOCHROME1")
+def test_monochrome1_keeps_its_hu_and_only_a_file_without_rescale_is_inverted(tmp_path):
+    # A CT (modality rescale present): HU = stored * slope + intercept whatever the photometric
+    # interpretation, so MONOCHROME1 and MONOCHROME2 files with the same stored values read the same.
+    stored = [[0, 1024], [1064, 2024]]
+    for signed, bits in ((False, 12), (True, 16)):
+        mono1, _ = write(tmp_path, f"ID_m1_{bits}", stored, bits_stored=bits, signed=signed, intercept=-1024.0,
+                         photometric="MONOCHROME1")
+        mono2, _ = write(tmp_path, f"ID_m2_{bits}", stored, bits_stored=bits, signed=signed, intercept=-1024.0)
+        np.testing.assert_array_equal(read_hu(mono1)[0], [[-1024, 0], [40, 1000]])
+        np.testing.assert_array_equal(read_hu(mono1)[0], read_hu(mono2)[0])
+    # Raw values (no rescale, as a radiograph): inverted onto MONOCHROME2's sense, lo + hi - stored.
+    path, _ = write(tmp_path, "ID_raw_u", [[4095, 3071], [3031, 2071]], bits_stored=12, signed=False, slope=None,
+                    intercept=None, photometric="MONOCHROME1")
     hu, _ = read_hu(path)
-    np.testing.assert_array_equal(hu, [[0 - 1024, 1024 - 1024], [1064 - 1024, 2024 - 1024]])
-    bone = apply_windows(hu, [WINDOWS["bone"]])[..., 0]
-    assert bone[1, 1] > bone[1, 0] > bone[0, 1] > bone[0, 0]  # higher HU is brighter, as in MONOCHROME2
-    # Signed 16-bit: stored = -1 - v.
-    path, _ = write(tmp_path, "ID_m1s", [[-1, -1025], [-1065, -2025]], bits_stored=16, signed=True,
-                    intercept=-1024.0, photometric="MONOCHROME1")
-    np.testing.assert_array_equal(read_hu(path)[0], [[-1024, 0], [40, 1000]])
+    np.testing.assert_array_equal(hu, [[0, 1024], [1064, 2024]])
+    assert hu[1, 1] > hu[1, 0] > hu[0, 1] > hu[0, 0]  # denser (lower stored MONOCHROME1 value) is brighter
+    path, _ = write(tmp_path, "ID_raw_s", [[-1, -1025]], bits_stored=16, signed=True, slope=None, intercept=None,
+                    photometric="MONOCHROME1")
+    np.testing.assert_array_equal(read_hu(path)[0], [[0, 1024]])
 
 
 def test_rle_compressed_file_reads_as_the_uncompressed_one(tmp_path):

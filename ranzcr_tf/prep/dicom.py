@@ -10,13 +10,13 @@ How a file becomes HU (:func:`read_hu`), in this order:
    truncated one, one without a Pixel Data element, one whose compressed pixels no installed plugin
    decodes, and one whose pixels are not a single 2-D frame raise :class:`DicomError`, whose text is
    one line: ``<path>: <what is wrong>``.
-2. **MONOCHROME1** (0 = white) is turned into MONOCHROME2 (0 = black) on the stored values, before the
-   rescale: ``stored = lo + hi - stored`` where ``[lo, hi]`` is the stored range, ``[0, 2**BitsStored - 1]``
-   for unsigned pixels (so ``stored = 2**BitsStored - 1 - stored``) and
-   ``[-2**(BitsStored-1), 2**(BitsStored-1) - 1]`` for signed ones (so ``stored = -1 - stored``). Higher HU
-   is then brighter in every window, as in MONOCHROME2. (The DICOM standard applies the rescale to the
-   stored values whatever the photometric interpretation and leaves the inversion to display; this
-   reader follows the project's convention above, which the synthetic generator writes to.)
+2. **MONOCHROME1** (0 = white) as the DICOM standard reads it: a file with a modality rescale
+   (``RescaleSlope`` / ``RescaleIntercept``, every CT) holds physical values, and ``HU = stored * slope +
+   intercept`` whatever the photometric interpretation, which only says how to *display* them (the windows
+   decide brightness here); so a MONOCHROME1 CT reads exactly as the same file marked MONOCHROME2. Only a
+   file without a rescale (raw detector values, e.g. a radiograph) is inverted onto MONOCHROME2's sense,
+   ``stored = lo + hi - stored`` with ``[lo, hi]`` the stored range (``[0, 2**BitsStored - 1]`` unsigned,
+   ``[-2**(BitsStored-1), 2**(BitsStored-1) - 1]`` signed), so that denser is brighter in every window.
 3. **The RSNA ICH 12-bit intercept quirk.** Some competition files say ``BitsStored == 12``,
    ``PixelRepresentation == 0`` and a ``RescaleIntercept`` near 0, while their pixels hold HU wrapped
    modulo 4096 (air, -1000 HU, stored as 3096). The competition's widely used fix, followed here as in
@@ -148,7 +148,8 @@ def stored_to_hu(stored: np.ndarray, ds) -> np.ndarray:
     pixels = stored.astype(np.int32)
     bits_stored = int(_number(ds, "BitsStored", 16))
     signed = int(_number(ds, "PixelRepresentation", 0)) == 1
-    if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
+    rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1" and not rescaled:
         lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
         pixels = lo + hi - pixels
     slope = _number(ds, "RescaleSlope", 1.0)

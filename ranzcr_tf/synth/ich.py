@@ -55,8 +55,9 @@ the real data's mix roughly, epidural rarest, so a split with 5 bleeds or more h
   two or more test patients) is written as the RSNA files with the wrong intercept: BitsStored 12,
   unsigned, RescaleIntercept 0, stored value ``HU mod 4096`` (HU clipped at -1000 first). The reader's fix
   (:mod:`ranzcr_tf.prep.dicom`) recovers the HU exactly.
-* ``monochrome1``: the whole series of another train patient is MONOCHROME1, stored values inverted
-  (``2**BitsStored - 1 - v`` unsigned, ``-1 - v`` signed), so the reader's inversion gives back the HU.
+* ``monochrome1``: the whole series of another train patient is marked MONOCHROME1 with the same stored
+  values and rescale: by the standard its HU are unchanged (a reader that inverts every MONOCHROME1 file
+  would turn its skull black and its air white).
 * ``truncated``: one negative train slice cut short in its pixel data (a corrupt file).
 * ``no_pixel_data``: one negative train slice written without its Pixel Data element.
 
@@ -91,10 +92,11 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 # Writing one slice.
 
 def ct_slice(stored: np.ndarray, *, sop: str, patient: str, study: str, series: str, z: float, instance: int = 1,
-             pixel_mm: float = 0.5, slope: float = 1.0, intercept: float = -1024.0, bits_stored: int = 16,
+             pixel_mm: float = 0.5, slope: float | None = 1.0, intercept: float | None = -1024.0, bits_stored: int = 16,
              signed: bool = True, photometric: str = "MONOCHROME2", window: tuple[float, float] = (40.0, 80.0)):
     """A pydicom CT Image Storage dataset (with file meta) holding ``stored`` (int16 if ``signed`` else uint16).
 
+    ``slope`` / ``intercept`` ``None`` leave the rescale out (raw values, as a radiograph stores them).
     Only builds the dataset: the caller writes it (:func:`dicom_bytes`). UIDs are taken as given
     (the competition's ``ID_<hex>`` form is not a valid UID; pydicom's value check is off while building).
     """
@@ -130,8 +132,10 @@ def ct_slice(stored: np.ndarray, *, sop: str, patient: str, study: str, series: 
         ds.BitsStored = int(bits_stored)
         ds.HighBit = int(bits_stored) - 1
         ds.PixelRepresentation = 1 if signed else 0
-        ds.RescaleSlope = slope
-        ds.RescaleIntercept = intercept
+        if slope is not None:
+            ds.RescaleSlope = slope
+        if intercept is not None:
+            ds.RescaleIntercept = intercept
         ds.WindowCenter = window[0]
         ds.WindowWidth = window[1]
         ds.PixelData = stored.tobytes()
@@ -159,10 +163,6 @@ def hu_to_stored(hu: np.ndarray, *, scanner: str, quirk_12bit: bool = False, mon
     else:  # "s16"
         stored = np.rint(np.clip(hu, -2048, 30000)).astype(np.int32) + 1024
         fields = {"bits_stored": 16, "signed": True, "intercept": -1024.0}
-    if monochrome1:
-        bits = fields["bits_stored"]
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if fields["signed"] else (0, 2**bits - 1)
-        stored = lo + hi - stored
     fields["photometric"] = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     return {"stored": stored, **fields}
 
