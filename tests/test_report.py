@@ -176,7 +176,7 @@ def learned(tmp_path_factory):
 def test_gradcam_peak_falls_on_the_annotated_tube_more_often_than_chance(learned):
     """Every validation study with a positive column and a drawn line of that column's tube: is the heat
     map's peak on the line? Against the chance of a uniformly random peak (the widened line's area
-    fraction), over the columns the model learned (validation AUC >= 0.8).
+    fraction), over the columns the model learned (validation AUC >= 0.8), as a significance test.
 
     "On" is within half a cell of the last stage's 4 x 4 feature map (16 stored pixels at 128 px): a
     last-stage heat map is bilinearly upsampled from that grid, so its peak sits at a cell centre and
@@ -214,6 +214,13 @@ def test_gradcam_peak_falls_on_the_annotated_tube_more_often_than_chance(learned
     for tolerance in sorted(hits, reverse=True):
         print(f"\nGrad-CAM peak within {tolerance:.0f} stored px of the annotated tube: {np.mean(hits[tolerance]):.3f} of "
               f"{len(hits[tolerance])} (study, column) pairs; a random peak: {np.mean(chance[tolerance]):.3f}")
-    on_tube, random_peak = float(np.mean(hits[half_cell])), float(np.mean(chance[half_cell]))
-    assert len(hits[half_cell]) >= 50
-    assert on_tube >= 2 * random_peak, (on_tube, random_peak)
+    # "More often than chance" as a one-sided test: under chance the number of on-tube peaks is a sum of
+    # independent Bernoulli(p_i), p_i each pair's widened-line area fraction (mean sum p_i, variance
+    # sum p_i (1 - p_i)). A fixed ratio to chance is no test: one CI training gave 0.270 against 0.170
+    # (1.6x chance, 5 standard deviations above it), another run of the same settings 2x and more.
+    p = np.asarray(chance[half_cell])
+    observed = int(np.sum(hits[half_cell]))
+    z = (observed - p.sum()) / np.sqrt(np.sum(p * (1 - p)))
+    print(f"on-tube peaks {observed} against {p.sum():.1f} expected by chance: z = {z:.1f}")
+    assert len(p) >= 50
+    assert z >= 3.1, (observed, float(p.sum()), float(z))  # one-sided p < 0.001
