@@ -25,7 +25,8 @@ ann_xy             float x 2P  all lines' points, x then y, scaled into the stor
 
 New keys may be added in later versions; readers parse only the keys they know, so old readers keep
 working (single-channel RANZCR records are written exactly as before; ``image_png`` records carry their
-layout in the manifest: ``labels`` and ``image_channels``, which ``RecordLayout.from_manifest`` reads). Shard files are named with their record count (``fold3-007-412.tfrec``) so that readers never
+layout in the manifest: ``labels`` and ``image_channels``, which ``RecordLayout.from_manifest`` reads).
+Shard files are named with their record count (``fold3-007-412.tfrec``) so that readers never
 need a counting pass.
 """
 
