@@ -39,7 +39,6 @@ def _convert(data_dir, out_dir, *sets):
 def test_convert_train_submit(ich_set, tmp_path, capsys):
     import kaggle_kernel  # noqa: F401  (the stub imports)
     import train_tpu
-
     from ranzcr_tf.prep import records
     from ranzcr_tf.serve.kernel import main as kernel_main
 
