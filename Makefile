@@ -16,7 +16,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 install: $(VENV)/.installed-$(EXTRAS)
 
 install-dev:
-	$(MAKE) install EXTRAS=tf-cpu,cv,dev
+	$(MAKE) install EXTRAS=tf-cpu,cv,dicom,dev
 
 demo: install
 	$(PY) -m ranzcr_tf.demo --out-dir $(DEMO)
