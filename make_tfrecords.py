@@ -4,6 +4,7 @@
     python make_tfrecords.py --data-dir /path/to/ranzcr --out-dir tfrecords --image-size 768
     python make_tfrecords.py --config configs/cpu_demo.yaml --data-dir demo/data --out-dir demo/tfrecords
     python make_tfrecords.py --unlabeled /path/to/images --out-dir extra_records --image-size 768   # extra/ shards
+    python make_tfrecords.py --config configs/rsna_ich_cpu.yaml --data-dir data/ich --out-dir records/ich  # DICOM
 
 Settings come from the config tree (defaults <- --config preset <- --set overrides) and explicit flags
 override both. Rerunning the same command resumes an interrupted conversion; --overwrite starts over.
@@ -87,6 +88,10 @@ def resolve(args: argparse.Namespace):
     if not os.path.isdir(data_dir):
         hint = ("no --data-dir given and the Kaggle folder " + KAGGLE_DATA_DIR + " does not exist"
                 if args.data_dir is None and data_dir == KAGGLE_DATA_DIR else f"data folder {data_dir} does not exist")
+        if cfg.task.reader == "dicom":
+            raise ValueError(f"{hint}: point --data-dir at the competition folder ({cfg.task.train_csv}, "
+                             f"{cfg.task.train_images[0]}/), or make a synthetic set with `python -m ranzcr_tf.synth.ich "
+                             "--out data/ich --patients 12 --seed 0`")
         raise ValueError(f"{hint}: point --data-dir at the competition folder (train.csv, train/, test/), or make "
                          f"a synthetic set with `python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 200 "
                          f"--n-test 50` and pass --data-dir data/synthetic")
@@ -118,11 +123,34 @@ def run_unlabeled(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dicom(cfg, options) -> int:
+    """``task.reader: dicom`` (RSNA ICH presets): DICOM slices -> windowed multi-channel records (prep/convert_dicom.py)."""
+    from ranzcr_tf.prep.convert_dicom import SKIPPED_CSV, DicomConvertOptions, convert_dicom
+
+    manifest = convert_dicom(DicomConvertOptions(
+        data_dir=options.data_dir, out_dir=options.out_dir, task=cfg.task, preprocess=options.preprocess,
+        num_folds=options.num_folds, fold_seed=options.fold_seed, workers=options.workers, shard_mb=options.shard_mb,
+        shard_records=options.shard_records, include_test=options.include_test, limit=options.limit,
+        strict=options.strict, overwrite=options.overwrite, progress=options.progress))
+    skipped = manifest["skipped"]
+    print(f"wrote {manifest['num_train']} train records ({manifest['image_channels']} channels) in "
+          f"{len(manifest['shards']['train'])} shards over {manifest['num_folds']} folds grouped by "
+          f"{cfg.task.group_column} and {manifest['num_test']} test records to {options.out_dir}"
+          + (f"; skipped {len(skipped)} files (e.g. {skipped[0]['path'] or skipped[0]['id']}: {skipped[0]['reason']}; "
+             f"all listed in {options.out_dir}/{SKIPPED_CSV})" if skipped else ""))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.unlabeled:
         return run_unlabeled(args)
-    _, options = resolve(args)
+    cfg, options = resolve(args)
     cli.check_output_dir(options.out_dir)
+    if cfg.task.reader == "dicom":
+        return run_dicom(cfg, options)
+    if not cfg.task.is_ranzcr:
+        raise ValueError(f"task {cfg.task.name!r} with task.reader = {cfg.task.reader}: the JPEG converter reads the "
+                         "RANZCR CLiP layout only; other tasks convert with task.reader: dicom (configs/rsna_ich_*.yaml)")
     from ranzcr_tf.prep.convert import convert
 
     manifest = convert(options)

@@ -32,6 +32,9 @@ ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines 
 RECIPES = ("plain", "aux_seg", "teacher", "student", "finetune", "3stage")
 DISTILL_LOSSES = ("mse", "cosine")  # student: distance between the student's and the teacher's feature maps
 MULTI_PROCESS = ("auto", "on", "off")  # whether the JAX backend joins a multi-process run (train/multihost.py)
+READERS = ("jpeg", "png", "dicom")  # task.reader: how the converter reads a source image
+TASK_METRICS = ("mean_auc", "weighted_log_loss")  # task.metric (model/metrics.py); the second is lower-is-better
+LAYOUTS = ("wide", "long")  # task.csv_layout / task.submission_layout: one row per image, or one per image x label
 
 
 def _one_of(options) -> str:
@@ -115,6 +118,8 @@ class AugmentConfig:
     noise_std: float = 5.0  # in 0..255 pixel units
     blur_prob: float = 0.0
     blur_sigma: float = 1.0
+    # Blank the left or the right half (each half equally likely), last: the RSNA PE 2020 team's "half mask".
+    half_mask_prob: float = 0.0
     # How the one combined flip/crop/affine resampling runs: "xla" = a bilinear warp as an XLA-compiled gather on
     # the host CPU (default: ~2x less CPU than the op at 768 px; rounds instead of truncating); "projective" =
     # tf.raw_ops.ImageProjectiveTransformV3, the fallback for a TensorFlow build whose tf.data cannot run XLA.
@@ -151,7 +156,9 @@ class ModelConfig:
 
     backbone: str = "efficientnet_b0"
     weights: str | None = None  # None | "imagenet" (offline, from the Keras cache) | path to a weights file
-    input_channels: int = 1  # 1: grayscale in, expanded to 3 inside the model when the backbone needs it
+    # 1: grayscale in, expanded to 3 inside the model when the backbone needs it; 3 or more (DICOM windows x
+    # slices, task.channels): mixed to the backbone's 3 by a learned 1x1 convolution when it needs 3.
+    input_channels: int = 1
     # avg | gem | max | avgmax (average and max concatenated). Max keeps a feature that lights up a few
     # positions of a large map (a thin line) at full strength; averaging dilutes it by the map's area.
     pooling: str = "avg"
@@ -162,7 +169,8 @@ class ModelConfig:
     mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
 
     def validate(self) -> None:
-        _check(self.input_channels in (1, 3), "model.input_channels", self.input_channels, "1 or 3")
+        _check(self.input_channels >= 1, "model.input_channels", self.input_channels,
+               "1 (grey) or the task's stored channels (3 for RGB backbones)")
         _check(self.pooling in POOLINGS, "model.pooling", self.pooling, ", ".join(POOLINGS[:-1]) + " or " + POOLINGS[-1])
         _check(self.gem_p > 0, "model.gem_p", self.gem_p, "> 0")
         _check(0 <= self.dropout_rate < 1, "model.dropout_rate", self.dropout_rate, "in [0, 1)")
@@ -339,10 +347,112 @@ class InferConfig:
         _check(self.batch_size >= 1, "infer.batch_size", self.batch_size, ">= 1")
 
 
+def _ranzcr_groups() -> dict:
+    from ranzcr_tf import labels
+
+    return {name: list(members) for name, members in labels.GROUPS.items()}
+
+
+def _ranzcr_labels() -> list:
+    from ranzcr_tf import labels
+
+    return list(labels.LABELS)
+
+
+@dataclass
+class TaskConfig:
+    """What is predicted, from which files, scored how: RANZCR CLiP by default (its values live in
+    ``labels.py``); another competition is a preset that sets this section (``configs/rsna_ich_*.yaml``).
+
+    Saved with every run, so inference never re-types the labels, their order or the submission layout.
+    """
+
+    name: str = "ranzcr"  # ranzcr | any other name (RANZCR-only features refuse other tasks)
+    labels: list = field(default_factory=_ranzcr_labels)  # targets, in the order of every array and CSV column
+    groups: dict = field(default_factory=_ranzcr_groups)  # head name -> its labels, in label order ({} = none)
+    id_column: str = "StudyInstanceUID"  # the image ID (train CSV, records, OOF, wide submission)
+    group_column: str = "PatientID"  # folds are grouped by it (dicom: read from the files' metadata)
+    csv_layout: str = "wide"  # wide: one row per image | long: ID,Label rows named <image id>_<label> (RSNA)
+    train_csv: str = "train.csv"
+    train_images: list = field(default_factory=lambda: ["train"])  # folder(s) under data_dir holding train images
+    test_images: list = field(default_factory=lambda: ["test"])
+    extension: str = ".jpg"  # source image file extension
+    sample_submission: str = "sample_submission.csv"
+    reader: str = "jpeg"  # jpeg | png | dicom
+    windows: list = field(default_factory=list)  # dicom: names (brain, subdural, bone) or [center, width] HU pairs
+    slice_context: int = 0  # dicom: 0 = the slice alone; k = also the k slices above and below (by z, same series)
+    metric: str = "mean_auc"  # mean_auc (higher is better) | weighted_log_loss (lower is better)
+    label_weights: list = field(default_factory=list)  # weighted_log_loss: one weight per label ([] = all 1)
+    submission_layout: str = "wide"  # wide: ID + one column per label | long: ID,Label with <id>_<label> rows
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def is_ranzcr(self) -> bool:
+        return self.name == "ranzcr"
+
+    @property
+    def channels(self) -> int:
+        """Channels the converter stores per image: 1 for jpeg/png, (2 x slice_context + 1) x windows for dicom."""
+        if self.reader != "dicom":
+            return 1
+        return (2 * self.slice_context + 1) * len(self.windows)
+
+    def weights(self) -> list[float]:
+        """Per-label weights of ``weighted_log_loss`` (all 1 when ``label_weights`` is empty)."""
+        return [float(w) for w in self.label_weights] if self.label_weights else [1.0] * len(self.labels)
+
+    def require_ranzcr(self, feature: str) -> None:
+        """One-line refusal for the RANZCR-specific parts (line masks, annotations, phantom styles...)."""
+        if not self.is_ranzcr:
+            raise ValueError(f"{feature} is specific to the RANZCR CLiP task; task.name = {self.name!r} cannot use "
+                             "it: leave it at its default or use a RANZCR preset")
+
+    def validate(self) -> None:
+        _check(bool(self.name) and self.name.replace("_", "").isalnum(), "task.name", self.name,
+               "a word such as ranzcr or rsna_ich")
+        labels = [str(label) for label in self.labels]
+        _check(len(labels) >= 1 and len(set(labels)) == len(labels), "task.labels", self.labels,
+               "a non-empty list of distinct label names")
+        if self.groups:
+            members = [str(m) for group in self.groups.values() for m in (group or [])]
+            _check(members == labels, "task.groups", self.groups,
+                   "head name -> labels, covering task.labels once each in their order, or {} for no groups")
+        _check(bool(self.id_column) and bool(self.group_column), "task.id_column/group_column",
+               (self.id_column, self.group_column), "two column names")
+        _check(self.csv_layout in LAYOUTS, "task.csv_layout", self.csv_layout, _one_of(LAYOUTS))
+        _check(self.submission_layout in LAYOUTS, "task.submission_layout", self.submission_layout, _one_of(LAYOUTS))
+        _check(self.reader in READERS, "task.reader", self.reader, _one_of(READERS))
+        _check(self.metric in TASK_METRICS, "task.metric", self.metric, _one_of(TASK_METRICS))
+        _check(bool(self.train_images) and all(isinstance(d, str) and d for d in self.train_images),
+               "task.train_images", self.train_images, "a non-empty list of folder names under the data folder")
+        _check(self.extension.startswith("."), "task.extension", self.extension, "a file extension such as .jpg or .dcm")
+        _check(not self.label_weights or (len(self.label_weights) == len(labels)
+                                          and all(float(w) > 0 for w in self.label_weights)),
+               "task.label_weights", self.label_weights, f"[] or {len(labels)} positive weights, one per task.labels")
+        _check(self.slice_context >= 0, "task.slice_context", self.slice_context, "an integer >= 0")
+        if self.reader == "dicom":
+            _check(len(self.windows) >= 1, "task.windows", self.windows,
+                   "at least one window for the dicom reader: names (brain, subdural, bone) or [center, width] pairs")
+            for window in self.windows:
+                ok = isinstance(window, str) or (isinstance(window, (list, tuple)) and len(window) == 2
+                                                 and all(isinstance(v, (int, float)) for v in window) and window[1] > 0)
+                _check(ok, "task.windows", self.windows, "names (brain, subdural, bone) or [center, width] pairs, width > 0")
+        else:
+            _check(self.slice_context == 0 and not self.windows, "task.windows/slice_context",
+                   (self.windows, self.slice_context), "empty and 0 unless task.reader is dicom")
+        if self.csv_layout == "long" and any("_" in label for label in labels):
+            raise ValueError(f"config task.labels = {labels} is invalid with task.csv_layout = long: a long CSV "
+                             "names rows <id>_<label>, so labels must not contain '_'")
+
+
 @dataclass
 class Config:
     """The whole tree; ``validate()`` checks every section once at start-up."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -355,7 +465,25 @@ class Config:
     def validate(self) -> Config:
         for f in fields(self):
             getattr(self, f.name).validate()
+        self._check_task()
         return self
+
+    def _check_task(self) -> None:
+        """Cross-section rules of a non-RANZCR task (RANZCR's own settings are checked as before)."""
+        task = self.task
+        if task.channels > 1 and self.model.input_channels != task.channels:
+            raise ValueError(f"config model.input_channels = {self.model.input_channels} is invalid: the task stores "
+                             f"{task.channels} channels per image ((2 x task.slice_context + 1) x "
+                             f"{len(task.windows)} windows); set model.input_channels={task.channels}")
+        if self.model.head == "per_group" and not task.groups:
+            raise ValueError("config model.head = per_group needs task.groups (head name -> labels); "
+                             "set model.head=single for a task without groups")
+        if not task.is_ranzcr:
+            for key, value, default in (("train.recipe", self.train.recipe, "plain"),
+                                        ("train.soft_labels", self.train.soft_labels, None),
+                                        ("train.extra_records", self.train.extra_records, None)):
+                if value and value != default:
+                    task.require_ranzcr(f"{key} = {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -394,6 +522,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         if annotation is str:
             return str(value)
+        if annotation is dict or origin is dict:
+            if isinstance(value, dict):
+                return dict(value)
+            raise TypeError
         if annotation is list or origin is list:
             if not isinstance(value, (list, tuple)):
                 value = [value]

@@ -27,7 +27,8 @@ from ranzcr_tf.model.layers import CastToComputeDtype, GeMPooling2D, RepeatChann
 INPUT_NAME = "image"
 
 
-def build_model(model_cfg: ModelConfig, image_size: int, num_classes: int = labels.NUM_CLASSES) -> keras.Model:
+def build_model(model_cfg: ModelConfig, image_size: int, num_classes: int = labels.NUM_CLASSES,
+                groups: dict | None = None) -> keras.Model:
     """Build the classifier described by ``model_cfg`` for square ``image_size`` inputs.
 
     Input ``"image"``: ``(image_size, image_size, model_cfg.input_channels)`` pixels in [0, 255], uint8
@@ -38,22 +39,27 @@ def build_model(model_cfg: ModelConfig, image_size: int, num_classes: int = labe
 
     ``model_cfg.head``: ``"single"`` is one ``Dense(num_classes)``; ``"per_group"`` is one Dense per tube
     family of ``labels.GROUPS`` (ETT 3, NGT 4, CVC 3, Swan Ganz 1), concatenated in label order
-    (needs ``num_classes == 11``).
+    (needs ``num_classes == 11``); another task passes its own ``groups`` (``task.groups``: head name -> labels).
+    An input of more channels than an RGB backbone takes (DICOM windows x slices) is mixed down to its 3 by a
+    learned 1x1 convolution (``channel_mix``).
     """
     model_cfg.validate()
     get_spec(model_cfg.backbone)
     backbone = build_backbone(model_cfg.backbone, image_size, model_cfg.input_channels, model_cfg.weights)
-    return assemble_model(model_cfg, backbone, num_classes)
+    return assemble_model(model_cfg, backbone, num_classes, groups)
 
 
-def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: int = labels.NUM_CLASSES) -> keras.Model:
+def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: int = labels.NUM_CLASSES,
+                   groups: dict | None = None) -> keras.Model:
     """``build_model`` around an already built ``backbone`` (from ``backbones.build_backbone``).
 
     The input size is the backbone's; a 3-channel backbone serves a 1- or 3-channel model, so one
     backbone build can be wrapped twice (the tests do this to stay fast).
     """
-    if model_cfg.head == "per_group" and num_classes != labels.NUM_CLASSES:
-        raise ValueError(f"model.head = per_group needs num_classes = {labels.NUM_CLASSES}; got {num_classes}")
+    groups = labels.GROUPS if groups is None else groups
+    if model_cfg.head == "per_group" and sum(len(m) for m in groups.values()) != num_classes:
+        raise ValueError(f"model.head = per_group needs num_classes = {sum(len(m) for m in groups.values())} "
+                         f"(its groups' labels); got {num_classes}")
     image_size = backbone.input.shape[1]
 
     # float32 at the boundary: Keras converts a uint8 / bfloat16 batch to the Input's dtype exactly (0..255
@@ -62,15 +68,18 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
     x = CastToComputeDtype(name="cast")(inputs)
     backbone_channels = backbone.input.shape[-1]
     if backbone_channels != model_cfg.input_channels:
-        if model_cfg.input_channels != 1:
+        if model_cfg.input_channels == 1:
+            x = RepeatChannels(backbone_channels, name="repeat_channels")(x)
+        elif model_cfg.input_channels > backbone_channels:  # windows x slices -> the backbone's RGB
+            x = keras.layers.Conv2D(backbone_channels, 1, name="channel_mix")(x)
+        else:
             raise ValueError(f"backbone {model_cfg.backbone} takes {backbone_channels} channels; "
-                             f"set model.input_channels to 1 or {backbone_channels}")
-        x = RepeatChannels(backbone_channels, name="repeat_channels")(x)
-    outputs = classifier_head(backbone(x), model_cfg, num_classes)
+                             f"set model.input_channels to 1, {backbone_channels} or more")
+    outputs = classifier_head(backbone(x), model_cfg, num_classes, groups)
     return keras.Model(inputs, outputs, name=f"ranzcr_{model_cfg.backbone}")
 
 
-def classifier_head(features, model_cfg: ModelConfig, num_classes: int = labels.NUM_CLASSES):
+def classifier_head(features, model_cfg: ModelConfig, num_classes: int = labels.NUM_CLASSES, groups: dict | None = None):
     """Pooling, dropout and the float32 head on the backbone's feature map: the model's outputs (one copy for
     the classifier and the 3-stage teacher)."""
     x = pool_features(features, model_cfg)
@@ -80,7 +89,7 @@ def classifier_head(features, model_cfg: ModelConfig, num_classes: int = labels.
     # The head computes in float32 under mixed precision: its logits feed the loss and the AUC.
     if model_cfg.head == "per_group":
         parts = [keras.layers.Dense(len(members), dtype="float32", name=f"head_{_slug(group)}")(x)
-                 for group, members in labels.GROUPS.items()]
+                 for group, members in (labels.GROUPS if groups is None else groups).items()]
         x = keras.layers.Concatenate(axis=-1, dtype="float32", name="head_concat")(parts)
     else:
         x = keras.layers.Dense(num_classes, dtype="float32", name="head")(x)

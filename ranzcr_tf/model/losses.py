@@ -77,7 +77,7 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
 
 
 def build_loss(loss_cfg: LossConfig, positives: Sequence[float] | None = None, num_examples: int | None = None,
-               from_logits: bool = True) -> keras.losses.Loss:
+               from_logits: bool = True, num_classes: int | None = None) -> keras.losses.Loss:
     """The loss named by ``loss_cfg.name``; ``from_logits`` must match the model's output.
 
     ``weighted_bce`` needs the training folds' ``positives`` (11 counts) and ``num_examples``
@@ -90,8 +90,9 @@ def build_loss(loss_cfg: LossConfig, positives: Sequence[float] | None = None, n
         if positives is None or num_examples is None:
             raise ValueError("loss.name = weighted_bce needs the training folds' positives and example count "
                              "(positives_from_manifest); or set loss.name=bce")
-        if len(positives) != labels.NUM_CLASSES:
-            raise ValueError(f"positives has {len(positives)} entries; expected {labels.NUM_CLASSES} (labels.LABELS)")
+        expected = num_classes or labels.NUM_CLASSES
+        if len(positives) != expected:
+            raise ValueError(f"positives has {len(positives)} entries; expected {expected} (one per task label)")
         weights = class_weights(positives, num_examples, loss_cfg.pos_weight_cap)
         return WeightedBinaryCrossentropy(weights, from_logits=from_logits, label_smoothing=loss_cfg.label_smoothing)
     if loss_cfg.name == "bce":

@@ -52,6 +52,75 @@ def competition_metric(y_true, y_pred, label_names: Sequence[str] = labels.LABEL
     return score, per_class
 
 
+LOG_LOSS_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps], as the RSNA ICH scorer did
+
+
+def weighted_log_loss(y_true, y_prob, weights: Sequence[float]) -> tuple[float, dict[str, float]]:
+    """RSNA Intracranial Hemorrhage 2019's score (lower is better) and the per-label mean log losses.
+
+    Per image, the weighted mean over labels of the binary log loss
+    ``-(y log p + (1 - y) log(1 - p))`` with ``p`` clipped to ``[1e-7, 1 - 1e-7]`` and weights
+    normalised by their sum (``any`` 2, the five subtypes 1); then the mean over images. ``y_prob`` must be
+    probabilities (not logits). Returns ``(score, {label index: mean log loss of that column})``.
+    """
+    y_true = np.asarray(y_true, dtype="float64")
+    y_prob = np.asarray(y_prob, dtype="float64")
+    weights = np.asarray(weights, dtype="float64")
+    if y_true.ndim != 2 or y_true.shape != y_prob.shape or weights.shape != (y_true.shape[1],):
+        raise ValueError(f"y_true {y_true.shape}, y_prob {y_prob.shape} and weights {weights.shape} must be "
+                         "(n, labels), (n, labels) and (labels,)")
+    if not np.isfinite(y_prob).all():
+        raise ValueError("y_prob contains NaN or inf: the model diverged or the predictions are incomplete")
+    if len(y_true) == 0:
+        return float("nan"), {}
+    p = np.clip(y_prob, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+    losses = -(y_true * np.log(p) + (1.0 - y_true) * np.log(1.0 - p))  # (n, labels)
+    per_image = (losses * weights).sum(axis=1) / weights.sum()
+    return float(per_image.mean()), {c: float(v) for c, v in enumerate(losses.mean(axis=0))}
+
+
+# task.metric -> (log key, Keras mode): what validation writes and what checkpoints, early stopping and the
+# plateau schedule compare. Every "best" in the project goes through ``is_better``.
+MONITORS = {"mean_auc": ("val_auc", "max"), "weighted_log_loss": ("val_weighted_log_loss", "min")}
+
+
+def monitor_for(metric: str) -> tuple[str, str]:
+    """``(log key, "max" | "min")`` of a ``task.metric``."""
+    if metric not in MONITORS:
+        raise ValueError(f"unknown task.metric {metric!r}; expected one of {', '.join(MONITORS)}")
+    return MONITORS[metric]
+
+
+def is_better(current: float, best: float | None, mode: str) -> bool:
+    """Whether ``current`` beats ``best`` (None or non-finite: anything finite does) in ``mode``."""
+    if current is None or not math.isfinite(current):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    return current > best if mode == "max" else current < best
+
+
+def task_scores(task, y_true, y_prob) -> dict[str, float]:
+    """Every validation number of ``task`` (a ``config.TaskConfig``): ``val_auc`` and per-label AUCs always;
+    ``val_weighted_log_loss`` and per-label log losses too when the task is scored by it. ``y_prob``:
+    probabilities."""
+    labels_ = list(task.labels)
+    mean_auc, per_class = competition_metric(y_true, y_prob, labels_)
+    scores = {"val_auc": float(mean_auc)}
+    scores.update({f"val_auc_{_slug(label)}": float(per_class[label]) for label in labels_})
+    if task.metric == "weighted_log_loss":
+        score, per_label = weighted_log_loss(y_true, y_prob, task.weights())
+        scores["val_weighted_log_loss"] = score
+        scores.update({f"val_log_loss_{_slug(labels_[c])}": v for c, v in per_label.items()})
+    return scores
+
+
+def _slug(label: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
 @keras.saving.register_keras_serializable(package="ranzcr_tf")
 class MeanColumnAUC(keras.metrics.AUC):
     """Streaming mean of the per-column ROC AUCs (``keras.metrics.AUC(multi_label=True)``).

@@ -194,8 +194,13 @@ def _blur(values, draws, aug: AugmentConfig):
     kernel = tf.exp(-0.5 * tf.square(offsets / sigma))
     kernel = kernel / tf.reduce_sum(kernel)
     x = tf.pad(values[tf.newaxis], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
-    x = tf.nn.conv2d(x, tf.reshape(kernel, [-1, 1, 1, 1]), strides=1, padding="VALID")
-    x = tf.nn.conv2d(x, tf.reshape(kernel, [1, -1, 1, 1]), strides=1, padding="VALID")
+    channels = values.shape[-1]
+    if channels == 1:
+        x = tf.nn.conv2d(x, tf.reshape(kernel, [-1, 1, 1, 1]), strides=1, padding="VALID")
+        x = tf.nn.conv2d(x, tf.reshape(kernel, [1, -1, 1, 1]), strides=1, padding="VALID")
+    else:  # each channel blurred alone
+        for shape in ([-1, 1, 1, 1], [1, -1, 1, 1]):
+            x = tf.nn.depthwise_conv2d(x, tf.tile(tf.reshape(kernel, shape), [1, 1, channels, 1]), [1, 1, 1, 1], "VALID")
     return tf.ensure_shape(x[0], values.shape)
 
 
@@ -253,8 +258,21 @@ def geometric_matrix(aug_cfg: AugmentConfig, seed, size: int):
     return _geometric_matrix(float(size), draws, do_flip, do_crop, do_affine, aug)
 
 
-def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None):
-    """Randomly augment one ``(S, S, 1)`` image (uint8, or float in 0..255); same shape and dtype out.
+def half_mask(image, right):
+    """``image`` ``(S, S, C)`` with its left half (``right`` False) or its right half (True) set to 0; S odd: the
+    middle column belongs to the right half."""
+    size = image.shape[1]
+    columns = tf.range(size)[tf.newaxis, :, tf.newaxis]
+    blank = tf.where(right, columns >= size // 2, columns < size // 2)
+    return tf.where(blank, tf.zeros_like(image), image)
+
+
+def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None, channels: int = 1):
+    """Randomly augment one ``(S, S, channels)`` image (uint8, or float in 0..255); same shape and dtype out.
+
+    ``channels`` is 1 (RANZCR's grey radiographs, augmented before expanding to the model's channels) or the
+    records' stored channels (DICOM windows x slices: every channel moves together; brightness, contrast and
+    gamma act on all of them alike). ``augment.half_mask_prob`` blanks the left or the right half, last.
 
     ``seed`` is an int tensor of shape ``[2]`` (as for ``tf.random.stateless_uniform``); the same seed
     gives the same output. Each augmentation is applied with its ``*_prob`` from ``aug_cfg``; with all
@@ -267,9 +285,10 @@ def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None):
     aug = aug_cfg
     if image.shape.rank != 3 or image.shape[0] is None or image.shape[0] != image.shape[1]:
         raise ValueError(f"augment_image needs a square (S, S, 1) image with a static size, got {image.shape}")
-    if image.shape[2] != 1:
+    if image.shape[2] != channels:
         raise ValueError(f"augment_image works on the single grey channel (3x cheaper): augment before "
-                         f"expanding to the model's channels (data.expand_channels), got {image.shape}")
+                         f"expanding to the model's channels (data.expand_channels), got {image.shape}"
+                         if channels == 1 else f"augment_image expected {channels} channels, got {image.shape}")
     seeds, draws = _draw(seed)
 
     def chance(slot, prob):
@@ -307,4 +326,8 @@ def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None):
     if active:
         any_active = tf.reduce_any(tf.stack(active))
         image = tf.cond(any_active, lambda: _photometric(image, draws, seeds, flags, aug), lambda: image)
+    if aug.half_mask_prob > 0:  # its own draws (not a slot of the shared ones), so other draws stay as they were
+        half_draws = tf.random.stateless_uniform([2], seed=tf.random.experimental.stateless_fold_in(seeds[0], 7))
+        image = tf.cond(half_draws[0] < aug.half_mask_prob, lambda: half_mask(image, half_draws[1] < 0.5),
+                        lambda: image)
     return image if mask is None else (image, pair[1])

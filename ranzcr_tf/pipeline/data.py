@@ -87,6 +87,28 @@ def decode_for_model(image_bytes, image_size: int, channels: int = 1):
     size than asked for, resizes: ``area`` when shrinking (no aliasing), ``bilinear`` when enlarging.
     """
     image = records.decode_image(image_bytes, channels=1)
+    return expand_channels(_fit_size(image, image_size, 1), channels)
+
+
+def decode_parsed_for_model(parsed: dict, image_size: int, layout: records.RecordLayout):
+    """A parsed record's stored image as uint8 ``(image_size, image_size, C)``: the grey JPEG (C = 1, expand it
+    with ``expand_channels`` after augmenting) or the ``image_png`` channels (C = ``layout.channels``)."""
+    if layout.channels == 1:
+        return decode_for_model(parsed[records.IMAGE], image_size, channels=1)
+    return _fit_size(records.decode_stored(parsed, layout.channels), image_size, layout.channels)
+
+
+def _model_channels(cfg: Config, layout: records.RecordLayout) -> int:
+    """``model.input_channels``, checked against records that store several channels (they are fed as they are)."""
+    channels = int(cfg.model.input_channels)
+    if layout.channels > 1 and channels != layout.channels:
+        raise ValueError(f"the records hold {layout.channels}-channel images but model.input_channels = {channels}: "
+                         f"set model.input_channels={layout.channels}")
+    return channels
+
+
+def _fit_size(image, image_size: int, channels: int):
+    """Resize to ``image_size`` square when the records hold another size (area shrinking, bilinear enlarging)."""
     shape = tf.shape(image)
 
     def resize():
@@ -97,15 +119,14 @@ def decode_for_model(image_bytes, image_size: int, channels: int = 1):
 
     same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
     image = tf.cond(same, lambda: image, resize)
-    image = tf.ensure_shape(image, [image_size, image_size, 1])
-    return expand_channels(image, channels)
+    return tf.ensure_shape(image, [image_size, image_size, channels])
 
 
 def expand_channels(image, channels: int):
     """Grey ``(..., 1)`` to the model's channel count (1 or 3), after augmentation: 3x cheaper before."""
-    if channels == 1:
+    if channels == image.shape[-1]:  # already the model's channels (grey to grey, or multi-channel records)
         return image
-    if channels == 3:
+    if channels == 3 and image.shape[-1] == 1:
         return tf.repeat(image, 3, axis=-1)
     raise ValueError(f"model.input_channels must be 1 or 3, got {channels}")
 
@@ -222,10 +243,11 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
     """
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-    _, num_folds, stored_size = _manifest_info(tfrecords_dir)
+    manifest, num_folds, stored_size = _manifest_info(tfrecords_dir)
     fold = _check_fold(fold, num_folds)
     size = _model_image_size(cfg, stored_size, image_size)
-    channels = int(cfg.model.input_channels)
+    layout = records.RecordLayout.from_manifest(manifest)
+    channels = _model_channels(cfg, layout)
     dtype = _resolve_dtype(cfg, image_dtype)
     files = _train_files(tfrecords_dir, fold, num_folds)
 
@@ -272,12 +294,12 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
     target_of = _target_fn(cfg)
 
     def prepare(serialized, element_seed):
-        parsed = records.parse_example(serialized, with_annotations=with_masks)
+        parsed = records.parse_example(serialized, with_annotations=with_masks, layout=layout)
         parsed[records.TARGET] = target_of(parsed)
-        image = decode_for_model(parsed[records.IMAGE], size, channels=1)
+        image = decode_parsed_for_model(parsed, size, layout)
         if not with_masks:
             if augment:
-                image = augment_image(image, aug_cfg, element_seed)
+                image = augment_image(image, aug_cfg, element_seed, channels=layout.channels)
             return _to_model_dtype(expand_channels(image, channels), dtype), parsed[records.TARGET]
         mask, has_mask = masks.line_masks(parsed, size, mask_settings)
         if augment:
@@ -347,8 +369,9 @@ class EvalData:
     """
 
     def __init__(self, dataset, files, num_examples: int, batch_size: int, split: str, *, num_shards: int = 1,
-                 shard_index: int = 0, annotated_only: bool = False):
+                 shard_index: int = 0, annotated_only: bool = False, num_classes: int = NUM_CLASSES):
         self.dataset = dataset
+        self.num_classes = int(num_classes)  # target length (the records' task labels)
         self.files = list(files)
         self.annotated_only = bool(annotated_only)  # the rows are the files' annotated studies only
         self.num_examples = int(num_examples)
@@ -367,7 +390,7 @@ class EvalData:
     def _labels(self) -> tuple[np.ndarray, np.ndarray]:
         # A pass over the same files in the same order, parsing only two small features (no decoding).
         spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string),
-                records.TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32)}
+                records.TARGET: tf.io.FixedLenFeature([self.num_classes], tf.float32)}
         ds = _ordered_records(self.files, self.annotated_only).batch(1024).map(lambda s: tf.io.parse_example(s, spec))
         ids, targets = [], []
         with naming_corrupt_shard(self.files):
@@ -375,7 +398,7 @@ class EvalData:
                 ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN])
                 targets.append(batch[records.TARGET])
         ids = np.asarray(ids, dtype=object)
-        targets = np.concatenate(targets) if targets else np.zeros((0, NUM_CLASSES), np.float32)
+        targets = np.concatenate(targets) if targets else np.zeros((0, self.num_classes), np.float32)
         if len(ids) != self.num_examples:
             raise ValueError(f"the shards hold {len(ids)} records but their names say {self.num_examples}: "
                              "re-run the converter on this folder")
@@ -438,7 +461,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     if num_shards < 1 or not 0 <= shard_index < num_shards or global_batch_size % num_shards:
         raise ValueError(f"share {shard_index} of {num_shards} of batches of {global_batch_size}: the shares are "
                          "numbered 0..num_shards-1 and must split the global batch evenly")
-    _, num_folds, stored_size = _manifest_info(tfrecords_dir)
+    manifest, num_folds, stored_size = _manifest_info(tfrecords_dir)
+    layout = records.RecordLayout.from_manifest(manifest)
     if split == "valid":
         fold = _check_fold(fold, num_folds)
         files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, [fold])
@@ -447,7 +471,7 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     if not files:
         raise ValueError(f"no {split} shards in {tfrecords_dir} (fold {fold}): convert the data first")
     size = _model_image_size(cfg, stored_size, image_size)
-    channels = int(cfg.model.input_channels)
+    channels = _model_channels(cfg, layout)
     dtype = _resolve_dtype(cfg, image_dtype)
     needs = masks.recipe_data(recipe)
     masks_in = needs.masks == "input"
@@ -465,8 +489,8 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
         mask_side = masks.mask_size(size)
 
     def prepare(serialized):
-        parsed = records.parse_example(serialized, with_annotations=masks_in)
-        image = decode_for_model(parsed[records.IMAGE], size, channels=1)
+        parsed = records.parse_example(serialized, with_annotations=masks_in, layout=layout)
+        image = decode_parsed_for_model(parsed, size, layout)
         if tta == "hflip":
             image = mirror(image)
         image = _to_model_dtype(expand_channels(image, channels), dtype)
@@ -487,7 +511,7 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
         blank = tf.zeros([size, size, channels], dtype)
         if masks_in:
             blank = {"image": blank, "masks": tf.zeros([mask_side, mask_side, masks.NUM_FAMILIES], tf.uint8)}
-        padding = (blank, tf.zeros([NUM_CLASSES], tf.float32), tf.constant(0.0))
+        padding = (blank, tf.zeros([layout.num_classes], tf.float32), tf.constant(0.0))
         ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
     if with_targets and with_weights:
         pass
@@ -497,7 +521,7 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
         ds = ds.map(lambda x, y, w: x)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
     return EvalData(ds, files, num_examples, global_batch_size, split, num_shards=num_shards, shard_index=shard_index,
-                    annotated_only=needs.annotated_only)
+                    annotated_only=needs.annotated_only, num_classes=layout.num_classes)
 
 
 # ----------------------------------------------------------------------------------------------- preview

@@ -26,22 +26,25 @@ from ranzcr_tf.labels import ID_COLUMN, LABELS, NUM_CLASSES, PATIENT_COLUMN
 FOLD_COLUMN = "fold"
 
 
-def stratification_key(train_df: pd.DataFrame) -> np.ndarray:
-    """Per row: index (into ``LABELS``) of its rarest positive label, or ``NUM_CLASSES`` if it has none."""
-    targets = train_df[list(LABELS)].to_numpy(dtype=np.int64)
+def stratification_key(train_df: pd.DataFrame, labels=LABELS) -> np.ndarray:
+    """Per row: index (into ``labels``) of its rarest positive label, or ``len(labels)`` if it has none."""
+    num_classes = len(labels)
+    targets = train_df[list(labels)].to_numpy(dtype=np.int64)
     positives = targets.sum(axis=0)
     # Rank labels from rarest to most common; ties broken by label order so the key is deterministic.
-    rarity_order = np.lexsort((np.arange(NUM_CLASSES), positives))
-    rank_of_label = np.empty(NUM_CLASSES, dtype=np.int64)
-    rank_of_label[rarity_order] = np.arange(NUM_CLASSES)
-    ranks = np.where(targets > 0, rank_of_label[None, :], NUM_CLASSES)
+    rarity_order = np.lexsort((np.arange(num_classes), positives))
+    rank_of_label = np.empty(num_classes, dtype=np.int64)
+    rank_of_label[rarity_order] = np.arange(num_classes)
+    ranks = np.where(targets > 0, rank_of_label[None, :], num_classes)
     best_rank = ranks.min(axis=1)
-    return np.where(best_rank < NUM_CLASSES, rarity_order[np.minimum(best_rank, NUM_CLASSES - 1)], NUM_CLASSES)
+    return np.where(best_rank < num_classes, rarity_order[np.minimum(best_rank, num_classes - 1)], num_classes)
 
 
-def assign_folds(train_df: pd.DataFrame, num_folds: int, seed: int) -> np.ndarray:
-    """Fold id (0..num_folds-1) of every row, grouped by ``PatientID`` and stratified on
-    :func:`stratification_key`, with ``StratifiedGroupKFold(shuffle=True, random_state=seed)``.
+def assign_folds(train_df: pd.DataFrame, num_folds: int, seed: int, labels=LABELS,
+                 group_column: str = PATIENT_COLUMN) -> np.ndarray:
+    """Fold id (0..num_folds-1) of every row, grouped by ``group_column`` (RANZCR: ``PatientID``; another task:
+    ``task.group_column``) and stratified on :func:`stratification_key` of ``labels``, with
+    ``StratifiedGroupKFold(shuffle=True, random_state=seed)``.
 
     Same table (same row order) and seed give the same folds.
     """
@@ -49,15 +52,15 @@ def assign_folds(train_df: pd.DataFrame, num_folds: int, seed: int) -> np.ndarra
 
     if num_folds < 2:
         raise ValueError(f"num_folds = {num_folds}: need at least 2 folds (set --folds / data.folds)")
-    missing = [c for c in (PATIENT_COLUMN, *LABELS) if c not in train_df.columns]
+    missing = [c for c in (group_column, *labels) if c not in train_df.columns]
     if missing:
         raise ValueError(f"assign_folds needs the columns {missing} in the training table")
-    groups = train_df[PATIENT_COLUMN].astype(str).to_numpy()
+    groups = train_df[group_column].astype(str).to_numpy()
     num_patients = len(np.unique(groups))
     if num_patients < num_folds:
         raise ValueError(f"only {num_patients} distinct patients for {num_folds} folds: "
                          f"use fewer folds (--folds) or more data")
-    key = stratification_key(train_df)
+    key = stratification_key(train_df, labels)
     if np.bincount(key).max() < num_folds:
         # Tiny tables (smoke runs): no class is big enough to stratify, so group only.
         key = np.zeros_like(key)
@@ -78,7 +81,9 @@ def folds_frame(train_df: pd.DataFrame, folds: np.ndarray) -> pd.DataFrame:
 
 
 def fold_positives(targets: np.ndarray, folds: np.ndarray, num_folds: int) -> dict[str, list[int]]:
-    """Per fold, the positive count of each class: ``{"0": [11 ints], ...}`` (JSON-ready)."""
-    targets = np.asarray(targets, dtype=np.int64).reshape(-1, NUM_CLASSES)
+    """Per fold, the positive count of each class: ``{"0": [11 ints], ...}`` (JSON-ready; a 2-D ``targets`` of
+    another task keeps its own label count)."""
+    targets = np.asarray(targets, dtype=np.int64)
+    targets = targets if targets.ndim == 2 else targets.reshape(-1, NUM_CLASSES)
     folds = np.asarray(folds)
     return {str(k): [int(v) for v in targets[folds == k].sum(axis=0)] for k in range(num_folds)}

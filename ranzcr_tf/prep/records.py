@@ -6,8 +6,14 @@ One record is one study. Version 1 holds:
 key                type        meaning
 =================  ==========  ==============================================================
 image              bytes       single-channel JPEG, already CLAHE'd and resized (preprocess.py)
-StudyInstanceUID   bytes       the study's ID
-target             float x 11  the labels in ``labels.LABELS`` order (zeros for test records)
+image_png          bytes x n   instead of ``image`` when an image has C > 1 channels (DICOM windows x
+                               slices): C split into PNGs of 3 channels, then 1-channel ones for
+                               the rest (``part_channels``), lossless, concatenated in order
+channels           int64       C, with ``image_png`` only (the manifest's ``image_channels`` too)
+StudyInstanceUID   bytes       the image's ID (RANZCR: the study; other tasks: ``task.id_column``'s
+                               value, e.g. RSNA ICH's ``ID_12cadc6af``; the key stays the same)
+target             float x L   the task's labels in order (RANZCR: 11, ``labels.LABELS``; the manifest's
+                               ``labels`` says which), zeros for test records
 has_target         int64       1 for train records, 0 for test records
 fold               int64       validation fold of the study (-1 for test)
 height, width      int64       stored image size
@@ -18,7 +24,9 @@ ann_xy             float x 2P  all lines' points, x then y, scaled into the stor
 =================  ==========  ==============================================================
 
 New keys may be added in later versions; readers parse only the keys they know, so old readers keep
-working. Shard files are named with their record count (``fold3-007-412.tfrec``) so that readers never
+working (single-channel RANZCR records are written exactly as before; ``image_png`` records carry their
+layout in the manifest: ``labels`` and ``image_channels``, which ``RecordLayout.from_manifest`` reads).
+Shard files are named with their record count (``fold3-007-412.tfrec``) so that readers never
 need a counting pass.
 """
 
@@ -28,6 +36,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,6 +46,8 @@ from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 SCHEMA_VERSION = 1
 
 IMAGE = "image"
+IMAGE_PNG = "image_png"
+CHANNELS = "channels"
 ID = ID_COLUMN  # the study-ID feature is keyed by the CSV column name: write labels.ID_COLUMN
 TARGET = "target"
 HAS_TARGET = "has_target"
@@ -65,6 +76,60 @@ EXTRA_DIR = "extra"  # unlabeled records (make_tfrecords.py --unlabeled): has_ta
 SPLITS = (TRAIN_DIR, TEST_DIR, EXTRA_DIR)
 SHARD_SUFFIX = ".tfrec"
 _SHARD_RE = re.compile(r"^(?P<prefix>fold(?P<fold>\d+)|test|extra)-(?P<index>\d{3,})-(?P<count>\d+)\.tfrec$")
+
+
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Target length and image channels of a records folder: RANZCR's (11, 1) unless the manifest says other."""
+
+    num_classes: int = NUM_CLASSES
+    channels: int = 1
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> RecordLayout:
+        labels = manifest.get("labels")
+        return cls(num_classes=len(labels) if labels else NUM_CLASSES, channels=int(manifest.get("image_channels", 1)))
+
+
+def part_channels(channels: int) -> list[int]:
+    """How ``image_png`` splits C channels: PNGs of 3 channels, then 1-channel PNGs (4 -> [3, 1], 9 -> [3, 3, 3])."""
+    if channels < 2:
+        raise ValueError(f"image_png holds 2 or more channels, got {channels}")
+    return [3] * (channels // 3) + [1] * (channels % 3)
+
+
+def encode_channels(image: np.ndarray) -> list[bytes]:
+    """``(H, W, C)`` uint8 -> the ``image_png`` parts (lossless)."""
+    import cv2
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"encode_channels needs an (H, W, C) uint8 image, got {image.dtype} {image.shape}")
+    parts, start = [], 0
+    for size in part_channels(image.shape[2]):
+        part = image[..., start:start + size]
+        part = part[..., ::-1] if size == 3 else part  # OpenCV writes BGR: reversed, the PNG holds channel order
+        ok, buffer = cv2.imencode(".png", np.ascontiguousarray(part))
+        if not ok:
+            raise ValueError("PNG encoding failed")
+        parts.append(buffer.tobytes())
+        start += size
+    return parts
+
+
+def decode_channels_numpy(parts: Sequence[bytes]) -> np.ndarray:
+    """The ``image_png`` parts back to ``(H, W, C)`` uint8 with OpenCV (no TensorFlow)."""
+    import cv2
+
+    out = []
+    for data in parts:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ValueError("stored image_png part is not a decodable PNG")
+        out.append(image[..., ::-1] if image.ndim == 3 else image[..., None])
+    return np.concatenate(out, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------- naming
@@ -142,7 +207,7 @@ def positives_from_manifest(manifest: dict, train_folds: Iterable[int]) -> tuple
     fold_positives, fold_counts = manifest.get("fold_positives"), manifest.get("fold_counts")
     if fold_positives is None or fold_counts is None:
         raise ValueError("manifest has no fold_positives / fold_counts: re-run the converter (make_tfrecords.py)")
-    positives = np.zeros(NUM_CLASSES, dtype="int64")
+    positives = np.zeros(RecordLayout.from_manifest(manifest).num_classes, dtype="int64")
     total = 0
     for fold in train_folds:
         key = str(int(fold))
@@ -258,7 +323,7 @@ def _floats(values):
 
 
 def serialize_example(
-    image_jpeg: bytes,
+    image_jpeg: bytes | None,
     study_id: str,
     *,
     target: Sequence[float] | None,
@@ -268,21 +333,32 @@ def serialize_example(
     orig_height: int,
     orig_width: int,
     annotations: Sequence[tuple[int, np.ndarray]] = (),
+    num_classes: int = NUM_CLASSES,
+    image_parts: Sequence[bytes] | None = None,
+    channels: int = 1,
 ) -> bytes:
     """One study as a serialized ``tf.train.Example``.
 
     ``target`` is None for test studies. ``annotations`` is a sequence of ``(label_index, points)``
-    with ``points`` an ``(n, 2)`` array of x, y already scaled into the stored image.
+    with ``points`` an ``(n, 2)`` array of x, y already scaled into the stored image. A multi-channel
+    image comes as ``image_parts`` (``encode_channels``) with its ``channels`` instead of ``image_jpeg``.
     """
     import tensorflow as tf
 
-    if target is not None and len(target) != NUM_CLASSES:
-        raise ValueError(f"target of {study_id} has {len(target)} values, expected {NUM_CLASSES}")
+    if target is not None and len(target) != num_classes:
+        raise ValueError(f"target of {study_id} has {len(target)} values, expected {num_classes}")
+    if (image_parts is None) == (image_jpeg is None):
+        raise ValueError("serialize_example takes a single-channel image_jpeg or multi-channel image_parts, not both")
+    if image_parts is not None and len(image_parts) != len(part_channels(channels)):
+        raise ValueError(f"{study_id}: {len(image_parts)} image_png parts for {channels} channels; expected "
+                         f"{len(part_channels(channels))}")
     points = [np.asarray(p, dtype=np.float32).reshape(-1, 2) for _, p in annotations]
+    image = {IMAGE: _bytes([image_jpeg])} if image_parts is None else \
+        {IMAGE_PNG: _bytes(list(image_parts)), CHANNELS: _ints([channels])}
     feature = {
-        IMAGE: _bytes([image_jpeg]),
+        **image,
         ID: _bytes([study_id.encode("utf-8")]),
-        TARGET: _floats(target if target is not None else [0.0] * NUM_CLASSES),
+        TARGET: _floats(target if target is not None else [0.0] * num_classes),
         HAS_TARGET: _ints([target is not None]),
         FOLD: _ints([fold]),
         HEIGHT: _ints([height]),
@@ -299,13 +375,16 @@ def serialize_example(
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def feature_spec(with_annotations: bool = False) -> dict:
+def feature_spec(with_annotations: bool = False, layout: RecordLayout | None = None) -> dict:
     import tensorflow as tf
 
+    layout = layout or RecordLayout()
+    image = {IMAGE: tf.io.FixedLenFeature([], tf.string)} if layout.channels == 1 else \
+        {IMAGE_PNG: tf.io.FixedLenFeature([len(part_channels(layout.channels))], tf.string)}
     spec = {
-        IMAGE: tf.io.FixedLenFeature([], tf.string),
+        **image,
         ID: tf.io.FixedLenFeature([], tf.string),
-        TARGET: tf.io.FixedLenFeature([NUM_CLASSES], tf.float32),
+        TARGET: tf.io.FixedLenFeature([layout.num_classes], tf.float32),
         HAS_TARGET: tf.io.FixedLenFeature([], tf.int64),
         FOLD: tf.io.FixedLenFeature([], tf.int64),
         HEIGHT: tf.io.FixedLenFeature([], tf.int64),
@@ -320,15 +399,16 @@ def feature_spec(with_annotations: bool = False) -> dict:
     return spec
 
 
-def parse_example(serialized, with_annotations: bool = False) -> dict:
-    """Apply the schema to one serialized record (no decoding, no augmentation).
+def parse_example(serialized, with_annotations: bool = False, layout: RecordLayout | None = None) -> dict:
+    """Apply the schema to one serialized record (no decoding, no augmentation); ``layout`` (default RANZCR's)
+    says the target length and whether the image is ``image`` (1 channel) or ``image_png`` parts.
 
     Annotation fields, when asked for, come back dense: ``ann_label`` (n,), ``ann_num_points`` (n,),
     ``ann_xy`` (P, 2).
     """
     import tensorflow as tf
 
-    parsed = tf.io.parse_single_example(serialized, feature_spec(with_annotations))
+    parsed = tf.io.parse_single_example(serialized, feature_spec(with_annotations, layout))
     if with_annotations:
         for key in (ANN_LABEL, ANN_NUM_POINTS, ANN_XY):
             parsed[key] = tf.sparse.to_dense(parsed[key])
@@ -344,6 +424,17 @@ def decode_image(image_jpeg, channels: int = 1):
     if channels == 3:
         image = tf.image.grayscale_to_rgb(image)
     return image
+
+
+def decode_stored(parsed: dict, channels: int = 1):
+    """The parsed record's image as uint8 ``(h, w, channels)``: the JPEG (``decode_image``), or the ``image_png``
+    parts decoded and concatenated in order."""
+    import tensorflow as tf
+
+    if channels == 1:
+        return decode_image(parsed[IMAGE], channels=1)
+    parts = [tf.io.decode_png(parsed[IMAGE_PNG][i], channels=size) for i, size in enumerate(part_channels(channels))]
+    return tf.concat(parts, axis=-1)
 
 
 def decode_image_numpy(image_jpeg: bytes) -> np.ndarray:

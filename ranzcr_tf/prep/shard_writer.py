@@ -54,13 +54,14 @@ class ShardWriter:
 
 
 def write_manifest(out_dir: str, *, preprocess: dict, image_size: int, num_folds: int, num_train: int,
-                   num_test: int, shards: dict, skipped: list, **extra) -> dict:
+                   num_test: int, shards: dict, skipped: list, labels=LABELS, **extra) -> dict:
     """``out_dir/manifest.json`` with the fields every reader relies on, then ``extra`` (converter details).
 
+    ``labels`` is the task's label order (the records' target length; RANZCR's 11 by default).
     ``num_folds`` is 0 for a test-only folder (the kernel's preprocessed test images): there is no train split.
     """
     manifest = {"schema_version": records.SCHEMA_VERSION, "preprocess": preprocess, "image_size": int(image_size),
-                "num_folds": int(num_folds), "labels": list(LABELS), "num_train": int(num_train),
+                "num_folds": int(num_folds), "labels": list(labels), "num_train": int(num_train),
                 "num_test": int(num_test), "shards": shards, "skipped": list(skipped), **extra}
     io_utils.atomic_write_json(io_utils.join(out_dir, records.MANIFEST), manifest)
     return manifest

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from ranzcr_tf.config import InferConfig, PreprocessConfig
-from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
+from ranzcr_tf.labels import ID_COLUMN
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.testimages import DeadlineReached, preprocess_test_images
 from ranzcr_tf.serve import ensemble
@@ -62,6 +62,7 @@ class TestSource:
     skipped: dict = field(default_factory=dict)  # group key -> unusable images
     unusable: dict = field(default_factory=dict)  # test ID -> why it has no prediction
     split: str = "test"  # the shards of ``tfrecords`` predicted: test, or extra (unlabeled records, serve/pseudo.py)
+    long_template: object = None  # submission.LongTemplate when the task submits ID,Label rows (RSNA)
 
     @property
     def ids(self) -> list[str]:
@@ -69,13 +70,17 @@ class TestSource:
 
     @classmethod
     def from_paths(cls, data_dir: str | None, tfrecords: str | None, work_dir: str, workers: int = 0,
-                   progress: bool = True) -> TestSource:
+                   progress: bool = True, task=None) -> TestSource:
         """Template from ``data_dir/sample_submission.csv``, else from the test records' IDs (their order).
 
         ``tfrecords`` are checked against the sample before anything is predicted (``testrecords.py``).
+        ``task`` (the runs' ``config.TaskConfig``): another task than RANZCR reads its own sample submission
+        (long: ``ID,Label`` rows, predicted per image then written back long) and, for DICOM, needs ``tfrecords``.
         """
         if data_dir is None and tfrecords is None:
             raise ValueError("give the competition folder (--data-dir) or converted test records (--tfrecords)")
+        if task is not None and not task.is_ranzcr:
+            return cls._for_task(task, data_dir, tfrecords, work_dir, workers, progress)
         sample = os.path.join(data_dir, SAMPLE_SUBMISSION) if data_dir else None
         check = None
         if sample and os.path.exists(sample):
@@ -96,6 +101,37 @@ class TestSource:
                 _log(f"note: {describe_ids(check.fallback_ids)} of {SAMPLE_SUBMISSION} are missing from {tfrecords}; "
                      f"their raw JPEGs in {data_dir}/test are preprocessed with the run's own settings instead "
                      f"(documented fallback)")
+        return source
+
+    @classmethod
+    def _for_task(cls, task, data_dir, tfrecords, work_dir, workers, progress) -> TestSource:
+        from ranzcr_tf.serve.submission import LongTemplate
+
+        if task.reader == "dicom":
+            if not tfrecords:
+                raise ValueError(f"task {task.name} reads DICOM, which the kernel does not preprocess: convert the "
+                                 "test slices with make_tfrecords.py --config THE_PRESET and pass --tfrecords")
+            check_records_task(tfrecords, task)
+        long_template, template = None, None
+        sample = os.path.join(data_dir, task.sample_submission) if data_dir else None
+        if sample and os.path.exists(sample):
+            if task.submission_layout == "long":
+                long_template = LongTemplate(sample, task.labels, task.id_column)
+                template = long_template.wide
+            else:
+                template = read_sample_submission(sample)
+        elif task.submission_layout == "long":
+            raise ValueError(f"{sample or task.sample_submission} not found: the long submission of task {task.name} "
+                             "follows its sample submission; pass --data-dir (the competition folder)")
+        ids = None if template is None else template[template.columns[0]].astype(str).tolist()
+        # No raw-image fallback for a missing ID: the kernel cannot preprocess this task's sources itself.
+        check = check_test_records(tfrecords, ids, None) if tfrecords else None
+        if template is None:
+            template = template_from_ids(check.ids, task.labels, task.id_column)
+        source = cls(template=template, data_dir=data_dir, tfrecords=tfrecords, work_dir=work_dir, workers=workers,
+                     progress=progress, records_check=check, long_template=long_template)
+        if check is not None:
+            source.unusable.update({sid: f"unreadable when converted: {why}" for sid, why in check.unreadable.items()})
         return source
 
     @classmethod
@@ -161,6 +197,16 @@ class TestSource:
         self.skipped[key] = skipped
         for entry in skipped:
             self.unusable.setdefault(entry["id"], f"raw image {entry['path']}: {entry['reason']}")
+
+
+def check_records_task(tfrecords: str, task) -> None:
+    """The records were converted for ``task`` as the runs were trained: same labels, windows and slice context."""
+    saved = records.read_manifest(tfrecords).get("task") or {}
+    for key in ("labels", "windows", "slice_context"):
+        if saved.get(key) != getattr(task, key):
+            raise ValueError(f"the records in {tfrecords} were converted with task.{key} = {saved.get(key)!r} but the "
+                             f"models were trained with {getattr(task, key)!r}: convert the test slices with the "
+                             "runs' preset (make_tfrecords.py --config ...)")
 
 
 def _records_settings(tfrecords: str) -> PreprocessConfig:
@@ -252,7 +298,8 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
     data = build_eval_dataset(fold.cfg, records_dir, split, batch_size, tta=view, image_size=fold.image_size,
                               with_targets=False)
     rows = np.array([row_of.get(i, -1) for i in data.ids])
-    probs = np.full((len(row_of), NUM_CLASSES), np.nan)
+    num_classes = fold.cfg.task.num_classes
+    probs = np.full((len(row_of), num_classes), np.nan)
     bar = tqdm(total=data.num_examples, desc=f"{fold.name} {view}", unit="img", disable=not progress, file=sys.stderr)
     monitor = _PassMonitor(data, budget, bar, on_calibrated)
     try:
@@ -260,8 +307,8 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
                                                callbacks=[monitor], allow_partial=True)
     finally:
         bar.close()
-    if predicted.shape != (data.num_examples, NUM_CLASSES):
-        raise ValueError(f"{fold.path}: predicted shape {predicted.shape}, expected ({data.num_examples}, {NUM_CLASSES})")
+    if predicted.shape != (data.num_examples, num_classes):
+        raise ValueError(f"{fold.path}: predicted shape {predicted.shape}, expected ({data.num_examples}, {num_classes})")
     keep = rows >= 0
     probs[rows[keep]] = predicted[keep]
     if data.num_batches > 1 and monitor.complete:
@@ -443,7 +490,7 @@ class _EnsembleRun:
         partial = self.partial
         if partial is None:
             _log("warning: no prediction finished within the budget: every row gets 0.5")
-            partial = np.full((len(self.source.ids), NUM_CLASSES), np.nan)
+            partial = np.full((len(self.source.ids), self.models[0].folds[0].cfg.task.num_classes), np.nan)
         self.report.partial_fallback = True
         filled, self.report.filled_rows = ensemble.fill_missing_rows(partial)
         return np.clip(filled, 0.0, 1.0), self.report

@@ -175,6 +175,15 @@ def load_blend(args, models):
     return BlendWeights(weights=matrix, rank=bool(blend["rank"]))
 
 
+def runs_task(models):
+    """The task every run was trained for (saved in its config); runs of different tasks are refused."""
+    tasks = {(fold.cfg.task.name, tuple(fold.cfg.task.labels)): fold.cfg.task for spec in models for fold in spec.folds}
+    if len(tasks) > 1:
+        raise ValueError(f"the runs were trained for different tasks or label orders {sorted(tasks)}: ensemble runs "
+                         "of one task only")
+    return next(iter(tasks.values()))
+
+
 def run(args) -> dict:
     """Everything ``main`` does, returning a summary (tests call this)."""
     start = time.monotonic()
@@ -195,7 +204,12 @@ def run(args) -> dict:
     from ranzcr_tf.pipeline import data as data_module
     from ranzcr_tf.serve.infer import TestSource, predict_ensemble
     from ranzcr_tf.serve.modelio import discover_models, verify_models
-    from ranzcr_tf.serve.submission import build_submission, write_submission
+    from ranzcr_tf.serve.submission import (
+        build_long_submission,
+        build_submission,
+        write_long_submission,
+        write_submission,
+    )
 
     if keras.backend.backend() == "jax":
         data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
@@ -223,8 +237,9 @@ def run(args) -> dict:
         os.makedirs(scratch_parent, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
     try:
+        task = runs_task(models)
         source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers,
-                                       progress=not args.quiet)
+                                       progress=not args.quiet, task=task)
         template = source.template
         partial = partial_path(out)
 
@@ -233,7 +248,11 @@ def run(args) -> dict:
 
         probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=batch_size,
                                          progress=not args.quiet, checkpoint=checkpoint, blend=blend)
-        write_submission(build_submission(template, probs), out, template)
+        if source.long_template is not None:  # RSNA: ID,Label rows in the sample submission's order
+            write_long_submission(build_long_submission(source.long_template, source.ids, probs), out,
+                                  source.long_template)
+        else:
+            write_submission(build_submission(template, probs), out, template)
         if os.path.exists(partial):
             os.remove(partial)
     finally:

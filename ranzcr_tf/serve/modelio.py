@@ -82,7 +82,7 @@ def _find_upwards(folder: str, name: str, stop: str) -> str | None:
         folder = os.path.dirname(folder)
 
 
-def read_preprocess_json(path: str) -> tuple[PreprocessConfig, int]:
+def read_preprocess_json(path: str, expected_labels=LABELS) -> tuple[PreprocessConfig, int]:
     """A run's ``preprocess.json`` (the converter manifest's ``preprocess`` block): the settings, and the model
     input size training recorded (0 when absent).
 
@@ -98,9 +98,9 @@ def read_preprocess_json(path: str) -> tuple[PreprocessConfig, int]:
                          f"preprocesses with decoder={records.SOURCE_DECODER!r} and decodes with "
                          f"{records.DCT_METHOD!r}: retrain on records from this version's converter")
     saved_labels = values.get("labels")
-    if saved_labels is not None and list(saved_labels) != list(LABELS):
-        raise ValueError(f"{path}: the model was trained with label order {saved_labels}, this ranzcr-tf uses "
-                         f"{list(LABELS)}: its outputs would land in the wrong submission columns")
+    if saved_labels is not None and list(saved_labels) != list(expected_labels):
+        raise ValueError(f"{path}: the model was trained with label order {saved_labels}, its config's task says "
+                         f"{list(expected_labels)}: its outputs would land in the wrong submission columns")
     return PreprocessConfig.from_dict(values), int(values.get("model_image_size") or 0)
 
 
@@ -151,7 +151,7 @@ def _fold_spec(model_path: str, search_stop: str, name: str) -> FoldSpec:
     preprocess_path = _find_upwards(folder, PREPROCESS_FILE, search_stop)
     model_size = 0
     if preprocess_path is not None:
-        settings, model_size = read_preprocess_json(preprocess_path)
+        settings, model_size = read_preprocess_json(preprocess_path, cfg.task.labels)
     else:  # older runs: the config's preprocess section is the best record of the training records
         print(f"warning: {model_path}: no {PREPROCESS_FILE}; using the preprocess section of {config_path}")
         settings = cfg.preprocess

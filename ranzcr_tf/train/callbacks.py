@@ -24,7 +24,6 @@ import keras
 import numpy as np
 
 from ranzcr_tf import compat, io_utils
-from ranzcr_tf.labels import LABELS
 from ranzcr_tf.serve import predict as serve_predict  # the one prediction function (validation, OOF, kernel)
 from ranzcr_tf.train import multihost
 from ranzcr_tf.train.schedules import learning_rate_value
@@ -126,27 +125,35 @@ class SwapEMAOut(keras.callbacks.Callback):
 
 
 class Validation(keras.callbacks.Callback):
-    """Each epoch: predict the whole validation fold, score it with ``metrics.competition_metric``.
+    """Each epoch: predict the whole validation fold, score it with the task's metric (``metrics.task_scores``).
 
     Adds ``val_auc`` (mean over the classes that have both labels) and ``val_auc_<label slug>`` to the
-    epoch logs, for the callbacks after it.
+    epoch logs, for the callbacks after it; a task scored by ``weighted_log_loss`` adds
+    ``val_weighted_log_loss`` (lower is better) and ``val_log_loss_<label slug>`` too. ``task``: a
+    ``config.TaskConfig`` (default: RANZCR).
     """
 
-    def __init__(self, eval_data, *, from_logits: bool, placement, flags: RunFlags, verbose: bool = True):
+    def __init__(self, eval_data, *, from_logits: bool, placement, flags: RunFlags, verbose: bool = True, task=None):
+        from ranzcr_tf.config import TaskConfig
+        from ranzcr_tf.model.metrics import monitor_for
+
         super().__init__()
         self.eval_data, self.from_logits, self.placement = eval_data, from_logits, placement
         self.flags, self.verbose = flags, verbose
+        self.task = task or TaskConfig()
+        self.monitor, self.mode = monitor_for(self.task.metric)
         self.targets = np.asarray(eval_data.targets)
-        self.best = -math.inf
+        self.best = -math.inf if self.mode == "max" else math.inf
         self._predictor, self._predictor_of = None, None
         self.probabilities = None  # the last epoch's predictions (tests compare them with the kernel's)
 
     def on_epoch_end(self, epoch, logs=None):
-        from ranzcr_tf.model.metrics import competition_metric
+        from ranzcr_tf.model.metrics import is_better, task_scores
 
         logs = logs if logs is not None else {}
         if self.flags.diverged:
             logs["val_auc"] = math.nan
+            logs[self.monitor] = math.nan
             return
         if self._predictor_of is not self.model:
             self._predictor = serve_predict.build_predictor(inference_model_of(self.model),
@@ -156,13 +163,15 @@ class Validation(keras.callbacks.Callback):
                                            from_logits=self.from_logits, placement=self.placement,
                                            predictor=self._predictor)
         self.probabilities = probs  # this epoch's validation predictions, in eval_data.ids order
-        mean_auc, per_class = competition_metric(self.targets, probs)
-        logs["val_auc"] = float(mean_auc)
-        for label in LABELS:
-            logs[f"val_auc_{label_slug(label)}"] = float(per_class[label])
-        self.best = max(self.best, float(mean_auc)) if math.isfinite(mean_auc) else self.best
+        scores = task_scores(self.task, self.targets, probs)
+        logs.update(scores)
+        score = scores[self.monitor]
+        if is_better(score, self.best, self.mode):
+            self.best = float(score)
         if self.verbose:
-            print(f"epoch {epoch}: loss {logs.get('loss', math.nan):.4f}  val_auc {mean_auc:.4f}", flush=True)
+            extra = f"  {self.monitor} {score:.4f}" if self.monitor != "val_auc" else ""
+            print(f"epoch {epoch}: loss {logs.get('loss', math.nan):.4f}  val_auc {scores['val_auc']:.4f}{extra}",
+                  flush=True)
 
 
 class CheckpointWriteError(OSError):
@@ -207,21 +216,26 @@ def _atomic_save_model(model: keras.Model, path: str) -> None:
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Saves the model as ``best.keras`` whenever ``val_auc`` beats the best so far (never a worse one).
+    """Saves the model as ``best.keras`` whenever ``monitor`` beats the best so far in ``mode`` (``max``:
+    higher is better, as ``val_auc``; ``min``: lower, as ``val_weighted_log_loss``), never a worse one.
 
     ``best`` survives restarts: the trainer restores it from ``best.json`` and the run state.
     """
 
-    def __init__(self, path: str, monitor: str = "val_auc"):
+    def __init__(self, path: str, monitor: str = "val_auc", mode: str = "max"):
         super().__init__()
-        self.path, self.monitor = path, monitor
-        self.best = -math.inf
+        if mode not in ("max", "min"):
+            raise ValueError(f"BestCheckpoint mode must be max or min, got {mode!r}")
+        self.path, self.monitor, self.mode = path, monitor, mode
+        self.best = -math.inf if mode == "max" else math.inf
         self.best_epoch = None
         self.info_path = os.path.splitext(path)[0] + ".json"
 
     def on_epoch_end(self, epoch, logs=None):
+        from ranzcr_tf.model.metrics import is_better
+
         current = (logs or {}).get(self.monitor)
-        if current is None or not math.isfinite(current) or current <= self.best:
+        if current is None or not is_better(float(current), self.best, self.mode):
             return
         _atomic_save_model(inference_model_of(self.model), self.path)
         try:
@@ -235,8 +249,10 @@ class BestCheckpoint(keras.callbacks.Callback):
         return {"best": self.best, "best_epoch": self.best_epoch}
 
     def set_state(self, state: dict) -> None:
+        from ranzcr_tf.model.metrics import is_better
+
         best = state.get("best")
-        if best is not None and math.isfinite(best) and best > self.best:
+        if best is not None and is_better(float(best), self.best, self.mode):
             self.best, self.best_epoch = float(best), state.get("best_epoch")
 
 

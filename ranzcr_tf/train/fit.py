@@ -22,6 +22,7 @@ import numpy as np
 from ranzcr_tf import compat, io_utils, runs
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.model.metrics import monitor_for
 from ranzcr_tf.prep import records
 from ranzcr_tf.serve import predict as serve_predict
 from ranzcr_tf.serve.modelio import load_model_file
@@ -130,7 +131,7 @@ def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, p
         optimizer = build_optimizer(cfg.train, learning_rate)
         model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
                       jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
-    prepare_model(model, placement, (image_size, image_size, cfg.model.input_channels), num_classes=len(LABELS),
+    prepare_model(model, placement, (image_size, image_size, cfg.model.input_channels), num_classes=cfg.task.num_classes,
                   targets=recipes.symbolic_targets(cfg, image_size), inputs=recipes.symbolic_inputs(cfg, image_size))
     return optimizer
 
@@ -168,14 +169,16 @@ def _truncate_log(path: str, keep_before_epoch: int) -> None:
     io_utils.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def write_oof(path: str, ids, fold: int, probs: np.ndarray, targets: np.ndarray) -> None:
-    """``oof.csv``: StudyInstanceUID, fold, 11 probability columns named by label, 11 ``target_<label>`` columns."""
+def write_oof(path: str, ids, fold: int, probs: np.ndarray, targets: np.ndarray, labels=LABELS,
+              id_column: str = ID_COLUMN) -> None:
+    """``oof.csv``: the ID column (RANZCR: StudyInstanceUID), fold, a probability column per label (named by it),
+    a ``target_<label>`` column per label; ``labels`` and ``id_column`` are the task's."""
     import pandas as pd
 
-    frame = pd.DataFrame({ID_COLUMN: list(ids), "fold": fold})
-    for c, label in enumerate(LABELS):
+    frame = pd.DataFrame({id_column: list(ids), "fold": fold})
+    for c, label in enumerate(labels):
         frame[label] = probs[:, c]
-    for c, label in enumerate(LABELS):
+    for c, label in enumerate(labels):
         frame[f"target_{label}"] = targets[:, c].astype(int)
     io_utils.atomic_write_text(path, frame.to_csv(index=False))
 
@@ -184,7 +187,7 @@ def _preprocess_info(manifest: dict, image_size: int, cfg: Config) -> dict:
     info = dict(manifest.get("preprocess", {}))
     info.update({"stored_image_size": int(manifest["image_size"]), "model_image_size": int(image_size),
                  "input_channels": int(cfg.model.input_channels), "schema_version": manifest.get("schema_version"),
-                 "labels": list(LABELS), "model_output": cfg.model.output})
+                 "labels": list(cfg.task.labels), "model_output": cfg.model.output})
     return info
 
 
@@ -331,7 +334,8 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
         snapshot = state.get("snapshots", {}).get(str(initial_epoch - 1), {}) if initial_epoch > 0 else {}
         best_info = cbs.read_state(io_utils.join(run_dir, runs.BEST_INFO_FILE))
         stateful["checkpoint"].set_state(snapshot.get("checkpoint", {}))
-        stateful["checkpoint"].set_state({"best": best_info.get("val_auc"), "best_epoch": best_info.get("epoch")})
+        stateful["checkpoint"].set_state({"best": best_info.get(monitor_for(cfg.task.metric)[0]),
+                                          "best_epoch": best_info.get("epoch")})
         for name in ("early_stopping", "plateau"):
             if name in stateful:
                 stateful[name].pending_state = snapshot.get(name)
@@ -384,19 +388,20 @@ def _backup_dir(run_dir: str, stage: int) -> str:
 def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags, from_logits, verbose):
     """The callbacks in the order the module docstring of ``callbacks`` explains."""
     swapper = cbs.EMASwapper()
-    checkpoint = cbs.BestCheckpoint(paths[runs.MODEL_FILE])
+    monitor, mode = monitor_for(cfg.task.metric)  # val_auc (max) for RANZCR; val_weighted_log_loss (min) for RSNA ICH
+    checkpoint = cbs.BestCheckpoint(paths[runs.MODEL_FILE], monitor=monitor, mode=mode)
     stateful = {"checkpoint": checkpoint}
     callbacks = [cbs.NaNGuard(flags), cbs.LearningRateLogger()]
     if cfg.train.use_ema:
         callbacks.append(cbs.SwapEMAIn(swapper, flags))
     callbacks += [cbs.Validation(eval_data, from_logits=from_logits, placement=placement, flags=flags,
-                                 verbose=bool(verbose)), checkpoint]
+                                 verbose=bool(verbose), task=cfg.task), checkpoint]
     if cfg.train.early_stopping_patience:
-        stateful["early_stopping"] = cbs.ResumableEarlyStopping(monitor="val_auc", mode="max",
+        stateful["early_stopping"] = cbs.ResumableEarlyStopping(monitor=monitor, mode=mode,
                                                                 patience=cfg.train.early_stopping_patience)
         callbacks.append(stateful["early_stopping"])
     if cfg.train.schedule == "plateau":
-        stateful["plateau"] = cbs.ResumablePlateau(monitor="val_auc", mode="max", factor=cfg.train.plateau_factor,
+        stateful["plateau"] = cbs.ResumablePlateau(monitor=monitor, mode=mode, factor=cfg.train.plateau_factor,
                                                    patience=cfg.train.plateau_patience,
                                                    min_lr=cfg.train.min_learning_rate, verbose=1)
         callbacks.append(stateful["plateau"])
@@ -417,7 +422,7 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
 
 def _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_logits) -> dict:
     """Reload best.keras, predict the validation fold in order, write oof.csv and metrics.json."""
-    from ranzcr_tf.model.metrics import competition_metric
+    from ranzcr_tf.model.metrics import competition_metric, task_scores
 
     # Every worker reloads the same best.keras: the chief's, once it is written (the barrier), since a
     # worker's own copy lacks the epochs before a resume; its own where it cannot read the chief's folder
@@ -425,7 +430,8 @@ def _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_log
     multihost.check_same_everywhere(placement, f"fold {fold} reaching its end", fold)
     best_dir = chief_dir if io_utils.exists(io_utils.join(chief_dir, runs.MODEL_FILE)) else run_dir
     if not io_utils.exists(io_utils.join(best_dir, runs.MODEL_FILE)):
-        raise RuntimeError(f"no best.keras in {run_dir}: no epoch produced a finite validation AUC")
+        raise RuntimeError(f"no best.keras in {run_dir}: no epoch produced a finite validation "
+                           f"{monitor_for(cfg.task.metric)[0]}")
     info = cbs.read_state(io_utils.join(best_dir, runs.BEST_INFO_FILE))
     # Several JAX processes predict one set together, each with its own copy of the weights: they must agree.
     best_epoch = info.get("epoch")
@@ -434,14 +440,20 @@ def _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_log
         best = load_model_file(io_utils.join(best_dir, runs.MODEL_FILE))
     probs = serve_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
     targets = np.asarray(eval_data.targets)
-    mean_auc, per_class = competition_metric(targets, probs)
+    mean_auc, per_class = competition_metric(targets, probs, list(cfg.task.labels))
     result = {"fold": fold, "val_auc": mean_auc, "per_class_auc": per_class, "best_epoch": info.get("epoch"),
               "logged_val_auc": info.get("val_auc"), "num_examples": int(eval_data.num_examples),
               "placement": placement.kind, "num_replicas": placement.num_replicas}
+    monitor, _ = monitor_for(cfg.task.metric)
+    score_note = ""
+    if monitor != "val_auc":  # RANZCR's metrics.json stays as it was
+        result.update({"metric": cfg.task.metric, monitor: task_scores(cfg.task, targets, probs)[monitor],
+                       f"logged_{monitor}": info.get(monitor)})
+        score_note = f", {monitor} {result[monitor]:.4f}"
     if placement.is_chief:
-        write_oof(paths[runs.OOF_FILE], eval_data.ids, fold, probs, targets)
+        write_oof(paths[runs.OOF_FILE], eval_data.ids, fold, probs, targets, cfg.task.labels, cfg.task.id_column)
         io_utils.atomic_write_json(paths[runs.METRICS_FILE], result)
-    print(f"fold {fold}: best epoch {result['best_epoch']}, validation mean AUC {mean_auc:.4f} "
+    print(f"fold {fold}: best epoch {result['best_epoch']}, validation mean AUC {mean_auc:.4f}{score_note} "
           f"(written to {run_dir})", flush=True)
     return result
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import keras
 
 from ranzcr_tf.config import Config
-from ranzcr_tf.labels import NUM_CLASSES
 
 FOLD_RECIPES = ("plain", "aux_seg", "teacher", "student", "finetune")  # config.RECIPES also has 3stage
 
@@ -43,13 +42,14 @@ def build_training_model(cfg: Config, image_size: int, positives, num_train: int
     recipe = cfg.train.recipe
     if recipe not in FOLD_RECIPES:
         raise ValueError(f"train.recipe = {recipe!r} trains no single fold; expected one of {', '.join(FOLD_RECIPES)}")
-    classification_loss = losses.build_loss(cfg.loss, positives, num_train, from_logits=from_logits)
+    classification_loss = losses.build_loss(cfg.loss, positives, num_train, from_logits=from_logits,
+                                           num_classes=cfg.task.num_classes)
     if recipe == "teacher":
         from ranzcr_tf.model.distill import build_teacher_model
         from ranzcr_tf.pipeline.masks import mask_size
 
         return build_teacher_model(cfg.model, image_size, mask_size(image_size)), classification_loss
-    classifier = models.build_model(cfg.model, image_size)
+    classifier = models.build_model(cfg.model, image_size, cfg.task.num_classes, groups=cfg.task.groups)
     if recipe == "plain":
         return classifier, classification_loss
     if recipe == "finetune":
@@ -123,7 +123,7 @@ def symbolic_targets(cfg: Config, image_size: int):
     from ranzcr_tf.pipeline.masks import NUM_FAMILIES, mask_size
 
     side = mask_size(image_size)
-    return {"target": keras.KerasTensor((1, NUM_CLASSES), dtype="float32"),
+    return {"target": keras.KerasTensor((1, cfg.task.num_classes), dtype="float32"),
             "mask": keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="uint8"),
             "has_mask": keras.KerasTensor((1,), dtype="float32")}
 
