@@ -84,6 +84,9 @@ def resolve(args: argparse.Namespace):
 
     flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items() if getattr(args, dest) is not None]
     cfg = load_config(args.config, list(args.overrides) + flags)
+    if cfg.task.reader != "dicom":  # before the data folder's checks, whose hints are RANZCR's
+        cfg.task.require_ranzcr(f"the JPEG converter (task.reader = {cfg.task.reader})", advice="another task "
+                                "converts with task.reader: dicom (configs/rsna_ich_*.yaml)")
     data_dir = cfg.data.data_dir
     if not os.path.isdir(data_dir):
         hint = ("no --data-dir given and the Kaggle folder " + KAGGLE_DATA_DIR + " does not exist"
@@ -112,6 +115,7 @@ def run_unlabeled(args: argparse.Namespace) -> int:
     flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items()
              if getattr(args, dest) is not None and key.startswith("preprocess.")]
     cfg = load_config(args.config, list(args.overrides) + flags)
+    cfg.task.require_ranzcr("--unlabeled (extra records for train.extra_records)")
     cli.check_output_dir(args.out_dir)
     from ranzcr_tf.prep.unlabeled import convert_unlabeled
 
@@ -148,9 +152,6 @@ def run(args: argparse.Namespace) -> int:
     cli.check_output_dir(options.out_dir)
     if cfg.task.reader == "dicom":
         return run_dicom(cfg, options)
-    if not cfg.task.is_ranzcr:
-        raise ValueError(f"task {cfg.task.name!r} with task.reader = {cfg.task.reader}: the JPEG converter reads the "
-                         "RANZCR CLiP layout only; other tasks convert with task.reader: dicom (configs/rsna_ich_*.yaml)")
     from ranzcr_tf.prep.convert import convert
 
     manifest = convert(options)

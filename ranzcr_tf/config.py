@@ -404,11 +404,12 @@ class TaskConfig:
         """Per-label weights of ``weighted_log_loss`` (all 1 when ``label_weights`` is empty)."""
         return [float(w) for w in self.label_weights] if self.label_weights else [1.0] * len(self.labels)
 
-    def require_ranzcr(self, feature: str) -> None:
-        """One-line refusal for the RANZCR-specific parts (line masks, annotations, phantom styles...)."""
+    def require_ranzcr(self, feature: str, advice: str = "leave it at its default or use a RANZCR preset") -> None:
+        """One-line refusal for the RANZCR-specific parts (line masks, annotations, phantom styles, the report,
+        blend and pseudo-label tools...): the one check every such part calls, ``advice`` saying what to do."""
         if not self.is_ranzcr:
             raise ValueError(f"{feature} is specific to the RANZCR CLiP task; task.name = {self.name!r} cannot use "
-                             "it: leave it at its default or use a RANZCR preset")
+                             f"it: {advice}")
 
     def validate(self) -> None:
         _check(bool(self.name) and self.name.replace("_", "").isalnum(), "task.name", self.name,

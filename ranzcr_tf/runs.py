@@ -82,3 +82,26 @@ def final_stage_dir(folder: str) -> str | None:
         raise ValueError(f"{path} is not a stages file written by train_tpu.py --recipe 3stage: "
                          "remove it or train the run again") from None
     return os.path.join(folder, str(final))
+
+
+def saved_task(run_dir: str):
+    """The task a run was trained for (its first fold's ``config.yaml``; a 3stage run's final stage), or None when
+    no fold folder holds a config (the caller's own checks then name what is missing)."""
+    from ranzcr_tf.config import load_config
+
+    folder = final_stage_dir(run_dir) or run_dir
+    candidates = [io_utils.join(folder, CONFIG_FILE)] if is_fold_dir(folder) else []
+    candidates += sorted(io_utils.glob(io_utils.join(folder, "fold*", CONFIG_FILE)))
+    for path in candidates:
+        if io_utils.exists(path):
+            return load_config(path).task
+    return None
+
+
+def require_ranzcr_run(run_dir: str, feature: str) -> None:
+    """Refuse (one-line ``ValueError``) a run trained for another task than RANZCR CLiP: ``feature`` reads RANZCR's
+    11 columns, so another task's OOF or models would be mis-labelled or fail deep inside."""
+    task = saved_task(run_dir)
+    if task is not None:
+        task.require_ranzcr(f"{feature} (run {run_dir})", advice="its OOF is scored by the run's own task metric "
+                            "(fold*/metrics.json) and its submission written by kaggle_kernel.py")

@@ -66,7 +66,7 @@ def read_run(path: str) -> RunData:
     if not metrics:
         raise ValueError(f"{path} has no fold*/{runs.METRICS_FILE}: no fold of this run has finished training "
                          f"(python train_tpu.py --fold 0 --out-dir {path})")
-    oof = merge_oof(path)
+    oof = merge_oof(path, "the run report (python -m ranzcr_tf.report)")
     oof = oof[oof["fold"].isin(list(metrics))].reset_index(drop=True)
     return RunData(path, os.path.basename(os.path.normpath(path)), fold_dirs, metrics, oof, cv_report(oof), logs)
 

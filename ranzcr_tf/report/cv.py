@@ -18,13 +18,15 @@ import pandas as pd
 from ranzcr_tf import cli, io_utils  # cli before TensorFlow is imported (gs:// paths do): it quiets start-up lines
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
 from ranzcr_tf.report.score import check_values, read_table
-from ranzcr_tf.runs import CV_REPORT_FILE, OOF_FILE, ROC_PLOT_FILE
+from ranzcr_tf.runs import CV_REPORT_FILE, OOF_FILE, ROC_PLOT_FILE, require_ranzcr_run
 
 TARGET_COLUMNS = [f"target_{label}" for label in LABELS]
 
 
-def merge_oof(run_dir: str) -> pd.DataFrame:
-    """All ``run_dir/fold*/oof.csv`` rows in one frame; every study must appear once."""
+def merge_oof(run_dir: str, feature: str = "the CV report (python -m ranzcr_tf.report.cv)") -> pd.DataFrame:
+    """All ``run_dir/fold*/oof.csv`` rows in one frame; every study must appear once. A run of another task is
+    refused, naming ``feature`` (the tool asking)."""
+    require_ranzcr_run(run_dir, feature)
     paths = io_utils.glob(io_utils.join(run_dir, "fold*", OOF_FILE))
     if not paths:
         raise ValueError(f"no fold*/{OOF_FILE} under {run_dir}: train folds first "

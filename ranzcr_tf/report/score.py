@@ -70,8 +70,22 @@ def check_values(frame: pd.DataFrame, columns, path: str, what: str, probabiliti
     return values
 
 
+def _header(path: str) -> list[str]:
+    try:
+        return io_utils.read_text(path).split("\n", 1)[0].strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def _read(path: str, what: str, probabilities: bool) -> pd.DataFrame:
-    frame = read_table(path, what, (ID_COLUMN, *LABELS))
+    try:
+        frame = read_table(path, what, (ID_COLUMN, *LABELS))
+    except ValueError:
+        if _header(path) == ["ID", "Label"]:
+            raise ValueError(f"{what} {path} is a long ID,Label file (another task, e.g. rsna_ich): this score is "
+                             "specific to the RANZCR CLiP task's wide files; another task's fold score is its run's "
+                             "fold*/metrics.json (the task metric)") from None
+        raise
     if frame[ID_COLUMN].duplicated().any():
         raise ValueError(f"{what} {path} lists {ID_COLUMN} {frame[ID_COLUMN][frame[ID_COLUMN].duplicated()].iloc[0]} twice")
     frame[list(LABELS)] = check_values(frame, list(LABELS), path, what, probabilities)

@@ -54,7 +54,7 @@ def load_runs(run_dirs: list[str]) -> dict:
         raise ValueError(f"two runs are named {duplicated[0]!r}: blend.json names runs by folder name, so rename one")
     frames = []
     for run_dir in run_dirs:
-        frame = merge_oof(run_dir)
+        frame = merge_oof(run_dir, "the OOF blend (python -m ranzcr_tf.serve.blend)")
         if "fold" not in frame.columns:
             raise ValueError(f"{run_dir}: oof.csv has no fold column; nested CV needs each study's fold")
         frames.append(frame.assign(**{ID_COLUMN: frame[ID_COLUMN].astype(str)}).set_index(ID_COLUMN).sort_index())

@@ -31,7 +31,7 @@ import pandas as pd
 from ranzcr_tf import cli, io_utils
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.pipeline.soft import SOURCE_COLUMN
-from ranzcr_tf.runs import FOLD_DIR_PATTERN, OOF_FILE
+from ranzcr_tf.runs import FOLD_DIR_PATTERN, OOF_FILE, require_ranzcr_run
 
 
 def read_folds(tfrecords_dir: str) -> dict[str, int]:
@@ -83,6 +83,8 @@ def read_oof_rows(path: str, validation_fold: int, folds: dict[str, int], model:
 
 def soft_labels_from_oof(run_dirs: list[str], tfrecords_dir: str) -> pd.DataFrame:
     """Per study, the mean of its OOF probabilities over the runs, and the fold models that made them."""
+    for run_dir in run_dirs:
+        require_ranzcr_run(run_dir, "soft labels (python -m ranzcr_tf.serve.pseudo)")
     folds = read_folds(tfrecords_dir)
     rows = []
     for run_dir in run_dirs:
@@ -116,6 +118,8 @@ def soft_labels_from_models(model_dirs: list[str], tfrecords_dir: str, split: st
     from ranzcr_tf.serve.kernel import saved_tta
     from ranzcr_tf.serve.modelio import discover_models, verify_models
 
+    for model_dir in model_dirs:
+        require_ranzcr_run(model_dir, "soft labels (python -m ranzcr_tf.serve.pseudo)")
     models = discover_models(model_dirs)
     verify_models(models)
     with tempfile.TemporaryDirectory(prefix="ranzcr-pseudo-") as work_dir:
