@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= tf-cpu,cv
 DEMO := demo
+TEST_WORKERS ?= 2  # pytest-xdist processes; each test file runs whole in one of them (its module fixtures once)
 
-.PHONY: demo demo-hard test lint install install-dev bench clean-demo browser
+.PHONY: demo demo-easy test lint install install-dev bench clean-demo browser
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +19,13 @@ install: $(VENV)/.installed-$(EXTRAS)
 install-dev:
 	$(MAKE) install EXTRAS=tf-cpu,cv,dicom,dev
 
+# The hard phantoms (thin, faint, crowded lines) with the preset chosen on both styles (configs/cpu_lines.yaml).
 demo: install
 	$(PY) -m ranzcr_tf.demo --out-dir $(DEMO)
 
-# The hard phantoms (thin, faint, crowded lines) with the preset chosen for them (configs/cpu_lines.yaml).
-demo-hard: install
-	$(PY) -m ranzcr_tf.demo --style hard --config configs/cpu_lines.yaml --out-dir $(DEMO)_hard
+# The same preset on the easy phantoms (thick bright tubes).
+demo-easy: install
+	$(PY) -m ranzcr_tf.demo --style easy --out-dir $(DEMO)_easy
 
 # Headless Chromium for the run report's browser test (tests/test_report.py skips, saying why, without it).
 # Debian's package, installed quietly when apt is usable (root); otherwise a one-line note.
@@ -33,7 +35,7 @@ browser:
 		echo "note: could not install chromium (needs apt as root); the report's browser test will be skipped"
 
 test: install-dev browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -12,7 +12,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESET = os.path.join(ROOT, "configs", "cpu_demo.yaml")
+PRESET = os.path.join(ROOT, "configs", "cpu_lines.yaml")
 
 
 def _run(step: str, argv: list[str]) -> None:
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=600, help="synthetic training studies (default: 600)")
     parser.add_argument("--n-test", type=int, default=200, help="synthetic test studies (default: 200)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--style", choices=("easy", "hard"), default="easy",
-                        help="phantom style (default: easy; `make demo-hard` runs hard with configs/cpu_lines.yaml)")
-    parser.add_argument("--config", default=PRESET, help="training preset (default: configs/cpu_demo.yaml)")
+    parser.add_argument("--style", choices=("easy", "hard"), default="hard",
+                        help="phantom style (default: hard, thin faint crowded lines; `make demo-easy` runs easy)")
+    parser.add_argument("--config", default=PRESET, help="training preset (default: configs/cpu_lines.yaml)")
     args = parser.parse_args(argv)
     preset = args.config
     data = os.path.join(args.out_dir, "data")

@@ -258,9 +258,10 @@ def run(args) -> dict:
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.monotonic() - start
-    print(f"wrote {out}: {len(template)} rows; plan used: {report.final_plan or 'fallback (no pass finished)'} "
+    rows = len(template) if source.long_template is None else len(source.long_template.frame)
+    print(f"wrote {out}: {rows} rows ({len(template)} images); plan used: {report.final_plan or 'fallback (no pass finished)'} "
           f"of {report.full_plan}; {elapsed / 60:.1f} min", file=sys.stderr)
-    return {"out": out, "report": report, "models": models, "rows": len(template), "elapsed_seconds": elapsed,
+    return {"out": out, "report": report, "models": models, "rows": rows, "elapsed_seconds": elapsed,
             "probabilities": probs, "ids": list(source.ids)}
 
 

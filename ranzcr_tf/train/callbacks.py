@@ -400,14 +400,20 @@ class Backup(keras.callbacks.Callback):
 
 
 class KillAfterEpoch(keras.callbacks.Callback):
-    """Test hook: with ``RANZCR_TF_KILL_AFTER_EPOCH=N`` the process SIGKILLs itself after epoch N's backup."""
+    """Test hook: with ``RANZCR_TF_KILL_AFTER_EPOCH=N`` the process SIGKILLs itself after epoch N's backup.
 
-    def __init__(self, epoch: int):
+    In a multi-process run every process first meets the others at a barrier: a process killed while a
+    peer is still inside the epoch's collectives makes JAX's coordination service abort that peer (SIGABRT)
+    instead of the kill the test simulates."""
+
+    def __init__(self, epoch: int, placement=None):
         super().__init__()
-        self.epoch = int(epoch)
+        self.epoch, self.placement = int(epoch), placement
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
+            if self.placement is not None:
+                multihost.check_same_everywhere(self.placement, "the epoch of the test kill", epoch)
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -416,7 +416,7 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
                   cbs.Backup(backup_dir, flags=flags, writer=placement.is_chief)]
     kill_after = os.environ.get(cbs.KILL_AFTER_EPOCH_ENV)
     if kill_after:
-        callbacks.append(cbs.KillAfterEpoch(int(kill_after)))
+        callbacks.append(cbs.KillAfterEpoch(int(kill_after), placement))
     return callbacks, stateful
 
 
