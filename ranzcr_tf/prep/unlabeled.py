@@ -11,7 +11,8 @@ the file name without its extension. No folds, no labels: these records get soft
 (the kernel's and training's size checks read it), ``num_extra`` and every skipped file with its reason.
 
 Unreadable files are skipped and listed, as the converter does. DICOM files are listed as skipped too:
-the project has no DICOM reader yet (convert them to 16-bit PNG first, e.g. with pydicom).
+``prep.dicom`` reads CT slices into Hounsfield units for ``task.reader: dicom`` (RSNA ICH), not a radiograph's
+VOI LUT and display windowing, so convert unlabeled DICOM radiographs to 16-bit PNG first (e.g. with pydicom).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def list_images(source_dir: str) -> tuple[list[tuple[str, str]], list[dict]]:
         suffix = suffix.lower()
         if suffix in DICOM_SUFFIXES:
             skipped.append({"split": records.EXTRA_DIR, "id": stem, "path": path,
-                            "reason": "DICOM is not supported yet (no DICOM reader in ranzcr-tf): convert it to a "
-                                      "16-bit PNG first"})
+                            "reason": "DICOM is not supported yet for unlabeled radiographs (prep.dicom reads CT "
+                                      "slices, not a radiograph's VOI LUT): convert it to a 16-bit PNG first"})
             continue
         if suffix not in IMAGE_SUFFIXES:
             skipped.append({"split": records.EXTRA_DIR, "id": stem, "path": path,
