@@ -84,9 +84,10 @@ def resolve(args: argparse.Namespace):
 
     flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items() if getattr(args, dest) is not None]
     cfg = load_config(args.config, list(args.overrides) + flags)
-    if cfg.task.reader != "dicom":  # before the data folder's checks, whose hints are RANZCR's
-        cfg.task.require_ranzcr(f"the JPEG converter (task.reader = {cfg.task.reader})", advice="another task "
-                                "converts with task.reader: dicom (configs/rsna_ich_*.yaml)")
+    if cfg.task.reader != "dicom" and cfg.task.csv_layout != "wide":  # before the data folder's checks
+        cfg.task.require_ranzcr(f"the JPEG/PNG converter with task.csv_layout = {cfg.task.csv_layout}",
+                                advice="a jpeg/png task needs a wide CSV (task.csv_layout: wide: one row per image, "
+                                "one 0/1 column per label)")
     data_dir = cfg.data.data_dir
     if not os.path.isdir(data_dir):
         hint = ("no --data-dir given and the Kaggle folder " + KAGGLE_DATA_DIR + " does not exist"
@@ -102,7 +103,7 @@ def resolve(args: argparse.Namespace):
         data_dir=data_dir, out_dir=cfg.data.tfrecords, preprocess=cfg.preprocess, num_folds=cfg.data.folds,
         fold_seed=cfg.data.fold_seed, workers=args.workers, shard_mb=float(cfg.data.shard_mb),
         shard_records=args.shard_records, include_test=not args.no_test, limit=args.limit, strict=args.strict,
-        overwrite=args.overwrite, progress=not args.quiet)
+        overwrite=args.overwrite, progress=not args.quiet, task=cfg.task)
     return cfg, options
 
 

@@ -79,12 +79,14 @@ def test_score_refuses_a_long_submission(tmp_path, capsys):
     assert "lacks column(s)" in capsys.readouterr().err  # a wide file missing columns keeps its own message
 
 
-def test_the_jpeg_converter_refuses_another_task(tmp_path, capsys):
+def test_the_jpeg_converter_refuses_a_long_csv_task_and_unlabeled(tmp_path, capsys):
+    # A wide-CSV jpeg/png task converts (tests/test_image_task.py); a long CSV and --unlabeled stay RANZCR's.
     jpeg_ich = ["--config", ICH_PRESET, "--set", "task.reader=jpeg", "--set", "task.windows=[]",
                 "--set", "task.slice_context=0", "--set", "model.input_channels=3"]
     out = str(tmp_path / "records")
     assert make_tfrecords.main([*jpeg_ich, "--data-dir", str(tmp_path), "--out-dir", out]) == 2
     err = capsys.readouterr().err
-    assert REFUSAL in err and "the JPEG converter (task.reader = jpeg)" in err and "task.reader: dicom" in err
+    assert REFUSAL in err and "the JPEG/PNG converter with task.csv_layout = long" in err
+    assert "task.csv_layout: wide" in err and len(err.strip().splitlines()) == 1
     assert make_tfrecords.main(["--config", ICH_PRESET, "--unlabeled", str(tmp_path), "--out-dir", out]) == 2
     assert REFUSAL in capsys.readouterr().err and not os.path.exists(out)

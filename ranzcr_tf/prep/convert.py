@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.config import PreprocessConfig, run_metadata
-from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.config import PreprocessConfig, TaskConfig, run_metadata
+from ranzcr_tf.labels import ID_COLUMN
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.csv_checks import (
     ANNOTATIONS_CSV,
@@ -83,6 +83,19 @@ class ConvertOptions:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    task: TaskConfig = field(default_factory=TaskConfig)  # RANZCR, or a wide-CSV jpeg/png task (no annotations)
+
+    @property
+    def train_csv(self) -> str:
+        return TRAIN_CSV if self.task.is_ranzcr else self.task.train_csv
+
+    def image_path(self, split: str, sid: str) -> str:
+        """The source image of ``sid``: RANZCR ``{split}/{id}.jpg``; another task its first train/test folder
+        (``task.train_images`` / ``task.test_images``) and ``task.extension``."""
+        if self.task.is_ranzcr:
+            return os.path.join(self.data_dir, split, f"{sid}.jpg")
+        folders = self.task.train_images if split == records.TRAIN_DIR else self.task.test_images
+        return os.path.join(self.data_dir, folders[0], f"{sid}{self.task.extension}")
 
     def validate(self) -> None:
         self.preprocess.validate()
@@ -107,11 +120,16 @@ def _requested_settings(opts: ConvertOptions, test_ids: list[str]) -> dict:
         "include_test": opts.include_test,
         "limit": opts.limit,
         "inputs": {  # a changed table means a different plan: refuse to mix it with old shards
-            "train_csv_sha256": sha256_file(os.path.join(opts.data_dir, TRAIN_CSV)),
+            "train_csv_sha256": sha256_file(os.path.join(opts.data_dir, opts.train_csv)),
             "annotations_sha256": sha256_file(os.path.join(opts.data_dir, ANNOTATIONS_CSV)),
             "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
         },
-    }
+    } | ({} if opts.task.is_ranzcr else {"task": _task_summary(opts.task)})
+
+
+def _task_summary(task: TaskConfig) -> dict:
+    return {"name": task.name, "reader": task.reader, "labels": list(task.labels), "windows": task.windows,
+            "slice_context": task.slice_context, "id_column": task.id_column, "group_column": task.group_column}
 
 
 def _estimate_records_per_shard(opts: ConvertOptions, paths: list[str], pool) -> tuple[int, float, dict]:
@@ -139,7 +157,7 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
 
     size = opts.preprocess.image_size
     kill_after = int(os.environ.get(KILL_HOOK_ENV, "0") or 0)
-    image_path = lambda split, sid: os.path.join(opts.data_dir, split, f"{sid}.jpg")  # noqa: E731
+    image_path = opts.image_path
     tasks = ((image_path(s["split"], sid), opts.preprocess) for s in pending for sid in s["ids"])
     results = ordered_map(process_image, tasks, pool, window, ready)
     bar = tqdm(total=sum(len(s["ids"]) for s in pending), unit="img", desc="converting", file=sys.stderr,
@@ -167,7 +185,7 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
                     writer.write(records.serialize_example(
                         payload, sid, target=lookup["targets"].get(sid), fold=-1 if fold is None else fold,
                         height=info["height"], width=info["width"], orig_height=info["orig_height"],
-                        orig_width=info["orig_width"], annotations=annotations))
+                        orig_width=info["orig_width"], annotations=annotations, num_classes=opts.task.num_classes))
                     state["ids"].append(sid)
                     if info.get("note"):
                         state["notes"].append({"split": split, "id": sid, "note": info["note"]})
@@ -187,41 +205,47 @@ def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, fold
     """folds.csv and manifest.json from the progress of every shard."""
     ordered = [states[slot_name(s)] for s in plan]
     written = {sid for st in ordered for sid in st["ids"]}
-    good = train_df[ID_COLUMN].isin(written).to_numpy()
-    table = folds_frame(train_df[good], folds[good])
+    task = opts.task
+    good = train_df[task.id_column].isin(written).to_numpy()
+    table = folds_frame(train_df[good], folds[good], task.id_column, task.group_column)
     io_utils.atomic_write_text(io_utils.join(opts.out_dir, records.FOLDS_CSV), table.to_csv(index=False))
-    targets = train_df[list(LABELS)].to_numpy()[good]
+    targets = train_df[list(task.labels)].to_numpy()[good]
     shards = {records.TRAIN_DIR: [], records.TEST_DIR: []}
     for shard, st in zip(plan, ordered):
         if st["shard"]:
             shards[shard["split"]].append(st["shard"])
     num_test = sum(len(st["ids"]) for s, st in zip(plan, ordered) if s["split"] == records.TEST_DIR)
+    extra = {} if task.is_ranzcr else {"labels": task.labels, "image_channels": 1, "task": _task_summary(task),
+                                       "fold_grouping": task.group_column}
     manifest = write_manifest(
         opts.out_dir, preprocess=preprocess_settings(opts.preprocess), image_size=opts.preprocess.image_size,
         num_folds=opts.num_folds, num_train=int(good.sum()), num_test=num_test, shards=shards,
         skipped=[entry for st in ordered for entry in st["skipped"]],
         fold_seed=opts.fold_seed,
-        fold_stratification="rarest positive label of the row (index into labels), 11 = no positive label",
+        fold_stratification=f"rarest positive label of the row (index into labels), {len(task.labels)} = no positive "
+                            "label",
         fold_counts={str(k): int((folds[good] == k).sum()) for k in range(opts.num_folds)},
         fold_positives=fold_positives(targets, folds[good], opts.num_folds),
         records_per_shard=saved["records_per_shard"], bytes_per_image_estimate=saved["bytes_per_image_estimate"],
         notes=[entry for st in ordered for entry in st["notes"]],
         source={"data_dir": os.path.abspath(opts.data_dir), "limit": opts.limit, **saved["inputs"]},
-        _meta=run_metadata())
+        _meta=run_metadata(), **extra)
     return manifest
 
 
 def _read_tables(opts: ConvertOptions):
     """train.csv, train_annotations.csv and the test IDs, validated (ValueError naming column / line)."""
-    train_csv = os.path.join(opts.data_dir, TRAIN_CSV)
+    task = opts.task
+    train_csv = os.path.join(opts.data_dir, opts.train_csv)
     if not os.path.exists(train_csv):
         raise ValueError(f"{train_csv} not found: --data-dir must be the competition folder "
-                         f"(train.csv, train/, test/, train_annotations.csv)")
-    train_df = read_train_csv(train_csv)
+                         + ("(train.csv, train/, test/, train_annotations.csv)" if task.is_ranzcr else
+                            f"({task.train_csv}, {task.train_images[0]}/, {task.test_images[0]}/)"))
+    train_df = read_train_csv(train_csv, task)
     annotations_csv = os.path.join(opts.data_dir, ANNOTATIONS_CSV)
-    annotations = (read_annotations(annotations_csv, train_df[ID_COLUMN])
-                   if os.path.exists(annotations_csv) else {})
-    test_ids = read_test_ids(opts.data_dir) if opts.include_test else []
+    annotations = (read_annotations(annotations_csv, train_df[ID_COLUMN])  # RANZCR only: other tasks have none
+                   if task.is_ranzcr and os.path.exists(annotations_csv) else {})
+    test_ids = read_test_ids(opts.data_dir, task) if opts.include_test else []
     if opts.limit:
         train_df, test_ids = train_df.head(opts.limit).reset_index(drop=True), test_ids[:opts.limit]
     return train_df, annotations, test_ids
@@ -236,7 +260,8 @@ def convert(opts: ConvertOptions) -> dict:
     opts.validate()
     workers = opts.workers or available_cores()
     train_df, annotations, test_ids = _read_tables(opts)
-    folds = assign_folds(train_df, opts.num_folds, opts.fold_seed)
+    task = opts.task
+    folds = assign_folds(train_df, opts.num_folds, opts.fold_seed, labels=task.labels, group_column=task.group_column)
     if opts.overwrite:
         for path in own_files(opts.out_dir):
             io_utils.remove(path)
@@ -251,17 +276,19 @@ def convert(opts: ConvertOptions) -> dict:
             if opts.shard_records:
                 per_shard, per_image = opts.shard_records, None
             else:
-                paths = [os.path.join(opts.data_dir, records.TRAIN_DIR, f"{i}.jpg") for i in train_df[ID_COLUMN]]
+                paths = [opts.image_path(records.TRAIN_DIR, i) for i in train_df[task.id_column]]
                 per_shard, per_image, sampled = _estimate_records_per_shard(opts, paths, pool)
             saved = {**json.loads(json.dumps(requested)), "records_per_shard": per_shard,
                      "bytes_per_image_estimate": per_image}
             io_utils.atomic_write_json(settings_path, saved)
-        plan = plan_shards(train_df, folds, test_ids, saved["records_per_shard"], opts.fold_seed, opts.num_folds)
+        plan = plan_shards(train_df, folds, test_ids, saved["records_per_shard"], opts.fold_seed, opts.num_folds,
+                           task.id_column)
         states = remove_stale(opts.out_dir, plan)
         pending = [s for s in plan if slot_name(s) not in states]
         if len(pending) < len(plan):
             print(f"resuming: {len(plan) - len(pending)} of {len(plan)} shards already complete", file=sys.stderr)
-        lookup = {"targets": dict(zip(train_df[ID_COLUMN], train_df[list(LABELS)].to_numpy(np.float32).tolist())),
+        lookup = {"targets": dict(zip(train_df[task.id_column],
+                                      train_df[list(task.labels)].to_numpy(np.float32).tolist())),
                   "annotations": annotations}
         _write_shards(pending, opts, lookup, pool, 4 * workers, sampled)
     states = remove_stale(opts.out_dir, plan)

@@ -65,29 +65,41 @@ def _check_ids(df: pd.DataFrame, column: str, path: str) -> None:
         raise ValueError(f"{path}: duplicate {column} {value!r} on lines {rows[:5]}; each study must appear once")
 
 
-def read_train_csv(path: str) -> pd.DataFrame:
-    """``train.csv`` validated: exact columns, 0/1 labels (as int8), unique safe IDs, non-empty PatientID."""
+def read_train_csv(path: str, task=None) -> pd.DataFrame:
+    """``train.csv`` validated: exact columns, 0/1 labels (as int8), unique safe IDs, non-empty PatientID.
+
+    ``task`` (a ``TaskConfig`` other than RANZCR's, wide CSV): its ``id_column``, ``group_column`` and ``labels``
+    must be present (other columns are ignored); the table keeps those columns in that order."""
     df = _read_table(path)
-    _check_columns(df, TRAIN_COLUMNS, path)
+    id_column, group_column, labels = ID_COLUMN, PATIENT_COLUMN, LABELS
+    if task is None or task.is_ranzcr:
+        _check_columns(df, TRAIN_COLUMNS, path)
+    else:
+        id_column, group_column, labels = task.id_column, task.group_column, tuple(task.labels)
+        expected = (id_column, group_column, *labels)
+        missing = [c for c in expected if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column {missing[0]!r} (task.id_column, task.group_column and "
+                             f"task.labels: {list(expected)})")
     if len(df) == 0:
         raise ValueError(f"{path} has no rows")
-    _check_ids(df, ID_COLUMN, path)
-    empty_patient = df[PATIENT_COLUMN].str.strip() == ""
+    _check_ids(df, id_column, path)
+    empty_patient = df[group_column].str.strip() == ""
     if empty_patient.any():
         raise ValueError(f"{path} line {_line(int(np.flatnonzero(empty_patient.to_numpy())[0]))}: "
-                         f"column {PATIENT_COLUMN!r} is empty")
-    out = df[[ID_COLUMN, PATIENT_COLUMN]].copy()
-    for label in LABELS:
+                         f"column {group_column!r} is empty")
+    out = df[[id_column, group_column]].copy()
+    for label in labels:
         text = df[label].str.strip()
         ok = text.isin(_TRUE_VALUES | _FALSE_VALUES)
         if not ok.all():
             index = int(np.flatnonzero(~ok.to_numpy())[0])
             value = df[label].iloc[index]
             what = "NaN / empty" if value.strip().lower() in ("", "nan", "na", "null", "none") else f"{value!r}"
-            raise ValueError(f"{path} line {_line(index)} ({ID_COLUMN} {df[ID_COLUMN].iloc[index]}): column "
+            raise ValueError(f"{path} line {_line(index)} ({id_column} {df[id_column].iloc[index]}): column "
                              f"{label!r} is {what}; labels must be 0 or 1")
         out[label] = text.isin(_TRUE_VALUES).astype(np.int8)
-    return out[list(TRAIN_COLUMNS)].reset_index(drop=True)
+    return out[[id_column, group_column, *labels]].reset_index(drop=True)
 
 
 def _parse_points(text: str) -> np.ndarray:
@@ -129,18 +141,24 @@ def read_annotations(path: str, train_ids) -> dict[str, list[tuple[int, np.ndarr
     return out
 
 
-def read_test_ids(data_dir: str) -> list[str]:
-    """Test IDs: from ``sample_submission.csv`` (its order) when present, else the sorted ``test/*.jpg`` names."""
-    path = os.path.join(data_dir, SAMPLE_SUBMISSION_CSV)
+def read_test_ids(data_dir: str, task=None) -> list[str]:
+    """Test IDs: from ``sample_submission.csv`` (its order) when present, else the sorted ``test/*.jpg`` names
+    (``task``: its sample submission, ID column, labels, first test folder and extension)."""
+    sample, columns, folder, extension = SAMPLE_SUBMISSION_CSV, SUBMISSION_COLUMNS, "test", ".jpg"
+    if task is not None and not task.is_ranzcr:
+        sample, columns = task.sample_submission, (task.id_column, *task.labels)
+        folder, extension = task.test_images[0], task.extension
+    path = os.path.join(data_dir, sample)
     if os.path.exists(path):
         df = _read_table(path)
-        _check_columns(df, SUBMISSION_COLUMNS, path)
-        _check_ids(df, ID_COLUMN, path)
-        return df[ID_COLUMN].tolist()
-    folder = os.path.join(data_dir, "test")
+        _check_columns(df, columns, path)
+        _check_ids(df, columns[0], path)
+        return df[columns[0]].tolist()
+    folder = os.path.join(data_dir, folder)
     if not os.path.isdir(folder):
         return []
-    return sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".jpg") and not name.startswith("."))
+    return sorted(name[:-len(extension)] for name in os.listdir(folder)
+                  if name.endswith(extension) and not name.startswith("."))
 
 
 def scale_points(points: np.ndarray, orig_height: int, orig_width: int, size: int) -> np.ndarray:

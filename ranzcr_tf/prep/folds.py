@@ -74,9 +74,10 @@ def assign_folds(train_df: pd.DataFrame, num_folds: int, seed: int, labels=LABEL
     return folds
 
 
-def folds_frame(train_df: pd.DataFrame, folds: np.ndarray) -> pd.DataFrame:
-    """The ``folds.csv`` table: StudyInstanceUID, PatientID, fold."""
-    return pd.DataFrame({ID_COLUMN: train_df[ID_COLUMN].to_numpy(), PATIENT_COLUMN: train_df[PATIENT_COLUMN].to_numpy(),
+def folds_frame(train_df: pd.DataFrame, folds: np.ndarray, id_column: str = ID_COLUMN,
+                group_column: str = PATIENT_COLUMN) -> pd.DataFrame:
+    """The ``folds.csv`` table: StudyInstanceUID, PatientID, fold (another task: its ID and group columns)."""
+    return pd.DataFrame({id_column: train_df[id_column].to_numpy(), group_column: train_df[group_column].to_numpy(),
                          FOLD_COLUMN: np.asarray(folds, dtype=np.int64)})
 
 

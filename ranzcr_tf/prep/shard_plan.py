@@ -37,11 +37,12 @@ def preprocess_settings(settings: PreprocessConfig) -> dict:
     return {**dataclasses.asdict(settings), "decoder": records.SOURCE_DECODER, "stored_dct_method": records.DCT_METHOD}
 
 
-def plan_shards(train_df, folds: np.ndarray, test_ids: list[str], per_shard: int, seed: int, num_folds: int) -> list[dict]:
+def plan_shards(train_df, folds: np.ndarray, test_ids: list[str], per_shard: int, seed: int, num_folds: int,
+                id_column: str = ID_COLUMN) -> list[dict]:
     """Shards in writing order: each ``{'split', 'fold', 'index', 'ids'}``. Within a fold the rows are
     shuffled with ``(seed, fold)`` so every shard is a random sample of its fold."""
     shards = []
-    ids = train_df[ID_COLUMN].to_numpy()
+    ids = train_df[id_column].to_numpy()
     for fold in range(num_folds):
         members = ids[folds == fold]
         members = members[np.random.default_rng([seed, fold]).permutation(len(members))]

@@ -33,8 +33,10 @@ class DeadlineReached(RuntimeError):
 def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessConfig, out_dir: str, *,
                            workers: int = 0, expired: Callable[[], bool] | None = None,
                            progress: bool = True, on_first: Callable[[int, float], None] | None = None,
-                           shard_index: int = 0) -> tuple[str, list[dict]]:
-    """Preprocess ``data_dir/test/{id}.jpg`` for every ID into ``out_dir`` (a test-only records folder).
+                           shard_index: int = 0, image_dir: str = TEST_IMAGE_DIR,
+                           extension: str = ".jpg") -> tuple[str, list[dict]]:
+    """Preprocess ``data_dir/test/{id}.jpg`` for every ID into ``out_dir`` (a test-only records folder;
+    another task: ``data_dir/{image_dir}/{id}{extension}``, its first ``task.test_images`` and ``task.extension``).
 
     Returns ``(out_dir, skipped)`` where ``skipped`` lists ``{'id', 'reason'}`` of unreadable images
     (left out of the records; the kernel fills their rows). ``expired()`` is polled per image; when it
@@ -45,7 +47,7 @@ def preprocess_test_images(data_dir: str, ids: list[str], settings: PreprocessCo
     from tqdm.auto import tqdm
 
     settings.validate()
-    tasks = [(os.path.join(data_dir, TEST_IMAGE_DIR, f"{sid}.jpg"), settings) for sid in ids]
+    tasks = [(os.path.join(data_dir, image_dir, f"{sid}{extension}"), settings) for sid in ids]
     workers = workers or available_cores()
     skipped, start = [], time.monotonic()
     bar = tqdm(total=len(tasks), desc=f"preprocess {settings.image_size}px", unit="img", disable=not progress,

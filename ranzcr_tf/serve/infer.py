@@ -63,6 +63,8 @@ class TestSource:
     unusable: dict = field(default_factory=dict)  # test ID -> why it has no prediction
     split: str = "test"  # the shards of ``tfrecords`` predicted: test, or extra (unlabeled records, serve/pseudo.py)
     long_template: object = None  # submission.LongTemplate when the task submits ID,Label rows (RSNA)
+    image_dir: str = "test"  # raw test images: data_dir/{image_dir}/{id}{extension} (a task's first test folder)
+    extension: str = ".jpg"
 
     @property
     def ids(self) -> list[str]:
@@ -119,17 +121,25 @@ class TestSource:
                 long_template = LongTemplate(sample, task.labels, task.id_column)
                 template = long_template.wide
             else:
-                template = read_sample_submission(sample)
+                template = read_sample_submission(sample, (task.id_column, *task.labels))
         elif task.submission_layout == "long":
             raise ValueError(f"{sample or task.sample_submission} not found: the long submission of task {task.name} "
                              "follows its sample submission; pass --data-dir (the competition folder)")
         ids = None if template is None else template[template.columns[0]].astype(str).tolist()
-        # No raw-image fallback for a missing ID: the kernel cannot preprocess this task's sources itself.
-        check = check_test_records(tfrecords, ids, None) if tfrecords else None
+        # DICOM: no raw-image fallback for a missing ID (the kernel does not preprocess DICOM); jpeg/png: the
+        # task's first test folder and extension, preprocessed like RANZCR's test JPEGs.
+        raw = task.reader != "dicom" and bool(task.test_images)
+        image_dir, extension = (task.test_images[0], task.extension) if raw else ("test", ".jpg")
+        check = (check_test_records(tfrecords, ids, data_dir if raw else None, image_dir, extension)
+                 if tfrecords else None)
         if template is None:
+            if check is None:
+                raise ValueError(f"{sample or task.sample_submission} not found and no --tfrecords given: pass "
+                                 f"--data-dir (the folder holding {task.sample_submission}) or --tfrecords")
             template = template_from_ids(check.ids, task.labels, task.id_column)
-        source = cls(template=template, data_dir=data_dir, tfrecords=tfrecords, work_dir=work_dir, workers=workers,
-                     progress=progress, records_check=check, long_template=long_template)
+        source = cls(template=template, data_dir=data_dir,
+                     tfrecords=tfrecords, work_dir=work_dir, workers=workers, progress=progress, records_check=check,
+                     long_template=long_template, image_dir=image_dir, extension=extension)
         if check is not None:
             source.unusable.update({sid: f"unreadable when converted: {why}" for sid, why in check.unreadable.items()})
         return source
@@ -162,7 +172,8 @@ class TestSource:
                 folder, skipped = complete_records(
                     self.tfrecords, self.data_dir, self.records_check.fallback_ids, fold.preprocess,
                     os.path.join(self.work_dir, f"records-completed-{len(self._prepared)}"), workers=self.workers,
-                    progress=self.progress, expired=budget.expired if budget else None)
+                    progress=self.progress, expired=budget.expired if budget else None, image_dir=self.image_dir,
+                    extension=self.extension)
                 self._note_skipped(key, skipped)
             self._prepared[key] = folder
             return folder
@@ -170,7 +181,7 @@ class TestSource:
             raise ValueError(f"{fold.name} was trained on images preprocessed with {fold.preprocess}, but the "
                              f"{self.split} records in {self.tfrecords} were made with "
                              f"{_records_settings(self.tfrecords)}: convert them again with the run's settings")
-        if not self.data_dir or not os.path.isdir(os.path.join(self.data_dir, "test")):
+        if not self.data_dir or not os.path.isdir(os.path.join(self.data_dir, self.image_dir)):
             where = (f"the records in {self.tfrecords} were made with {_records_settings(self.tfrecords)}"
                      if self.tfrecords else "no records were given")
             raise ValueError(f"{fold.name} was trained on images preprocessed with {fold.preprocess}, but {where} "
@@ -186,7 +197,7 @@ class TestSource:
 
         _, skipped = preprocess_test_images(self.data_dir, self.ids, fold.preprocess, out, workers=self.workers,
                                             expired=budget.expired if budget else None, on_first=first,
-                                            progress=self.progress)
+                                            progress=self.progress, image_dir=self.image_dir, extension=self.extension)
         if on_measured is not None and budget is not None:
             on_measured((budget.clock() - start) / max(1, len(self.ids)))
         self._note_skipped(key, skipped)

@@ -22,30 +22,33 @@ from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
 SAMPLE_SUBMISSION = "sample_submission.csv"
 
 
-def read_sample_submission(path: str) -> pd.DataFrame:
-    """The competition's template: checked for the 11 label columns, an ID column and unique IDs."""
+def read_sample_submission(path: str, columns=SUBMISSION_COLUMNS) -> pd.DataFrame:
+    """The competition's template: checked for the 11 label columns, an ID column and unique IDs (another wide
+    task: ``columns`` = its ID column then its labels)."""
+    id_column = columns[0]
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: --data-dir must be the competition folder holding "
                          f"{SAMPLE_SUBMISSION} and test/")
     try:
-        frame = pd.read_csv(path, dtype={ID_COLUMN: str})
+        frame = pd.read_csv(path, dtype={id_column: str})
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is empty: expected the competition's {SAMPLE_SUBMISSION} (a header and one row "
                          f"per test image); copy it again") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not a readable CSV ({str(exc).splitlines()[0][:200]})") from None
-    if list(frame.columns) != list(SUBMISSION_COLUMNS):
-        raise ValueError(f"{path} has columns {list(frame.columns)}; expected {list(SUBMISSION_COLUMNS)} "
-                         f"(the RANZCR CLiP sample_submission.csv)")
+    if list(frame.columns) != list(columns):
+        raise ValueError(f"{path} has columns {list(frame.columns)}; expected {list(columns)} "
+                         + ("(the RANZCR CLiP sample_submission.csv)" if tuple(columns) == tuple(SUBMISSION_COLUMNS)
+                            else "(task.id_column then task.labels)"))
     if frame.empty:
         raise ValueError(f"{path} has a header but no rows: there is no test image to predict; copy the "
                          f"competition's {SAMPLE_SUBMISSION} again")
-    ids = frame[ID_COLUMN]
+    ids = frame[id_column]
     if ids.isna().any() or (ids.str.strip() == "").any():
-        raise ValueError(f"{path}: empty {ID_COLUMN} on line(s) {list(np.flatnonzero(ids.isna()) + 2)[:5]}")
+        raise ValueError(f"{path}: empty {id_column} on line(s) {list(np.flatnonzero(ids.isna()) + 2)[:5]}")
     duplicated = ids[ids.duplicated()].tolist()
     if duplicated:
-        raise ValueError(f"{path}: {len(duplicated)} duplicated {ID_COLUMN}(s), e.g. {duplicated[:3]}")
+        raise ValueError(f"{path}: {len(duplicated)} duplicated {id_column}(s), e.g. {duplicated[:3]}")
     return frame
 
 

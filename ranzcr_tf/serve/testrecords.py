@@ -71,8 +71,10 @@ class RecordsCheck:
     fallback_ids: list = field(default_factory=list)  # missing from the records; raw JPEGs present
 
 
-def check_test_records(tfrecords: str, sample_ids: list[str] | None, data_dir: str | None) -> RecordsCheck:
-    """Check ``tfrecords``' test split (see the module docstring); ``sample_ids`` None checks the shards only."""
+def check_test_records(tfrecords: str, sample_ids: list[str] | None, data_dir: str | None,
+                       image_dir: str = records.TEST_DIR, extension: str = ".jpg") -> RecordsCheck:
+    """Check ``tfrecords``' test split (see the module docstring); ``sample_ids`` None checks the shards only.
+    Raw images are ``data_dir/{image_dir}/{id}{extension}`` (another task: its test folder and extension)."""
     manifest = records.read_manifest(tfrecords)
     shards = read_test_shards(tfrecords)
     if not shards:
@@ -104,7 +106,7 @@ def check_test_records(tfrecords: str, sample_ids: list[str] | None, data_dir: s
     if not missing and not extra:
         return result
     shard_note = (f"; shard(s) listed in its manifest but absent: {', '.join(absent)}" if absent else "")
-    jpeg = (lambda sid: os.path.join(data_dir, records.TEST_DIR, f"{sid}.jpg")) if data_dir else None
+    jpeg = (lambda sid: os.path.join(data_dir, image_dir, f"{sid}{extension}")) if data_dir else None
     without_jpeg = [sid for sid in missing if jpeg is None or not os.path.exists(jpeg(sid))]
     if not without_jpeg and missing:
         result.fallback_ids = missing
@@ -123,7 +125,8 @@ def check_test_records(tfrecords: str, sample_ids: list[str] | None, data_dir: s
 
 
 def complete_records(tfrecords: str, data_dir: str, ids: list[str], settings, work_dir: str, *,
-                     workers: int = 0, progress: bool = True, expired=None) -> tuple[str, list[dict]]:
+                     workers: int = 0, progress: bool = True, expired=None, image_dir: str = records.TEST_DIR,
+                     extension: str = ".jpg") -> tuple[str, list[dict]]:
     """A records folder in ``work_dir``: ``tfrecords``' test shards (linked) plus one shard of ``ids``
     preprocessed from ``data_dir/test`` with ``settings`` (the records' own, equal to the run's)."""
     from ranzcr_tf.prep.testimages import preprocess_test_images
@@ -139,5 +142,6 @@ def complete_records(tfrecords: str, data_dir: str, ids: list[str], settings, wo
             shutil.copy2(path, target)
     next_index = 1 + max(records.parse_shard_name(p)["index"] for p in existing)
     _, skipped = preprocess_test_images(data_dir, ids, settings, work_dir, workers=workers, progress=progress,
-                                        expired=expired, shard_index=next_index)
+                                        expired=expired, shard_index=next_index, image_dir=image_dir,
+                                        extension=extension)
     return work_dir, skipped
