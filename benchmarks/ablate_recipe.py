@@ -1,6 +1,6 @@
 """Fold-0 ablation of the training recipe on one or more phantom styles: which settings hold on all of them.
 
-    python benchmarks/ablate_recipe.py --data easy=demo/data --data hard=demo_hard/data --out-dir ablate \\
+    python benchmarks/ablate_recipe.py --data easy=demo_easy/data --data hard=demo/data --out-dir ablate \\
         --config configs/cpu_demo.yaml --vary model.pooling=avg,max,avgmax --vary preprocess.image_size=128,256 \\
         --control --minutes-per-cell 4
 
