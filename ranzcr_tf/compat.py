@@ -156,6 +156,20 @@ def optimizer_steps(optimizer) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- graph
+def called_input(layer):
+    """The input tensor of ``layer``'s (first) call inside the functional model that contains it: the outer
+    graph's tensor fed to a nested backbone (private ``Node.input_tensors``, as :func:`called_output`).
+    Grad-CAM at an inner stage of the backbone runs the outer model up to here, then the backbone's own graph.
+    """
+    nodes = layer._inbound_nodes
+    if not nodes:
+        raise ValueError(f"layer {layer.name!r} is not called inside a functional model")
+    inputs = nodes[0].input_tensors
+    if len(inputs) != 1:
+        raise ValueError(f"layer {layer.name!r} has {len(inputs)} inputs; expected one")
+    return inputs[0]
+
+
 def called_output(layer):
     """The output tensor of ``layer``'s (first) call inside the functional model that contains it.
 

@@ -188,6 +188,7 @@ def test_inbound_nodes():
     require(inner, "_inbound_nodes", "keras.Operation")
     tensor = compat.called_output(outer.get_layer("inner"))
     assert tensor is features and tensor is not inner.output  # the outer graph's tensor, not the nested one
+    assert compat.called_input(outer.get_layer("inner")) is outer_input  # Node.input_tensors: what feeds it
     split = keras.Model(outer.inputs, [tensor, outer.output])  # what report.gradcam builds
     x = np.ones((1, 4), "float32")
     hidden, out = split(x)

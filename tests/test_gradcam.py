@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ranzcr_tf.model.backbones import BACKBONE_NAME
-from ranzcr_tf.report.gradcam import GradCam, peak_position, tube_mask
+from ranzcr_tf.report.gradcam import GradCam, make_cam, peak_position, tube_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -56,11 +56,57 @@ def test_heat_map_peaks_on_the_bright_spot_and_is_empty_for_negative_evidence():
     assert np.abs(np.array(peak_position(big)) - 2 * np.array([41.5, 21.5])).max() <= 8
 
 
+def test_layercam_weighs_each_position_by_its_own_gradient():
+    cam = GradCam(brightness_model(), weighting="elementwise")
+    maps = cam.heatmaps(spot_images(), column=2)
+    for heatmap, (row, column) in zip(maps, SPOTS):
+        assert np.abs(np.array(peak_position(heatmap)) - np.array([row + 1.5, column + 1.5])).max() <= 4
+    assert not cam.heatmaps(spot_images(), column=5).any()  # negative gradients are cut before the sum
+    assert cam.description.startswith("LayerCAM on the last stage")
+    with pytest.raises(ValueError, match="weighting"):
+        GradCam(brightness_model(), weighting="max")
+
+
+def compact_model():
+    """The demo preset's compact_cnn classifier at SIZE px, seeded (its weights are overwritten where it matters)."""
+    from ranzcr_tf.config import load_config
+    from ranzcr_tf.model.build import build_model
+
+    keras.utils.set_random_seed(0)
+    return build_model(load_config(os.path.join(ROOT, "configs", "cpu_demo.yaml")).model, SIZE)
+
+
+def test_an_inner_stage_split_computes_the_same_scores_on_a_finer_grid():
+    model = compact_model()
+    images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 1)).astype("float32")
+    last = GradCam(model)
+    reference = np.asarray(last.head_model(last.features_model(images)))
+    for stage, grid in enumerate((16, 8, 4)):  # strides 4, 8, 16
+        cam = GradCam(model, stage=stage, backbone="compact_cnn", weighting="elementwise")
+        assert cam.feature_size == (grid, grid), cam.description
+        np.testing.assert_allclose(np.asarray(cam.head_model(cam.features_model(images))), reference, rtol=1e-5,
+                                   atol=1e-5)
+        assert cam.heatmaps(images, 3).shape == (2, SIZE, SIZE)
+    assert make_cam(model, "compact_cnn").feature_size == (16, 16)  # the report's default: LayerCAM, stride 4
+    assert make_cam(model, "compact_cnn", "gradcam").feature_size == (2, 2)
+    assert make_cam(brightness_model(), "mobilenetv3_small").description.startswith("Grad-CAM on the last")  # no stages
+    with pytest.raises(ValueError, match="backbone="):
+        GradCam(model, stage=0)
+
+
 def test_jax_backend_gives_the_same_heat_maps(tmp_path):
     pytest.importorskip("jax")
+    model = compact_model()
+    np.savez(tmp_path / "weights.npz", *model.get_weights())
+    images = np.random.default_rng(1).uniform(0, 255, (2, SIZE, SIZE, 1)).astype("float32")
+    np.save(tmp_path / "images.npy", images)
     script = (f"import sys, json, numpy as np; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); "
-              "import test_gradcam as t; from ranzcr_tf.report.gradcam import GradCam; "
+              "import test_gradcam as t; from ranzcr_tf.report.gradcam import GradCam, make_cam; "
               f"np.save({str(tmp_path / 'jax.npy')!r}, GradCam(t.brightness_model()).heatmaps(t.spot_images(), 2)); "
+              f"m = t.compact_model(); w = np.load({str(tmp_path / 'weights.npz')!r}); "
+              "m.set_weights([w[f'arr_{i}'] for i in range(len(w.files))]); "
+              f"np.save({str(tmp_path / 'jax_layercam.npy')!r}, make_cam(m, 'compact_cnn').heatmaps("
+              f"np.load({str(tmp_path / 'images.npy')!r}), 2)); "
               "import keras; print(json.dumps(keras.backend.backend()))")
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
                JAX_PLATFORMS="cpu")
@@ -70,6 +116,9 @@ def test_jax_backend_gives_the_same_heat_maps(tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == "jax"
     tensorflow_maps = GradCam(brightness_model()).heatmaps(spot_images(), 2)
     np.testing.assert_allclose(np.load(tmp_path / "jax.npy"), tensorflow_maps, atol=1e-5)
+    layercam = make_cam(model, "compact_cnn").heatmaps(images, 2)  # an inner stage: three models chained
+    assert layercam.max() > 0
+    np.testing.assert_allclose(np.load(tmp_path / "jax_layercam.npy"), layercam, atol=1e-4)
 
 
 def test_tube_mask_widens_the_family_lines_by_the_tolerance():

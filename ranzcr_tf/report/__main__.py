@@ -19,6 +19,9 @@ def build_parser():
     parser.add_argument("--tfrecords", help="the records the first run was trained on (default: its data.tfrecords)")
     parser.add_argument("--max-images", type=int, default=33,
                         help="Grad-CAM studies in all (default 33: three per column)")
+    parser.add_argument("--cam", choices=("layercam", "gradcam"), default="layercam",
+                        help="heat maps: layercam (default; LayerCAM on the backbone's stride-4 stage, peaks on the "
+                        "tube itself) or gradcam (Grad-CAM on the last stage, as coarse as its stride 32)")
     parser.add_argument("--worst", type=int, default=12, help="rows of the worst-studies table (default 12)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per column (default 1000)")
     return parser
@@ -29,7 +32,8 @@ def run(args) -> int:
 
     cli.check_output_dir(args.out_dir)
     path = build_report(args.runs, args.out_dir, tfrecords=args.tfrecords, max_images=args.max_images,
-                        worst=args.worst, num_resamples=args.bootstrap, quiet=args.quiet)
+                        worst=args.worst, num_resamples=args.bootstrap, quiet=args.quiet,
+                        cam=args.cam)
     print(f"report: {path}")
     return 0
 

@@ -210,21 +210,25 @@ def load_studies(run: RunData, tfrecords: str, rows_by_fold: dict) -> dict:
     return found
 
 
-def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, progress) -> dict:
-    """Grad-CAM panels, one figure per column; returns how many peaks fell on an annotated tube."""
+def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, progress, method: str) -> dict:
+    """Heat-map panels (``method``: ``gradcam.make_cam``), one figure per column; returns how many peaks
+    fell on an annotated tube."""
     from ranzcr_tf.report import panels
-    from ranzcr_tf.report.gradcam import GradCam, peak_position, tube_mask
+    from ranzcr_tf.report.gradcam import make_cam, peak_position, tube_mask
     from ranzcr_tf.serve.modelio import load_fold_model
 
     heatmaps, tolerance = {}, {}
     by_fold: dict = {}
+    description = ""
     for label, category, row in picks:
         by_fold.setdefault(int(run.oof.loc[row, "fold"]), []).append((label, category, row))
     for fold, items in sorted(by_fold.items()):
-        cam = GradCam(load_fold_model(fold_spec(run, fold)))
+        spec = fold_spec(run, fold)
+        cam = make_cam(load_fold_model(spec), spec.cfg.model.backbone, method)
+        description = cam.description
         for label, category, row in items:
             study = studies[run.oof.loc[row, ID_COLUMN]]
-            # "On the tube": within half a feature-map cell of a line, the finest a last-stage heat map resolves.
+            # "On the tube": within half a feature-map cell of a line, the finest the heat map resolves.
             tolerance[(label, category)] = 0.5 * max(study.image.shape) / max(cam.feature_size)
             heatmaps[(label, category)] = cam.heatmaps(study.model_input[None], LABELS.index(label),
                                                        output_size=study.image.shape)[0]
@@ -255,10 +259,10 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
     summary = ""
     if on_tube["annotated"]:
         summary = (f"<p>Heat-map peak on an annotated line of the column's tube family (within half a cell of the "
-                   f"last stage's feature map, {min(tolerance.values()):.0f} stored pixels here): {on_tube['on']} of "
+                   f"feature map, {min(tolerance.values()):.0f} stored pixels here): {on_tube['on']} of "
                    f"{on_tube['annotated']} shown studies that have such a line.</p>")
     page.section("Where the model looks (Grad-CAM)",
-                 f"<p>Last convolutional stage (the backbone's output), per column, on validation studies: the most "
+                 f"<p>{html.escape(description)} (--cam), per column, on validation studies: the most "
                  f"confident true positive, the worst false positive and the worst false negative (threshold 0.5), "
                  f"{len(picks)} studies in all (--max-images). Left: the stored image with its annotation lines "
                  f"(ETT red, NGT green, CVC blue, Swan Ganz orange); right: the heat map, peak marked x.</p>",
@@ -305,7 +309,7 @@ def cv_section(page: html.Page, all_runs: list[RunData]) -> None:
 
 # ----------------------------------------------------------------------------------------------- the page
 def build_report(run_dirs: list[str], out_dir: str, *, tfrecords: str | None = None, max_images: int = 33,
-                 worst: int = 12, num_resamples: int = 1000, quiet: bool = False) -> str:
+                 worst: int = 12, num_resamples: int = 1000, quiet: bool = False, cam: str = "layercam") -> str:
     """Write ``out_dir/index.html`` (and ``summary.json``, the numbers) for ``run_dirs``; returns the page's
     path. Bad input (a missing run folder, a run without a finished fold, records that do not hold the
     run's studies) is a ``ValueError`` before anything is written."""
@@ -313,6 +317,10 @@ def build_report(run_dirs: list[str], out_dir: str, *, tfrecords: str | None = N
 
     if max_images < 0 or worst < 0 or num_resamples < 10:
         raise ValueError("--max-images and --worst must be >= 0 and --bootstrap >= 10")
+    from ranzcr_tf.report.gradcam import CAM_METHODS
+
+    if cam not in CAM_METHODS:
+        raise ValueError(f"--cam {cam!r}: expected one of {', '.join(CAM_METHODS)}")
     all_runs = [read_run(path) for path in run_dirs]
     run = all_runs[0]
     records_dir, note = run_records(run, tfrecords)
@@ -335,7 +343,7 @@ def build_report(run_dirs: list[str], out_dir: str, *, tfrecords: str | None = N
         training_section(page, run)
         progress.update(1)
         numbers = column_section(page, run, num_resamples, progress)
-        on_tube = gradcam_section(page, run, picks, studies, progress) if records_dir else None
+        on_tube = gradcam_section(page, run, picks, studies, progress, cam) if records_dir else None
         if not records_dir:
             page.section("Where the model looks (Grad-CAM)", f"<p>{html.escape(note)}</p>")
         worst_section(page, run, worst_list, studies)

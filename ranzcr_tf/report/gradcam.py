@@ -1,13 +1,19 @@
-"""Grad-CAM for the RANZCR classifier: where in the film the model looks for one column.
+"""Grad-CAM and LayerCAM for the RANZCR classifier: where in the film the model looks for one column.
 
     cam = GradCam(model)                              # a model of ranzcr_tf.model.build (backbone + head)
     maps = cam.heatmaps(images, column=2)             # (batch, H, W) float32 in [0, 1], at the input size
+    cam = make_cam(model, "compact_cnn")              # the report's: LayerCAM on the stride-4 stage
 
 Grad-CAM (Selvaraju et al. 2017) on the last convolutional stage, i.e. the backbone's output feature map
 ``A`` (batch, h, w, k): the gradient of the column's score (the logit, before any sigmoid) with respect
 to ``A``, averaged over positions, weighs the k feature maps; their weighted sum through a ReLU,
 bilinearly upsampled to the image and divided by its maximum, is the heat map. With the ``avg``
 pooling and the single Dense head this equals the original CAM exactly.
+
+A last-stage map is as coarse as that stage (4 x 4 cells of 32 stored px for a 128 px compact_cnn),
+so the report's default (``make_cam``) is LayerCAM (Jiang et al. 2021) on the stride-4 stage: each
+position's features weighted by its own positive gradient, which stays specific to the column at
+early stages and puts the peak on the tube itself.
 
 The maths is ``keras.ops``; only the one gradient is backend code (``tf.GradientTape`` on TensorFlow,
 ``jax.grad`` on JAX), because Keras 3 has no backend-neutral gradient. Both are tested.
@@ -39,15 +45,46 @@ def _score_tensor(model: keras.Model):
 
 
 class GradCam:
-    """Splits ``model`` at its backbone's output into a feature model and a head model (sharing the
-    weights) and computes Grad-CAM heat maps of any output column."""
+    """Splits ``model`` at a feature map of its backbone into a feature model and a score model (sharing
+    the weights) and computes Grad-CAM heat maps of any output column.
 
-    def __init__(self, model: keras.Model):
-        features = compat.called_output(get_backbone(model))
-        self.features_model = keras.Model(model.inputs, features, name="gradcam_features")
-        self.head_model = keras.Model(features, _score_tensor(model), name="gradcam_head")
+    ``stage=None`` takes the backbone's output (the last stage); ``stage=k`` the k-th of the backbone's
+    registered feature stages (``backbones.stage_outputs``: strides 4, 8, 16), which needs ``backbone``,
+    the registry name (``model.backbone`` of the run's config). ``weighting="mean"`` is Grad-CAM (one
+    weight per feature map, its mean gradient); ``"elementwise"`` is LayerCAM (Jiang et al. 2021: each
+    position weighted by its own positive gradient), the variant that stays class-specific on the finer,
+    earlier stages, where Grad-CAM's one weight per map spreads over every edge the map responds to.
+    """
+
+    def __init__(self, model: keras.Model, stage: int | None = None, backbone: str | None = None,
+                 weighting: str = "mean"):
+        if weighting not in ("mean", "elementwise"):
+            raise ValueError(f"weighting {weighting!r}: expected 'mean' (Grad-CAM) or 'elementwise' (LayerCAM)")
+        self.weighting = weighting
+        inner = get_backbone(model)
+        features = compat.called_output(inner)
+        head = keras.Model(features, _score_tensor(model), name="gradcam_head")
+        if stage is None:
+            self.features_model, self.head_model = keras.Model(model.inputs, features, name="gradcam_features"), head
+        else:
+            if backbone is None:
+                raise ValueError("GradCam(stage=...) needs backbone=<the run's model.backbone> to find its stages")
+            from ranzcr_tf.model.backbones import stage_outputs
+
+            tensor = stage_outputs(inner, backbone)[stage]
+            to_backbone = keras.Model(model.inputs, compat.called_input(inner), name="gradcam_stem")
+            to_stage = keras.Model(inner.inputs[0], tensor, name="gradcam_stage")
+            rest = keras.Model(tensor, inner.outputs[0], name="gradcam_rest")
+            self.features_model = lambda images, training=False: to_stage(to_backbone(images, training=training),
+                                                                          training=training)
+            self.head_model = lambda a, training=False: head(rest(a, training=training), training=training)
+            features = tensor
         self.input_size = tuple(model.inputs[0].shape[1:3])
         self.feature_size = tuple(features.shape[1:3])  # the heat map's own resolution, before upsampling
+        name = "Grad-CAM" if weighting == "mean" else "LayerCAM"
+        stride = self.input_size[0] // self.feature_size[0]
+        where = "the last stage (the backbone's output)" if stage is None else f"the backbone's stride-{stride} stage"
+        self.description = f"{name} on {where}: a {self.feature_size[0]} x {self.feature_size[1]} map, stride {stride}"
 
     def _gradient(self, features, column: int):
         """d(sum over the batch of the column's score) / d(features); the one backend-specific step."""
@@ -71,13 +108,34 @@ class GradCam:
         position raises the score."""
         features = self.features_model(ops.convert_to_tensor(images), training=False)
         gradient = self._gradient(features, column)
-        weights = ops.mean(ops.cast(gradient, "float32"), axis=(1, 2))  # (batch, k): one weight per feature map
-        cam = ops.relu(ops.einsum("bhwk,bk->bhw", ops.cast(features, "float32"), weights))
+        gradient, features = ops.cast(gradient, "float32"), ops.cast(features, "float32")
+        if self.weighting == "mean":
+            weights = ops.mean(gradient, axis=(1, 2))  # (batch, k): one weight per feature map
+            cam = ops.relu(ops.einsum("bhwk,bk->bhw", features, weights))
+        else:
+            cam = ops.relu(ops.sum(ops.relu(gradient) * features, axis=-1))
         size = tuple(output_size or self.input_size)
         cam = ops.image.resize(cam[..., None], size, interpolation="bilinear")[..., 0]
         peak = ops.max(cam, axis=(1, 2), keepdims=True)
         cam = ops.where(peak > 0, cam / ops.maximum(peak, 1e-12), ops.zeros_like(cam))
         return np.asarray(ops.convert_to_numpy(cam), dtype=np.float32)
+
+
+CAM_METHODS = ("layercam", "gradcam")
+
+
+def make_cam(model: keras.Model, backbone: str, method: str = "layercam") -> GradCam:
+    """The run report's heat maps. ``layercam``: LayerCAM on the backbone's finest registered stage
+    (stride 4), whose peaks land within a couple of stored pixels of the tube (``tests/test_report.py``);
+    for a backbone that registers no stages, Grad-CAM on the last stage. ``gradcam``: Grad-CAM on the
+    last stage, the original method, as coarse as that stage (stride 32)."""
+    from ranzcr_tf.model.backbones import get_spec
+
+    if method not in CAM_METHODS:
+        raise ValueError(f"--cam {method!r}: expected one of {', '.join(CAM_METHODS)}")
+    if method == "layercam" and get_spec(backbone).feature_stages:
+        return GradCam(model, stage=0, backbone=backbone, weighting="elementwise")
+    return GradCam(model)
 
 
 def peak_position(heatmap: np.ndarray) -> tuple[int, int]:

@@ -1,0 +1,132 @@
+"""What soft labels, unlabeled images and blend weights are worth, measured on one synthetic style.
+
+    python -m ranzcr_tf.synth.generate --style hard --out m/data --n-train 600 --n-test 200 --seed 0 --scale 0.3
+    python -m ranzcr_tf.synth.generate --style hard --out m/unl --n-train 2000 --n-test 1 --seed 1 --scale 0.3
+    python benchmarks/soft_labels.py --data m/data --unlabeled m/unl/train --out-dir m/bench
+
+Every step is the command a user runs (printed as it starts), on the same records and the same epochs:
+
+1. two teachers, ``A`` (the preset) and ``B`` (another seed, ``--b-set``), each trained on all folds;
+2. **(a) distillation**: ``pseudo oof A B`` labels every train study with the out-of-fold mean of the
+   two teachers; student ``S`` trains fold 0 on ``alpha*soft + (1-alpha)*hard`` (``--alpha``);
+   compared with teacher ``A``'s fold 0, the single model it replaces;
+3. **(b) unlabeled images**: ``pseudo predict`` labels the unlabeled folder with ``A``'s fold-0 model
+   (the first model, trained on the same 480 studies); ``U`` trains fold 0 on the labelled studies'
+   hard labels (``soft_alpha 0``) plus those soft-labelled images (``extra_fraction``), compared with ``A``;
+4. **(c) blend**: ``serve.blend A B`` prints single, equal-mean and nested blended CV.
+
+Each fold-0 model is also scored on the held-out test set (``kaggle_kernel.py`` on that fold, then
+``report.score`` against ``test_labels.csv``): the figure that no soft label can leak into (a student's
+fold-0 validation can, indirectly: the soft label of a fold-1 study comes from the fold-1 model, which
+trained on fold 0). Rerunning skips every step whose output exists. Results: ``OUT/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(argv: list[str], done: str, log: str | None = None) -> None:
+    """Run one project command unless its output ``done`` exists already (resume)."""
+    if os.path.exists(done):
+        return
+    print(f"$ python {' '.join(argv)}", flush=True)
+    start = time.time()
+    with open(log, "w") if log else open(os.devnull, "w") as sink:
+        subprocess.run([sys.executable, *argv], check=True, stdout=sink if log else None, stderr=subprocess.STDOUT)
+    print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def script(name: str) -> str:
+    return os.path.join(ROOT, name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="Kaggle-layout folder with test_labels.csv (synth.generate)")
+    parser.add_argument("--unlabeled", required=True, help="folder of unlabeled images (e.g. another set's train/)")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "cpu_demo.yaml"))
+    parser.add_argument("--set", action="append", default=[], help="extra override for every training (repeatable)")
+    parser.add_argument("--b-set", action="append", default=["train.seed=7"],
+                        help="what makes teacher B differ from A (repeatable; default train.seed=7)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="train.soft_alpha of the student (default 0.5)")
+    parser.add_argument("--extra-fraction", type=float, default=0.5, help="train.extra_fraction of U (default 0.5)")
+    args = parser.parse_args(argv)
+    out = args.out_dir
+    os.makedirs(out, exist_ok=True)
+    records, extra = os.path.join(out, "records"), os.path.join(out, "extra_records")
+    base = ["--config", args.config] + [item for value in args.set for item in ("--set", value)]
+    run([script("make_tfrecords.py"), *base, "--data-dir", args.data, "--out-dir", records],
+        os.path.join(records, "manifest.json"))
+    run([script("make_tfrecords.py"), *base, "--unlabeled", args.unlabeled, "--out-dir", extra],
+        os.path.join(extra, "manifest.json"))
+
+    runs = os.path.join(out, "runs")
+    variants = {"A": [], "B": [item for value in args.b_set for item in ("--set", value)]}
+    for name, overrides in variants.items():
+        run([script("train_tpu.py"), *base, *overrides, "--tfrecords", records, "--fold", "all",
+             "--out-dir", os.path.join(runs, name), "--quiet"],
+            os.path.join(runs, name, "fold4", "best.json"), os.path.join(out, f"train_{name}.log"))
+
+    soft_train = os.path.join(out, "soft_train.csv")
+    run(["-m", "ranzcr_tf.serve.pseudo", "oof", os.path.join(runs, "A"), os.path.join(runs, "B"),
+         "--tfrecords", records, "--out", soft_train], soft_train)
+    run([script("train_tpu.py"), *base, "--tfrecords", records, "--fold", "0", "--out-dir", os.path.join(runs, "S"),
+         "--set", f"train.soft_labels={soft_train}", "--set", f"train.soft_alpha={args.alpha}", "--quiet"],
+        os.path.join(runs, "S", "fold0", "best.json"), os.path.join(out, "train_S.log"))
+
+    soft_extra, soft_all = os.path.join(out, "soft_extra.csv"), os.path.join(out, "soft_all.csv")
+    run(["-m", "ranzcr_tf.serve.pseudo", "predict", "--models", os.path.join(runs, "A", "fold0"),
+         "--tfrecords", extra, "--split", "extra", "--out", soft_extra], soft_extra)
+    if not os.path.exists(soft_all):  # the labelled studies need rows too; at soft_alpha 0 they train on hard labels
+        pd.concat([pd.read_csv(soft_train), pd.read_csv(soft_extra)]).to_csv(soft_all + ".tmp", index=False)
+        os.replace(soft_all + ".tmp", soft_all)
+    run([script("train_tpu.py"), *base, "--tfrecords", records, "--fold", "0", "--out-dir", os.path.join(runs, "U"),
+         "--set", f"train.soft_labels={soft_all}", "--set", "train.soft_alpha=0",
+         "--set", f"train.extra_records={extra}", "--set", f"train.extra_fraction={args.extra_fraction}", "--quiet"],
+        os.path.join(runs, "U", "fold0", "best.json"), os.path.join(out, "train_U.log"))
+
+    blend_json = os.path.join(out, "blend.json")
+    run(["-m", "ranzcr_tf.serve.blend", os.path.join(runs, "A"), os.path.join(runs, "B"), "--out", blend_json],
+        blend_json, os.path.join(out, "blend.log"))
+
+    rows = []
+    for name, what in (("A", "teacher A, fold 0 (plain)"), ("B", "teacher B, fold 0"),
+                       ("S", f"(a) student on A+B OOF soft labels, alpha {args.alpha}"),
+                       ("U", f"(b) A's data + {_count(extra)} unlabeled soft-labelled by A fold 0")):
+        fold = os.path.join(runs, name, "fold0")
+        submission = os.path.join(out, f"test_{name}.csv")
+        run([script("kaggle_kernel.py"), "--data-dir", args.data, "--models", fold, "--tfrecords", records,
+             "--out", submission], submission, os.path.join(out, f"kernel_{name}.log"))
+        score = subprocess.run([sys.executable, "-m", "ranzcr_tf.report.score", submission,
+                                os.path.join(args.data, "test_labels.csv")], check=True, capture_output=True, text=True)
+        test_auc = float(score.stdout.strip().splitlines()[-1].split()[2])
+        with open(os.path.join(fold, "best.json")) as handle:
+            rows.append((what, json.load(handle)["val_auc"], test_auc))
+    with open(os.path.join(out, "blend.log")) as handle:
+        blend_text = handle.read()
+    table = ["| model | fold-0 validation AUC | test AUC |", "|---|---|---|"]
+    table += [f"| {what} | {val:.4f} | {test:.4f} |" for what, val, test in rows]
+    text = "\n".join(table) + "\n\n(c) blend of A and B (serve.blend):\n\n```\n" + blend_text.strip() + "\n```\n"
+    with open(os.path.join(out, "results.md"), "w") as handle:
+        handle.write(text)
+    print(text)
+
+
+def _count(extra: str) -> int:
+    with open(os.path.join(extra, "manifest.json")) as handle:
+        return json.load(handle)["num_extra"]
+
+
+if __name__ == "__main__":
+    main()
