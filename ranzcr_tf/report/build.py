@@ -219,13 +219,13 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
 
     heatmaps, tolerance = {}, {}
     by_fold: dict = {}
-    description = ""
+    description, method_name = "", "Grad-CAM"
     for label, category, row in picks:
         by_fold.setdefault(int(run.oof.loc[row, "fold"]), []).append((label, category, row))
     for fold, items in sorted(by_fold.items()):
         spec = fold_spec(run, fold)
         cam = make_cam(load_fold_model(spec), spec.cfg.model.backbone, method)
-        description = cam.description
+        description, method_name = cam.description, cam.name
         for label, category, row in items:
             study = studies[run.oof.loc[row, ID_COLUMN]]
             # "On the tube": within half a feature-map cell of a line, the finest the heat map resolves.
@@ -253,7 +253,8 @@ def gradcam_section(page: html.Page, run: RunData, picks: list, studies: dict, p
             short_id = study.study_id if len(study.study_id) <= 28 else "..." + study.study_id[-25:]
             rows.append((f"{category}\np = {probability:.3f}, fold {study.fold}, {short_id}", study, heatmap, hit))
         if rows:
-            figures.append(html.image(panels.gradcam_figure(label, rows), f"Grad-CAM of {label}"))
+            figures.append(html.image(panels.gradcam_figure(label, rows, method_name),
+                                      f"Grad-CAM of {label}"))
     if not picks:
         figures.append("<p>No study qualified (or --max-images 0).</p>")
     summary = ""

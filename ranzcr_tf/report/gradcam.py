@@ -81,7 +81,7 @@ class GradCam:
             features = tensor
         self.input_size = tuple(model.inputs[0].shape[1:3])
         self.feature_size = tuple(features.shape[1:3])  # the heat map's own resolution, before upsampling
-        name = "Grad-CAM" if weighting == "mean" else "LayerCAM"
+        self.name = name = "Grad-CAM" if weighting == "mean" else "LayerCAM"
         stride = self.input_size[0] // self.feature_size[0]
         where = "the last stage (the backbone's output)" if stage is None else f"the backbone's stride-{stride} stage"
         self.description = f"{name} on {where}: a {self.feature_size[0]} x {self.feature_size[1]} map, stride {stride}"

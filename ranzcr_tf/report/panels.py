@@ -28,8 +28,8 @@ def draw_lines(ax, study) -> None:
             ax.plot(points[:, 0], points[:, 1], color=FAMILY_COLOURS[family], linewidth=1.2, label=LABELS[label_index])
 
 
-def gradcam_figure(column: str, rows: list) -> bytes:
-    """One row per study: the stored image with its annotation lines, and the Grad-CAM heat map over it
+def gradcam_figure(column: str, rows: list, method: str = "Grad-CAM") -> bytes:
+    """One row per study: the stored image with its annotation lines, and the heat map (``method``) over it
     with the peak marked; ``rows`` are ``(title, study, heatmap, on_tube)`` where ``on_tube`` says
     whether the peak lies on an annotated line of the column's family (``None``: no such line)."""
     plt = _plt()
@@ -44,9 +44,9 @@ def gradcam_figure(column: str, rows: list) -> bytes:
             peak_row, peak_column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
             right.plot([peak_column], [peak_row], marker="x", color="white", markersize=9, markeredgewidth=2)
             where = "" if on_tube is None else ("; peak on the tube" if on_tube else "; peak off the tube")
-        else:  # every position lowers the score: Grad-CAM has nothing to show
+        else:  # every position lowers the score: the heat map has nothing to show
             where = ": empty (no position raises this column)"
-        right.set_title(f"Grad-CAM{where}", fontsize=8)
+        right.set_title(f"{method}{where}", fontsize=8)
         for ax in (left, right):
             ax.set_axis_off()
     fig.suptitle(column, fontsize=10)
