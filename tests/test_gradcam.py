@@ -67,13 +67,25 @@ def test_layercam_weighs_each_position_by_its_own_gradient():
         GradCam(brightness_model(), weighting="max")
 
 
-def compact_model():
-    """The demo preset's compact_cnn classifier at SIZE px, seeded (its weights are overwritten where it matters)."""
+def compact_model(backbone: str = "compact_cnn"):
+    """The demo preset's classifier (``backbone``, no weights) at SIZE px, seeded."""
     from ranzcr_tf.config import load_config
     from ranzcr_tf.model.build import build_model
 
     keras.utils.set_random_seed(0)
-    return build_model(load_config(os.path.join(ROOT, "configs", "cpu_demo.yaml")).model, SIZE)
+    cfg = load_config(os.path.join(ROOT, "configs", "cpu_demo.yaml"),
+                      [f"model.backbone={backbone}", "model.weights=none"])
+    return build_model(cfg.model, SIZE)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_b0", "efficientnetv2_b0", "line_cnn"])
+def test_the_report_heat_map_splits_every_staged_backbone_without_changing_its_scores(backbone):
+    model = compact_model(backbone)
+    images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 1)).astype("float32")
+    last, cam = GradCam(model), make_cam(model, backbone)
+    assert cam.feature_size == (SIZE // 4, SIZE // 4), cam.description
+    np.testing.assert_allclose(np.asarray(cam.head_model(cam.features_model(images))),
+                               np.asarray(last.head_model(last.features_model(images))), rtol=1e-5, atol=1e-5)
 
 
 def test_an_inner_stage_split_computes_the_same_scores_on_a_finer_grid():
