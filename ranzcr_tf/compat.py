@@ -156,18 +156,22 @@ def optimizer_steps(optimizer) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- graph
+def _first_call(layer, side: str):
+    nodes = layer._inbound_nodes
+    if not nodes:
+        raise ValueError(f"layer {layer.name!r} is not called inside a functional model")
+    tensors = getattr(nodes[0], f"{side}_tensors")
+    if len(tensors) != 1:
+        raise ValueError(f"layer {layer.name!r} has {len(tensors)} {side}s; expected one")
+    return tensors[0]
+
+
 def called_input(layer):
     """The input tensor of ``layer``'s (first) call inside the functional model that contains it: the outer
     graph's tensor fed to a nested backbone (private ``Node.input_tensors``, as :func:`called_output`).
     Grad-CAM at an inner stage of the backbone runs the outer model up to here, then the backbone's own graph.
     """
-    nodes = layer._inbound_nodes
-    if not nodes:
-        raise ValueError(f"layer {layer.name!r} is not called inside a functional model")
-    inputs = nodes[0].input_tensors
-    if len(inputs) != 1:
-        raise ValueError(f"layer {layer.name!r} has {len(inputs)} inputs; expected one")
-    return inputs[0]
+    return _first_call(layer, "input")
 
 
 def called_output(layer):
@@ -179,10 +183,4 @@ def called_output(layer):
     (``report.gradcam``) needs the backbone's feature map as a tensor of the outer graph, to split the
     classifier into features and head without rebuilding either.
     """
-    nodes = layer._inbound_nodes
-    if not nodes:
-        raise ValueError(f"layer {layer.name!r} is not called inside a functional model")
-    outputs = nodes[0].output_tensors
-    if len(outputs) != 1:
-        raise ValueError(f"layer {layer.name!r} has {len(outputs)} outputs; expected one")
-    return outputs[0]
+    return _first_call(layer, "output")
