@@ -23,8 +23,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PREPROCESS = PreprocessConfig(image_size=32, interpolation="linear")  # what write_tiny_records' manifest says
 
 
+def dicom_radiograph(path) -> None:
+    """A 12-bit MONOCHROME1 radiograph with a window: the 20 x 20 square is stored low, so it displays bright."""
+    from ranzcr_tf.synth.ich import ct_slice, dicom_bytes
+
+    stored = np.full((80, 70), 3000, np.uint16)
+    stored[20:40, 30:50] = 500
+    ds = ct_slice(stored, sop="1.2.826.0.1.3680043.8.498.1", patient="p0", study="1.2.3", series="1.2.3.4", z=0.0,
+                  slope=None, intercept=None, bits_stored=12, signed=False, photometric="MONOCHROME1",
+                  window=(1750.0, 3000.0))
+    with open(path, "wb") as fh:
+        fh.write(dicom_bytes(ds))
+
+
 def mixed_folder(folder, rng, size_range=(60, 90)) -> dict:
-    """JPEGs, an 8-bit and a 16-bit PNG, a corrupt JPEG, a DICOM and a text file."""
+    """JPEGs, an 8-bit and a 16-bit PNG, a DICOM radiograph, a corrupt JPEG, a damaged DICOM and a text file."""
     os.makedirs(folder, exist_ok=True)
     shape = lambda: tuple(int(v) for v in rng.integers(*size_range, size=2))  # noqa: E731
     cv2.imwrite(os.path.join(folder, "img_a.jpg"), phantom(rng, *shape()))
@@ -38,7 +51,8 @@ def mixed_folder(folder, rng, size_range=(60, 90)) -> dict:
         fh.write(b"\0" * 128 + b"DICM")
     with open(os.path.join(folder, "notes.txt"), "w") as fh:
         fh.write("hello")
-    return {"good": ["img_a", "img_b", "img_c", "img_d16"], "bad": ["broken", "scan", "notes"]}
+    dicom_radiograph(os.path.join(folder, "img_e_dx.dcm"))
+    return {"good": ["img_a", "img_b", "img_c", "img_d16", "img_e_dx"], "bad": ["broken", "scan", "notes"]}
 
 
 def test_unlabeled_folder_keeps_every_readable_file_and_names_the_rest(tmp_path):
@@ -48,15 +62,15 @@ def test_unlabeled_folder_keeps_every_readable_file_and_names_the_rest(tmp_path)
     result = run_cli(["--unlabeled", str(tmp_path / "images"), "--out-dir", out, "--image-size", "32",
                       "--interpolation", "linear", "--shard-records", "3", "--workers", "2", "--quiet"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrote 4 unlabeled records in 2 shards" in result.stdout
+    assert "wrote 5 unlabeled records in 2 shards" in result.stdout
     stored = read_records(out, records.EXTRA_DIR)
     assert sorted(r[ID_COLUMN] for r in stored) == files["good"]
     assert all(r[records.HAS_TARGET] == 0 and r[records.FOLD] == -1 and not r[records.TARGET].any() for r in stored)
     manifest = json.load(open(os.path.join(out, records.MANIFEST)))
-    assert manifest["num_extra"] == 4 and manifest["num_folds"] == 0 and manifest["num_train"] == 0
+    assert manifest["num_extra"] == 5 and manifest["num_folds"] == 0 and manifest["num_train"] == 0
     reasons = {entry["id"]: entry["reason"] for entry in manifest["skipped"]}
     assert sorted(reasons) == sorted(files["bad"])
-    assert "DICOM is not supported yet" in reasons["scan"] and "not an image file" in reasons["notes"]
+    assert "pixel data cannot be decoded" in reasons["scan"] and "not an image file" in reasons["notes"]
     for name in ("broken.jpg", "scan.dcm", "notes.txt"):
         assert name in result.stderr  # each skipped file named as it is skipped
     # The 16-bit PNG went through the converter's own preprocessing (its full range, not truncated to 8 bits).
@@ -65,6 +79,9 @@ def test_unlabeled_folder_keeps_every_readable_file_and_names_the_rest(tmp_path)
                                                                                             interpolation="linear"))[0]
     assert d16[records.IMAGE] == expected
     assert records.decode_image_numpy(expected).std() > 5
+    # The DICOM radiograph is read as displayed: MONOCHROME1's low stored square is the bright one.
+    dx = records.decode_image_numpy(next(r for r in stored if r[ID_COLUMN] == "img_e_dx")[records.IMAGE])
+    assert dx.shape[:2] == (32, 32) and dx[10:14, 16:20].mean() > dx[:5, :5].mean() + 100
     # Same settings, same bytes: the unlabeled path is the converter's preprocessing.
     again = run_cli(["--unlabeled", str(tmp_path / "images"), "--out-dir", out, "--image-size", "32"])
     assert again.returncode == 2 and "already holds converted records" in again.stderr.strip().splitlines()[-1]

@@ -162,6 +162,26 @@ def stored_to_hu(stored: np.ndarray, ds) -> np.ndarray:
     return (pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
 
 
+def read_radiograph(path: str) -> np.ndarray:
+    """A DICOM radiograph (CR/DX, e.g. VinBigData's) as it is displayed, float32 2-D: pixel data -> the
+    modality LUT (rescale) -> the file's VOI LUT or first window (pydicom's ``apply_voi_lut``, as the
+    VinBigData kernels read them) -> MONOCHROME1 flipped so that bone is bright, as in the competition JPEGs.
+    The converter then scales it to 8 bits like any 16-bit PNG. A damaged file is a :class:`DicomError`."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = _read(path)
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # a missing decoder plugin or damaged pixel data
+        raise DicomError(path, f"pixel data cannot be decoded ({type(err).__name__}: {err})") from None
+    if pixels.ndim != 2:
+        raise DicomError(path, f"pixel data of shape {pixels.shape}: expected one grayscale frame")
+    image = np.asarray(apply_voi_lut(apply_modality_lut(pixels, ds), ds), dtype=np.float32)
+    if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
+        image = image.max() + image.min() - image
+    return image
+
+
 def read_hu(path: str) -> tuple[np.ndarray, SliceMeta]:
     """One DICOM slice as float32 HU ``(H, W)`` and its :class:`SliceMeta` (module docstring for the steps).
 

@@ -234,6 +234,10 @@ def preprocess_bytes(data: bytes, settings: PreprocessConfig, name: str = "image
     Raises :class:`BadImageError` for undecodable input.
     """
     gray, info = decode_source(data, settings, name)
+    return _store(gray, info, settings)
+
+
+def _store(gray: np.ndarray, info: dict, settings: PreprocessConfig) -> tuple[bytes, dict]:
     size = int(settings.image_size)
     info["upscaled"] = min(info["orig_height"], info["orig_width"]) < size
     notes = []
@@ -258,3 +262,19 @@ def preprocess_file(path: str, settings: PreprocessConfig) -> tuple[bytes, dict]
     except OSError as exc:
         raise BadImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return preprocess_bytes(data, settings, name=os.fspath(path))
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def preprocess_dicom_file(path: str, settings: PreprocessConfig) -> tuple[bytes, dict]:
+    """:func:`preprocess_bytes` for a DICOM radiograph (``prep.dicom.read_radiograph``, then the same
+    8-bit scaling as a 16-bit PNG); a damaged file is a :class:`BadImageError`."""
+    from ranzcr_tf.prep.dicom import DicomError, read_radiograph
+
+    try:
+        gray = _to_gray_uint8(read_radiograph(path))
+    except DicomError as exc:
+        raise BadImageError(str(exc)) from None
+    return _store(gray, {"decode_scale": 1.0, "format": "dicom", "orig_height": int(gray.shape[0]),
+                         "orig_width": int(gray.shape[1])}, settings)

@@ -2,17 +2,17 @@
 
     manifest = convert_unlabeled("nih_images/", "extra_records/", PreprocessConfig(image_size=768))
 
-Every image (``.jpg``/``.jpeg``/``.png``, 8- or 16-bit) goes through the converter's own preprocessing
-(``preprocess.preprocess_file`` on the converter's worker threads) and is written by the one shard
+Every image (``.jpg``/``.jpeg``/``.png``, 8- or 16-bit, and DICOM radiographs ``.dcm``/``.dicom``, read as
+displayed by ``prep.dicom.read_radiograph``: VOI LUT or window, MONOCHROME1 flipped) goes through the
+converter's own preprocessing (``preprocess.preprocess_file`` on the converter's worker threads) and is written by the one shard
 writer into ``X/extra/extra-{i:03d}-{count}.tfrec``: ``has_target = 0``, ``fold = -1``, the study ID is
 the file name without its extension. No folds, no labels: these records get soft labels from
 ``python -m ranzcr_tf.serve.pseudo predict --split extra`` and are mixed into training with
 ``train.extra_records`` (never into validation or OOF). ``X/manifest.json`` records the preprocessing
 (the kernel's and training's size checks read it), ``num_extra`` and every skipped file with its reason.
 
-Unreadable files are skipped and listed, as the converter does. DICOM files are listed as skipped too:
-``prep.dicom`` reads CT slices into Hounsfield units for ``task.reader: dicom`` (RSNA ICH), not a radiograph's
-VOI LUT and display windowing, so convert unlabeled DICOM radiographs to 16-bit PNG first (e.g. with pydicom).
+Unreadable files are skipped and listed, as the converter does; so are DICOM files where pydicom (the
+``dicom`` extra) is not installed.
 """
 
 from __future__ import annotations
@@ -23,13 +23,21 @@ import sys
 from ranzcr_tf import io_utils
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.prep import records
+from ranzcr_tf.prep.preprocess import DICOM_SUFFIXES
 from ranzcr_tf.prep.shard_plan import preprocess_settings
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
 from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 DEFAULT_SHARD_RECORDS = 1024
+
+
+def _has_pydicom() -> bool:
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def list_images(source_dir: str) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -43,14 +51,15 @@ def list_images(source_dir: str) -> tuple[list[tuple[str, str]], list[dict]]:
             continue
         stem, suffix = os.path.splitext(name)
         suffix = suffix.lower()
-        if suffix in DICOM_SUFFIXES:
+        if suffix in DICOM_SUFFIXES and not _has_pydicom():
+            from ranzcr_tf.prep.dicom import INSTALL_HINT
+
             skipped.append({"split": records.EXTRA_DIR, "id": stem, "path": path,
-                            "reason": "DICOM is not supported yet for unlabeled radiographs (prep.dicom reads CT "
-                                      "slices, not a radiograph's VOI LUT): convert it to a 16-bit PNG first"})
+                            "reason": f"a DICOM file, and pydicom is not installed: {INSTALL_HINT}"})
             continue
-        if suffix not in IMAGE_SUFFIXES:
+        if suffix not in IMAGE_SUFFIXES + DICOM_SUFFIXES:
             skipped.append({"split": records.EXTRA_DIR, "id": stem, "path": path,
-                            "reason": f"not an image file ({', '.join(IMAGE_SUFFIXES)})"})
+                            "reason": f"not an image file ({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})"})
             continue
         if stem in seen:
             raise ValueError(f"--unlabeled {source_dir}: {seen[stem]} and {name} would both be study {stem!r}; "
@@ -73,7 +82,7 @@ def convert_unlabeled(source_dir: str, out_dir: str, settings: PreprocessConfig,
     for entry in skipped:
         print(f"skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if not images:
-        raise ValueError(f"--unlabeled {source_dir} holds no {'/'.join(IMAGE_SUFFIXES)} file")
+        raise ValueError(f"--unlabeled {source_dir} holds no {'/'.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)} file")
     per_shard = shard_records or DEFAULT_SHARD_RECORDS
     workers = workers or available_cores()
     tasks = [(path, settings) for _, path in images]

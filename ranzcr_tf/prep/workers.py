@@ -25,14 +25,15 @@ from contextlib import contextmanager
 
 import cv2
 
-from ranzcr_tf.prep.preprocess import BadImageError, preprocess_file
+from ranzcr_tf.prep.preprocess import DICOM_SUFFIXES, BadImageError, preprocess_dicom_file, preprocess_file
 
 
 def process_image(task: tuple) -> tuple:
     """One ``(path, PreprocessConfig)`` -> ``('ok', jpeg_bytes, info)`` or ``('bad', reason, None)``."""
     path, settings = task
+    read = preprocess_dicom_file if path.lower().endswith(DICOM_SUFFIXES) else preprocess_file
     try:
-        data, info = preprocess_file(path, settings)
+        data, info = read(path, settings)
     except BadImageError as exc:
         reason = str(exc)
         return "bad", reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason, None
