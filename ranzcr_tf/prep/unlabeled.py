@@ -17,6 +17,7 @@ Unreadable files are skipped and listed, as the converter does; so are DICOM fil
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -32,14 +33,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_SHARD_RECORDS = 1024
 
 
-def _has_pydicom() -> bool:
-    try:
-        import pydicom  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def list_images(source_dir: str) -> tuple[list[tuple[str, str]], list[dict]]:
     """``([(study ID, path)], skipped)``: image files by name, and the other files with why they are left out."""
     if not os.path.isdir(source_dir):
@@ -51,7 +44,7 @@ def list_images(source_dir: str) -> tuple[list[tuple[str, str]], list[dict]]:
             continue
         stem, suffix = os.path.splitext(name)
         suffix = suffix.lower()
-        if suffix in DICOM_SUFFIXES and not _has_pydicom():
+        if suffix in DICOM_SUFFIXES and importlib.util.find_spec("pydicom") is None:
             from ranzcr_tf.prep.dicom import INSTALL_HINT
 
             skipped.append({"split": records.EXTRA_DIR, "id": stem, "path": path,
