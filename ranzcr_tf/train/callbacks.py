@@ -180,21 +180,6 @@ class CheckpointWriteError(OSError):
     exit_code = 1  # the CLI prints the message as one line (``ranzcr_tf.cli``), without an internal-error hint
 
 
-def _release_failed_writer(exc: BaseException) -> None:
-    """Free what a failed write left open (an h5py file whose close failed on a full disk sits in the
-    traceback's frames) now, while HDF5 is alive and its close errors are silenced: left to interpreter
-    shutdown, that close printed h5py tracebacks after the one-line error and once crashed the process."""
-    import gc
-    import traceback
-
-    traceback.clear_frames(exc.__traceback__)
-    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
-
-
 def _write_then_rename(write, path: str, what: str, keeps: str) -> None:
     """``write(tmp)`` to a temporary sibling, then rename it over ``path``: a kill, a full disk or an I/O
     error mid-write leaves the previous file as it was (and no temporary file behind)."""
@@ -203,13 +188,12 @@ def _write_then_rename(write, path: str, what: str, keeps: str) -> None:
         write(tmp)
         io_utils.rename(tmp, path)
     except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
-        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-        _release_failed_writer(exc)
         try:
             if io_utils.exists(tmp):
                 io_utils.remove(tmp)
         except OSError:
             pass
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CheckpointWriteError(f"could not write {what} {path} ({reason}; disk full?): {keeps}; free space "
                                    f"and rerun the same command to resume") from exc
 
