@@ -106,4 +106,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from ranzcr_tf.train.callbacks import WRITE_FAILED
+
+    if WRITE_FAILED:  # see callbacks.WRITE_FAILED: skip the shutdown that would close the failed h5py file
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

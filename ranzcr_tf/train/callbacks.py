@@ -180,6 +180,12 @@ class CheckpointWriteError(OSError):
     exit_code = 1  # the CLI prints the message as one line (``ranzcr_tf.cli``), without an internal-error hint
 
 
+# Files whose checkpoint write failed in this process. h5py keeps the failed file open, and its close at interpreter
+# shutdown prints h5py tracebacks after the one-line error and can crash (SIGSEGV): train_tpu.py then ends the process
+# without that shutdown (os._exit, after flushing), once the error line is out.
+WRITE_FAILED: list = []
+
+
 def _write_then_rename(write, path: str, what: str, keeps: str) -> None:
     """``write(tmp)`` to a temporary sibling, then rename it over ``path``: a kill, a full disk or an I/O
     error mid-write leaves the previous file as it was (and no temporary file behind)."""
@@ -188,6 +194,7 @@ def _write_then_rename(write, path: str, what: str, keeps: str) -> None:
         write(tmp)
         io_utils.rename(tmp, path)
     except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
+        WRITE_FAILED.append(path)
         try:
             if io_utils.exists(tmp):
                 io_utils.remove(tmp)
