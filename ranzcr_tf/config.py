@@ -147,6 +147,7 @@ class AugmentConfig:
         _check(0 <= self.blur_sigma <= 10, "augment.blur_sigma", self.blur_sigma, "in [0, 10]")
 
 
+HEADS = ("single", "per_group", "ett_softmax")  # model.head choices (ranzcr_tf.model.build)
 POOLINGS = ("avg", "gem", "max", "avgmax")  # model.pooling choices (ranzcr_tf.model.build implements each)
 
 
@@ -164,7 +165,7 @@ class ModelConfig:
     pooling: str = "avg"
     gem_p: float = 3.0
     dropout_rate: float = 0.2
-    head: str = "single"  # single | per_group
+    head: str = "single"  # single | per_group | ett_softmax (ETT's three states exclusive: softmax with "no ETT")
     output: str = "logits"  # logits | probabilities (the loss matches)
     mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
 
@@ -174,7 +175,7 @@ class ModelConfig:
         _check(self.pooling in POOLINGS, "model.pooling", self.pooling, ", ".join(POOLINGS[:-1]) + " or " + POOLINGS[-1])
         _check(self.gem_p > 0, "model.gem_p", self.gem_p, "> 0")
         _check(0 <= self.dropout_rate < 1, "model.dropout_rate", self.dropout_rate, "in [0, 1)")
-        _check(self.head in ("single", "per_group"), "model.head", self.head, "single or per_group")
+        _check(self.head in HEADS, "model.head", self.head, _one_of(HEADS))
         _check(self.output in ("logits", "probabilities"), "model.output", self.output, "logits or probabilities")
         _check(self.mixed_precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
                "model.mixed_precision", self.mixed_precision, "auto, float32, mixed_float16 or mixed_bfloat16")
@@ -239,6 +240,8 @@ class TrainConfig:
     mask_line_width: float = 8.0  # aux_seg, teacher, student: drawn line width in stored pixels
     mask_max_lines: int = 8  # aux_seg, teacher, student: polylines per study kept (fixed shapes; the rest are dropped)
     mask_max_points: int = 256  # aux_seg, teacher, student: polyline points per study kept, all lines together
+    tip_loss_weight: float = 0.0  # aux_seg: + weight x tip heat-map loss (pipeline/tips.py); 0 = no tip head
+    tip_sigma: float = 8.0  # aux_seg: Gaussian sigma of the tip heat maps, in stored pixels
     teacher: str = ""  # student: the teacher's run folder (holds fold{k}/best.keras); 3stage sets it itself
     init_from: str = ""  # finetune: the run folder whose fold{k}/best.keras starts the weights (3stage: the student)
     distill_layer: str = ""  # student: backbone layer whose feature maps are compared ("" = the backbone's output)
@@ -273,6 +276,10 @@ class TrainConfig:
         _check(self.mask_line_width > 0, "train.mask_line_width", self.mask_line_width, "> 0 (stored pixels)")
         _check(self.mask_max_lines >= 1, "train.mask_max_lines", self.mask_max_lines, "an integer >= 1")
         _check(self.mask_max_points >= 2, "train.mask_max_points", self.mask_max_points, "an integer >= 2")
+        _check(self.tip_loss_weight >= 0, "train.tip_loss_weight", self.tip_loss_weight, ">= 0 (0 = off)")
+        _check(self.tip_loss_weight == 0 or self.recipe == "aux_seg", "train.tip_loss_weight", self.tip_loss_weight,
+               "0 unless train.recipe = aux_seg (the tip head sits on its decoder)")
+        _check(self.tip_sigma > 0, "train.tip_sigma", self.tip_sigma, "> 0 (stored pixels)")
         _check(0 <= self.soft_alpha <= 1, "train.soft_alpha", self.soft_alpha, "in [0, 1] (1: soft labels alone)")
         _check(0 < self.extra_fraction < 1, "train.extra_fraction", self.extra_fraction, "in (0, 1)")
         _check(not self.extra_records or bool(self.soft_labels), "train.extra_records", self.extra_records,
@@ -480,6 +487,8 @@ class Config:
             raise ValueError("config model.head = per_group needs task.groups (head name -> labels); "
                              "set model.head=single for a task without groups")
         if not task.is_ranzcr:
+            if self.model.head == "ett_softmax":
+                task.require_ranzcr("model.head = 'ett_softmax'")
             for key, value, default in (("train.recipe", self.train.recipe, "plain"),
                                         ("train.soft_labels", self.train.soft_labels, None),
                                         ("train.extra_records", self.train.extra_records, None)):

@@ -22,7 +22,7 @@ import keras
 from ranzcr_tf import labels
 from ranzcr_tf.config import ModelConfig
 from ranzcr_tf.model.backbones import BACKBONE_NAME, BACKBONES, build_backbone, get_spec, list_backbones  # noqa: F401
-from ranzcr_tf.model.layers import CastToComputeDtype, GeMPooling2D, RepeatChannels
+from ranzcr_tf.model.layers import CastToComputeDtype, ExclusiveGroupLogits, GeMPooling2D, RepeatChannels
 
 INPUT_NAME = "image"
 
@@ -40,6 +40,8 @@ def build_model(model_cfg: ModelConfig, image_size: int, num_classes: int = labe
     ``model_cfg.head``: ``"single"`` is one ``Dense(num_classes)``; ``"per_group"`` is one Dense per tube
     family of ``labels.GROUPS`` (ETT 3, NGT 4, CVC 3, Swan Ganz 1), concatenated in label order
     (needs ``num_classes == 11``); another task passes its own ``groups`` (``task.groups``: head name -> labels).
+    ``"ett_softmax"`` is ``single`` with the three ETT columns made exclusive (``layers.ExclusiveGroupLogits``:
+    their sigmoids are a softmax over no ETT, Abnormal, Borderline, Normal; RANZCR's 11 labels only).
     An input of more channels than an RGB backbone takes (DICOM windows x slices) is mixed down to its 3 by a
     learned 1x1 convolution (``channel_mix``).
     """
@@ -60,6 +62,8 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
     if model_cfg.head == "per_group" and sum(len(m) for m in groups.values()) != num_classes:
         raise ValueError(f"model.head = per_group needs num_classes = {sum(len(m) for m in groups.values())} "
                          f"(its groups' labels); got {num_classes}")
+    if model_cfg.head == "ett_softmax" and num_classes != labels.NUM_CLASSES:
+        raise ValueError(f"model.head = ett_softmax needs RANZCR's {labels.NUM_CLASSES} labels; got {num_classes}")
     image_size = backbone.input.shape[1]
 
     # float32 at the boundary: Keras converts a uint8 / bfloat16 batch to the Input's dtype exactly (0..255
@@ -93,6 +97,9 @@ def classifier_head(features, model_cfg: ModelConfig, num_classes: int = labels.
         x = keras.layers.Concatenate(axis=-1, dtype="float32", name="head_concat")(parts)
     else:
         x = keras.layers.Dense(num_classes, dtype="float32", name="head")(x)
+    if model_cfg.head == "ett_softmax":  # ETT's states exclusive: a softmax with "no ETT", one column per state
+        ett = [labels.LABELS.index(label) for label in labels.GROUPS["ETT"]]
+        x = ExclusiveGroupLogits(ett, dtype="float32", name="ett_softmax")(x)
     if model_cfg.output == "probabilities":
         return keras.layers.Activation("sigmoid", dtype="float32", name="probabilities")(x)
     return keras.layers.Activation("linear", dtype="float32", name="logits")(x)

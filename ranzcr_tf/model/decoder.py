@@ -37,8 +37,10 @@ def _conv_bn_act(x, filters: int, kernel: int, name: str):
     return keras.layers.Activation("swish", name=f"{name}_act")(x)
 
 
-def build_decoder(feature_shapes: list[tuple], width: int = 64, name: str = "mask_decoder") -> keras.Model:
-    """FPN-style decoder: features at strides 4, 8, 16 (shapes without batch) -> ``(S/4, S/4, 4)`` float32 logits."""
+def build_decoder(feature_shapes: list[tuple], width: int = 64, name: str = "mask_decoder",
+                  tips: bool = False) -> keras.Model:
+    """FPN-style decoder: features at strides 4, 8, 16 (shapes without batch) -> ``(S/4, S/4, 4)`` float32 logits;
+    ``tips``: a second 1x1 conv on the same features, ``[mask_logits, tip_logits]`` (per-family tip heat maps)."""
     if len(feature_shapes) != 3:
         raise ValueError(f"the decoder takes three encoder stages (strides 4, 8, 16), got {len(feature_shapes)}")
     inputs = [keras.Input(shape=tuple(shape), name=f"stride{4 << i}") for i, shape in enumerate(feature_shapes)]
@@ -50,6 +52,8 @@ def build_decoder(feature_shapes: list[tuple], width: int = 64, name: str = "mas
         x = _conv_bn_act(x, width, 3, name=f"smooth{4 << i}")
     # float32 logits under mixed precision: the mask loss is computed in float32.
     outputs = keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", name="mask_logits")(x)
+    if tips:
+        outputs = [outputs, keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", name="tip_logits")(x)]
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -75,6 +79,27 @@ class LineMaskLoss(keras.losses.Loss):
         return bce + dice
 
 
+class TipHeatmapLoss(keras.losses.Loss):
+    """Focal BCE of per-family tip heat-map logits against Gaussian targets, per study; mean weighted by ``has_mask``.
+
+    Per pixel ``|t - p|^2 x BCE(t, p)`` (the quality focal loss, Li et al. 2020, for soft targets: the many
+    background pixels a model already gets near 0 fade out), summed over the map and divided by the
+    target's mass + 1, so a study counts about the same whatever its number of tubes. Call as
+    ``loss(tip_true, tip_logits, sample_weight=has_mask)``: a study without annotations is multiplied by 0.
+    """
+
+    def __init__(self, name: str = "tip_heatmap_loss", **kwargs):
+        kwargs.setdefault("reduction", "mean_with_sample_weight")
+        super().__init__(name=name, dtype="float32", **kwargs)
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        focal = ops.square(y_true - ops.sigmoid(y_pred))
+        per_pixel = focal * ops.binary_crossentropy(y_true, y_pred, from_logits=True)
+        return ops.sum(per_pixel, axis=(1, 2, 3)) / (ops.sum(y_true, axis=(1, 2, 3)) + 1.0)
+
+
 class UntrackedReference:
     """Holds a model without Keras tracking it (so its weights are not a second time in the checkpoints)."""
 
@@ -91,7 +116,7 @@ class AuxSegModel(keras.Model):
     """
 
     def __init__(self, inputs, outputs, *, classifier, classification_loss, mask_loss_weight: float = 1.0,
-                 name: str = "aux_seg", **kwargs):
+                 tip_loss_weight: float = 0.0, name: str = "aux_seg", **kwargs):
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
         self._classifier = UntrackedReference(classifier)
         self.classification_loss = classification_loss
@@ -99,6 +124,10 @@ class AuxSegModel(keras.Model):
         self.mask_loss_weight = float(mask_loss_weight)
         self.classification_loss_tracker = keras.metrics.Mean(name="classification_loss")
         self.mask_loss_tracker = keras.metrics.Mean(name="mask_loss")
+        self.tip_loss_weight = float(tip_loss_weight)
+        if self.tip_loss_weight > 0:  # only then: the logs of a run without tips stay as they were
+            self.tip_loss = TipHeatmapLoss()
+            self.tip_loss_tracker = keras.metrics.Mean(name="tip_loss")
 
     @property
     def inference_model(self) -> keras.Model:
@@ -113,6 +142,13 @@ class AuxSegModel(keras.Model):
                                   "float32")
         mask = self.mask_loss(y["mask"], y_pred["masks"], sample_weight=ops.cast(y["has_mask"], "float32"))
         total = classification + self.mask_loss_weight * mask
+        if self.tip_loss_weight > 0:
+            if "tip" not in y:
+                raise ValueError("train.tip_loss_weight > 0 trains on a 'tip' target: build the data with the same "
+                                 "config (data.build_train_dataset)")
+            tip = self.tip_loss(y["tip"], y_pred["tips"], sample_weight=ops.cast(y["has_mask"], "float32"))
+            total = total + self.tip_loss_weight * tip
+            self.tip_loss_tracker.update_state(tip)
         for extra in self.losses:  # regularisers, as Keras' own compute_loss adds them
             total = total + ops.cast(ops.sum(extra), "float32")
         self.classification_loss_tracker.update_state(classification)
@@ -121,7 +157,8 @@ class AuxSegModel(keras.Model):
 
 
 def build_aux_seg_model(classifier: keras.Model, backbone_name: str, classification_loss,
-                        mask_loss_weight: float = 1.0, decoder_width: int = 64) -> AuxSegModel:
+                        mask_loss_weight: float = 1.0, decoder_width: int = 64,
+                        tip_loss_weight: float = 0.0) -> AuxSegModel:
     """The aux_seg training model around ``classifier`` (from ``build.build_model``): shares all its layers.
 
     The classifier's backbone gets a multi-output twin (same layers: strides 4, 8, 16 and the final map)
@@ -132,16 +169,20 @@ def build_aux_seg_model(classifier: keras.Model, backbone_name: str, classificat
     encoder = keras.Model(backbone.input, [*stages, backbone.output], name=BACKBONE_NAME)
     # The classifier's layers after the backbone (pooling, dropout, head), as one callable on the final map.
     head = keras.Model(backbone_output_tensor(classifier, backbone), classifier.output, name="classifier_head")
-    decoder = build_decoder([tuple(s.shape[1:]) for s in stages], width=decoder_width)
+    tips = tip_loss_weight > 0
+    decoder = build_decoder([tuple(s.shape[1:]) for s in stages], width=decoder_width, tips=tips)
 
     image = keras.Input(shape=classifier.input.shape[1:], dtype=classifier.input.dtype, name="image")
     x = image
     for layer in classifier.layers[1:classifier.layers.index(backbone)]:  # cast (+ channel repeat): no weights
         x = layer(x)
     *features, final = encoder(x)
-    outputs = {"logits": head(final), "masks": decoder(features)}
+    decoded = decoder(features)
+    outputs = {"logits": head(final), "masks": decoded[0] if tips else decoded}
+    if tips:  # training only: the classifier (inference_model) never sees the tip head
+        outputs["tips"] = decoded[1]
     return AuxSegModel(image, outputs, classifier=classifier, classification_loss=classification_loss,
-                       mask_loss_weight=mask_loss_weight)
+                       mask_loss_weight=mask_loss_weight, tip_loss_weight=tip_loss_weight)
 
 
 def backbone_output_tensor(classifier: keras.Model, backbone: keras.Model):

@@ -92,3 +92,38 @@ class GeMPooling2D(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "p": self.initial_p, "eps": self.eps, "min_p": self.min_p,
                 "trainable_p": self.trainable_p}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ExclusiveGroupLogits(keras.layers.Layer):
+    """Per-label logits whose sigmoids are a softmax over "none of them" and the ``members`` columns.
+
+    For a group of mutually exclusive labels (ETT: Abnormal, Borderline, Normal; at most one per study),
+    member ``k`` of the input logits ``z`` becomes ``z_k - logsumexp(0, z_j for the other members j)``, so
+    ``sigmoid`` of it is ``exp(z_k) / (1 + sum_j exp(z_j))``: the softmax probability of state k against
+    "absent" (logit fixed at 0) and the other states. The group's probabilities sum to at most 1, the
+    output keeps one column per label (loss, AUC and submission unchanged); other columns pass through.
+    """
+
+    def __init__(self, members=(0, 1, 2), **kwargs):
+        super().__init__(**kwargs)
+        self.members = [int(m) for m in members]
+        if len(self.members) < 2 or len(set(self.members)) != len(self.members) or min(self.members) < 0:
+            raise ValueError(f"ExclusiveGroupLogits members = {members}: expected two or more distinct columns")
+
+    def call(self, inputs):
+        z = ops.cast(inputs, "float32")
+        num_columns, size = z.shape[-1], len(self.members)
+        place = ops.one_hot(ops.convert_to_tensor(self.members, "int32"), num_columns, dtype="float32")  # (G, N)
+        group = ops.matmul(z, ops.transpose(place))  # (B, G)
+        # Row k of (B, G, G + 1): the absent state's 0 and every member but k (k itself pushed to -1e9).
+        others = group[:, None, :] - 1e9 * ops.eye(size, dtype="float32")[None]
+        others = ops.concatenate([ops.zeros_like(others[..., :1]), others], axis=-1)
+        exclusive = group - ops.logsumexp(others, axis=-1)
+        return z * (1.0 - ops.sum(place, axis=0)) + ops.matmul(exclusive, place)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "members": self.members}

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from ranzcr_tf.config import TTA_VIEWS, Config
 from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
-from ranzcr_tf.pipeline import masks
+from ranzcr_tf.pipeline import masks, tips
 from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.prep import records
 
@@ -292,6 +292,7 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         masks.mask_size(size)  # a clear error now rather than inside the map
 
     target_of = _target_fn(cfg)
+    tip_settings = tips.TipSettings.from_config(cfg.train)  # None unless train.tip_loss_weight > 0
 
     def prepare(serialized, element_seed):
         parsed = records.parse_example(serialized, with_annotations=with_masks, layout=layout)
@@ -308,7 +309,9 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         image, mask = _to_model_dtype(expand_channels(image, channels), dtype), tf.cast(mask, tf.uint8)
         if needs.masks == "input":
             return {"image": image, "masks": mask}, parsed[records.TARGET]
-        return image, {"target": parsed[records.TARGET], "mask": mask, "has_mask": has_mask}
+        extra = {} if tip_settings is None else {"tip": tips.tip_heatmaps(parsed, size, tip_settings,
+                                                                         aug_cfg if augment else None, element_seed)}
+        return image, {"target": parsed[records.TARGET], "mask": mask, "has_mask": has_mask, **extra}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)

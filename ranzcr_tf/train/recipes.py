@@ -4,7 +4,8 @@
 ``plain``     today's classifier: image -> 11 outputs, the configured classification loss (``loss.*``)
 ``aux_seg``   the same classifier plus a light FPN decoder (``model.decoder``) predicting per-family line
               masks at 1/4 resolution, trained with Dice + BCE on annotated studies
-              (``train.mask_loss_weight``, ``train.mask_line_width``); the decoder is not part of
+              (``train.mask_loss_weight``, ``train.mask_line_width``), and with ``train.tip_loss_weight`` > 0
+              per-family tip heat maps (``pipeline/tips.py``, ``train.tip_sigma``); the decoder is not part of
               ``best.keras``: validation, OOF and the kernel use the plain classifier inside it
 ``teacher``   stage 1 of 3stage: annotated studies only, input = image + 4 line-mask channels
               (``model.distill.build_teacher_model``), classification loss; validated on the fold's annotated
@@ -71,7 +72,7 @@ def build_training_model(cfg: Config, image_size: int, positives, num_train: int
 
     mask_size(image_size)  # image size divisible by 32, else a clear ValueError
     model = build_aux_seg_model(classifier, cfg.model.backbone, classification_loss,
-                                mask_loss_weight=cfg.train.mask_loss_weight)
+                                mask_loss_weight=cfg.train.mask_loss_weight, tip_loss_weight=cfg.train.tip_loss_weight)
     return model, None
 
 
@@ -123,9 +124,12 @@ def symbolic_targets(cfg: Config, image_size: int):
     from ranzcr_tf.pipeline.masks import NUM_FAMILIES, mask_size
 
     side = mask_size(image_size)
-    return {"target": keras.KerasTensor((1, cfg.task.num_classes), dtype="float32"),
-            "mask": keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="uint8"),
-            "has_mask": keras.KerasTensor((1,), dtype="float32")}
+    targets = {"target": keras.KerasTensor((1, cfg.task.num_classes), dtype="float32"),
+               "mask": keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="uint8"),
+               "has_mask": keras.KerasTensor((1,), dtype="float32")}
+    if cfg.train.recipe == "aux_seg" and cfg.train.tip_loss_weight > 0:
+        targets["tip"] = keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="float32")
+    return targets
 
 
 def symbolic_inputs(cfg: Config, image_size: int, image_dtype: str = "float32"):
