@@ -141,3 +141,15 @@ def hard_records(root: str, image_size: int, env: dict) -> dict[str, str]:
                          "--workers", "1", "--no-progress"])
     assert converted.returncode == 0, converted.stderr[-2000:]
     return {"raw": raw, "records": rec}
+
+
+def polyline_record(points_by_label, width: int = 256, height: int = 256) -> dict:
+    """The annotation features of one parsed record (``records.parse_example(..., with_annotations=True)``):
+    ``[(label index, [[x, y], ...]), ...]`` in stored pixels of a ``width`` x ``height`` image."""
+    import tensorflow as tf
+
+    xy = np.concatenate([np.asarray(p, np.float32) for _, p in points_by_label]) if points_by_label else np.zeros((0, 2))
+    return {records.ANN_LABEL: tf.constant([label for label, _ in points_by_label], tf.int64),
+            records.ANN_NUM_POINTS: tf.constant([len(p) for _, p in points_by_label], tf.int64),
+            records.ANN_XY: tf.constant(xy, tf.float32, shape=[len(xy), 2]),
+            records.WIDTH: tf.constant(width, tf.int64), records.HEIGHT: tf.constant(height, tf.int64)}

@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from helpers_convert import hard_records
+from helpers_convert import hard_records, polyline_record
 
 from ranzcr_tf.config import AugmentConfig, ModelConfig, load_config
 from ranzcr_tf.labels import LABELS
 from ranzcr_tf.model import build as models
 from ranzcr_tf.model.backbones import build_backbone, stage_outputs
-from ranzcr_tf.model.decoder import LineMaskLoss, build_aux_seg_model
+from ranzcr_tf.model.decoder import LineMaskLoss, TipHeatmapLoss, build_aux_seg_model
 from ranzcr_tf.pipeline import augment, data, masks
 from ranzcr_tf.prep import records
 
@@ -56,14 +56,6 @@ def _cfg(*extra):
 
 
 # ----------------------------------------------------------------------------------------------- masks
-def _polyline_record(points_by_label, size=256):
-    xy = np.concatenate([np.asarray(p, np.float32) for _, p in points_by_label]) if points_by_label else np.zeros((0, 2))
-    return {records.ANN_LABEL: tf.constant([lab for lab, _ in points_by_label], tf.int64),
-            records.ANN_NUM_POINTS: tf.constant([len(p) for _, p in points_by_label], tf.int64),
-            records.ANN_XY: tf.constant(xy, tf.float32, shape=[len(xy), 2]),
-            records.WIDTH: tf.constant(size, tf.int64), records.HEIGHT: tf.constant(size, tf.int64)}
-
-
 def _dilate(mask):
     return tf.nn.max_pool2d(tf.cast(mask, tf.float32)[None], 3, 1, "SAME")[0].numpy() > 0
 
@@ -71,14 +63,14 @@ def _dilate(mask):
 def test_masks_put_each_label_in_its_family_channel_and_empty_studies_get_no_mask():
     settings = masks.MaskSettings(line_width=8.0)
     # ETT - Normal (label 2), a NGT (label 5), Swan Ganz (label 10); CVC (channel 2) has no line.
-    mask, has_mask = masks.line_masks(_polyline_record([(2, [[20, 20], [200, 40]]), (5, [[30, 230], [220, 200], [240, 100]]),
+    mask, has_mask = masks.line_masks(polyline_record([(2, [[20, 20], [200, 40]]), (5, [[30, 230], [220, 200], [240, 100]]),
                                                         (10, [[128, 10], [128, 250]])]), 256, settings)
     assert mask.shape == (64, 64, 4) and float(has_mask) == 1.0
     on = mask.numpy().sum(axis=(0, 1))
     assert on[0] > 30 and on[1] > 60 and on[2] == 0 and on[3] > 40
     # Two separate lines of one study do not join: the gap between the NGT's and the ETT's points stays empty.
     assert mask.numpy()[30, 5:60, 0].sum() == 0
-    empty, has_empty = masks.line_masks(_polyline_record([]), 256, settings)
+    empty, has_empty = masks.line_masks(polyline_record([]), 256, settings)
     assert float(has_empty) == 0.0 and float(tf.reduce_sum(empty)) == 0.0
 
 
@@ -88,14 +80,14 @@ def test_warped_mask_equals_mask_of_warped_polyline_within_one_pixel(seed):
                         shear_deg=8.0, brightness_contrast_prob=1.0, gamma_prob=1.0, cutout_prob=1.0)
     settings = masks.MaskSettings(line_width=6.0)
     lines = [(2, [[40.0, 30.0], [120.0, 90.0], [140.0, 200.0]]), (8, [[200.0, 20.0], [160.0, 150.0], [60.0, 220.0]])]
-    mask, _ = masks.line_masks(_polyline_record(lines), 256, settings)
+    mask, _ = masks.line_masks(polyline_record(lines), 256, settings)
     image = tf.zeros([256, 256, 1], tf.uint8)
     element_seed = tf.constant([seed, 7])
     _, warped = augment.augment_image(image, aug, element_seed, mask=mask)
 
     inverse = np.linalg.inv(augment.geometric_matrix(aug, element_seed, 256).numpy())
     moved = [(label, (np.c_[np.asarray(p), np.ones(len(p))] @ inverse.T)[:, :2]) for label, p in lines]
-    reference, _ = masks.line_masks(_polyline_record(moved), 256, settings)
+    reference, _ = masks.line_masks(polyline_record(moved), 256, settings)
 
     warped, reference = warped.numpy() > 0.5, reference.numpy() > 0.5
     assert reference.sum() > 50 and warped.sum() > 50
@@ -128,36 +120,52 @@ def test_training_batches_carry_masks_that_match_the_records(dataset):
     assert 0.15 < annotated / len(parsed) < 0.5  # the hard style's ~30 %
 
 
+def test_training_batches_carry_tip_maps_on_annotated_studies_only(dataset):
+    ds = data.build_train_dataset(_cfg("train.tip_loss_weight=1"), dataset["records"], 0, 32, seed=0,
+                                  image_dtype=tf.uint8)
+    _, targets = next(iter(ds))
+    assert targets["tip"].shape == (32, SIZE // 4, SIZE // 4, 4) and targets["tip"].dtype == tf.float32
+    has, peak = targets["has_mask"].numpy(), targets["tip"].numpy().max(axis=(1, 2, 3))
+    assert 0 < has.sum() < 32 and (peak[has == 0] == 0).all() and (peak[has == 1] > 0.3).all()
+    assert "tip" not in next(iter(data.build_train_dataset(_cfg(), dataset["records"], 0, 8, seed=0)))[1]
+
+
 # ----------------------------------------------------------------------------------------------- loss
-def _tiny_model(backbone="compact_cnn", size=SIZE, loss=None):
+def _tiny_model(backbone="compact_cnn", size=SIZE, loss=None, tip_loss_weight=0.0):
     classifier = models.build_model(ModelConfig(backbone=backbone, weights=None, mixed_precision="float32",
                                                 dropout_rate=0.0), size)
-    return build_aux_seg_model(classifier, backbone, loss or keras.losses.BinaryCrossentropy(from_logits=True))
+    return build_aux_seg_model(classifier, backbone, loss or keras.losses.BinaryCrossentropy(from_logits=True),
+                               tip_loss_weight=tip_loss_weight)
 
 
-def test_unannotated_studies_contribute_exactly_zero_mask_loss_and_gradient():
-    model = _tiny_model()
+@pytest.mark.parametrize("term", ["mask", "tip"])
+def test_unannotated_studies_contribute_exactly_zero_mask_or_tip_loss_and_gradient(term):
+    model = _tiny_model(tip_loss_weight=1.0 if term == "tip" else 0.0)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 255, (4, SIZE, SIZE, 1)), tf.float32)
     mask = tf.constant(rng.integers(0, 2, (4, 16, 16, 4)), tf.uint8)
+    tip = tf.constant(rng.uniform(0, 1, (4, 16, 16, 4)), tf.float32)
+    truth, loss, output = (mask, LineMaskLoss(), "masks") if term == "mask" else (tip, TipHeatmapLoss(), "tips")
     has_mask = tf.constant([1.0, 0.0, 1.0, 0.0])
-    loss = LineMaskLoss()
     with tf.GradientTape() as tape:
         tape.watch(images)
         out = model(images, training=False)  # inference BatchNorm: no coupling between studies
-        value = loss(mask, out["masks"], sample_weight=has_mask)
+        value = loss(truth, out[output], sample_weight=has_mask)
     grad = tape.gradient(value, images).numpy()
     assert np.abs(grad[[1, 3]]).max() == 0.0
     assert np.abs(grad[0]).max() > 0 and np.abs(grad[2]).max() > 0
-    # Changing an unannotated study's mask target changes nothing; the mean is over annotated studies.
-    other = tf.tensor_scatter_nd_update(mask, [[1]], [1 - mask[1]])
-    assert float(loss(other, out["masks"], sample_weight=has_mask)) == float(value)
-    per_study = loss.call(mask, out["masks"]).numpy()
+    # Changing an unannotated study's target changes nothing; the mean is over annotated studies.
+    other = tf.tensor_scatter_nd_update(truth, [[1]], [1 - truth[1]])
+    assert float(loss(other, out[output], sample_weight=has_mask)) == float(value)
+    per_study = loss.call(truth, out[output]).numpy()
     assert float(value) == pytest.approx(per_study[[0, 2]].mean(), rel=1e-6)
-    # No annotated study at all: the mask term is exactly 0 and the total is the classification loss.
-    y = {"target": tf.zeros([4, 11]), "mask": mask, "has_mask": tf.zeros([4])}
+    # No annotated study at all: the mask (and tip) terms are exactly 0 and the total is the classification loss.
+    y = {"target": tf.zeros([4, 11]), "mask": mask, "tip": tip, "has_mask": tf.zeros([4])}
     total = model.compute_loss(images, y, out)
     assert float(total) == float(model.classification_loss(y["target"], out["logits"]))
+    if term == "tip":
+        with pytest.raises(ValueError, match="'tip' target"):
+            model.compute_loss(images, {k: v for k, v in y.items() if k != "tip"}, out)
 
 
 # ----------------------------------------------------------------------------------------------- fits
@@ -201,22 +209,25 @@ def test_mixed_precision_step_has_finite_float32_losses(dataset):
 
 
 def test_train_cli_aux_seg_run_then_kernel_serves_it_like_a_plain_one(dataset, tmp_path):
+    """With the tip head and the ETT softmax head on: both are what issue 29 adds to the preset's recipe."""
     out = str(tmp_path / "run")
+    extra = ["train.epochs=2", "train.tip_loss_weight=1", "model.head=ett_softmax"]
     args = ["--fold", "0", "--tfrecords", dataset["records"], "--out", out, "--quiet",
-            *[a for s in [*SETTINGS, "train.epochs=2"] for a in ("--set", s)]]
+            *[a for s in [*SETTINGS, *extra] for a in ("--set", s)]]
     done = subprocess.run([sys.executable, os.path.join(ROOT, "train_tpu.py"), *args], env=_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     run = os.path.join(out, "fold0")
     log = pd.read_csv(os.path.join(run, "log.csv"))
-    assert {"mask_loss", "classification_loss", "val_auc"} <= set(log.columns)
-    assert np.isfinite(log["mask_loss"]).all() and (log["mask_loss"] > 0).all()
+    assert {"mask_loss", "tip_loss", "classification_loss", "val_auc"} <= set(log.columns)
+    assert np.isfinite(log["mask_loss"]).all() and (log["mask_loss"] > 0).all() and (log["tip_loss"] > 0).all()
     with open(os.path.join(run, "metrics.json")) as handle:
         metrics = json.load(handle)
     assert np.isfinite(metrics["val_auc"])
     best = models.load_model(os.path.join(run, "best.keras"))
     assert best.output.shape == (None, len(LABELS))
-    assert "mask_decoder" not in [layer.name for layer in best.layers]
+    names = [layer.name for layer in best.layers]
+    assert "mask_decoder" not in names and "ett_softmax" in names
 
     from ranzcr_tf.serve import kernel
 
@@ -228,6 +239,7 @@ def test_train_cli_aux_seg_run_then_kernel_serves_it_like_a_plain_one(dataset, t
     frame = pd.read_csv(sub)
     assert len(frame) == 6 and list(frame.columns[1:]) == list(LABELS)
     assert np.isfinite(frame[list(LABELS)].to_numpy()).all()
+    assert (frame[list(LABELS[:3])].sum(axis=1) < 1.0).all()  # the ETT states are exclusive
 
 
 JAX_STEP = r"""

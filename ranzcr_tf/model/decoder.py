@@ -57,7 +57,16 @@ def build_decoder(feature_shapes: list[tuple], width: int = 64, name: str = "mas
     return keras.Model(inputs, outputs, name=name)
 
 
-class LineMaskLoss(keras.losses.Loss):
+class _AnnotatedStudiesLoss(keras.losses.Loss):
+    """A per-study loss averaged over the studies with annotations: ``mean_with_sample_weight``, ``has_mask``
+    as the sample weight (a study without annotations is multiplied by exactly 0), computed in float32."""
+
+    def __init__(self, name: str, **kwargs):
+        kwargs.setdefault("reduction", "mean_with_sample_weight")
+        super().__init__(name=name, dtype="float32", **kwargs)
+
+
+class LineMaskLoss(_AnnotatedStudiesLoss):
     """BCE + soft Dice of per-family mask logits, per study; mean over studies weighted by ``has_mask``.
 
     Call as ``loss(mask_true, mask_logits, sample_weight=has_mask)``. ``mask_true`` may be uint8 0/1.
@@ -65,8 +74,7 @@ class LineMaskLoss(keras.losses.Loss):
     """
 
     def __init__(self, name: str = "line_mask_loss", **kwargs):
-        kwargs.setdefault("reduction", "mean_with_sample_weight")
-        super().__init__(name=name, dtype="float32", **kwargs)
+        super().__init__(name=name, **kwargs)
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, "float32")
@@ -79,7 +87,7 @@ class LineMaskLoss(keras.losses.Loss):
         return bce + dice
 
 
-class TipHeatmapLoss(keras.losses.Loss):
+class TipHeatmapLoss(_AnnotatedStudiesLoss):
     """Focal BCE of per-family tip heat-map logits against Gaussian targets, per study; mean weighted by ``has_mask``.
 
     Per pixel ``|t - p|^2 x BCE(t, p)`` (the quality focal loss, Li et al. 2020, for soft targets: the many
@@ -89,8 +97,7 @@ class TipHeatmapLoss(keras.losses.Loss):
     """
 
     def __init__(self, name: str = "tip_heatmap_loss", **kwargs):
-        kwargs.setdefault("reduction", "mean_with_sample_weight")
-        super().__init__(name=name, dtype="float32", **kwargs)
+        super().__init__(name=name, **kwargs)
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, "float32")

@@ -25,27 +25,26 @@ import tensorflow as tf
 from ranzcr_tf.config import AugmentConfig
 from ranzcr_tf.labels import LABELS
 from ranzcr_tf.pipeline.augment import geometric_matrix
-from ranzcr_tf.pipeline.masks import LABEL_FAMILY, NUM_FAMILIES, mask_size
+from ranzcr_tf.pipeline.masks import LABEL_FAMILY, NUM_FAMILIES, MaskSettings, mask_size
 from ranzcr_tf.prep import records
 
 
 @dataclass(frozen=True)
 class TipSettings:
-    """Gaussian width (sigma, stored pixels) and the polyline padding shared with the line masks."""
+    """Gaussian width (sigma, stored pixels); the polyline padding (``max_lines``, ``max_points``) is the masks'."""
 
     sigma: float = 8.0
-    max_lines: int = 8
-    max_points: int = 256
+    padding: MaskSettings = MaskSettings()
 
     @classmethod
     def from_config(cls, train_cfg) -> TipSettings | None:
         """The settings of ``train.*``, or None when the tip term is off (``tip_loss_weight`` 0 or not aux_seg)."""
         if float(train_cfg.tip_loss_weight) <= 0 or train_cfg.recipe != "aux_seg":
             return None
-        return cls(float(train_cfg.tip_sigma), int(train_cfg.mask_max_lines), int(train_cfg.mask_max_points))
+        return cls(float(train_cfg.tip_sigma), MaskSettings.from_config(train_cfg))
 
 
-def polyline_tips(ann_label, ann_num_points, ann_xy, settings: TipSettings):
+def polyline_tips(ann_label, ann_num_points, ann_xy, settings: MaskSettings):
     """``(tips (L, 2), family (L,), valid (L,))`` with L = ``settings.max_lines``: each line's last point in
     stored pixels. A line cut by ``max_lines`` or ``max_points`` (its last point not kept) is not valid."""
     num_lines = tf.minimum(tf.shape(ann_label)[0], settings.max_lines)
@@ -84,7 +83,7 @@ def tip_heatmaps(parsed: dict, image_size: int, settings: TipSettings, aug_cfg: 
     """
     side = mask_size(image_size)
     tips, family, valid = polyline_tips(parsed[records.ANN_LABEL], parsed[records.ANN_NUM_POINTS],
-                                        parsed[records.ANN_XY], settings)
+                                        parsed[records.ANN_XY], settings.padding)
     width = tf.cast(parsed[records.WIDTH], tf.float32)
     height = tf.cast(parsed[records.HEIGHT], tf.float32)
     points = (tips + 0.5) * tf.stack([image_size / width, image_size / height]) - 0.5  # model-input pixels
