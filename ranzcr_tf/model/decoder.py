@@ -29,6 +29,7 @@ from keras import ops
 from ranzcr_tf.model.backbones import BACKBONE_NAME, stage_outputs
 
 NUM_FAMILIES = 4  # pipeline.masks.FAMILIES (the model layer does not import the TensorFlow pipeline)
+TIP_PRIOR_LOGIT = -4.6  # log(0.01 / 0.99): the tip maps' starting probability
 
 
 def _conv_bn_act(x, filters: int, kernel: int, name: str):
@@ -53,7 +54,11 @@ def build_decoder(feature_shapes: list[tuple], width: int = 64, name: str = "mas
     # float32 logits under mixed precision: the mask loss is computed in float32.
     outputs = keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", name="mask_logits")(x)
     if tips:
-        outputs = [outputs, keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", name="tip_logits")(x)]
+        # Bias at a 1 % prior (as CenterNet's heat maps): at 0 every background pixel would start at p = 0.5 and
+        # the tip term would open about 50x the classification loss.
+        prior = keras.initializers.Constant(TIP_PRIOR_LOGIT)
+        outputs = [outputs, keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", bias_initializer=prior,
+                                                name="tip_logits")(x)]
     return keras.Model(inputs, outputs, name=name)
 
 
