@@ -166,6 +166,9 @@ class ModelConfig:
     gem_p: float = 3.0
     dropout_rate: float = 0.2
     head: str = "single"  # single | per_group | ett_softmax (ETT's three states exclusive: softmax with "no ETT")
+    # train.recipe aux_seg only: the head also reads the final features pooled under each predicted line mask
+    # (model/decoder.py), so the served model keeps the decoder (not the tip head).
+    seg_attention: bool = False
     output: str = "logits"  # logits | probabilities (the loss matches)
     mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
 
@@ -483,6 +486,9 @@ class Config:
             raise ValueError(f"config model.input_channels = {self.model.input_channels} is invalid: the task stores "
                              f"{task.channels} channels per image ((2 x task.slice_context + 1) x "
                              f"{len(task.windows)} windows); set model.input_channels={task.channels}")
+        if self.model.seg_attention and self.train.recipe != "aux_seg":
+            raise ValueError("config model.seg_attention = True needs train.recipe = aux_seg (the head reads its "
+                             "decoder's masks); set model.seg_attention=false for other recipes")
         if self.model.head == "per_group" and not task.groups:
             raise ValueError("config model.head = per_group needs task.groups (head name -> labels); "
                              "set model.head=single for a task without groups")

@@ -83,10 +83,14 @@ def assemble_model(model_cfg: ModelConfig, backbone: keras.Model, num_classes: i
     return keras.Model(inputs, outputs, name=f"ranzcr_{model_cfg.backbone}")
 
 
-def classifier_head(features, model_cfg: ModelConfig, num_classes: int = labels.NUM_CLASSES, groups: dict | None = None):
+def classifier_head(features, model_cfg: ModelConfig, num_classes: int = labels.NUM_CLASSES, groups: dict | None = None,
+                    extra_features=None):
     """Pooling, dropout and the float32 head on the backbone's feature map: the model's outputs (one copy for
-    the classifier and the 3-stage teacher)."""
+    the classifier, the 3-stage teacher and the seg-attention head, whose ``extra_features`` (batch, K) join
+    the pooled features)."""
     x = pool_features(features, model_cfg)
+    if extra_features is not None:
+        x = keras.layers.Concatenate(axis=-1, name="head_features")([x, extra_features])
     if model_cfg.dropout_rate > 0:
         x = keras.layers.Dropout(model_cfg.dropout_rate, name="head_dropout")(x)
 

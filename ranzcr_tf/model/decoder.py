@@ -26,7 +26,10 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from ranzcr_tf.config import ModelConfig
 from ranzcr_tf.model.backbones import BACKBONE_NAME, stage_outputs
+from ranzcr_tf.model.build import classifier_head
+from ranzcr_tf.model.layers import MaskAttentionPooling
 
 NUM_FAMILIES = 4  # pipeline.masks.FAMILIES (the model layer does not import the TensorFlow pipeline)
 TIP_PRIOR_LOGIT = -4.6  # log(0.01 / 0.99): the tip maps' starting probability
@@ -39,9 +42,9 @@ def _conv_bn_act(x, filters: int, kernel: int, name: str):
 
 
 def build_decoder(feature_shapes: list[tuple], width: int = 64, name: str = "mask_decoder",
-                  tips: bool = False) -> keras.Model:
+                  with_features: bool = False) -> keras.Model:
     """FPN-style decoder: features at strides 4, 8, 16 (shapes without batch) -> ``(S/4, S/4, 4)`` float32 logits;
-    ``tips``: a second 1x1 conv on the same features, ``[mask_logits, tip_logits]`` (per-family tip heat maps)."""
+    ``with_features``: ``[mask_logits, stride-4 features]`` (what the tip head reads)."""
     if len(feature_shapes) != 3:
         raise ValueError(f"the decoder takes three encoder stages (strides 4, 8, 16), got {len(feature_shapes)}")
     inputs = [keras.Input(shape=tuple(shape), name=f"stride{4 << i}") for i, shape in enumerate(feature_shapes)]
@@ -53,13 +56,16 @@ def build_decoder(feature_shapes: list[tuple], width: int = 64, name: str = "mas
         x = _conv_bn_act(x, width, 3, name=f"smooth{4 << i}")
     # float32 logits under mixed precision: the mask loss is computed in float32.
     outputs = keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", name="mask_logits")(x)
-    if tips:
-        # Bias at a 1 % prior (as CenterNet's heat maps): at 0 every background pixel would start at p = 0.5 and
-        # the tip term would open about 50x the classification loss.
-        prior = keras.initializers.Constant(TIP_PRIOR_LOGIT)
-        outputs = [outputs, keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", bias_initializer=prior,
-                                                name="tip_logits")(x)]
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, [outputs, x] if with_features else outputs, name=name)
+
+
+def tip_head(features):
+    """Per-family tip heat-map logits (float32) from the decoder's stride-4 features: one 1x1 conv.
+
+    Its bias starts at a 1 % prior (as CenterNet's heat maps): at 0 every background pixel would start at
+    p = 0.5 and the tip term would open about 50x the classification loss."""
+    prior = keras.initializers.Constant(TIP_PRIOR_LOGIT)
+    return keras.layers.Conv2D(NUM_FAMILIES, 1, dtype="float32", bias_initializer=prior, name="tip_logits")(features)
 
 
 class _AnnotatedStudiesLoss(keras.losses.Loss):
@@ -170,11 +176,17 @@ class AuxSegModel(keras.Model):
 
 def build_aux_seg_model(classifier: keras.Model, backbone_name: str, classification_loss,
                         mask_loss_weight: float = 1.0, decoder_width: int = 64,
-                        tip_loss_weight: float = 0.0) -> AuxSegModel:
+                        tip_loss_weight: float = 0.0, seg_attention: ModelConfig | None = None) -> AuxSegModel:
     """The aux_seg training model around ``classifier`` (from ``build.build_model``): shares all its layers.
 
     The classifier's backbone gets a multi-output twin (same layers: strides 4, 8, 16 and the final map)
     named like it, so ``build.set_backbone_trainable`` freezes and unfreezes the shared encoder as usual.
+
+    ``seg_attention`` (``model.seg_attention``: the run's ``cfg.model``): the classification sees the decoder.
+    Its head reads the configured pooling of the final map concatenated with ``MaskAttentionPooling`` of
+    that map under the predicted masks (one feature vector per tube family), so the served model is
+    encoder + decoder + this head (a new head: ``classifier``'s own head layers are not used); the tip
+    head stays training-only either way.
     """
     backbone = classifier.get_layer(BACKBONE_NAME)
     stages = stage_outputs(backbone, backbone_name)
@@ -182,17 +194,23 @@ def build_aux_seg_model(classifier: keras.Model, backbone_name: str, classificat
     # The classifier's layers after the backbone (pooling, dropout, head), as one callable on the final map.
     head = keras.Model(backbone_output_tensor(classifier, backbone), classifier.output, name="classifier_head")
     tips = tip_loss_weight > 0
-    decoder = build_decoder([tuple(s.shape[1:]) for s in stages], width=decoder_width, tips=tips)
+    decoder = build_decoder([tuple(s.shape[1:]) for s in stages], width=decoder_width, with_features=tips)
 
     image = keras.Input(shape=classifier.input.shape[1:], dtype=classifier.input.dtype, name="image")
     x = image
     for layer in classifier.layers[1:classifier.layers.index(backbone)]:  # cast (+ channel repeat): no weights
         x = layer(x)
     *features, final = encoder(x)
-    decoded = decoder(features)
-    outputs = {"logits": head(final), "masks": decoded[0] if tips else decoded}
+    masks, stride4 = decoder(features) if tips else (decoder(features), None)
+    if seg_attention is None:
+        logits = head(final)
+    else:  # the served classifier: image -> encoder -> decoder -> mask-attention head
+        attended = MaskAttentionPooling(name="mask_attention")([final, masks])
+        logits = classifier_head(final, seg_attention, classifier.output.shape[-1], extra_features=attended)
+        classifier = keras.Model(image, logits, name=f"{classifier.name}_segcls")
+    outputs = {"logits": logits, "masks": masks}
     if tips:  # training only: the classifier (inference_model) never sees the tip head
-        outputs["tips"] = decoded[1]
+        outputs["tips"] = tip_head(stride4)
     return AuxSegModel(image, outputs, classifier=classifier, classification_loss=classification_loss,
                        mask_loss_weight=mask_loss_weight, tip_loss_weight=tip_loss_weight)
 

@@ -127,3 +127,36 @@ class ExclusiveGroupLogits(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "members": self.members}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MaskAttentionPooling(keras.layers.Layer):
+    """Per-family attention pooling of a feature map under predicted masks: ``[features, mask_logits]`` ->
+    ``(batch, families x channels)``.
+
+    ``features`` ``(B, h, w, C)``; ``mask_logits`` ``(B, H, W, F)`` at a finer grid (H a multiple of h: the
+    decoder's stride 4 against the backbone's final stride). The mask probabilities are averaged down to
+    ``(h, w)``; family f's vector is the mean of the features weighted by its mask (+ a small constant, so an
+    empty mask gives about zero, not a division by zero). Computed in float32.
+    """
+
+    def __init__(self, epsilon: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def call(self, inputs):
+        features, mask_logits = (ops.cast(x, "float32") for x in inputs)
+        factor = mask_logits.shape[1] // features.shape[1]
+        attention = ops.sigmoid(mask_logits)
+        if factor > 1:
+            attention = ops.average_pool(attention, factor, strides=factor, padding="valid")
+        pooled = ops.einsum("bhwc,bhwf->bfc", features, attention)
+        pooled = pooled / (ops.sum(attention, axis=(1, 2))[..., None] + self.epsilon)
+        return ops.cast(ops.reshape(pooled, (-1, pooled.shape[1] * pooled.shape[2])), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        features, masks = input_shape
+        return (features[0], features[-1] * masks[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}

@@ -72,7 +72,8 @@ def build_training_model(cfg: Config, image_size: int, positives, num_train: int
 
     mask_size(image_size)  # image size divisible by 32, else a clear ValueError
     model = build_aux_seg_model(classifier, cfg.model.backbone, classification_loss,
-                                mask_loss_weight=cfg.train.mask_loss_weight, tip_loss_weight=cfg.train.tip_loss_weight)
+                                mask_loss_weight=cfg.train.mask_loss_weight, tip_loss_weight=cfg.train.tip_loss_weight,
+                                seg_attention=cfg.model if cfg.model.seg_attention else None)
     return model, None
 
 
