@@ -131,11 +131,11 @@ def test_training_batches_carry_tip_maps_on_annotated_studies_only(dataset):
 
 
 # ----------------------------------------------------------------------------------------------- loss
-def _tiny_model(backbone="compact_cnn", size=SIZE, loss=None, tip_loss_weight=0.0):
-    classifier = models.build_model(ModelConfig(backbone=backbone, weights=None, mixed_precision="float32",
-                                                dropout_rate=0.0), size)
-    return build_aux_seg_model(classifier, backbone, loss or keras.losses.BinaryCrossentropy(from_logits=True),
-                               tip_loss_weight=tip_loss_weight)
+def _tiny_model(backbone="compact_cnn", size=SIZE, loss=None, tip_loss_weight=0.0, seg_attention=False):
+    model_cfg = ModelConfig(backbone=backbone, weights=None, mixed_precision="float32", dropout_rate=0.0)
+    return build_aux_seg_model(models.build_model(model_cfg, size), backbone,
+                               loss or keras.losses.BinaryCrossentropy(from_logits=True),
+                               tip_loss_weight=tip_loss_weight, seg_attention=model_cfg if seg_attention else None)
 
 
 @pytest.mark.parametrize("term", ["mask", "tip"])
@@ -169,10 +169,12 @@ def test_unannotated_studies_contribute_exactly_zero_mask_or_tip_loss_and_gradie
 
 
 # ----------------------------------------------------------------------------------------------- fits
-def test_short_fit_on_real_records_then_exported_model_has_no_decoder_and_matches(dataset, tmp_path):
-    cfg = _cfg()
+@pytest.mark.parametrize("seg_attention", [False, True])
+def test_short_fit_on_real_records_then_exported_model_has_no_decoder_and_matches(dataset, tmp_path, seg_attention):
+    """Plain aux_seg serves the classifier without its decoder; model.seg_attention serves the decoder with it."""
+    cfg = _cfg(*(["model.seg_attention=true"] if seg_attention else []))
     ds = data.build_train_dataset(cfg, dataset["records"], 0, 8, seed=0, image_dtype=tf.uint8)
-    model = _tiny_model()
+    model = _tiny_model(seg_attention=seg_attention)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     before = [w.numpy().copy() for w in model.get_layer("mask_decoder").weights]
     history = model.fit(ds, steps_per_epoch=3, epochs=2, verbose=0, shuffle=False).history
@@ -185,8 +187,10 @@ def test_short_fit_on_real_records_then_exported_model_has_no_decoder_and_matche
     model.inference_model.save(path)
     exported = models.load_model(path)
     plain = models.build_model(ModelConfig(backbone="compact_cnn", weights=None, dropout_rate=0.0), SIZE)
-    assert len(exported.weights) == len(plain.weights)
-    assert "mask_decoder" not in [layer.name for layer in exported.layers]
+    names = [layer.name for layer in exported.layers]
+    assert ("mask_decoder" in names) == seg_attention
+    if not seg_attention:
+        assert len(exported.weights) == len(plain.weights)
     images, _ = next(iter(ds))
     np.testing.assert_allclose(exported.predict(images, verbose=0), model.predict(images, verbose=0)["logits"],
                                rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
-"""Tip heat maps (pipeline/tips.py) and the ETT softmax head (model.head ett_softmax): where the targets sit after
-augmentation, what the served model keeps. No records on disk here; the tip loss's zero gradient without
-annotations, the batches, the real fits and the train_tpu.py + kernel run are in test_auxseg.py.
+"""Tip heat maps (pipeline/tips.py), the ETT softmax head (model.head ett_softmax) and the seg-attention head
+(model.seg_attention): where the targets sit after augmentation, what the served model keeps. No records on disk
+here; the tip loss's zero gradient without annotations, the batches, the real fits and the train_tpu.py + kernel
+run are in test_auxseg.py.
 """
 
 import keras
@@ -71,25 +72,31 @@ def test_tip_target_follows_the_image_through_augmentation_within_one_pixel(seed
 
 
 # ----------------------------------------------------------------------------------------------- loss and model
-def _tip_model(head="single"):
-    classifier = models.build_model(ModelConfig(backbone="compact_cnn", weights=None, mixed_precision="float32",
-                                                dropout_rate=0.0, head=head), SIZE)
-    return build_aux_seg_model(classifier, "compact_cnn", keras.losses.BinaryCrossentropy(from_logits=True),
-                               tip_loss_weight=1.0)
+def _tip_model(seg_attention: bool):
+    model_cfg = ModelConfig(backbone="compact_cnn", weights=None, mixed_precision="float32", dropout_rate=0.0,
+                            head="ett_softmax", seg_attention=seg_attention)
+    return build_aux_seg_model(models.build_model(model_cfg, SIZE), "compact_cnn",
+                               keras.losses.BinaryCrossentropy(from_logits=True), tip_loss_weight=1.0,
+                               seg_attention=model_cfg if seg_attention else None)
 
 
-def test_served_model_drops_the_training_heads_and_keeps_its_outputs(tmp_path):
-    model = _tip_model(head="ett_softmax")
+@pytest.mark.parametrize("seg_attention", [False, True])
+def test_served_model_drops_the_training_heads_and_keeps_its_outputs(seg_attention, tmp_path):
+    model = _tip_model(seg_attention)
     images = tf.constant(np.random.default_rng(1).uniform(0, 255, (3, SIZE, SIZE, 1)), tf.float32)
     out = model(images, training=False)
     assert set(out) == {"logits", "masks", "tips"} and out["tips"].shape == (3, 16, 16, 4)
     path = str(tmp_path / "best.keras")
     model.inference_model.save(path)
-    served = models.load_model(path)
+    served = models.load_model(path)  # safe mode: every layer registered
     names = [layer.name for layer in served.layers]
-    assert "mask_decoder" not in names and "ett_softmax" in names
-    plain = models.build_model(ModelConfig(backbone="compact_cnn", weights=None, head="ett_softmax"), SIZE)
-    assert len(served.weights) == len(plain.weights)  # not one decoder or tip weight
+    assert "tip_logits" not in names and "ett_softmax" in names
+    # Plain aux_seg serves the classifier alone; seg_attention serves the decoder with it (the head reads its masks).
+    assert ("mask_decoder" in names) == seg_attention and ("mask_attention" in names) == seg_attention
+    training_only = {id(w) for w in model.get_layer("tip_logits").weights}
+    if not seg_attention:
+        training_only |= {id(w) for w in model.get_layer("mask_decoder").weights}
+    assert len(served.weights) == len(model.weights) - len(training_only)
     np.testing.assert_allclose(served.predict(images, verbose=0), out["logits"].numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -112,7 +119,8 @@ def test_tip_and_head_settings_are_checked():
     assert tips.TipSettings.from_config(load_config(None, ["train.recipe=aux_seg"]).train) is None
     for bad, match in ((["train.tip_loss_weight=1"], "train.tip_loss_weight"),  # recipe plain
                        (["train.recipe=aux_seg", "train.tip_loss_weight=-1"], "train.tip_loss_weight"),
-                       (["train.tip_sigma=0"], "train.tip_sigma"), (["model.head=softmax"], "model.head")):
+                       (["train.tip_sigma=0"], "train.tip_sigma"), (["model.head=softmax"], "model.head"),
+                       (["model.seg_attention=true"], "seg_attention")):
         with pytest.raises(ValueError, match=match):
             load_config(None, bad).validate()
     with pytest.raises(ValueError, match="ett_softmax"):
