@@ -18,6 +18,13 @@ under mixed precision). The mask term is a ``keras.losses.Loss`` with ``mean_wit
 ``has_mask`` as the sample weight: a study without annotations is multiplied by exactly 0 (no mask loss,
 no mask gradient), the mean is over annotated studies only, and Keras scales it for distribution strategies.
 
+Two options on top (issue 29): ``tip_loss_weight`` > 0 adds a training-only 1x1 head on the decoder's stride-4
+features, per-family tip heat maps (``TipHeatmapLoss`` against ``pipeline/tips.py``'s Gaussians, weighted by
+``has_mask`` like the mask term); ``seg_attention`` makes the classification see the decoder (the head also
+reads the final features pooled under each predicted mask, ``layers.MaskAttentionPooling``), so the served
+model then holds the encoder, the decoder and that head. The run report's Grad-CAM does not support such a
+model (its backbone layer has four outputs).
+
 keras and keras.ops only (no TensorFlow import): the model code runs wherever Keras does.
 """
 
