@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 
 import numpy as np
 import tensorflow as tf
 
+from ranzcr_tf import device
 from ranzcr_tf.config import TTA_VIEWS, Config
 from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 from ranzcr_tf.pipeline import masks
@@ -30,7 +30,6 @@ from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.prep import records
 
 AUTOTUNE = tf.data.AUTOTUNE
-log = logging.getLogger(__name__)
 
 # Files read concurrently by the training interleave: enough to hide GCS latency, few enough that the
 # per-file read-ahead buffers stay small.
@@ -38,20 +37,6 @@ _MAX_PARALLEL_FILES = 16
 
 
 # ----------------------------------------------------------------------------------------------- devices
-def hide_accelerators_from_tf() -> None:
-    """Keep TensorFlow (used only for tf.data) off the GPUs/TPUs so the JAX backend owns them.
-
-    Call before anything initialises TensorFlow's devices; afterwards it is too late and a warning is
-    logged (TF would already have reserved GPU memory).
-    """
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError) as exc:  # devices already initialised, or no such device type
-            if "initialized" in str(exc).lower():
-                log.warning("could not hide %s devices from TensorFlow: %s", kind, exc)
-
-
 def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
     """The dtype of the images handed to the model (the model casts to its compute dtype itself).
 
@@ -73,9 +58,7 @@ def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
 def _resolve_dtype(cfg: Config, image_dtype) -> tf.DType:
     if image_dtype is not None:
         return tf.as_dtype(image_dtype)
-    from ranzcr_tf.train.placement import detect_accelerator, keras_backend
-
-    return image_dtype_for(cfg, keras_backend(), detect_accelerator())
+    return image_dtype_for(cfg, device.keras_backend(), device.detect_accelerator())
 
 
 # ----------------------------------------------------------------------------------------------- decode
