@@ -22,7 +22,8 @@ import pandas as pd
 from ranzcr_tf import io_utils, runs
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
 from ranzcr_tf.report import curves, html
-from ranzcr_tf.report.cv import cv_report, merge_oof
+from ranzcr_tf.report.cv import cv_report
+from ranzcr_tf.tables import TARGET_COLUMNS, merge_oof
 
 CATEGORIES = ("most confident true positive", "worst false positive", "worst false negative")
 
@@ -90,7 +91,7 @@ def run_records(run: RunData, tfrecords: str | None) -> tuple[str | None, str]:
 
 
 def targets_and_probs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    return frame[[f"target_{label}" for label in LABELS]].to_numpy(), frame[list(LABELS)].to_numpy()
+    return frame[TARGET_COLUMNS].to_numpy(), frame[list(LABELS)].to_numpy()
 
 
 # ----------------------------------------------------------------------------------------------- sections
