@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import sys
 
@@ -33,11 +32,6 @@ KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this p
 NAN_ADVICE = ("try a lower learning rate (--set train.learning_rate=...; a tenth of the current value is a good "
               "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.pipeline.data --tfrecords DIR "
               "--fold K --show grid.png`), or train in float32 (--set model.mixed_precision=float32)")
-
-
-def label_slug(label: str) -> str:
-    """``"NGT - Incompletely Imaged"`` -> ``"ngt_incompletely_imaged"`` (for log keys and CSV columns)."""
-    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
 class RunFlags:
