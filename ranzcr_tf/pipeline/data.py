@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -194,6 +195,21 @@ def naming_corrupt_shard(files):
 
 
 # ----------------------------------------------------------------------------------------------- training
+def read_shard_ids(path: str) -> list[str]:
+    """The IDs in one shard, in order; a truncated or corrupt shard is a ``ValueError`` naming it."""
+    spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string)}
+    ids = []
+    try:
+        with naming_corrupt_shard([path]):  # bad framing or CRC: the same one-line error as in training
+            for batch in tf.data.TFRecordDataset([path]).batch(1024).map(lambda s: tf.io.parse_example(s, spec)):
+                ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN].numpy())
+    except tf.errors.InvalidArgumentError as exc:  # records that are not this project's (no ID feature)
+        reason = re.sub(r"\{\{.*?\}\}\s*", "", str(exc.message)).splitlines()[0][:160]
+        raise ValueError(f"{path}: not a test shard of this project ({reason}); re-run the converter on this "
+                         f"folder, or pass --data-dir with test/ and no --tfrecords") from None
+    return ids
+
+
 def _train_files(tfrecords_dir: str, fold: int, num_folds: int) -> list[str]:
     folds = [k for k in range(num_folds) if k != fold]
     files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, folds)
@@ -369,6 +385,21 @@ class EvalData:
         """The record (row of ``ids``) at ``position`` in this share's stream of rows (numbers or tensors)."""
         return position * self.num_shards + self.shard_index
 
+    def indexed_dataset(self):
+        """``dataset`` with each row's record index beside the image: ``{"image", "index"}`` (a model of several
+        named inputs: those names and ``"index"``), for ``model.predict.predict_eval``, which places every
+        prediction by its index whatever order a strategy hands batches to replicas in."""
+        batch = self.local_batch_size  # the whole batch, or this process's share of it
+
+        def add_index(step, element):
+            images = element[0] if isinstance(element, (tuple, list)) else element
+            index = self.record_index(tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32))
+            return {**images, "index": index} if isinstance(images, dict) else {"image": images, "index": index}
+
+        # A known length lets predict stop without probing (and warning about) the end of the data.
+        return (self.dataset.enumerate().map(add_index)
+                .apply(tf.data.experimental.assert_cardinality(self.num_batches)))
+
     @functools.cached_property
     def _labels(self) -> tuple[np.ndarray, np.ndarray]:
         # A pass over the same files in the same order, parsing only two small features (no decoding).
@@ -401,7 +432,7 @@ class EvalData:
         """Drop the padding rows: ``predictions[:num_examples]`` (after checking the row count)."""
         if self.num_shards > 1:
             raise ValueError("unpad needs every row in order, but this is one share of several processes: predict "
-                             "with serve.predict.predict_eval, which places rows by their record index")
+                             "with model.predict.predict_eval, which places rows by their record index")
         predictions = np.asarray(predictions)
         if predictions.shape[0] != self.num_batches * self.batch_size:
             raise ValueError(f"expected {self.num_batches * self.batch_size} predicted rows "

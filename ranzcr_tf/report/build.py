@@ -4,7 +4,7 @@
 
 The first run is reported in full (data, training curves, per-column curves and calibration, Grad-CAM,
 worst studies); every run given enters the side-by-side cross-validation table. Predictions are the
-runs' ``oof.csv`` files (written by the one prediction function, ``serve.predict``), so every number
+runs' ``oof.csv`` files (written by the one prediction function, ``model.predict``), so every number
 here is the one training reported; only Grad-CAM runs a model again, on at most ``--max-images``
 validation studies. Images come from the records the run was trained on (``--tfrecords``, default
 the run's ``data.tfrecords``); without them the image sections are left out and the page says so.

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from ranzcr_tf import compat, io_utils
-from ranzcr_tf.serve import predict as serve_predict  # the one prediction function (validation, OOF, kernel)
+from ranzcr_tf.model import predict as model_predict  # the one prediction function (validation, OOF, kernel)
 from ranzcr_tf.train import multihost
 from ranzcr_tf.train.schedules import learning_rate_value
 
@@ -150,10 +150,10 @@ class Validation(keras.callbacks.Callback):
             logs[self.monitor] = math.nan
             return
         if self._predictor_of is not self.model:
-            self._predictor = serve_predict.build_predictor(inference_model_of(self.model),
+            self._predictor = model_predict.build_predictor(inference_model_of(self.model),
                                                             from_logits=self.from_logits, placement=self.placement)
             self._predictor_of = self.model
-        probs = serve_predict.predict_eval(inference_model_of(self.model), self.eval_data,
+        probs = model_predict.predict_eval(inference_model_of(self.model), self.eval_data,
                                            from_logits=self.from_logits, placement=self.placement,
                                            predictor=self._predictor)
         self.probabilities = probs  # this epoch's validation predictions, in eval_data.ids order
