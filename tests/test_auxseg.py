@@ -124,9 +124,9 @@ def test_training_batches_carry_tip_maps_on_annotated_studies_only(dataset):
     ds = data.build_train_dataset(_cfg("train.tip_loss_weight=1"), dataset["records"], 0, 32, seed=0,
                                   image_dtype=tf.uint8)
     _, targets = next(iter(ds))
-    assert targets["tip"].shape == (32, SIZE // 4, SIZE // 4, 4) and targets["tip"].dtype == tf.float32
+    assert targets["tip"].shape == (32, SIZE // 4, SIZE // 4, 4) and targets["tip"].dtype == tf.uint8
     has, peak = targets["has_mask"].numpy(), targets["tip"].numpy().max(axis=(1, 2, 3))
-    assert 0 < has.sum() < 32 and (peak[has == 0] == 0).all() and (peak[has == 1] > 0.3).all()
+    assert 0 < has.sum() < 32 and (peak[has == 0] == 0).all() and (peak[has == 1] > 0.3 * 255).all()
     assert "tip" not in next(iter(data.build_train_dataset(_cfg(), dataset["records"], 0, 8, seed=0)))[1]
 
 
@@ -160,10 +160,14 @@ def test_unannotated_studies_contribute_exactly_zero_mask_or_tip_loss_and_gradie
     per_study = loss.call(truth, out[output]).numpy()
     assert float(value) == pytest.approx(per_study[[0, 2]].mean(), rel=1e-6)
     # No annotated study at all: the mask (and tip) terms are exactly 0 and the total is the classification loss.
-    y = {"target": tf.zeros([4, 11]), "mask": mask, "tip": tip, "has_mask": tf.zeros([4])}
+    y = {"target": tf.zeros([4, 11]), "mask": mask, "tip": tf.cast(tf.round(tip * 255), tf.uint8), "has_mask": tf.zeros([4])}
     total = model.compute_loss(images, y, out)
     assert float(total) == float(model.classification_loss(y["target"], out["logits"]))
-    if term == "tip":
+    if term == "tip":  # the batches' uint8 maps are read as [0, 1]
+        with_tips = model.compute_loss(images, {**y, "has_mask": has_mask}, out)
+        expected = (float(total) + float(LineMaskLoss()(mask, out["masks"], sample_weight=has_mask))
+                    + float(loss(tf.cast(y["tip"], tf.float32) / 255, out["tips"], sample_weight=has_mask)))
+        assert float(with_tips) == pytest.approx(expected, rel=1e-5)
         with pytest.raises(ValueError, match="'tip' target"):
             model.compute_loss(images, {k: v for k, v in y.items() if k != "tip"}, out)
 

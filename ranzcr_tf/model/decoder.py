@@ -40,6 +40,7 @@ from ranzcr_tf.model.layers import MaskAttentionPooling
 
 NUM_FAMILIES = 4  # pipeline.masks.FAMILIES (the model layer does not import the TensorFlow pipeline)
 TIP_PRIOR_LOGIT = -4.6  # log(0.01 / 0.99): the tip maps' starting probability
+TIP_SCALE = 255.0  # pipeline.tips.TIP_SCALE: the batches' uint8 tip maps hold [0, 1] x 255
 
 
 def _conv_bn_act(x, filters: int, kernel: int, name: str):
@@ -171,7 +172,8 @@ class AuxSegModel(keras.Model):
             if "tip" not in y:
                 raise ValueError("train.tip_loss_weight > 0 trains on a 'tip' target: build the data with the same "
                                  "config (data.build_train_dataset)")
-            tip = self.tip_loss(y["tip"], y_pred["tips"], sample_weight=ops.cast(y["has_mask"], "float32"))
+            tip_true = ops.cast(y["tip"], "float32") / TIP_SCALE  # uint8 maps from the pipeline (pipeline/tips.py)
+            tip = self.tip_loss(tip_true, y_pred["tips"], sample_weight=ops.cast(y["has_mask"], "float32"))
             total = total + self.tip_loss_weight * tip
             self.tip_loss_tracker.update_state(tip)
         for extra in self.losses:  # regularisers, as Keras' own compute_loss adds them

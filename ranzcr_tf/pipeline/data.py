@@ -308,8 +308,8 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         image, mask = _to_model_dtype(expand_channels(image, channels), dtype), tf.cast(mask, tf.uint8)
         if needs.masks == "input":
             return {"image": image, "masks": mask}, parsed[records.TARGET]
-        extra = {} if tip_settings is None else {"tip": tips.tip_heatmaps(parsed, size, tip_settings,
-                                                                         aug_cfg if augment else None, element_seed)}
+        extra = {} if tip_settings is None else {"tip": tips.to_uint8(tips.tip_heatmaps(
+            parsed, size, tip_settings, aug_cfg if augment else None, element_seed))}
         return image, {"target": parsed[records.TARGET], "mask": mask, "has_mask": has_mask, **extra}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)

@@ -3,6 +3,7 @@
     settings = TipSettings.from_config(cfg.train)       # None when the tip term is off
     heat = tip_heatmaps(parsed, image_size=256, settings=settings, aug_cfg=cfg.augment, seed=element_seed)
     # heat: (64, 64, 4) float32 in [0, 1]: one Gaussian per annotated tube at its tip, channels masks.FAMILIES
+    batch_target = to_uint8(heat)   # what the training batches carry (TIP_SCALE = 255 is 1.0)
 
 Which end is the tip: the last point of each polyline. The real annotations run from where the tube enters
 the film to its tip, and both phantom styles write theirs the same way (``synth/phantom.py`` and
@@ -72,6 +73,14 @@ def render_tips(points, family, valid, size: int, sigma):
     heat = tf.exp(-(dx2 + dy2) / (2.0 * sigma * sigma)) * tf.cast(valid, tf.float32)  # (M, M, L)
     one_hot = tf.one_hot(family, NUM_FAMILIES, dtype=tf.float32)  # (L, F)
     return tf.reduce_max(heat[..., None] * one_hot, axis=2)  # (M, M, F)
+
+
+TIP_SCALE = 255.0  # the batches carry tip maps as uint8 (a quarter of float32's host-to-device bytes, as the masks)
+
+
+def to_uint8(heat):
+    """``[0, 1]`` float maps -> uint8 (1.0 is ``TIP_SCALE``); the training model divides them back."""
+    return tf.cast(tf.round(heat * TIP_SCALE), tf.uint8)
 
 
 def tip_heatmaps(parsed: dict, image_size: int, settings: TipSettings, aug_cfg: AugmentConfig | None = None,

@@ -129,7 +129,7 @@ def symbolic_targets(cfg: Config, image_size: int):
                "mask": keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="uint8"),
                "has_mask": keras.KerasTensor((1,), dtype="float32")}
     if cfg.train.recipe == "aux_seg" and cfg.train.tip_loss_weight > 0:
-        targets["tip"] = keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="float32")
+        targets["tip"] = keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="uint8")
     return targets
 
 
