@@ -10,10 +10,18 @@ zero images that ``EvalData.unpad`` removes again, so padding never reaches a me
 StudyInstanceUIDs travel beside the batches (``EvalData.ids``), never inside the Keras tuple: a third
 element would be read as sample weights, and strings cannot go to a TPU or a JAX device.
 
-Run ``python -m ranzcr_tf.pipeline.data --tfrecords DIR --fold 0 --show grid.png`` to see what the model sees.
+Run ``python -m ranzcr_tf.pipeline --tfrecords DIR --fold 0 --show grid.png`` to see what the model sees
+(the command line: ``pipeline/__main__.py``).
 """
 
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":  # ``python -m ranzcr_tf.pipeline.data``, the older spelling: the command
+    from ranzcr_tf.pipeline.__main__ import main  # (pipeline/__main__.py) parses before TensorFlow loads
+
+    sys.exit(main(prog="python -m ranzcr_tf.pipeline.data"))
 
 import contextlib
 import functools
@@ -567,30 +575,3 @@ def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def main(argv=None) -> int:
-    from ranzcr_tf import cli
-    from ranzcr_tf.config import load_config
-
-    parser = cli.build_parser("python -m ranzcr_tf.pipeline.data", "Preview the training input: a grid of "
-                              "augmented samples with their labels.", settings=True)
-    parser.add_argument("--tfrecords", required=True, help="converted records folder (holds manifest.json)")
-    parser.add_argument("--fold", type=int, default=0, help="validation fold; the grid shows the other folds")
-    parser.add_argument("--show", required=True, metavar="PNG", help="output image path")
-    parser.add_argument("--n", type=int, default=16, help="number of samples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-augment", action="store_true", help="show the stored pixels")
-
-    def run(args) -> int:
-        cfg = load_config(args.config, args.overrides)
-        cli.check_output_file(args.show, "--show")
-        print(show_grid(cfg, args.tfrecords, args.fold, args.show, n=args.n, seed=args.seed,
-                        augment=not args.no_augment))
-        return 0
-
-    return cli.main(parser, run, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
