@@ -192,6 +192,16 @@ def add_config_flags(parser: argparse.ArgumentParser, default: str | None = None
                         help="print the resolved config (--config and every --set applied) as YAML and exit")
 
 
+def _config_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``--config``/``--set`` (and ``--verbose``/``--debug``) of ``argv``, the command's other arguments ignored."""
+    only = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+    add_config_flags(only, default=parser._option_string_actions["--config"].default,
+                     overrides="--set" in parser._option_string_actions)
+    only.add_argument("--verbose", action="store_true")
+    only.add_argument("--debug", action="store_true")
+    return only.parse_known_args(argv)[0]
+
+
 def print_config(args: argparse.Namespace) -> int:
     """Print the config ``--config`` and ``--set`` resolve to, as YAML (what ``--print-config`` shows)."""
     import yaml
@@ -215,8 +225,16 @@ def add_subcommand(subparsers, name: str, help_text: str, *, progress: bool = Fa
 
 
 def hidden_alias(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
-    """An older spelling of a flag that still works but is not shown in --help."""
+    """An older spelling of a flag that still works but is not shown in --help. The flag it stands for cannot
+    be ``required=True`` (argparse would ask for it even when the old spelling is given): check it with
+    :func:`require` instead."""
     parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+def require(args: argparse.Namespace, dest: str, flag: str) -> None:
+    """A ``ValueError`` (exit 2) when the required ``flag`` (or its hidden older spelling) was not given."""
+    if not getattr(args, dest, None):
+        raise ValueError(f"{flag} is required")
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -269,12 +287,14 @@ def _one_line(exc: BaseException) -> str:
 def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
          argv: list[str] | None = None) -> int:
     """Parse ``argv``, run ``body(args)`` and turn what it raises into one line and an exit code."""
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--print-config" in argv and "--print-config" in parser._option_string_actions:
+        args, body = _config_arguments(parser, argv), print_config  # the command's other arguments may be absent
+    else:
+        args = parser.parse_args(argv)
     setup(["--verbose"] if args.verbose else [])
     prog = parser.prog
     try:
-        if getattr(args, "print_config", False):
-            return print_config(args)
         return int(body(args) or 0)
     except KeyboardInterrupt:
         if args.debug:

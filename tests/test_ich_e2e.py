@@ -23,7 +23,7 @@ SIZE = 32
 def ich_set(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ich") / "data")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.ich", "--out", out, "--patients", "8", "--seed", "0",
+    subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.ich", "--out-dir", out, "--patients", "8", "--seed", "0",
                     "--size", str(SIZE)], check=True, cwd=ROOT, env=env, capture_output=True)
     return out
 

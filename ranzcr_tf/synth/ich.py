@@ -1,6 +1,6 @@
 """Synthetic RSNA Intracranial Hemorrhage data: real DICOM head-CT slices in the Kaggle layout.
 
-    python -m ranzcr_tf.synth.ich --out data/ich --patients 40 --seed 0 [--size 128] [--test-fraction 0.25]
+    python -m ranzcr_tf.synth.ich --out-dir data/ich --patients 40 --seed 0 [--size 128] [--test-fraction 0.25]
 
 writes, as the competition's files are laid out:
 
@@ -66,7 +66,6 @@ Everything is a function of the seed; the default 40 patients at 128 px take a f
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -76,7 +75,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import io_utils
+from ranzcr_tf import cli, io_utils
 
 ICH_LABELS = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 BLEED_TYPES = ICH_LABELS[:5]
@@ -447,37 +446,39 @@ def make_dataset(out_dir: str, n_patients: int = 40, seed: int = 0, size: int = 
             "quirks": {name: sum(1 for row in quirk_rows if row[2] == name) for name in QUIRKS}, "paths": paths}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.synth.ich", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a synthetic RSNA Intracranial Hemorrhage dataset (DICOM head-CT phantoms whose "
-                    "bleeds span consecutive slices) in the Kaggle layout.",
-        epilog="Example: python -m ranzcr_tf.synth.ich --out data/ich --patients 40 --seed 0 --size 128")
-    parser.add_argument("--out", required=True, help="output folder (created; must not hold another dataset)")
+def build_parser():
+    parser = cli.build_parser(
+        "python -m ranzcr_tf.synth.ich",
+        "Write a synthetic RSNA Intracranial Hemorrhage dataset (DICOM head-CT phantoms whose bleeds span "
+        "consecutive slices) in the Kaggle layout.",
+        epilog="Example: python -m ranzcr_tf.synth.ich --out-dir data/ich --patients 40 --seed 0 --size 128")
+    parser.add_argument("--out-dir", help="output folder (required; created; must not hold another dataset)")
+    cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--patients", type=int, default=40, help="number of patients, one series each (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
     parser.add_argument("--size", type=int, default=128, help="slice size in pixels (default 128; real slices are 512)")
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="share of the patients whose slices go to stage_2_test (default 0.25)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> int:
+    cli.require(args, "out_dir", "--out-dir DIR")
     start = time.time()
-    try:
-        summary = make_dataset(args.out, args.patients, seed=args.seed, size=args.size,
-                               test_fraction=args.test_fraction)
-    except (ValueError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = make_dataset(args.out_dir, args.patients, seed=args.seed, size=args.size,
+                           test_fraction=args.test_fraction)
     n_any = summary["train_positives"]["any"]
     print(f"wrote {summary['n_train']} train + {summary['n_test']} test slices ({summary['n_train_patients']} + "
-          f"{summary['n_test_patients']} patients, {args.size} px) to {args.out} in {time.time() - start:.1f} s")
+          f"{summary['n_test_patients']} patients, {args.size} px) to {args.out_dir} in {time.time() - start:.1f} s")
     print(f"train positives: {n_any}/{summary['n_train']} any ({n_any / max(1, summary['n_train']):.0%}); "
           + ", ".join(f"{k}={v}" for k, v in summary["train_positives"].items() if k != "any"))
     print("quirks: " + ", ".join(f"{k}={v}" for k, v in summary["quirks"].items()) + " (listed in quirks.csv)")
-    return summary
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
