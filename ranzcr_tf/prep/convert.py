@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.config import PreprocessConfig, TaskConfig, run_metadata
+from ranzcr_tf.config import PreprocessConfig, TaskConfig
 from ranzcr_tf.labels import ID_COLUMN
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.csv_checks import (
@@ -60,6 +60,7 @@ from ranzcr_tf.prep.shard_plan import (
 )
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
 from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
+from ranzcr_tf.provenance import run_metadata
 
 KILL_HOOK_ENV = "RANZCR_CONVERT_KILL_AFTER"  # tests: SIGKILL this process after N records (mid-shard)
 RECORD_OVERHEAD_BYTES = 600  # ID, targets, sizes, typical annotations and TFRecord framing per record

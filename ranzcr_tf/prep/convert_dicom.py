@@ -33,12 +33,13 @@ import numpy as np
 import pandas as pd
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.config import PreprocessConfig, TaskConfig, run_metadata
+from ranzcr_tf.config import PreprocessConfig, TaskConfig
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.folds import FOLD_COLUMN, assign_folds, fold_positives
 from ranzcr_tf.prep.shard_plan import own_files, preprocess_settings
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
 from ranzcr_tf.prep.workers import available_cores
+from ranzcr_tf.provenance import run_metadata
 
 SKIPPED_CSV = "skipped.csv"
 TEST_SLICES_CSV = "test_slices.csv"
