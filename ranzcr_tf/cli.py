@@ -252,7 +252,7 @@ def check_output_dir(path: str, flag: str = "--out-dir", create: bool = True) ->
     folder = os.path.abspath(path)
     while not create and not os.path.exists(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
+    if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)

@@ -298,3 +298,14 @@ def test_one_name_for_run_folders_and_flags_after_the_subcommand():
         assert args.debug and args.quiet and args.run_dirs == ["run"], argv
     args = parser.parse_args(["predict", "--models", "r", *common])
     assert not args.debug and not args.quiet and not args.verbose
+
+
+def test_check_output_dir_creates_the_folder_or_only_probes_its_parent(tmp_path):
+    made, probed = tmp_path / "a" / "b", tmp_path / "c" / "d"
+    cli.check_output_dir(str(made))
+    cli.check_output_dir(str(probed), create=False)
+    assert made.is_dir() and not (tmp_path / "c").exists() and not list(tmp_path.glob("**/.tmp-write-check-*"))
+    (tmp_path / "file").write_text("x")
+    for create in (True, False):
+        with pytest.raises(ValueError, match="file, not a folder|not writable"):
+            cli.check_output_dir(str(tmp_path / "file" / "run"), create=create)
