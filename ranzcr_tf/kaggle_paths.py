@@ -91,6 +91,6 @@ def run_step(argv: list[str], ok_codes: tuple[int, ...] = (0,), env: dict | None
         sys.stdout.write(line)
     code = process.wait()
     if code not in ok_codes:
-        raise StepFailed(f"{os.path.basename(argv[1] if len(argv) > 1 else argv[0])} exited with {code}: "
-                         "its last lines above say why")
+        shown = " ".join(os.path.basename(arg) for arg in argv[:3])
+        raise StepFailed(f"`{shown} ...` exited with {code}: its last lines above say why")
     return code

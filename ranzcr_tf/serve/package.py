@@ -178,6 +178,15 @@ def write_metadata(out_dir: str, name: str, user: str | None) -> str:
     return path
 
 
+def metadata_line(out_dir: str, name: str, user: tuple[str, str] | None) -> str:
+    """The line ``package`` prints about ``dataset-metadata.json``: whose id it holds, or what to edit."""
+    metadata = os.path.join(out_dir, "dataset-metadata.json")
+    if user:
+        return f"{metadata}: id {user[0]}/{name} (user name from {user[1]})"
+    return (f"note: edit {metadata}: replace {USER_PLACEHOLDER} in its \"id\" with your Kaggle user name (or rerun "
+            f"with --kaggle-user NAME, or set KAGGLE_USERNAME) before `kaggle datasets create -p {out_dir}`")
+
+
 def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: list[str] | None = None,
                 keras_wheel: bool = True, decoder_wheel: bool = True, user: str | None = None) -> dict:
     """Build the bundle folder; returns ``{'wheels': [...], 'runs': [...], 'out': out_dir}``."""
@@ -248,13 +257,7 @@ def run(args) -> int:
                          decoder_wheel=not args.no_decoder, user=user[0] if user else None)
     print(f"bundle {result['out']} ({result['name']}): wheels {', '.join(result['wheels'])}; "
           f"{len(result['runs'])} fold(s)")
-    metadata = os.path.join(result["out"], "dataset-metadata.json")
-    if user:
-        print(f"{metadata}: id {user[0]}/{result['name']} (user name from {user[1]})")
-    else:
-        print(f"note: edit {metadata}: replace {USER_PLACEHOLDER} in its \"id\" with your Kaggle user name "
-              f"(or rerun with --kaggle-user NAME, or set KAGGLE_USERNAME) before `kaggle datasets create -p "
-              f"{result['out']}`")
+    print(metadata_line(result["out"], result["name"], user))
     print("notebook cell:\n" + notebook_cell(result["name"]))
     return 0
 

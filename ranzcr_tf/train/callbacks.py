@@ -430,8 +430,8 @@ class TimeBudget(keras.callbacks.Callback):
         now = time.monotonic()
         self.longest = max(self.longest, now - (self.epoch_started or now))
         stop = now + self.longest > self.deadline
-        if self.placement is not None:  # several processes stop at the same epoch or not at all
-            multihost.check_same_everywhere(self.placement, "whether the time budget stops training", int(stop))
+        if self.placement is not None:  # several processes (their own clocks) stop at the same epoch
+            stop = multihost.any_everywhere(self.placement, stop)
         if stop:
             minutes = (self.deadline - PROCESS_CLOCK_START) / 60.0
             raise TimeBudgetReached(
