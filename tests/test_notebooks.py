@@ -199,11 +199,11 @@ def test_notebooks_records_train_resume_package_and_submit_offline(kaggle, tmp_p
     # The bundle, built as a user builds it (wheels of Keras and simplejpeg left out: the "image" has them).
     bundle = os.path.join(inputs, BUNDLE_SLUG)
     packaged = subprocess.run([sys.executable, "-m", "ranzcr_tf.serve.package", "--runs", second, "--out-dir", bundle,
-                               "--no-keras", "--no-decoder"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                              env={**os.environ, "KAGGLE_USERNAME": "some-kaggler", "PYTHONPATH": REPO})
+                               "--kaggle-user", "some-kaggler", "--no-keras", "--no-decoder"], capture_output=True,
+                              text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
     assert packaged.returncode == 0, packaged.stderr[-2000:]
     assert json.load(open(os.path.join(bundle, "dataset-metadata.json")))["id"] == f"some-kaggler/{BUNDLE_SLUG}"
-    assert "user name from $KAGGLE_USERNAME" in packaged.stdout
+    assert "user name from --kaggle-user" in packaged.stdout
 
     # Notebook 3, offline: pip's index off, every non-local connection refused and logged, a bare venv kernel.
     python = offline_venv(str(tmp_path / "venv"))
