@@ -132,8 +132,7 @@ def notebook_cell(name: str) -> str:
     """The Kaggle notebook cell that installs offline from the bundle and runs the kernel."""
     return (f"!pip install --no-index --find-links /kaggle/input/{name}/wheels {PACKAGE_NAME}\n"
             f"!python -m ranzcr_tf.serve.kernel --models /kaggle/input/{name}/runs --max-minutes 480\n"
-            f"# TPU notebooks (JAX backend): !KERAS_BACKEND=jax python -m ranzcr_tf.serve.kernel "
-            f"--models /kaggle/input/{name}/runs\n")
+            f"# internet off, accelerator GPU or None (a submission notebook does not run on a TPU)\n")
 
 
 def bundle_readme(name: str, wheels: list[str], runs: list[str]) -> str:
