@@ -8,6 +8,9 @@ notebook's version, and attachable to another notebook as an input) and scratch 
 defaults (``make_tfrecords.py --data-dir``, the kernel's ``--data-dir``, ``--models`` and ``--out``) all
 resolve their paths here, so a rehearsal on a laptop or in CI (``tests/test_notebooks.py``) runs the same
 code against a temporary folder. The variable is read at every call, never cached.
+
+Standard library only, on purpose: a notebook's own kernel imports this, and on a TPU VM the accelerator belongs
+to one process, the training command the notebook starts, so the kernel must not import TensorFlow or JAX.
 """
 
 from __future__ import annotations

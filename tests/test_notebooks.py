@@ -293,6 +293,11 @@ def test_kaggle_paths_follow_the_root_variable_at_every_call(tmp_path, monkeypat
     assert "already exists" in kaggle_paths.carry_over_run(str(previous), str(out))
     assert (out / "fold0" / "log.csv").read_text() == "epoch\n0\n1\n"
 
+    # The notebooks' kernel imports it: it must leave the accelerator to the command it starts (one TPU owner).
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from ranzcr_tf import kaggle_paths; print(sorted("
+                             "{m.split('.')[0] for m in sys.modules} & {'tensorflow', 'jax', 'keras', 'numpy'}))"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
     with pytest.raises(kaggle_paths.StepFailed, match="exited with 3"):
         kaggle_paths.run_step([sys.executable, "-c", "print('a line'); raise SystemExit(3)"])
     assert "a line" in capsys.readouterr().out
