@@ -21,7 +21,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-KAGGLE_DATA_DIR = "/kaggle/input/ranzcr-clip-catheter-line-classification"
+from ranzcr_tf import kaggle_paths
 
 # Option lists, defined once: the config checks them, and every CLI offers them as choices.
 INTERPOLATIONS = ("auto", "linear", "area", "cubic", "lanczos")  # resize filters (auto: linear below 2x, else area)
@@ -73,7 +73,7 @@ class PreprocessConfig:
 class DataConfig:
     """Where the data is and how it is split and batched."""
 
-    data_dir: str = KAGGLE_DATA_DIR
+    data_dir: str = field(default_factory=kaggle_paths.competition_dir)  # /kaggle/input/<competition>
     tfrecords: str = "tfrecords"
     folds: int = 5
     fold_seed: int = 42
@@ -232,6 +232,10 @@ class TrainConfig:
     ema_momentum: float = 0.99
     grad_accum_steps: int = 1
     early_stopping_patience: int = 0  # 0 = off
+    # Stop cleanly, after an epoch's checkpoint, when the next epoch would end past this many minutes of the
+    # process (0 = no limit): a Kaggle session (9 h) then ends in time to save its output, and the next
+    # session resumes from it. The command exits 75 with one line saying so.
+    max_minutes: float = 0.0
     strategy: str = "auto"  # auto | tpu | mirrored | multiworker | jax | default
     seed: int = 42
     recipe: str = "plain"  # plain | aux_seg | teacher | student | finetune | 3stage (train/recipes.py)
@@ -254,6 +258,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, ">= 0 (0 = no time limit)")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, ">= 0")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
