@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
+from ranzcr_tf import cli
 
 EPILOG = """\
 placement (--strategy auto):
@@ -94,7 +94,7 @@ def run(args) -> int:
         cfg.train.recipe = args.recipe
         cfg.validate()
     out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config or "default"))[0])
-    cli.check_output_dir(out)
+    cli.check_output_dir(out, create=False)  # the run folder is made by training, after every start-up check
     tfrecords = args.tfrecords or cfg.data.tfrecords
     manifest = read_manifest(tfrecords)
     folds = parse_folds(args.fold, int(manifest["num_folds"]))

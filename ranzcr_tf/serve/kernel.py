@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from ranzcr_tf import cli, kaggle_paths  # cli first: quiets TensorFlow's start-up logging before anything imports it
+from ranzcr_tf import cli, kaggle_paths
 from ranzcr_tf.config import ENSEMBLE_METHODS, TTA_VIEWS, InferConfig, given_keys, load_config
 from ranzcr_tf.runs import MODEL_FILE
 from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the --models runs' folder names)")
     parser.add_argument("--batch-size", type=int, help="prediction batch size (default: infer.batch_size of "
                         "--config, else each run's own)")
-    parser.add_argument("--workers", type=int, default=0, help="processes preprocessing raw test images (0 = all cores)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="threads (in this process) preprocessing raw test images; 0 = one per available core (default)")
     parser.add_argument("--work-dir", help=f"scratch folder for preprocessed test images (default: {KAGGLE_TMP} "
                         "on Kaggle, else the system temp folder); removed at the end")
     return parser

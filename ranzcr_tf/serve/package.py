@@ -1,6 +1,6 @@
 """Bundle the package, the wheels Kaggle lacks and chosen runs into one folder to upload as a Kaggle dataset.
 
-    python -m ranzcr_tf.serve.package --runs runs/b7_768 runs/b5_512 --out-dir bundle/ [--name ranzcr-bundle]
+    python -m ranzcr_tf.serve.package --models runs/b7_768 runs/b5_512 --out-dir bundle/ [--name ranzcr-bundle]
 
 Result::
 
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
+from ranzcr_tf import cli
 from ranzcr_tf.runs import BEST_INFO_FILE, METRICS_FILE, SERVING_FILES
 from ranzcr_tf.serve.modelio import discover_models, verify_models
 
@@ -190,7 +190,7 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
                 keras_wheel: bool = True, decoder_wheel: bool = True, user: str | None = None) -> dict:
     """Build the bundle folder; returns ``{'wheels': [...], 'runs': [...], 'out': out_dir}``."""
     if not runs:
-        raise ValueError("pass at least one run folder: --runs runs/NAME [runs/NAME2 ...]")
+        raise ValueError("--models is required: pass at least one run folder, --models runs/NAME [runs/NAME2 ...]")
     name = name or os.path.basename(os.path.abspath(out_dir)).lower().replace("_", "-")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir} is not empty: choose a new --out-dir folder (or delete it)")
@@ -233,7 +233,9 @@ def _fill_bundle(runs: list[str], out_dir: str, name: str, wheels: list[str] | N
 def build_parser():
     parser = cli.build_parser("python -m ranzcr_tf.serve.package", __doc__.split("\n\n")[0],
                               epilog="Upload the folder as a Kaggle dataset; its README.md holds the notebook cell.")
-    parser.add_argument("--runs", nargs="+", required=True, help="run folders (runs/NAME) to include")
+    parser.add_argument("--models", nargs="+", default=[], metavar="RUN_DIR",
+                        help="run folders (runs/NAME) to include (required; the kernel's --models)")
+    cli.hidden_alias(parser, "--runs", "models", nargs="+")
     parser.add_argument("--out-dir", required=True, help="new (or empty) folder for the bundle")
     cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--name", help="Kaggle dataset slug, i.e. the folder name under /kaggle/input "
@@ -252,7 +254,7 @@ def build_parser():
 def run(args) -> int:
     cli.check_output_dir(args.out_dir)
     user = kaggle_user(args.kaggle_user)  # before the slow build: a broken kaggle.json stops at once
-    result = make_bundle(args.runs, args.out_dir, args.name, args.wheel, keras_wheel=not args.no_keras,
+    result = make_bundle(args.models, args.out_dir, args.name, args.wheel, keras_wheel=not args.no_keras,
                          decoder_wheel=not args.no_decoder, user=user[0] if user else None)
     print(f"bundle {result['out']} ({result['name']}): wheels {', '.join(result['wheels'])}; "
           f"{len(result['runs'])} fold(s)")

@@ -32,7 +32,7 @@ PROCESS_CLOCK_START = time.monotonic()  # train.max_minutes counts from here (tr
 KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this process after that epoch's backup
 
 NAN_ADVICE = ("try a lower learning rate (--set train.learning_rate=...; a tenth of the current value is a good "
-              "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.pipeline.data --tfrecords DIR "
+              "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.pipeline --tfrecords DIR "
               "--fold K --show grid.png`), or train in float32 (--set model.mixed_precision=float32)")
 
 
