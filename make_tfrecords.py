@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace):
     """Config tree (preset <- --set <- explicit flags), validated, and the converter options."""
-    from ranzcr_tf.config import KAGGLE_DATA_DIR, load_config
+    from ranzcr_tf import kaggle_paths
+    from ranzcr_tf.config import load_config
     from ranzcr_tf.prep.convert import ConvertOptions
 
     flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items() if getattr(args, dest) is not None]
@@ -92,8 +93,9 @@ def resolve(args: argparse.Namespace):
                                 "one 0/1 column per label)")
     data_dir = cfg.data.data_dir
     if not os.path.isdir(data_dir):
-        hint = ("no --data-dir given and the Kaggle folder " + KAGGLE_DATA_DIR + " does not exist"
-                if args.data_dir is None and data_dir == KAGGLE_DATA_DIR else f"data folder {data_dir} does not exist")
+        hint = (f"no --data-dir given and the Kaggle folder {data_dir} does not exist"
+                if args.data_dir is None and data_dir == kaggle_paths.competition_dir()
+                else f"data folder {data_dir} does not exist")
         if cfg.task.reader == "dicom":
             raise ValueError(f"{hint}: point --data-dir at the competition folder ({cfg.task.train_csv}, "
                              f"{cfg.task.train_images[0]}/), or make a synthetic set with `python -m ranzcr_tf.synth.ich "
