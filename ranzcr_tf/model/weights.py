@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import keras
@@ -62,7 +63,8 @@ def imagenet_file(backbone: str) -> WeightsFile:
         raise ValueError(f"backbone {backbone} has no ImageNet weights: set model.weights=none (or a local file)")
     module = next(m for prefix, m in _MODULES.items() if spec.application.startswith(prefix))
     try:
-        with compat.application_file_utils(module, _Recorder):
+        with compat.application_file_utils(module, _Recorder), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MobileNetV3's note that 32 px is not its 224 px
             getattr(keras.applications, spec.application)(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
     except _Asked as asked:
         found = asked.args[0]
@@ -81,6 +83,7 @@ def ensure_imagenet_weights(backbone: str, announce=print) -> str:
     if os.path.isfile(wanted.cached_path):
         return wanted.cached_path
     cache_home = os.path.dirname(keras_cache_dir())
+    os.makedirs(keras_cache_dir(), exist_ok=True)  # get_file falls back to /tmp/.keras when the folder is missing
     announce(f"ImageNet weights: downloading {wanted.fname} from {wanted.origin} into {keras_cache_dir()} (once)")
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
