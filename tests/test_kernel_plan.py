@@ -3,8 +3,6 @@ and nothing written."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from helpers_convert import make_tiny_dataset

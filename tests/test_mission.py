@@ -9,8 +9,8 @@ import os
 
 import pytest
 import yaml
-
 from helpers_train import TINY_SETTINGS, write_tiny_records
+
 from ranzcr_tf import presets
 from ranzcr_tf.config import load_config
 from ranzcr_tf.train.preset_rules import (

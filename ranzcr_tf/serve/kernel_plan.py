@@ -95,11 +95,12 @@ def plan_kernel(models: list[ModelSpec], source, infer_cfg: InferConfig, max_sec
     limit = "no limit" if max_seconds is None else f"--max-minutes {max_seconds / 60:g}"
     announce(f"plan: full plan {describe_plan(levels[0], fold_counts, len(views))} x {num_images} test images: "
              f"estimated {full / 60:.1f} min ({limit}; the kernel compares with x{costs.safety} margin)")
-    index, chosen = choose_plan(levels, costs, float("inf") if max_seconds is None else max_seconds)
-    fits = costs.estimate(chosen) <= (float("inf") if max_seconds is None else max_seconds)
-    verdict = ("fits" if index == 0 else f"does not fit: the kernel would run "
-               f"{describe_plan(chosen, fold_counts, len(views))} (estimated {costs.estimate(chosen) / costs.safety / 60:.1f} min)")
+    budget = float("inf") if max_seconds is None else max_seconds
+    index, chosen = choose_plan(levels, costs, budget)
+    fits = costs.estimate(chosen) <= budget
+    smaller = f"{describe_plan(chosen, fold_counts, len(views))}, estimated {costs.estimate(chosen) / costs.safety / 60:.1f} min"
+    verdict = "fits" if index == 0 else f"does not fit: the kernel would run {smaller}"
     if not fits:
-        verdict = f"does not fit even at the minimum plan ({describe_plan(chosen, fold_counts, len(views))})"
+        verdict = f"does not fit even at the minimum plan ({smaller})"
     announce(f"plan: the full plan {verdict}")
     return {"estimated_seconds": full, "level": index, "fits": fits}
