@@ -12,7 +12,7 @@ import yaml
 from helpers_train import TINY_SETTINGS, write_tiny_records
 
 from ranzcr_tf import presets
-from ranzcr_tf.config import load_config
+from ranzcr_tf.config import given_keys, load_config
 from ranzcr_tf.train.preset_rules import (
     fit_steps_per_execution,
     follow_preset_image_size,
@@ -117,34 +117,39 @@ def test_steps_per_execution_becomes_a_divisor():
 
 
 def test_image_size_rule():
-    b5 = load_config(presets.find_preset("b5_512_gpu"))
-    given = {"preprocess.image_size"}
-    note = follow_preset_image_size(b5, given, 768)
-    assert b5.data.image_size == 512 and "resized to 512 px" in note and "768 px" in note
-    same = load_config(presets.find_preset("b7_768_tpu"))
-    assert follow_preset_image_size(same, given, 768) is None and same.data.image_size == 0
-    explicit = load_config(presets.find_preset("b5_512_gpu"), ["data.image_size=0"])
-    assert follow_preset_image_size(explicit, given | {"data.image_size"}, 768) is None
+    """b5_512_gpu on the default 768 px records trains at 512; an explicit data.image_size wins; agreeing sizes
+    change nothing."""
+    path = presets.find_preset("b5_512_gpu")
+    b5 = load_config(path)
+    note = follow_preset_image_size(b5, given_keys(path), 768)
+    assert b5.data.image_size == 512 and "resized to 512 px" in note and "records hold 768 px" in note
+    mission = presets.find_preset("b7_768_tpu")
+    same = load_config(mission)
+    assert follow_preset_image_size(same, given_keys(mission), 768) is None and same.data.image_size == 0
+    explicit = load_config(path, ["data.image_size=0"])
+    assert follow_preset_image_size(explicit, given_keys(path, ["data.image_size=0"]), 768) is None
+    assert explicit.data.image_size == 0
 
 
 @pytest.mark.slow
-def test_b5_preset_on_larger_records_trains_at_its_size_with_a_dividing_steps_per_execution(records_32, tmp_path,
-                                                                                            capsys):
-    """A real record folder at 32 px under a preset that says 512 px -> training at 512, announced; 6 steps per
-    epoch at train.steps_per_execution 4 -> 3, announced, and exactly 6 optimizer steps trained."""
+def test_a_preset_size_other_than_the_records_trains_at_the_preset_size_with_a_dividing_steps_per_execution(
+        records_32, tmp_path, capsys):
+    """A real record folder at 32 px under the b5 preset told to train at 64 px (its own 512 px is the pure test
+    above; 64 keeps this fit small) -> training at 64, announced; 6 steps per epoch at train.steps_per_execution
+    4 -> 3, announced, and exactly 6 optimizer steps trained."""
     out = str(tmp_path / "run")
     code = train_tpu.main(["--config", presets.find_preset("b5_512_gpu"), "--fold", "0", "--tfrecords", records_32,
                            "--out-dir", out, "--quiet",
                            *_sets(*TINY, "train.batch_size=4", "train.epochs=1", "train.frozen_epochs=0",
                                   "train.steps_per_epoch=6", "train.steps_per_execution=4", "train.grad_accum_steps=1",
-                                  "model.pooling=avg")])
+                                  "model.pooling=avg", "preprocess.image_size=64")])
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
-    assert "the preset trains at preprocess.image_size = 512 px and the records hold 32 px" in printed
+    assert "the preset trains at preprocess.image_size = 64 px and the records hold 32 px" in printed
     assert "train.steps_per_execution 4 -> 3: the largest divisor of the 6 steps per epoch" in printed
     assert "optimizer step 6" in printed
     with open(os.path.join(out, "fold0", "preprocess.json")) as handle:
-        assert yaml.safe_load(handle)["model_image_size"] == 512
+        assert yaml.safe_load(handle)["model_image_size"] == 64
     with open(os.path.join(out, "fold0", "config.yaml")) as handle:
         assert yaml.safe_load(handle)["train"]["steps_per_execution"] == 3
 
@@ -175,7 +180,7 @@ def test_plan_on_cpu_measures_and_writes_nothing(records_32, tmp_path, monkeypat
 def test_bare_command_on_cpu_says_the_cost_and_stops(records_32, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(presets.DEFAULT_PRESET_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    code = train_tpu.main(["--fold", "0", "--tfrecords", records_32, *_sets(*SMALL_MISSION)])
+    code = train_tpu.main(["--fold", "0", "--tfrecords", records_32, *_sets(*SMALL_MISSION, "train.recipe=plain")])
     captured = capsys.readouterr()
     assert code == 2
     lines = captured.out.splitlines()
