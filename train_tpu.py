@@ -17,9 +17,15 @@ placement (--strategy auto):
   MirroredStrategy; otherwise the default device. The global batch is train.batch_size x replicas, and the
   learning rate scales with it when train.lr_reference_batch is set.
 
-image size:
-  the records' manifest says what size they hold. data.image_size=0 (default) trains at that size; any other
-  value resizes every image in the input pipeline to that size, and the run says so at start-up.
+image size (one rule):
+  the records' manifest says what size they hold. A preset (or --set) that names preprocess.image_size trains
+  at that size: on records of another size every image is resized in the input pipeline, said in one line at
+  start (configs/b5_512_gpu.yaml on the default 768 px records trains at 512). data.image_size, when given,
+  wins: 0 = the records' size, any other value that size (also resized in the pipeline and said).
+
+presets that add up (said at start): replicas come from the devices found (TPU v3-8: 8, v4-8: 4); the global
+  batch is train.batch_size x replicas and the learning rate scales with it when train.lr_reference_batch is set;
+  train.steps_per_execution is lowered to a divisor of the steps per epoch (Keras would train extra steps).
 
 restarts:
   run the same command again after a kill or preemption: training continues from <out-dir>/fold{k}/backup with

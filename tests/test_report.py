@@ -54,7 +54,8 @@ def _train_run(root, n_train: int, size: int, settings: list[str]) -> dict:
     _run(["make_tfrecords.py", "--data-dir", raw, "--out-dir", rec, "--image-size", str(size), "--folds", "3",
           "--workers", "2", "--no-progress"])
     _run(["train_tpu.py", "--config", os.path.join(ROOT, "configs", "cpu_demo.yaml"), "--tfrecords", rec, "--fold", "0",
-          "--out-dir", run, "--quiet", *(f"--set={s}" for s in settings)], timeout=1800)
+          "--out-dir", run, "--quiet", *(f"--set={s}" for s in (f"preprocess.image_size={size}", *settings))],
+         timeout=1800)  # the records' size: a preset's own preprocess.image_size would resize (train_tpu --help)
     return {"records": rec, "run": run}
 
 
