@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
+from ranzcr_tf import cli
 
 EPILOG = """\
 placement (--strategy auto):
@@ -19,9 +19,10 @@ placement (--strategy auto):
 
 image size (one rule):
   the records' manifest says what size they hold. A preset (or --set) that names preprocess.image_size trains
-  at that size: on records of another size every image is resized in the input pipeline, said in one line at
-  start (configs/b5_512_gpu.yaml on the default 768 px records trains at 512). data.image_size, when given,
-  wins: 0 = the records' size, any other value that size (also resized in the pipeline and said).
+  at that size on larger records, every image resized in the input pipeline (configs/b5_512_gpu.yaml on the
+  default 768 px records trains at 512); on smaller records at theirs (no upsampling); either said in one line
+  at start. data.image_size, when given, wins: 0 = the records' size, any other value that size (resized in the
+  pipeline and said).
 
 presets that add up (said at start): replicas come from the devices found (TPU v3-8: 8, v4-8: 4); the global
   batch is train.batch_size x replicas and the learning rate scales with it when train.lr_reference_batch is set;
@@ -35,8 +36,11 @@ restarts:
   offers --restart (discard that fold's checkpoint and state) or a new --out-dir. Settings that may change
   on resume: infer.* (validation batch size, TTA), data.cache, data.image_dtype, data.tfrecords/data_dir
   (the path; the records themselves are checked), train.strategy, distribute.*, train.steps_per_execution,
-  train.jit_compile, train.early_stopping_patience, and train.epochs when train.schedule is constant or
-  plateau (the other schedules' curve depends on it). Everything else must stay as it was.
+  train.jit_compile, train.early_stopping_patience, train.max_minutes, and train.epochs when train.schedule is
+  constant or plateau (the other schedules' curve depends on it). Everything else must stay as it was.
+  --set train.max_minutes=M stops by itself after the epoch (and its backup) past which another epoch would end
+  later than M minutes into the process, exit 75: a Kaggle session (9 h) then ends in time to save its output,
+  and the same command in the next session continues (kaggle/02_train.ipynb).
 
 outputs (<out-dir>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
@@ -126,12 +130,12 @@ def run(args) -> int:
     if config_path and not args.config:
         print(f"preset: {presets.preset_display(config_path)} (the default; --config names another)", flush=True)
     out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(config_path or "default"))[0])
+    cli.check_output_dir(out, create=False)  # the run folder is made by training, after every start-up check
     placement = choose_placement(cfg.train.strategy, cfg.distribute)  # first: a strategy precedes any TF work
     print(placement.describe(), flush=True)
     if config_path and not args.config and placement.accelerator == "cpu" and not args.force_cpu:
         plan.refuse_cpu_run(cfg, placement, tfrecords, given, presets.preset_display(config_path), presets.CPU_PRESET)
     prepare_weights(cfg.model)  # before any record is read: cached, downloaded once, or one line saying where
-    cli.check_output_dir(out)
     manifest = read_manifest(tfrecords)
     folds = parse_folds(args.fold, int(manifest["num_folds"]))
     size_note = preset_rules.follow_preset_image_size(cfg, given, int(manifest["image_size"]))

@@ -107,7 +107,7 @@ def _prior_log_loss(data_dir: str, records: str, run_dir: str) -> float:
 
 def run_seed(args, seed: int, work: str, start: float) -> list[dict]:
     data = os.path.join(work, f"data{seed}")
-    _run(["-m", "ranzcr_tf.synth.ich", "--out", data, "--patients", str(args.patients), "--seed", str(seed),
+    _run(["-m", "ranzcr_tf.synth.ich", "--out-dir", data, "--patients", str(args.patients), "--seed", str(seed),
           "--size", str(args.size), "--test-fraction", "0.1"])
     arms = {"single slice (context 0, 3 ch)": (data, ["task.slice_context=0", "model.input_channels=3"]),
             "adjacent slices (context 1, 9 ch)": (data, []),

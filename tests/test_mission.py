@@ -49,9 +49,9 @@ def _sets(*settings):
 
 
 @pytest.fixture(scope="module")
-def records_32(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("records32"))
-    write_tiny_records(root, num_folds=3, per_fold=16, size=32)
+def records_64(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("records64"))
+    write_tiny_records(root, num_folds=3, per_fold=16, size=64)
     return root
 
 
@@ -117,8 +117,8 @@ def test_steps_per_execution_becomes_a_divisor():
 
 
 def test_image_size_rule():
-    """b5_512_gpu on the default 768 px records trains at 512; an explicit data.image_size wins; agreeing sizes
-    change nothing."""
+    """b5_512_gpu on the default 768 px records trains at 512; on smaller records at theirs (said); an explicit
+    data.image_size wins; agreeing sizes change nothing."""
     path = presets.find_preset("b5_512_gpu")
     b5 = load_config(path)
     note = follow_preset_image_size(b5, given_keys(path), 768)
@@ -129,40 +129,43 @@ def test_image_size_rule():
     explicit = load_config(path, ["data.image_size=0"])
     assert follow_preset_image_size(explicit, given_keys(path, ["data.image_size=0"]), 768) is None
     assert explicit.data.image_size == 0
+    small = load_config(path)
+    note = follow_preset_image_size(small, given_keys(path), 256)
+    assert small.data.image_size == 0 and "training at 256 px" in note and "data.image_size=512 to upsample" in note
 
 
 @pytest.mark.slow
 def test_a_preset_size_other_than_the_records_trains_at_the_preset_size_with_a_dividing_steps_per_execution(
-        records_32, tmp_path, capsys):
-    """A real record folder at 32 px under the b5 preset told to train at 64 px (its own 512 px is the pure test
-    above; 64 keeps this fit small) -> training at 64, announced; 6 steps per epoch at train.steps_per_execution
-    4 -> 3, announced, and exactly 6 optimizer steps trained."""
+        records_64, tmp_path, capsys):
+    """A real record folder at 64 px under the b5 preset told to train at 32 px (its own 512 px on 768 px records
+    is the pure test above; small sizes keep this fit short) -> training at 32, announced; 6 steps per epoch at
+    train.steps_per_execution 4 -> 3, announced, and exactly 6 optimizer steps trained."""
     out = str(tmp_path / "run")
-    code = train_tpu.main(["--config", presets.find_preset("b5_512_gpu"), "--fold", "0", "--tfrecords", records_32,
+    code = train_tpu.main(["--config", presets.find_preset("b5_512_gpu"), "--fold", "0", "--tfrecords", records_64,
                            "--out-dir", out, "--quiet",
                            *_sets(*TINY, "train.batch_size=4", "train.epochs=1", "train.frozen_epochs=0",
                                   "train.steps_per_epoch=6", "train.steps_per_execution=4", "train.grad_accum_steps=1",
-                                  "model.pooling=avg", "preprocess.image_size=64")])
+                                  "model.pooling=avg", "preprocess.image_size=32")])
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
-    assert "the preset trains at preprocess.image_size = 64 px and the records hold 32 px" in printed
+    assert "the preset trains at preprocess.image_size = 32 px and the records hold 64 px" in printed
     assert "train.steps_per_execution 4 -> 3: the largest divisor of the 6 steps per epoch" in printed
     assert "optimizer step 6" in printed
     with open(os.path.join(out, "fold0", "preprocess.json")) as handle:
-        assert yaml.safe_load(handle)["model_image_size"] == 64
+        assert yaml.safe_load(handle)["model_image_size"] == 32
     with open(os.path.join(out, "fold0", "config.yaml")) as handle:
         assert yaml.safe_load(handle)["train"]["steps_per_execution"] == 3
 
 
 # ----------------------------------------------------------------------------------------------- --plan, CPU stop
-SMALL_MISSION = ("model.backbone=compact_cnn", "model.weights=none", "preprocess.image_size=64", "train.batch_size=2")
+SMALL_MISSION = ("model.backbone=compact_cnn", "model.weights=none", "preprocess.image_size=32", "train.batch_size=2")
 
 
 @pytest.mark.slow
-def test_plan_on_cpu_measures_and_writes_nothing(records_32, tmp_path, monkeypatch, capsys):
+def test_plan_on_cpu_measures_and_writes_nothing(records_64, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(presets.DEFAULT_PRESET_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    code = train_tpu.main(["--plan", "--tfrecords", records_32, "--plan-steps", "2", *_sets(*SMALL_MISSION)])
+    code = train_tpu.main(["--plan", "--tfrecords", records_64, "--plan-steps", "2", *_sets(*SMALL_MISSION)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     lines = [line for line in printed.splitlines() if line.startswith("plan: ")]
@@ -171,16 +174,16 @@ def test_plan_on_cpu_measures_and_writes_nothing(records_32, tmp_path, monkeypat
                      "global batch 2 (2 x 1 replicas)", "16 steps per epoch (fold 0 of the records",
                      "steps per execution 16", "measured 2 training steps at global batch 2",
                      "peak device memory not reported", "per fold (15 epochs)", "for --fold all (3 folds)",
-                     "ESTIMATE for a TPU v3-8 (not measured)", "records hold 32 px"):
+                     "ESTIMATE for a TPU v3-8 (not measured)", "records hold 64 px", "resized to 32 px"):
         assert expected in text, text
     assert os.listdir(tmp_path) == []  # no run folder, nothing written
 
 
 @pytest.mark.slow
-def test_bare_command_on_cpu_says_the_cost_and_stops(records_32, tmp_path, monkeypatch, capsys):
+def test_bare_command_on_cpu_says_the_cost_and_stops(records_64, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(presets.DEFAULT_PRESET_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    code = train_tpu.main(["--fold", "0", "--tfrecords", records_32, *_sets(*SMALL_MISSION, "train.recipe=plain")])
+    code = train_tpu.main(["--fold", "0", "--tfrecords", records_64, *_sets(*SMALL_MISSION, "train.recipe=plain")])
     captured = capsys.readouterr()
     assert code == 2
     lines = captured.out.splitlines()

@@ -49,13 +49,12 @@ def _run(args, timeout=600):
 def _train_run(root, n_train: int, size: int, settings: list[str]) -> dict:
     """Easy phantoms (every study annotated) -> records (3 folds) -> fold 0 trained with the demo preset."""
     raw, rec, run = (str(root / name) for name in ("data", "records", "run"))
-    _run(["-m", "ranzcr_tf.synth.generate", "--style", "easy", "--out", raw, "--n-train", str(n_train), "--n-test", "4",
+    _run(["-m", "ranzcr_tf.synth.generate", "--style", "easy", "--out-dir", raw, "--n-train", str(n_train), "--n-test", "4",
           "--seed", "0", "--scale", "0.1", "--annotated-fraction", "1.0", "--workers", "2"])
     _run(["make_tfrecords.py", "--data-dir", raw, "--out-dir", rec, "--image-size", str(size), "--folds", "3",
           "--workers", "2", "--no-progress"])
     _run(["train_tpu.py", "--config", os.path.join(ROOT, "configs", "cpu_demo.yaml"), "--tfrecords", rec, "--fold", "0",
-          "--out-dir", run, "--quiet", *(f"--set={s}" for s in (f"preprocess.image_size={size}", *settings))],
-         timeout=1800)  # the records' size: a preset's own preprocess.image_size would resize (train_tpu --help)
+          "--out-dir", run, "--quiet", *(f"--set={s}" for s in settings)], timeout=1800)
     return {"records": rec, "run": run}
 
 

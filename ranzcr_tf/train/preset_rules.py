@@ -94,16 +94,19 @@ def describe_scaling(cfg: Config, num_replicas: int, where: str) -> str:
 
 
 def follow_preset_image_size(cfg: Config, given: set[str], records_size: int) -> str | None:
-    """The one image-size rule: a preset (or ``--set``) that names ``preprocess.image_size`` trains at that size.
-
-    Unless ``data.image_size`` is given too (that wins), ``data.image_size`` becomes the preset's
-    ``preprocess.image_size`` when the records hold another size, so ``b5_512_gpu`` on the default 768 px
-    records trains at 512, resized in the input pipeline. Returns the line announcing it (None: no change).
+    """The one image-size rule: a preset (or ``--set``) that names ``preprocess.image_size`` trains at that size
+    when the records hold larger images, so ``b5_512_gpu`` on the default 768 px records trains at 512, resized
+    in the input pipeline. Records smaller than that train at their own size (upsampling adds compute, not
+    detail). ``data.image_size``, when given, wins. Returns the line that says which (None: sizes agree).
     """
     wanted = int(cfg.preprocess.image_size)
     if "data.image_size" in given or "preprocess.image_size" not in given or wanted == int(records_size):
         return None
+    if wanted > records_size:
+        return (f"image size: the preset says preprocess.image_size = {wanted} px but the records hold {records_size} "
+                f"px: training at {records_size} px (convert at {wanted} px for the preset's resolution, or --set "
+                f"data.image_size={wanted} to upsample)")
     cfg.data.image_size = wanted
-    return (f"image size: the preset trains at preprocess.image_size = {wanted} px and the records hold {records_size} px: "
-            f"each image is resized to {wanted} px in the input pipeline (convert at {wanted} px to skip the resize, "
-            f"or --set data.image_size={records_size} to train at the records' size)")
+    return (f"image size: the preset trains at preprocess.image_size = {wanted} px and the records hold {records_size} "
+            f"px: each image is resized to {wanted} px in the input pipeline (convert at {wanted} px to skip the "
+            f"resize, or --set data.image_size={records_size} to train at the records' size)")
