@@ -2,7 +2,7 @@
 
 For the first fold of every model: its file is loaded (``modelio.load_fold_model``, timed), the first
 ``sample`` test images are preprocessed with its run's settings (``TestSource.records_for``, the kernel's own
-path; nothing when matching ``--tfrecords`` are given) and predicted through ``serve.predict.predict_eval``,
+path; nothing when matching ``--tfrecords`` are given) and predicted through ``model.predict.predict_eval``,
 the kernel's prediction function, with the first view of ``--tta``; batches after the first (tracing) give
 the seconds per image. Those figures fill the kernel's own cost model (``budget.CostModel``), which then says
 what the full plan (models x folds x TTA views x test images) costs and which plan of the degrade order fits
@@ -18,7 +18,7 @@ import time
 import keras
 
 from ranzcr_tf.config import InferConfig
-from ranzcr_tf.serve import predict as serve_predict
+from ranzcr_tf.model import predict as model_predict
 from ranzcr_tf.serve.budget import CostModel, choose_plan, degrade_levels, describe_plan
 from ranzcr_tf.serve.modelio import ModelSpec, load_fold_model
 
@@ -48,14 +48,14 @@ def measure_fold(fold, source, view: str, batch_size: int, sample: int) -> dict:
         raise ValueError(f"no readable test image among the first {len(source.ids)} for {fold.name}")
     started = time.perf_counter()
     model = load_fold_model(fold)
-    predictor = serve_predict.build_predictor(model, from_logits=fold.output == "logits")
+    predictor = model_predict.build_predictor(model, from_logits=fold.output == "logits")
     load = time.perf_counter() - started
     split = source.split if records_dir == source.tfrecords else "test"
     data = build_eval_dataset(fold.cfg, records_dir, split, batch_size, tta=view, image_size=fold.image_size,
                               with_targets=False)
     timer = _StopAfter(1 + max(1, math.ceil(sample / batch_size)))
     started = time.perf_counter()
-    serve_predict.predict_eval(None, data, from_logits=fold.output == "logits", predictor=predictor,
+    model_predict.predict_eval(None, data, from_logits=fold.output == "logits", predictor=predictor,
                                callbacks=[timer], allow_partial=True)
     if len(timer.ends) > 1:
         predict = (timer.ends[-1] - timer.ends[0]) / ((len(timer.ends) - 1) * batch_size)
