@@ -52,8 +52,8 @@ def preset_display(path: str) -> str:
 def default_preset() -> str | None:
     """The preset a command uses without ``--config``: ``$RANZCR_DEFAULT_PRESET`` (a name or path, or
     ``none`` for the library defaults), else the mission preset."""
-    wanted = os.environ.get(DEFAULT_PRESET_ENV, DEFAULT_PRESET)
-    if wanted.lower() in ("none", ""):
+    wanted = os.environ.get(DEFAULT_PRESET_ENV, "").strip() or DEFAULT_PRESET
+    if wanted.lower() == "none":
         return None
     path = find_preset(wanted)
     if path is None:
