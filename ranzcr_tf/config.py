@@ -119,7 +119,8 @@ class AugmentConfig:
     # Blank the left or the right half (each half equally likely), last: the RSNA PE 2020 team's "half mask".
     half_mask_prob: float = 0.0
     # How the one combined flip/crop/affine resampling runs: "xla" = a bilinear warp as an XLA-compiled gather on
-    # the host CPU (default: ~2x less CPU than the op at 768 px; rounds instead of truncating); "projective" =
+    # the host CPU (default: less CPU than the op, docs/results.md#speed-measurements-behind-code-choices; rounds
+    # instead of truncating); "projective" =
     # tf.raw_ops.ImageProjectiveTransformV3, the fallback for a TensorFlow build whose tf.data cannot run XLA.
     warp: str = "xla"
 
@@ -214,17 +215,15 @@ class TrainConfig:
     # Training steps per call of Keras' compiled training function. Keras runs whole calls: with a steps per
     # epoch that is not a multiple, each epoch trains up to steps_per_execution - 1 extra steps (3 steps at 2
     # per call trained 4) while the schedule and the run identity count the configured number, so pick a
-    # divisor of the steps per epoch. benchmarks/bench_step.py on 2 heavily shared CPU cores: compact_cnn
-    # 128 px batch 8 trained 1.1-2x faster at 4 than at 1 (two pairs: 93 vs 184, 81 vs 93 images/s: the
-    # per-call host overhead rivals a ~0.1 s step); an EfficientNet step takes seconds on a CPU, where that
-    # overhead is noise (not measured). On TPUs the host round trip per call is what it saves
+    # divisor of the steps per epoch. On a CPU it helped a small model, whose step is short enough for the
+    # per-call host overhead to matter, and should not matter for an EfficientNet step (benchmarks/bench_step.py;
+    # docs/results.md#speed-measurements-behind-code-choices). On TPUs the host round trip per call is what it saves
     # (configs/b7_768_tpu.yaml: 32). Left at 1 by default because of the divisor rule above.
     steps_per_execution: int = 1
     # XLA for the TensorFlow training step (TPUStrategy compiles with XLA anyway; the JAX backend always does).
-    # Off: on CPU, XLA made the step far slower in benchmarks/bench_step.py (compact_cnn 128 px batch 8:
-    # 16-18 vs 81-93 images/s training, 32-45 vs 183-996 inference; efficientnet_b0 256 px batch 8: 0.23 vs
-    # 2.4 training, 0.46 vs 38 inference; 2 heavily shared cores, so noisy, but 5-80x either way). GPUs are
-    # not measured yet: run `benchmarks/bench_step.py --rows keras-tf,keras-tf-xla` there before turning it on.
+    # Off: on CPU, XLA made the step far slower, training and inference, small model and EfficientNet alike
+    # (benchmarks/bench_step.py; docs/results.md#speed-measurements-behind-code-choices). GPUs are not
+    # measured yet: run `benchmarks/bench_step.py --rows keras-tf,keras-tf-xla` there before turning it on.
     jit_compile: bool = False
     use_ema: bool = False
     ema_momentum: float = 0.99

@@ -44,7 +44,7 @@ RUN_HERE = [
 ]
 # (pattern, why no test here runs it)
 NOT_HERE = [
-    (r"^make demo$", "14 minutes on 2 cores (README); its steps are the smoke block's commands at full size"),
+    (r"^make demo$", "minutes on 2 cores (docs/results.md#make-demo); its steps are the smoke block's commands at full size"),
     (r"^pip install ", "installs from PyPI (network); the tf-cpu extra's markers are checked by "
                        "test_tf_cpu_extra_picks_a_wheel_pypi_has, TPU/GPU wheels need that hardware"),
     (r"^kaggle (datasets|kernels) ", "needs a Kaggle account and its API token"),

@@ -38,24 +38,8 @@ import pandas as pd
 
 from ranzcr_tf import io_utils
 from ranzcr_tf.config import PreprocessConfig, TaskConfig
-from ranzcr_tf.prep import records
+from ranzcr_tf.prep import records, shard_plan
 from ranzcr_tf.prep.folds import FOLD_COLUMN, assign_folds, fold_positives
-from ranzcr_tf.prep.shard_plan import (
-    PROGRESS_DIR,
-    RECORD_OVERHEAD_BYTES,
-    SETTINGS_FILE,
-    check_resume,
-    kill_hook,
-    own_files,
-    plan_shards,
-    preprocess_settings,
-    read_json,
-    remove_stale,
-    save_progress,
-    sha256_file,
-    slot_name,
-    task_summary,
-)
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
 from ranzcr_tf.prep.workers import available_cores
 from ranzcr_tf.provenance import run_metadata
@@ -164,7 +148,7 @@ def _records_per_shard(opts: DicomConvertOptions, channels: int) -> int:
     if opts.shard_records:
         return opts.shard_records
     size = opts.preprocess.image_size
-    per_image = size * size * channels * 0.5 + RECORD_OVERHEAD_BYTES  # PNG of CT windows: ~half a byte per value
+    per_image = size * size * channels * 0.5 + shard_plan.RECORD_OVERHEAD_BYTES  # PNG of CT windows: ~half a byte per value
     return max(1, int(opts.shard_mb * 1e6 // per_image))
 
 
@@ -203,9 +187,9 @@ def _write_shards(opts, pending: list[dict], tables: dict, windows, pool, bar) -
                     num_classes=opts.task.num_classes))
                 state["ids"].append(slice_id)
                 written += 1
-                kill_hook(writer, written)
+                shard_plan.kill_hook(writer, written)
         state["shard"] = writer.name  # None when every slice of the shard was bad: no empty file
-        save_progress(opts.out_dir, shard, state)
+        shard_plan.save_progress(opts.out_dir, shard, state)
 
 
 def _scan_inputs(opts: DicomConvertOptions, labels_df: pd.DataFrame, workers: int) -> dict:
@@ -245,11 +229,11 @@ def _scan_inputs(opts: DicomConvertOptions, labels_df: pd.DataFrame, workers: in
 def _requested_settings(opts: DicomConvertOptions, inputs: dict) -> dict:
     """What the records depend on: a rerun with other settings or other slices is refused (or --overwrite)."""
     slices = [*inputs["train_df"][opts.task.id_column], "test", *inputs["test_ids"]]
-    return {"schema_version": records.SCHEMA_VERSION, "preprocess": preprocess_settings(opts.preprocess),
-            "task": task_summary(opts.task), "num_folds": opts.num_folds, "fold_seed": opts.fold_seed,
+    return {"schema_version": records.SCHEMA_VERSION, "preprocess": shard_plan.preprocess_settings(opts.preprocess),
+            "task": shard_plan.task_summary(opts.task), "num_folds": opts.num_folds, "fold_seed": opts.fold_seed,
             "records_per_shard": _records_per_shard(opts, opts.task.channels), "include_test": opts.include_test,
             "limit": opts.limit, "inputs": {
-                "train_csv_sha256": sha256_file(os.path.join(opts.data_dir, opts.task.train_csv)),
+                "train_csv_sha256": shard_plan.sha256_file(os.path.join(opts.data_dir, opts.task.train_csv)),
                 "slices_sha256": hashlib.sha256("\n".join(map(str, slices)).encode()).hexdigest()}}
 
 
@@ -267,23 +251,23 @@ def convert_dicom(opts: DicomConvertOptions) -> dict:
     if opts.limit:
         labels_df = labels_df.head(opts.limit).reset_index(drop=True)
     if opts.overwrite:
-        for path in own_files(opts.out_dir) + [io_utils.join(opts.out_dir, n) for n in (SKIPPED_CSV, TEST_SLICES_CSV)]:
+        for path in shard_plan.own_files(opts.out_dir) + [io_utils.join(opts.out_dir, n) for n in (SKIPPED_CSV, TEST_SLICES_CSV)]:
             if io_utils.exists(path):
                 io_utils.remove(path)
     workers = opts.workers or available_cores()
     inputs = _scan_inputs(opts, labels_df, workers)
     train_df = inputs["train_df"]
     folds = assign_folds(train_df, opts.num_folds, opts.fold_seed, labels=task.labels, group_column=task.group_column)
-    settings_path = io_utils.join(opts.out_dir, PROGRESS_DIR, SETTINGS_FILE)
+    settings_path = io_utils.join(opts.out_dir, shard_plan.PROGRESS_DIR, shard_plan.SETTINGS_FILE)
     requested = json.loads(json.dumps(_requested_settings(opts, inputs)))
-    saved = read_json(settings_path)
-    check_resume(opts.out_dir, saved, requested)
+    saved = shard_plan.read_json(settings_path)
+    shard_plan.check_resume(opts.out_dir, saved, requested)
     if saved is None:
         io_utils.atomic_write_json(settings_path, requested)
-    plan = plan_shards(train_df, folds, inputs["test_ids"], requested["records_per_shard"], opts.fold_seed,
+    plan = shard_plan.plan_shards(train_df, folds, inputs["test_ids"], requested["records_per_shard"], opts.fold_seed,
                        opts.num_folds, task.id_column)
-    states = remove_stale(opts.out_dir, plan)
-    pending = [s for s in plan if slot_name(s) not in states]
+    states = shard_plan.remove_stale(opts.out_dir, plan)
+    pending = [s for s in plan if shard_plan.slot_name(s) not in states]
     if len(pending) < len(plan):
         print(f"resuming: {len(plan) - len(pending)} of {len(plan)} shards already complete", file=sys.stderr)
     tables = {records.TRAIN_DIR: inputs["train_table"], records.TEST_DIR: inputs["test_table"],
@@ -293,7 +277,7 @@ def convert_dicom(opts: DicomConvertOptions) -> dict:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         _write_shards(opts, pending, tables, windows, pool, bar)
     bar.close()
-    states = remove_stale(opts.out_dir, plan)
+    states = shard_plan.remove_stale(opts.out_dir, plan)
     return _finish(opts, plan, states, inputs, folds, requested["records_per_shard"])
 
 
@@ -301,7 +285,7 @@ def _finish(opts: DicomConvertOptions, plan: list[dict], states: dict, inputs: d
             per_shard: int) -> dict:
     """folds.csv, test_slices.csv, skipped.csv and manifest.json from the progress of every shard."""
     task, train_df = opts.task, inputs["train_df"]
-    ordered = [states[slot_name(s)] for s in plan]
+    ordered = [states[shard_plan.slot_name(s)] for s in plan]
     written = {sid for st in ordered for sid in st["ids"]}
     skipped = inputs["skipped"] + [entry for st in ordered for entry in st["skipped"]]
     shards = {records.TRAIN_DIR: [], records.TEST_DIR: []}
@@ -319,9 +303,9 @@ def _finish(opts: DicomConvertOptions, plan: list[dict], states: dict, inputs: d
     good_targets = train_df[list(task.labels)].to_numpy()[good]
     num_test = sum(len(st["ids"]) for s, st in zip(plan, ordered) if s["split"] == records.TEST_DIR)
     return write_manifest(
-        opts.out_dir, preprocess=preprocess_settings(opts.preprocess), image_size=opts.preprocess.image_size,
+        opts.out_dir, preprocess=shard_plan.preprocess_settings(opts.preprocess), image_size=opts.preprocess.image_size,
         num_folds=opts.num_folds, num_train=int(good.sum()), num_test=num_test, shards=shards, skipped=skipped,
-        labels=task.labels, image_channels=task.channels, task=task_summary(task),
+        labels=task.labels, image_channels=task.channels, task=shard_plan.task_summary(task),
         fold_seed=opts.fold_seed, fold_grouping=task.group_column,
         fold_counts={str(k): int((folds[good] == k).sum()) for k in range(opts.num_folds)},
         fold_positives=fold_positives(good_targets, folds[good], opts.num_folds),

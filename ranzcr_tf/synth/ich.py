@@ -41,10 +41,8 @@ a bleed has a profile ``s = sin(pi * (k + 0.5) / L)`` (slice ``k`` of ``L``): it
 and its contrast with ``0.15 + 0.85 * s`` (partial volume: the blood fills part of the slice's 5 mm).
 At the span's ends (``s`` 0.31-0.71) the bleed is small and faint, hard to call on that slice alone,
 while the neighbour inward shows it clearly; every slice of the span is labelled. So a model that
-sees a slice's neighbours as extra channels has information a single-slice model lacks. (A check on
-120 patients, seed 1: a logistic regression on two hand features per slice, the count of blood-like
-pixels and the 99.5th HU percentile in the brain after a light blur, scores ``any`` AUC 0.961 from the
-slice alone and 0.999 with its two neighbours' features, 5 folds grouped by patient.) ``any`` is the
+sees a slice's neighbours as extra channels has information a single-slice model lacks (a hand-feature
+check and ``benchmarks/ich_slices.py`` confirm it: docs/results.md#ich-adjacent-slices). ``any`` is the
 maximum of the five. About 30-40% of slices are positive (a patient has bleeds with probability 0.8,
 1-3 of them; types are dealt per split from a shuffled deck that starts with one of each type, then follows
 the real data's mix roughly, epidural rarest, so a split with 5 bleeds or more has every type).
