@@ -32,6 +32,13 @@ restarts:
   train.jit_compile, train.early_stopping_patience, and train.epochs when train.schedule is constant or
   plateau (the other schedules' curve depends on it). Everything else must stay as it was.
 
+one process per fold:
+  a fold folder is locked while it trains (<out-dir>/.lock-fold{k}: host, PID, start time); a second
+  train_tpu.py on the same fold stops with one line naming the holder (exit 2); a lock left by a killed
+  process is taken over with a note. Folds of one run may train in parallel processes. Not on gs://
+  (object stores have no locks): give each process its own folds there.
+  The folds of one run must come from one conversion (their identity.json record the manifest hash).
+
 outputs (<out-dir>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
   (StudyInstanceUID, fold, 11 probabilities named by label, 11 target_<label> columns), tensorboard/.
@@ -81,8 +88,9 @@ def parse_args(argv=None):
 def run(args) -> int:
     from ranzcr_tf.config import load_config
     from ranzcr_tf.prep.records import read_manifest
-    from ranzcr_tf.train.fit import parse_folds, train
+    from ranzcr_tf.train.fit import parse_folds
     from ranzcr_tf.train.placement import choose_placement
+    from ranzcr_tf.train.run import train
 
     cfg = load_config(args.config, args.overrides)
     if args.strategy:
@@ -97,7 +105,13 @@ def run(args) -> int:
     folds = parse_folds(args.fold, int(manifest["num_folds"]))
     placement = choose_placement(cfg.train.strategy, cfg.distribute)
     print(placement.describe(), flush=True)
-    train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
+    cli.raise_on_sigterm()  # preemption, docker stop: unwind like Ctrl-C, keeping the last backup
+    try:
+        train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
+    except KeyboardInterrupt as exc:
+        exc.message = (f"{getattr(exc, 'message', None) or 'interrupted'}: each fold keeps its last backup in "
+                       f"{out}; rerun the same command to resume")
+        raise
     return 0
 
 
@@ -106,11 +120,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    from ranzcr_tf.train.callbacks import WRITE_FAILED
-
-    if WRITE_FAILED:  # see callbacks.WRITE_FAILED: skip the shutdown that would close the failed h5py file
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())

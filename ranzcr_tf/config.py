@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import importlib.metadata
+import math
 import os
 import platform
 import subprocess
@@ -491,8 +492,9 @@ class Config:
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config {key} = {value!r} is invalid: expected {expected}")
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):  # inf passes "> 0": refused here
+        raise ValueError(f"config {key} = {value!r} is invalid: expected {expected}"
+                         + (" (a finite number)" if isinstance(value, float) else ""))
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -191,7 +191,7 @@ def test_stage_configs_wire_the_run_folders_and_epochs(dataset, tmp_path):
     assert cfg.train.recipe == "3stage" and cfg.train.student_epochs == 3  # the given config is left as it was
     from ranzcr_tf.train import fit
 
-    with pytest.raises(ValueError, match="call fit.train"):
+    with pytest.raises(ValueError, match="call train.run.train"):
         fit.train_fold(cfg, dataset["records"], 0, str(tmp_path / "run"), placement=None)
     assert not os.path.exists(tmp_path / "run")
 

@@ -67,6 +67,7 @@ Everything is a function of the seed; the default 40 patients at 128 px take a f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import math
 import os
@@ -356,6 +357,9 @@ def make_dataset(out_dir: str, n_patients: int = 40, seed: int = 0, size: int = 
     """Write the dataset (module docstring) and return a summary dict. ValueError for bad arguments or a
     folder that already holds DICOM files."""
     _validate(out_dir, n_patients, seed, size, test_fraction)
+    if importlib.util.find_spec("pydicom") is None:  # before any folder is made: nothing left behind
+        raise ValueError("writing DICOM files needs pydicom, which is not installed: pip install 'ranzcr-tf[dicom]' "
+                         "(or pip install pydicom)")
     rng = np.random.default_rng([int(seed), 1902])
     n_test = min(n_patients - 1, max(1, round(test_fraction * n_patients))) if test_fraction > 0 else 0
     patients = _plan_patients(rng, int(n_patients), set(rng.permutation(n_patients)[:n_test].tolist()))

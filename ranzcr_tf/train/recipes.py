@@ -1,4 +1,4 @@
-"""Training recipes: what ``train.recipe`` changes in a fold's training (``fit._train_fold`` calls these).
+"""Training recipes: what ``train.recipe`` changes in a fold's training (``fit.FoldRun`` calls these).
 
 ============  =========================================================================================
 ``plain``     today's classifier: image -> 11 outputs, the configured classification loss (``loss.*``)
