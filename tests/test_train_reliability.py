@@ -4,7 +4,6 @@ keeps the previous checkpoint and a rerun resumes from it. Real records, real tr
 
 import errno
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -13,25 +12,15 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-from helpers_train import TINY_SETTINGS, write_tiny_records
+from helpers_train import TINY_SETTINGS, load_train_tpu, tiny_settings, write_tiny_records
 
 from ranzcr_tf.prep import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train_tpu():
-    spec = importlib.util.spec_from_file_location("train_tpu", os.path.join(ROOT, "train_tpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tpu = _train_tpu()
-
-
-def settings(*extra):
-    return [a for s in (*TINY_SETTINGS, *extra) for a in ("--set", s)]
+train_tpu = load_train_tpu()
+settings = tiny_settings
 
 
 def with_shard_list(root: str) -> str:
