@@ -320,8 +320,9 @@ def test_short_fit_and_predict_on_tensorflow_backend(tiny):
 JAX_FIT = """
 import os, sys
 os.environ["KERAS_BACKEND"] = "jax"
+from ranzcr_tf import device
+device.hide_accelerators_from_tf()
 from ranzcr_tf.pipeline import data
-data.hide_accelerators_from_tf()
 import keras, numpy as np
 from ranzcr_tf.config import Config
 assert keras.backend.backend() == "jax"

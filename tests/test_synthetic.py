@@ -22,6 +22,7 @@ import pytest
 
 from ranzcr_tf import labels as L
 from ranzcr_tf.synth import generate as synthetic
+from ranzcr_tf.synth import studies
 
 BRIGHT = 215  # tubes are drawn >= 238, anatomy <= 170 plus noise
 
@@ -216,13 +217,13 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path, style):
 def test_realistic_size_at_scale_one():
     sizes = []
     for index in range(4):
-        data, drawn, (w, h) = synthetic.render_study(0, "train", index, index, (0,) * 10 + (1,), (2,), scale=1.0)
+        data, drawn, (w, h) = studies.render_study(0, "train", index, index, (0,) * 10 + (1,), (2,), scale=1.0)
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         assert image.shape == (h, w)
         assert 1500 <= max(w, h) <= 2600 and 0.75 <= w / h <= 1.3
         assert [label for label, _ in drawn] == ["CVC - Normal", "Swan Ganz Catheter Present"]
         sizes.append(w > h)
-    more = [synthetic.render_study(0, "test", i, i, (0,) * 11, (), scale=0.05)[2] for i in range(20)]
+    more = [studies.render_study(0, "test", i, i, (0,) * 11, (), scale=0.05)[2] for i in range(20)]
     assert any(sizes + [w > h for w, h in more]) and not all(sizes + [w > h for w, h in more]), "both orientations"
 
 
@@ -309,8 +310,8 @@ def hard_films():
     films = []
     for index in range(48):
         labels, cvc = HARD_CASES[index % len(HARD_CASES)]
-        image, geometry = synthetic.hard_study(5, "train", index, index // 3, labels, cvc, scale=0.25)
-        bare, _ = synthetic.hard_study(5, "train", index, index // 3, labels, cvc, scale=0.25, draw_labelled=False)
+        image, geometry = studies.hard_study(5, "train", index, index // 3, labels, cvc, scale=0.25)
+        bare, _ = studies.hard_study(5, "train", index, index // 3, labels, cvc, scale=0.25, draw_labelled=False)
         films.append((labels, cvc, image, bare, geometry))
     return films
 
@@ -360,8 +361,8 @@ def test_hard_lines_are_the_only_difference_and_are_thin_and_faint(hard_films):
 def test_hard_realistic_size_and_line_width():
     for index in range(3):
         labels, cvc = _labels(None, "NGT - Normal", (2,))
-        image, geometry = synthetic.hard_study(2, "test", index, index, labels, cvc, scale=1.0)
-        bare, _ = synthetic.hard_study(2, "test", index, index, labels, cvc, scale=1.0, draw_labelled=False)
+        image, geometry = studies.hard_study(2, "test", index, index, labels, cvc, scale=1.0)
+        bare, _ = studies.hard_study(2, "test", index, index, labels, cvc, scale=1.0, draw_labelled=False)
         h, w = image.shape
         assert 1400 <= max(w, h) <= 2600
         added = (image.astype(np.int16) - bare).clip(0)

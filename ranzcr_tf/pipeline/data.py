@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
 
+from ranzcr_tf import device
 from ranzcr_tf.config import TTA_VIEWS, Config
 from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 from ranzcr_tf.pipeline import masks
@@ -30,7 +31,6 @@ from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.prep import records
 
 AUTOTUNE = tf.data.AUTOTUNE
-log = logging.getLogger(__name__)
 
 # Files read concurrently by the training interleave: enough to hide GCS latency, few enough that the
 # per-file read-ahead buffers stay small.
@@ -38,20 +38,6 @@ _MAX_PARALLEL_FILES = 16
 
 
 # ----------------------------------------------------------------------------------------------- devices
-def hide_accelerators_from_tf() -> None:
-    """Keep TensorFlow (used only for tf.data) off the GPUs/TPUs so the JAX backend owns them.
-
-    Call before anything initialises TensorFlow's devices; afterwards it is too late and a warning is
-    logged (TF would already have reserved GPU memory).
-    """
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError) as exc:  # devices already initialised, or no such device type
-            if "initialized" in str(exc).lower():
-                log.warning("could not hide %s devices from TensorFlow: %s", kind, exc)
-
-
 def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
     """The dtype of the images handed to the model (the model casts to its compute dtype itself).
 
@@ -73,9 +59,7 @@ def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
 def _resolve_dtype(cfg: Config, image_dtype) -> tf.DType:
     if image_dtype is not None:
         return tf.as_dtype(image_dtype)
-    from ranzcr_tf.train.placement import detect_accelerator, keras_backend
-
-    return image_dtype_for(cfg, keras_backend(), detect_accelerator())
+    return image_dtype_for(cfg, device.keras_backend(), device.detect_accelerator())
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -211,6 +195,21 @@ def naming_corrupt_shard(files):
 
 
 # ----------------------------------------------------------------------------------------------- training
+def read_shard_ids(path: str) -> list[str]:
+    """The IDs in one shard, in order; a truncated or corrupt shard is a ``ValueError`` naming it."""
+    spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string)}
+    ids = []
+    try:
+        with naming_corrupt_shard([path]):  # bad framing or CRC: the same one-line error as in training
+            for batch in tf.data.TFRecordDataset([path]).batch(1024).map(lambda s: tf.io.parse_example(s, spec)):
+                ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN].numpy())
+    except tf.errors.InvalidArgumentError as exc:  # records that are not this project's (no ID feature)
+        reason = re.sub(r"\{\{.*?\}\}\s*", "", str(exc.message)).splitlines()[0][:160]
+        raise ValueError(f"{path}: not a test shard of this project ({reason}); re-run the converter on this "
+                         f"folder, or pass --data-dir with test/ and no --tfrecords") from None
+    return ids
+
+
 def _train_files(tfrecords_dir: str, fold: int, num_folds: int) -> list[str]:
     folds = [k for k in range(num_folds) if k != fold]
     files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, folds)
@@ -386,6 +385,21 @@ class EvalData:
         """The record (row of ``ids``) at ``position`` in this share's stream of rows (numbers or tensors)."""
         return position * self.num_shards + self.shard_index
 
+    def indexed_dataset(self):
+        """``dataset`` with each row's record index beside the image: ``{"image", "index"}`` (a model of several
+        named inputs: those names and ``"index"``), for ``model.predict.predict_eval``, which places every
+        prediction by its index whatever order a strategy hands batches to replicas in."""
+        batch = self.local_batch_size  # the whole batch, or this process's share of it
+
+        def add_index(step, element):
+            images = element[0] if isinstance(element, (tuple, list)) else element
+            index = self.record_index(tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32))
+            return {**images, "index": index} if isinstance(images, dict) else {"image": images, "index": index}
+
+        # A known length lets predict stop without probing (and warning about) the end of the data.
+        return (self.dataset.enumerate().map(add_index)
+                .apply(tf.data.experimental.assert_cardinality(self.num_batches)))
+
     @functools.cached_property
     def _labels(self) -> tuple[np.ndarray, np.ndarray]:
         # A pass over the same files in the same order, parsing only two small features (no decoding).
@@ -418,7 +432,7 @@ class EvalData:
         """Drop the padding rows: ``predictions[:num_examples]`` (after checking the row count)."""
         if self.num_shards > 1:
             raise ValueError("unpad needs every row in order, but this is one share of several processes: predict "
-                             "with serve.predict.predict_eval, which places rows by their record index")
+                             "with model.predict.predict_eval, which places rows by their record index")
         predictions = np.asarray(predictions)
         if predictions.shape[0] != self.num_batches * self.batch_size:
             raise ValueError(f"expected {self.num_batches * self.batch_size} predicted rows "

@@ -244,7 +244,7 @@ def run(args) -> dict:
 
     import keras
 
-    from ranzcr_tf.pipeline import data as data_module
+    from ranzcr_tf import device
     from ranzcr_tf.serve.infer import TestSource, predict_ensemble
     from ranzcr_tf.serve.modelio import check_complete, discover_models, verify_models
     from ranzcr_tf.serve.submission import (
@@ -255,7 +255,7 @@ def run(args) -> dict:
     )
 
     if keras.backend.backend() == "jax":
-        data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
+        device.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
     models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
     incomplete = check_complete(models, bool(getattr(args, "allow_incomplete", False)), "the submission")
     verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached

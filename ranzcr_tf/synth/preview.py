@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS, group_of
+from ranzcr_tf.synth.studies import render_study
 
 _SHORT = {"Abnormal": "A", "Borderline": "B", "Normal": "N", "Incompletely Imaged": "I"}
 _COLOURS = {"ETT": "tab:red", "NGT": "tab:green", "CVC": "tab:cyan", "Swan Ganz": "tab:orange"}
@@ -45,8 +46,6 @@ def _from_disk(data_dir: str, rows: pd.DataFrame, overlay: bool):
 
 
 def _rendered(rows: pd.DataFrame, style: str, seed: int, scale: float):
-    from ranzcr_tf.synth.generate import render_study
-
     for index, (_, row) in enumerate(rows.iterrows()):
         labels = tuple(int(row[k]) for k in LABELS)
         cvc_states = tuple(s for s in range(3) if labels[7 + s])

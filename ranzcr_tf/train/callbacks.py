@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import sys
 
@@ -24,7 +23,7 @@ import keras
 import numpy as np
 
 from ranzcr_tf import compat, io_utils
-from ranzcr_tf.serve import predict as serve_predict  # the one prediction function (validation, OOF, kernel)
+from ranzcr_tf.model import predict as model_predict  # the one prediction function (validation, OOF, kernel)
 from ranzcr_tf.train import multihost
 from ranzcr_tf.train.schedules import learning_rate_value
 
@@ -33,11 +32,6 @@ KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this p
 NAN_ADVICE = ("try a lower learning rate (--set train.learning_rate=...; a tenth of the current value is a good "
               "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.pipeline.data --tfrecords DIR "
               "--fold K --show grid.png`), or train in float32 (--set model.mixed_precision=float32)")
-
-
-def label_slug(label: str) -> str:
-    """``"NGT - Incompletely Imaged"`` -> ``"ngt_incompletely_imaged"`` (for log keys and CSV columns)."""
-    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
 class RunFlags:
@@ -173,10 +167,10 @@ class Validation(keras.callbacks.Callback):
             logs[self.monitor] = math.nan
             return
         if self._predictor_of is not self.model:
-            self._predictor = serve_predict.build_predictor(inference_model_of(self.model),
+            self._predictor = model_predict.build_predictor(inference_model_of(self.model),
                                                             from_logits=self.from_logits, placement=self.placement)
             self._predictor_of = self.model
-        probs = serve_predict.predict_eval(inference_model_of(self.model), self.eval_data,
+        probs = model_predict.predict_eval(inference_model_of(self.model), self.eval_data,
                                            from_logits=self.from_logits, placement=self.placement,
                                            predictor=self._predictor)
         self.probabilities = probs  # this epoch's validation predictions, in eval_data.ids order

@@ -27,16 +27,15 @@ from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.locks import FolderLock
 from ranzcr_tf.model import build as models
 from ranzcr_tf.model import precision
+from ranzcr_tf.model import predict as model_predict
 from ranzcr_tf.model.backbones import check_weights, get_spec
+from ranzcr_tf.model.files import load_model_file
 from ranzcr_tf.model.metrics import competition_metric, monitor_for, task_scores
 from ranzcr_tf.pipeline import data
-from ranzcr_tf.pipeline.data import extra_files
+from ranzcr_tf.pipeline.data import extra_files, read_shard_ids
 from ranzcr_tf.pipeline.masks import MaskSettings, recipe_data
 from ranzcr_tf.pipeline.soft import SoftLabels, training_ids
 from ranzcr_tf.prep import records
-from ranzcr_tf.serve import predict as serve_predict
-from ranzcr_tf.serve.modelio import load_model_file
-from ranzcr_tf.serve.testrecords import read_shard_ids
 from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train import identity, multihost, recipes
 from ranzcr_tf.train.placement import prepare_model
@@ -556,7 +555,7 @@ def _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_log
     multihost.check_same_everywhere(placement, "the best epoch", -1 if best_epoch is None else int(best_epoch))
     with placement.scope():
         best = load_model_file(io_utils.join(best_dir, runs.MODEL_FILE))
-    probs = serve_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
+    probs = model_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
     targets = np.asarray(eval_data.targets)
     mean_auc, per_class = competition_metric(targets, probs, list(cfg.task.labels))
     result = {"fold": fold, "val_auc": mean_auc, "per_class_auc": per_class, "best_epoch": info.get("epoch"),

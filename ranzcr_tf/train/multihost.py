@@ -17,7 +17,7 @@ How the pieces fit (``train.placement`` creates the distribution, ``train.fit`` 
   processes' parts together into the global batch. Keras' own auto-sharding is switched off: it would
   have every host read and decode every record and keep every n-th batch.
 - Validation: each process decodes its share of the fold; the predictor gathers the rows of every
-  process in the graph (``serve.predict``), so every process holds every study's prediction once, by
+  process in the graph (``model.predict``), so every process holds every study's prediction once, by
   row index, and computes the same metric. That keeps the callbacks' decisions (best checkpoint, early
   stopping, plateau) identical on every process, which they must be: a process that stopped early
   would leave the others waiting in a collective.
