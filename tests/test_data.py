@@ -357,7 +357,9 @@ def test_short_fit_on_jax_backend(tiny):
 def test_show_grid_cli_writes_png(tiny, tmp_path):
     root, _ = tiny
     path = str(tmp_path / "grid.png")
-    assert data.main(["--tfrecords", root, "--fold", "0", "--show", path, "--n", "4", "--set", "augment.hflip_prob=1"]) == 0
+    from ranzcr_tf.pipeline.__main__ import main
+
+    assert main(["--tfrecords", root, "--fold", "0", "--show", path, "--n", "4", "--set", "augment.hflip_prob=1"]) == 0
     image = cv2.imread(path)
     assert image is not None and image.shape[0] > 100 and image.std() > 1
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import cli, io_utils  # cli before TensorFlow is imported (gs:// paths do): it quiets start-up lines
+from ranzcr_tf import cli, io_utils
 from ranzcr_tf.labels import GROUPS, LABELS
 from ranzcr_tf.runs import CV_REPORT_FILE, ROC_PLOT_FILE
 from ranzcr_tf.tables import TARGET_COLUMNS, merge_oof

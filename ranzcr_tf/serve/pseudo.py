@@ -139,11 +139,12 @@ def build_parser():
                               "trained runs: out-of-fold for train studies, ensemble predictions for test or "
                               "unlabeled records.", epilog=__doc__, progress=True)
     modes = parser.add_subparsers(dest="mode", required=True)
-    oof = modes.add_parser("oof", help="train studies, from the runs' out-of-fold predictions only")
+    oof = cli.add_subcommand(modes, "oof", "train studies, from the runs' out-of-fold predictions only", progress=True)
     oof.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders holding fold*/oof.csv")
     oof.add_argument("--tfrecords", required=True, help="the converted records the runs trained on (its folds.csv)")
     oof.add_argument("--out", required=True, help="soft-label CSV to write")
-    predict = modes.add_parser("predict", help="test or unlabeled records, from the kernel's ensemble prediction")
+    predict = cli.add_subcommand(modes, "predict", "test or unlabeled records, from the kernel's ensemble prediction",
+                                 progress=True)
     predict.add_argument("--models", nargs="+", required=True, metavar="RUN_DIR", help="run folders")
     predict.add_argument("--tfrecords", required=True, help="records folder holding test/ or extra/ shards")
     predict.add_argument("--split", choices=("test", "extra"), default="test", help="which shards (default test)")

@@ -1,7 +1,7 @@
 """Synthetic RANZCR CLiP data in the exact Kaggle layout, for demos and tests.
 
-    python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 600 --n-test 200 --seed 0 --preview sheet.png
-    python -m ranzcr_tf.synth.generate --style hard --out data/hard --n-train 600 --n-test 200 \
+    python -m ranzcr_tf.synth.generate --out-dir data/synthetic --n-train 600 --n-test 200 --seed 0 --preview sheet.png
+    python -m ranzcr_tf.synth.generate --style hard --out-dir data/hard --n-train 600 --n-test 200 \
         --preview sheet.png --preview-styles easy,hard --overlay
 
 writes ``train.csv``, ``train/<StudyInstanceUID>.jpg``, ``test/<StudyInstanceUID>.jpg``,
@@ -58,17 +58,17 @@ fine for smoke tests, but a 2-px tube tip may then land on the wrong side of a b
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ranzcr_tf import io_utils
+from ranzcr_tf import cli, io_utils
 from ranzcr_tf.labels import (
     ANNOTATION_COLUMNS,
     ID_COLUMN,
@@ -321,25 +321,26 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
 # ----------------------------------------------------------------------------------------------
 # CLI.
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.synth.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a synthetic RANZCR CLiP dataset (chest-radiograph phantoms with tubes whose "
-                    "placement decides the 11 labels) in the exact Kaggle layout.",
-        epilog="Example: python -m ranzcr_tf.synth.generate --style hard --out data/hard --n-train 600 --n-test 200 "
-               "--seed 0 --preview data/hard/preview.png --preview-styles easy,hard --overlay")
-    parser.add_argument("--out", required=True, help="output folder (created; must not hold another dataset)")
+def build_parser():
+    parser = cli.build_parser(
+        "python -m ranzcr_tf.synth.generate",
+        "Write a synthetic RANZCR CLiP dataset (chest-radiograph phantoms with tubes whose placement decides the "
+        "11 labels) in the exact Kaggle layout.",
+        epilog="Example: python -m ranzcr_tf.synth.generate --style hard --out-dir data/hard --n-train 600 "
+               "--n-test 200 --seed 0 --preview data/hard/preview.png --preview-styles easy,hard --overlay")
+    parser.add_argument("--out-dir", help="output folder (required; created; must not hold another dataset)")
+    cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--n-train", type=int, required=True, help="number of training studies")
     parser.add_argument("--n-test", type=int, required=True, help="number of test studies")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--style", default="easy", choices=STYLES,
                         help="easy: thick bright upright tubes (default); hard: thin faint crowded lines, "
                              "distractors, tilted patients (see ranzcr_tf.synth.hard)")
-    parser.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores (default)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes (a worker pool) drawing the images; 0 = one per available core (default)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="image size factor: 1 = realistic films, long side 1,500-2,600 px (easy) or 1,400-2,600 "
-                             "px (hard) (default); "
-                             "0.2 for quick tests")
+                             "px (hard) (default); 0.2 for quick tests")
     parser.add_argument("--annotated-fraction", type=float, default=0.3,
                         help="share of train studies with train_annotations.csv rows, drawn among those with "
                              "a tube (default 0.3, as in the real data)")
@@ -348,29 +349,33 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma-separated styles for the contact sheet, e.g. easy,hard: 4x4 films per style "
                              "with the same labels (default: this dataset's style only)")
     parser.add_argument("--overlay", action="store_true", help="draw the annotated tube lines on the preview")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> int:
+    cli.require(args, "out_dir", "--out-dir DIR")
     styles = [s.strip() for s in (args.preview_styles or args.style).split(",") if s.strip()]
     unknown = sorted(set(styles) - set(STYLES))
     if unknown:
-        parser.error(f"--preview-styles: unknown style {', '.join(unknown)}; use a comma-separated list of "
-                     f"{', '.join(STYLES)}")
+        raise ValueError(f"--preview-styles: unknown style {', '.join(unknown)}; use a comma-separated list of "
+                         f"{', '.join(STYLES)}")
     start = time.time()
-    try:
-        summary = make_dataset(args.out, args.n_train, args.n_test, seed=args.seed, workers=args.workers,
-                               scale=args.scale, annotated_fraction=args.annotated_fraction, style=args.style)
-    except ValueError as err:
-        parser.error(str(err))
-    seconds = time.time() - start
+    summary = make_dataset(args.out_dir, args.n_train, args.n_test, seed=args.seed, workers=args.workers,
+                           scale=args.scale, annotated_fraction=args.annotated_fraction, style=args.style)
     print(f"wrote {summary['n_train']} {args.style} train + {summary['n_test']} test studies "
           f"({summary['n_patients']} patients, {summary['n_annotations']} annotation rows on "
-          f"{summary['n_annotated_images']} studies) to {args.out} in {seconds:.1f} s")
+          f"{summary['n_annotated_images']} studies) to {args.out_dir} in {time.time() - start:.1f} s")
     print("train positives: " + ", ".join(f"{k}={v}" for k, v in summary["train_positives"].items()))
     if args.preview:
-        sheet = make_preview(args.out, args.preview, overlay=args.overlay, styles=styles, data_style=args.style,
+        sheet = make_preview(args.out_dir, args.preview, overlay=args.overlay, styles=styles, data_style=args.style,
                              seed=args.seed, scale=args.scale)
         print(f"preview: {sheet}")
-    return summary
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

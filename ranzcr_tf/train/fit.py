@@ -533,6 +533,8 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
         callbacks.append(cbs.SwapEMAOut(swapper))
     callbacks += [cbs.RunState(paths[runs.STATE_FILE], stateful, flags, writer=placement.is_chief),
                   cbs.Backup(backup_dir, flags=flags, writer=placement.is_chief)]
+    if cfg.train.max_minutes:
+        callbacks.append(cbs.TimeBudget(cfg.train.max_minutes, placement))
     kill_after = os.environ.get(cbs.KILL_AFTER_EPOCH_ENV)
     if kill_after:
         callbacks.append(cbs.KillAfterEpoch(int(kill_after), placement))

@@ -156,3 +156,12 @@ def check_same_everywhere(placement, what: str, *values: int) -> None:
         seen = "; ".join(f"process {i}: {tuple(int(v) for v in row)}" for i, row in enumerate(everyone))
         raise ValueError(f"the processes disagree on {what} ({seen}): the run folder must be on storage every "
                          "host reads (gs://, NFS) and the same for all; rerun with --out-dir there")
+
+
+def any_everywhere(placement, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a collective): one decision from per-host clocks."""
+    if not is_multi_process(placement):
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([int(flag)], dtype=np.int32))).max())
