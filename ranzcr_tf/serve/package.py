@@ -42,7 +42,7 @@ from ranzcr_tf.serve.modelio import check_complete, discover_models, verify_mode
 RUN_FILES = (*SERVING_FILES, METRICS_FILE, BEST_INFO_FILE, STATE_FILE)  # the state: whether training finished
 PACKAGE_NAME = "ranzcr-tf"
 BUNDLE_MANIFEST = "bundle.json"  # what the bundle holds: runs, wheels, folds whose training did not finish
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "ranzcr_tf")
+SOURCE_ITEMS = ("pyproject.toml", "setup.py", "README.md", "ranzcr_tf", "configs")  # setup.py ships configs/ inside
 
 
 class ToolFailed(RuntimeError):

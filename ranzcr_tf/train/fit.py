@@ -37,7 +37,7 @@ from ranzcr_tf.pipeline.masks import MaskSettings, recipe_data
 from ranzcr_tf.pipeline.soft import SoftLabels, training_ids
 from ranzcr_tf.prep import records
 from ranzcr_tf.train import callbacks as cbs
-from ranzcr_tf.train import identity, multihost, recipes
+from ranzcr_tf.train import identity, multihost, preset_rules, recipes
 from ranzcr_tf.train.placement import prepare_model
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
@@ -378,6 +378,8 @@ class FoldRun:
         else:
             positives, num_train = data.training_positive_counts(self.tfrecords_dir, fold)
         self.steps_per_epoch = steps_per_epoch_for(cfg, self.manifest, fold, self.global_batch, num_train)
+        # a divisor of the epoch, said in one line
+        self.cfg = cfg = preset_rules.with_steps_per_execution(cfg, self.steps_per_epoch)
         peak_lr = scaled_learning_rate(cfg.train, self.global_batch)
         self.peak_lr = peak_lr
         if self._resume_or_finished():
