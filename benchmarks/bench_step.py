@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -170,7 +171,30 @@ def synthetic_batch(cfg, args, batch: int, accelerator: str, seed: int = 0):
     return images, targets
 
 
+class CompileLog:
+    """Seconds of every XLA compilation of a JAX function, by name (``jax_log_compiles``' lines)."""
+
+    PATTERN = re.compile(r"Finished XLA compilation of jit\((\w+)\) in ([\d.]+) sec")
+
+    def __init__(self):
+        import logging
+
+        import jax
+
+        self.seconds: dict[str, list[float]] = {}
+        jax.config.update("jax_log_compiles", True)
+        handler = logging.Handler()
+        handler.emit = self._emit
+        logging.getLogger("jax").addHandler(handler)
+
+    def _emit(self, record) -> None:
+        match = self.PATTERN.search(record.getMessage())
+        if match:
+            self.seconds.setdefault(match.group(1), []).append(round(float(match.group(2)), 2))
+
+
 def keras_worker(args) -> dict:
+    compiles = CompileLog() if args.backend == "jax" else None
     keras, model, cfg, placement, policy, build_s = build_keras_step(args)
     batch = placement.global_batch_size(args.batch)
     images, targets = synthetic_batch(cfg, args, batch, placement.accelerator)
@@ -213,7 +237,9 @@ def keras_worker(args) -> dict:
     result.update(device=device, build_s=build_s, policy=policy, peak_mb=keras_peak_mb(args.backend),
                   versions=f"keras {keras.__version__}, {args.backend} {_version(args.backend)}",
                   steps_per_execution=args.steps_per_execution, recipe=args.recipe,
-                  tensorflow_imported="tensorflow" in sys.modules)
+                  tensorflow_imported="tensorflow" in sys.modules,
+                  compile_s={name: compiles.seconds.get(name, []) for name in ("train_step", "predict_step")}
+                  if compiles else None)
     return result
 
 
