@@ -23,9 +23,8 @@ ARTIFACTS = os.environ.get("RANZCR_TEST_ARTIFACTS", os.path.join(ROOT, "tests", 
 # The page test: a small run, trained briefly (the page is about layout and numbers matching, not skill).
 PAGE_SETTINGS = ["train.epochs=2", "train.warmup_epochs=0", "infer.batch_size=32"]
 # The localisation test: a fit that learns the easy phantoms' tubes at 128 px (compact_cnn's last stage is 4 x 4):
-# max pooling keeps a thin line's feature at full strength, no augmentation, plain BCE. 800 steps reach validation
-# AUC 0.99 (three trainings: last-stage Grad-CAM peaks within 16 px of the tube 0.44, 0.57 and 0.61 against chance
-# 0.17). 500 steps reached AUC 0.988, but those peaks fell on the tube only 0.27 of the time: too close to chance.
+# max pooling keeps a thin line's feature at full strength, no augmentation, plain BCE. 800 steps: fewer reached
+# the same AUC but left the heat-map peaks too close to chance (docs/results.md#run-report-heat-maps).
 LEARNED_SETTINGS = ["train.epochs=16", "train.steps_per_epoch=50", "train.learning_rate=0.003", "train.warmup_epochs=0",
                     "model.pooling=max", "model.dropout_rate=0", "augment.affine_prob=0", "augment.cutout_prob=0",
                     "loss.name=bce"]
@@ -49,7 +48,7 @@ def _run(args, timeout=600):
 def _train_run(root, n_train: int, size: int, settings: list[str]) -> dict:
     """Easy phantoms (every study annotated) -> records (3 folds) -> fold 0 trained with the demo preset."""
     raw, rec, run = (str(root / name) for name in ("data", "records", "run"))
-    _run(["-m", "ranzcr_tf.synth.generate", "--style", "easy", "--out", raw, "--n-train", str(n_train), "--n-test", "4",
+    _run(["-m", "ranzcr_tf.synth.generate", "--style", "easy", "--out-dir", raw, "--n-train", str(n_train), "--n-test", "4",
           "--seed", "0", "--scale", "0.1", "--annotated-fraction", "1.0", "--workers", "2"])
     _run(["make_tfrecords.py", "--data-dir", raw, "--out-dir", rec, "--image-size", str(size), "--folds", "3",
           "--workers", "2", "--no-progress"])
@@ -182,9 +181,7 @@ def test_heat_map_peak_falls_on_the_annotated_tube_more_often_than_chance(learne
     "On" is within half a cell of the heat map's feature grid: 2 stored pixels for the report's default,
     LayerCAM on compact_cnn's stride-4 stage (32 x 32 at 128 px); 16 for Grad-CAM on the last stage
     (4 x 4), which is bilinearly upsampled from that grid, so its peak sits at a cell centre and resolves
-    nothing finer. Two trainings of these settings, 352 pairs each: LayerCAM within 2 px 0.878 and 0.759
-    (chance 0.020), within 4 px 0.991 and 0.980; last-stage Grad-CAM within 4 px 0.071 and 0.011 (chance
-    0.040), within 16 px 0.716 (chance 0.170) on the second."""
+    nothing finer. What two trainings of these settings gave: docs/results.md#run-report-heat-maps."""
     from ranzcr_tf.report.build import fold_spec, read_run
     from ranzcr_tf.report.gradcam import make_cam, peak_position, tube_mask
     from ranzcr_tf.report.panels import family_index
