@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up chatter (it would hide the progress bar)
+from ranzcr_tf import cli
 
 FLAG_TO_KEY = {  # flag dest -> config key it overrides
     "image_size": "preprocess.image_size",
@@ -44,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                "preprocessed up front, + 600 bytes of record overhead). Rerunning the same command resumes an "
                "interrupted run (complete shards are kept, the result is byte-identical); different settings "
                "need --overwrite or another --out-dir. Example: python make_tfrecords.py --data-dir data/synthetic "
-               "--out-dir tfrecords --image-size 512. Synthetic data: python -m ranzcr_tf.synth.generate --out "
+               "--out-dir tfrecords --image-size 512. Synthetic data: python -m ranzcr_tf.synth.generate --out-dir "
                "data/synthetic --n-train 200 --n-test 50")
     io = parser.add_argument_group("data")
     io.add_argument("--data-dir", help="competition folder (train.csv, train/, test/, train_annotations.csv); "
                     "default: data.data_dir of --config, else the Kaggle input folder")
     io.add_argument("--out-dir", help="output folder, local or gs:// (default: data.tfrecords, i.e. tfrecords)")
-    io.add_argument("--unlabeled", metavar="DIR", help="instead: a folder of unlabeled .jpg/.png images (8/16-bit; "
-                    "DICOM not yet) -> --out-dir/extra/ records with has_target 0 and no folds, IDs from file names "
+    io.add_argument("--unlabeled", metavar="DIR", help="instead: a folder of unlabeled images (.jpg/.png, 8/16-bit, "
+                    "and DICOM .dcm/.dicom radiographs) -> --out-dir/extra/ records with has_target 0 and no "
+                    "folds, IDs from file names "
                     "(for serve.pseudo and train.extra_records)")
     io.add_argument("--no-test", action="store_true", help="convert the training images only")
     io.add_argument("--limit", type=int, default=0,
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="records per shard, overriding the size estimate (tests, tiny data; default 0 = estimate)")
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=int, default=0,
-                     help="worker threads that decode, CLAHE, resize and encode (default 0 = all available cores)")
+                     help="threads (in this process) that decode, CLAHE, resize and encode; 0 = one per available "
+                          "core (default)")
     run.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     run.add_argument("--overwrite", action="store_true", help="delete this converter's earlier output in --out-dir first")
     return parser
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace):
     """Config tree (preset <- --set <- explicit flags), validated, and the converter options."""
-    from ranzcr_tf.config import KAGGLE_DATA_DIR, load_config
+    from ranzcr_tf import kaggle_paths
+    from ranzcr_tf.config import load_config
     from ranzcr_tf.prep.convert import ConvertOptions
 
     flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_TO_KEY.items() if getattr(args, dest) is not None]
@@ -90,14 +93,15 @@ def resolve(args: argparse.Namespace):
                                 "one 0/1 column per label)")
     data_dir = cfg.data.data_dir
     if not os.path.isdir(data_dir):
-        hint = ("no --data-dir given and the Kaggle folder " + KAGGLE_DATA_DIR + " does not exist"
-                if args.data_dir is None and data_dir == KAGGLE_DATA_DIR else f"data folder {data_dir} does not exist")
+        hint = (f"no --data-dir given and the Kaggle folder {data_dir} does not exist"
+                if args.data_dir is None and data_dir == kaggle_paths.competition_dir()
+                else f"data folder {data_dir} does not exist")
         if cfg.task.reader == "dicom":
             raise ValueError(f"{hint}: point --data-dir at the competition folder ({cfg.task.train_csv}, "
                              f"{cfg.task.train_images[0]}/), or make a synthetic set with `python -m ranzcr_tf.synth.ich "
                              "--out data/ich --patients 12 --seed 0`")
         raise ValueError(f"{hint}: point --data-dir at the competition folder (train.csv, train/, test/), or make "
-                         f"a synthetic set with `python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 200 "
+                         f"a synthetic set with `python -m ranzcr_tf.synth.generate --out-dir data/synthetic --n-train 200 "
                          f"--n-test 50` and pass --data-dir data/synthetic")
     options = ConvertOptions(
         data_dir=data_dir, out_dir=cfg.data.tfrecords, preprocess=cfg.preprocess, num_folds=cfg.data.folds,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
+from ranzcr_tf import cli
 
 EPILOG = """\
 placement (--strategy auto):
@@ -29,8 +29,11 @@ restarts:
   offers --restart (discard that fold's checkpoint and state) or a new --out-dir. Settings that may change
   on resume: infer.* (validation batch size, TTA), data.cache, data.image_dtype, data.tfrecords/data_dir
   (the path; the records themselves are checked), train.strategy, distribute.*, train.steps_per_execution,
-  train.jit_compile, train.early_stopping_patience, and train.epochs when train.schedule is constant or
-  plateau (the other schedules' curve depends on it). Everything else must stay as it was.
+  train.jit_compile, train.early_stopping_patience, train.max_minutes, and train.epochs when train.schedule is
+  constant or plateau (the other schedules' curve depends on it). Everything else must stay as it was.
+  --set train.max_minutes=M stops by itself after the epoch (and its backup) past which another epoch would end
+  later than M minutes into the process, exit 75: a Kaggle session (9 h) then ends in time to save its output,
+  and the same command in the next session continues (kaggle/02_train.ipynb).
 
 outputs (<out-dir>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
@@ -91,7 +94,7 @@ def run(args) -> int:
         cfg.train.recipe = args.recipe
         cfg.validate()
     out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config or "default"))[0])
-    cli.check_output_dir(out)
+    cli.check_output_dir(out, create=False)  # the run folder is made by training, after every start-up check
     tfrecords = args.tfrecords or cfg.data.tfrecords
     manifest = read_manifest(tfrecords)
     folds = parse_folds(args.fold, int(manifest["num_folds"]))

@@ -48,9 +48,12 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from ranzcr_tf import cli, io_utils  # noqa: F401  cli first: it quiets TensorFlow's start-up lines
-from ranzcr_tf.config import load_config
-from ranzcr_tf.train.fit import TrainingDiverged
+from ranzcr_tf import cli, io_utils  # noqa: F401
+
+cli.setup()  # before TensorFlow loads (train.fit imports Keras): quiets its start-up lines
+
+from ranzcr_tf.config import load_config  # noqa: E402
+from ranzcr_tf.train.fit import TrainingDiverged  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "cpu_demo.yaml")
@@ -85,7 +88,7 @@ def parse_data(items: list[str]) -> dict[str, str]:
         missing = [name for name in NEEDED_FILES if not os.path.exists(os.path.join(folder, name))]
         if missing:
             raise ValueError(f"--data {item}: {folder} lacks {', '.join(missing)} (make one with `python -m "
-                             f"ranzcr_tf.synth.generate --out {folder} --n-train 600 --n-test 200`)")
+                             f"ranzcr_tf.synth.generate --out-dir {folder} --n-train 600 --n-test 200`)")
         styles[style] = os.path.abspath(folder)
     if not styles:
         raise ValueError("give at least one --data STYLE=DIR")

@@ -125,7 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, nargs="+", default=[200], help="images to convert (one run per value)")
     parser.add_argument("--reference-n", type=int, default=200, help="images the serial reference converts")
     parser.add_argument("--image-size", type=int, default=768)
-    parser.add_argument("--workers", type=int, default=0, help="converter worker threads; 0 = all available cores")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="threads (in this process) converting images; 0 = one per available core")
     parser.add_argument("--data-dir", help="reuse/keep the generated images here (default: a temp folder)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating reference/converter rounds (median)")
     parser.add_argument("--seed", type=int, default=0)

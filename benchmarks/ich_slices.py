@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does adjacent-slice input beat single-slice input on a set where bleeds span slices? (issue 18)
 
-    python benchmarks/ich_slices.py                          # ~12 min on 2 busy cores: 80 patients, 40 epochs
+    python benchmarks/ich_slices.py                          # minutes on a CPU: 80 patients, 40 epochs
     python benchmarks/ich_slices.py --seeds 0 1              # two synthetic sets (twice as long)
     python benchmarks/ich_slices.py --patients 16 --epochs 8 # a quick look (too little to learn anything)
 
@@ -14,23 +14,7 @@ better; ``any`` x2), the mean AUC over the six labels, the ``any`` AUC, and the 
 (predicting each label's positive rate in the training folds) as the reference line. The best epoch is
 chosen on the same validation fold (the preset's checkpointing), equally for every arm.
 
-Measured on 2 busy CPU cores (``python benchmarks/ich_slices.py`` then ``--seeds 1``; 8.2 and 7.2 min; 64 px,
-compact_cnn, 40 epochs of 39 steps, 207-228 validation slices from 18 patients per arm):
-
-  seed  arm                                    wLogLoss   prior meanAUC  anyAUC best ep
-  0     single slice (context 0, 3 ch)           0.1803  0.3869  0.9125  0.9771      32
-  0     adjacent slices (context 1, 9 ch)        0.1519  0.3869  0.9536  0.9955      30
-  0     control: shuffled labels (context 1)     0.4025  0.3801  0.4475  0.4336      13
-  1     single slice (context 0, 3 ch)           0.1898  0.3770  0.9024  0.9493      27
-  1     adjacent slices (context 1, 9 ch)        0.1184  0.3770  0.9555  0.9982      21
-  1     control: shuffled labels (context 1)     0.3906  0.3845  0.5266  0.5057      13
-
-Adjacent slices beat the single slice on both sets: log loss 0.152 vs 0.180 and 0.118 vs 0.190, mean AUC
-0.954 vs 0.913 and 0.956 vs 0.902; at the last epoch too (0.163 vs 0.195, 0.135 vs 0.212), so it is not the
-best-epoch choice. The control ends near the prior (its best epoch; it overfits to 0.61-0.63 by epoch 40) with
-AUCs near 0.5. Two sets, one fold each: a direction, not an effect size. (The control's fold 0 holds other
-slices: the converter stratifies folds by label, and its labels are shuffled.) The first try, 16 patients
-and 8 epochs (~35 validation slices), learned nothing in any arm (log loss 0.62-0.63, above the prior's).
+What it measured, with the date, commit and machine: docs/results.md#ich-adjacent-slices.
 """
 
 from __future__ import annotations
@@ -107,7 +91,7 @@ def _prior_log_loss(data_dir: str, records: str, run_dir: str) -> float:
 
 def run_seed(args, seed: int, work: str, start: float) -> list[dict]:
     data = os.path.join(work, f"data{seed}")
-    _run(["-m", "ranzcr_tf.synth.ich", "--out", data, "--patients", str(args.patients), "--seed", str(seed),
+    _run(["-m", "ranzcr_tf.synth.ich", "--out-dir", data, "--patients", str(args.patients), "--seed", str(seed),
           "--size", str(args.size), "--test-fraction", "0.1"])
     arms = {"single slice (context 0, 3 ch)": (data, ["task.slice_context=0", "model.input_channels=3"]),
             "adjacent slices (context 1, 9 ch)": (data, []),

@@ -2,12 +2,14 @@
 
     parser = cli.build_parser("train_tpu.py", description=..., settings=True, progress=True)
     parser.add_argument(...)
-    return cli.main(parser, body, argv)        # body(args) -> exit code
+    return cli.main(parser, body, argv)        # body(args) -> exit code; calls cli.setup() first
 
 Every command gets ``--verbose`` (TensorFlow's C++ and absl start-up logging back; also
-``RANZCR_VERBOSE=1``) and ``--debug`` (tracebacks); commands with settings get ``--config YAML`` and
-``--set KEY=VALUE``; commands with progress output get ``--quiet``. Folders are ``--out-dir``,
-files ``--out``; an older spelling stays as a hidden alias (``hidden_alias``).
+``RANZCR_VERBOSE=1``), ``--debug`` (tracebacks) and ``--version``; commands with settings get
+``--config YAML``, ``--set KEY=VALUE`` and ``--print-config`` (the resolved config as YAML, then exit 0);
+commands with progress output get ``--quiet``. Folders are ``--out-dir``, files ``--out``; an older
+spelling stays as a hidden alias (``hidden_alias``). ``--workers`` always says in its help whether it
+counts threads or processes.
 
 Errors, one line on stderr, one exit code per class:
 
@@ -21,14 +23,15 @@ anything else                                1      ``<prog>: internal error: <t
 Ctrl-C (KeyboardInterrupt)                   130    ``<prog>: interrupted``
 ===========================================  =====  ======================================================
 
-Importing this module silences TensorFlow's C++ start-up lines (oneDNN, cpu_feature_guard, absl,
-"Unable to register cuDNN factory") before TensorFlow is imported, unless ``--verbose`` is on the
-command line or ``RANZCR_VERBOSE=1``; entry modules therefore import it before anything that imports
-TensorFlow. ``TF_CPP_MIN_LOG_LEVEL`` alone is not enough: TensorFlow 2.21 writes the oneDNN line and
-absl's "All log messages before absl::InitializeLog()" through absl while its libraries load, whatever
-that variable says. So the first ``import tensorflow`` (whoever triggers it: Keras, tf.data) runs with
-the process's stderr file descriptor captured, and every line of it that is not a C++ log line is
-written back afterwards.
+Importing this module changes nothing. :func:`setup` (called by :func:`main` after parsing, or by an
+entry point itself before it imports anything heavy) silences TensorFlow's C++ start-up lines (oneDNN,
+cpu_feature_guard, absl, "Unable to register cuDNN factory") for a TensorFlow imported afterwards, unless
+``--verbose`` is on the command line or ``RANZCR_VERBOSE=1``; an entry point therefore parses its
+arguments before it imports TensorFlow (directly or through Keras). ``TF_CPP_MIN_LOG_LEVEL`` alone is
+not enough: TensorFlow 2.21 writes the oneDNN line and absl's "All log messages before
+absl::InitializeLog()" through absl while its libraries load, whatever that variable says. So the first
+``import tensorflow`` (whoever triggers it: Keras, tf.data) runs with the process's stderr file
+descriptor captured, and every line of it that is not a C++ log line is written back afterwards.
 """
 
 from __future__ import annotations
@@ -141,7 +144,23 @@ def configure_logging(verbose: bool) -> None:
         sys.modules["absl.logging"].set_verbosity(level)
 
 
-configure_logging(verbose_requested())
+def setup(argv: list[str] | None = None) -> None:
+    """The process-wide set-up of a command: quiet TensorFlow's start-up lines unless ``--verbose`` is in
+    ``argv`` (default ``sys.argv``) or ``RANZCR_VERBOSE`` is set. Sets environment variables and installs an
+    import hook, so only entry points call it (:func:`main` does), never a library module at import."""
+    configure_logging(verbose_requested(argv))
+
+
+def package_version() -> str:
+    """The installed ranzcr-tf version (``importlib.metadata``), else the package's own ``__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ranzcr-tf")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        from ranzcr_tf import __version__
+
+        return __version__
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -150,37 +169,94 @@ def build_parser(prog: str, description: str, *, epilog: str | None = None, sett
     """An ``ArgumentParser`` with the shared flags; the command adds its own."""
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=formatter_class)
     if settings:
-        parser.add_argument("--config", help="YAML preset (configs/*.yaml) or a saved run's config.yaml")
-        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override one config value, e.g. --set train.epochs=3 (repeatable)")
+        add_config_flags(parser)
     if progress:
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         hidden_alias(parser, "--no-progress", "quiet", action="store_true")
     parser.add_argument("--verbose", action="store_true",
                         help=f"show TensorFlow's start-up and framework logging (also {VERBOSE_ENV}=1)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (ranzcr-tf {package_version()})")
     return parser
 
 
+def add_config_flags(parser: argparse.ArgumentParser, default: str | None = None, help_text: str | None = None,
+                     overrides: bool = True) -> None:
+    """``--config``, ``--set`` (unless not ``overrides``) and ``--print-config`` (handled by :func:`main`)."""
+    parser.add_argument("--config", default=default,
+                        help=help_text or "YAML preset (configs/*.yaml) or a saved run's config.yaml")
+    if overrides:
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (--config and every --set applied) as YAML and exit")
+
+
+def _config_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``--config``/``--set`` (and ``--verbose``/``--debug``) of ``argv``, the command's other arguments ignored."""
+    only = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+    add_config_flags(only, default=parser._option_string_actions["--config"].default,
+                     overrides="--set" in parser._option_string_actions)
+    only.add_argument("--verbose", action="store_true")
+    only.add_argument("--debug", action="store_true")
+    return only.parse_known_args(argv)[0]
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """Print the config ``--config`` and ``--set`` resolve to, as YAML (what ``--print-config`` shows)."""
+    import yaml
+
+    from ranzcr_tf.config import load_config
+
+    cfg = load_config(args.config, getattr(args, "overrides", None))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def add_subcommand(subparsers, name: str, help_text: str, *, progress: bool = False) -> argparse.ArgumentParser:
+    """A sub-command's parser that also accepts the shared flags after its name (``pseudo oof ... --debug``);
+    given before it or after it, they mean the same."""
+    sub = subparsers.add_parser(name, help=help_text)
+    flags = [("--verbose", "show TensorFlow's start-up and framework logging"),
+             ("--debug", "show the full traceback of an error")] + ([("--quiet", "no progress bars")] if progress else [])
+    for flag, text in flags:  # SUPPRESS: left out, the flag keeps what the main parser read
+        sub.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+    return sub
+
+
 def hidden_alias(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
-    """An older spelling of a flag that still works but is not shown in --help."""
+    """An older spelling of a flag that still works but is not shown in --help. The flag it stands for cannot
+    be ``required=True`` (argparse would ask for it even when the old spelling is given): check it with
+    :func:`require` instead."""
     parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
 
 
+def require(args: argparse.Namespace, dest: str, flag: str) -> None:
+    """A ``ValueError`` (exit 2) when the required ``flag`` (or its hidden older spelling) was not given."""
+    if not getattr(args, dest, None):
+        raise ValueError(f"{flag} is required")
+
+
 # ----------------------------------------------------------------------------------------------- outputs
-def check_output_dir(path: str, flag: str = "--out-dir") -> None:
+def check_output_dir(path: str, flag: str = "--out-dir", create: bool = True) -> None:
     """At start-up: ``path`` is (or can become) a folder we can write into; a ``ValueError`` otherwise.
 
-    Creates the folder (it is created later anyway) and a probe file in it, so a read-only mount is
-    caught too (``os.access`` says yes to root there). Remote paths (gs://) are left to the writer.
+    Writes a probe file, so a read-only mount is caught too (``os.access`` says yes to root there): in
+    ``path``, created first (``create``), or else in its nearest existing parent, so a command that may
+    still stop on a later check leaves no empty folder behind. Remote paths (gs://) are left to the writer.
     """
     if not path or io_utils.is_remote(path):
         return
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file, not a folder: pass a folder (new or existing)")
+    folder = os.path.abspath(path)
+    while not create and not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
     try:
-        os.makedirs(path, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=path)
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
         os.close(handle)
         os.remove(probe)
     except OSError as exc:
@@ -211,8 +287,12 @@ def _one_line(exc: BaseException) -> str:
 def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
          argv: list[str] | None = None) -> int:
     """Parse ``argv``, run ``body(args)`` and turn what it raises into one line and an exit code."""
-    args = parser.parse_args(argv)
-    configure_logging(bool(args.verbose) or verbose_requested([]))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--print-config" in argv and "--print-config" in parser._option_string_actions:
+        args, body = _config_arguments(parser, argv), print_config  # the command's other arguments may be absent
+    else:
+        args = parser.parse_args(argv)
+    setup(["--verbose"] if args.verbose else [])
     prog = parser.prog
     try:
         return int(body(args) or 0)

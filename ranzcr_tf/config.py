@@ -10,22 +10,20 @@ Unknown keys (a typo such as ``train.epoch``) are rejected with the list of vali
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import importlib.metadata
 import os
-import platform
-import subprocess
-import types
 from dataclasses import dataclass, field, fields
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import yaml
 
-KAGGLE_DATA_DIR = "/kaggle/input/ranzcr-clip-catheter-line-classification"
+from ranzcr_tf import kaggle_paths
+from ranzcr_tf.coerce import merge, parse_overrides
+from ranzcr_tf.provenance import run_metadata
 
 # Option lists, defined once: the config checks them, and every CLI offers them as choices.
 INTERPOLATIONS = ("auto", "linear", "area", "cubic", "lanczos")  # resize filters (auto: linear below 2x, else area)
 STRATEGIES = ("auto", "tpu", "mirrored", "multiworker", "jax", "default")  # where training runs (train/placement.py)
+SCHEDULES = ("cosine", "exponential", "plateau", "constant")  # train.schedule (train/schedules.py)
 TTA_VIEWS = ("identity", "hflip")  # test-time augmentation views
 ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines runs (serve/ensemble.py)
 # How a fold is trained (train/recipes.py); 3stage runs teacher -> student -> finetune in turn (train/stages.py).
@@ -73,7 +71,7 @@ class PreprocessConfig:
 class DataConfig:
     """Where the data is and how it is split and batched."""
 
-    data_dir: str = KAGGLE_DATA_DIR
+    data_dir: str = field(default_factory=kaggle_paths.competition_dir)  # /kaggle/input/<competition>
     tfrecords: str = "tfrecords"
     folds: int = 5
     fold_seed: int = 42
@@ -121,7 +119,8 @@ class AugmentConfig:
     # Blank the left or the right half (each half equally likely), last: the RSNA PE 2020 team's "half mask".
     half_mask_prob: float = 0.0
     # How the one combined flip/crop/affine resampling runs: "xla" = a bilinear warp as an XLA-compiled gather on
-    # the host CPU (default: ~2x less CPU than the op at 768 px; rounds instead of truncating); "projective" =
+    # the host CPU (default: less CPU than the op, docs/results.md#speed-measurements-behind-code-choices; rounds
+    # instead of truncating); "projective" =
     # tf.raw_ops.ImageProjectiveTransformV3, the fallback for a TensorFlow build whose tf.data cannot run XLA.
     warp: str = "xla"
 
@@ -207,7 +206,7 @@ class TrainConfig:
     lr_reference_batch: int = 0  # 0 = no scaling; else lr x global_batch / lr_reference_batch
     optimizer: str = "adam"  # adam | adamw
     weight_decay: float = 1e-5
-    schedule: str = "cosine"  # cosine | exponential | plateau | constant
+    schedule: str = "cosine"  # one of SCHEDULES
     warmup_epochs: float = 1.0
     min_learning_rate: float = 1e-6
     plateau_factor: float = 0.5  # schedule plateau: lr x factor ...
@@ -216,22 +215,24 @@ class TrainConfig:
     # Training steps per call of Keras' compiled training function. Keras runs whole calls: with a steps per
     # epoch that is not a multiple, each epoch trains up to steps_per_execution - 1 extra steps (3 steps at 2
     # per call trained 4) while the schedule and the run identity count the configured number, so pick a
-    # divisor of the steps per epoch. benchmarks/bench_step.py on 2 heavily shared CPU cores: compact_cnn
-    # 128 px batch 8 trained 1.1-2x faster at 4 than at 1 (two pairs: 93 vs 184, 81 vs 93 images/s: the
-    # per-call host overhead rivals a ~0.1 s step); an EfficientNet step takes seconds on a CPU, where that
-    # overhead is noise (not measured). On TPUs the host round trip per call is what it saves
+    # divisor of the steps per epoch. On a CPU it helped a small model, whose step is short enough for the
+    # per-call host overhead to matter, and should not matter for an EfficientNet step (benchmarks/bench_step.py;
+    # docs/results.md#speed-measurements-behind-code-choices). On TPUs the host round trip per call is what it saves
     # (configs/b7_768_tpu.yaml: 32). Left at 1 by default because of the divisor rule above.
     steps_per_execution: int = 1
     # XLA for the TensorFlow training step (TPUStrategy compiles with XLA anyway; the JAX backend always does).
-    # Off: on CPU, XLA made the step far slower in benchmarks/bench_step.py (compact_cnn 128 px batch 8:
-    # 16-18 vs 81-93 images/s training, 32-45 vs 183-996 inference; efficientnet_b0 256 px batch 8: 0.23 vs
-    # 2.4 training, 0.46 vs 38 inference; 2 heavily shared cores, so noisy, but 5-80x either way). GPUs are
-    # not measured yet: run `benchmarks/bench_step.py --rows keras-tf,keras-tf-xla` there before turning it on.
+    # Off: on CPU, XLA made the step far slower, training and inference, small model and EfficientNet alike
+    # (benchmarks/bench_step.py; docs/results.md#speed-measurements-behind-code-choices). GPUs are not
+    # measured yet: run `benchmarks/bench_step.py --rows keras-tf,keras-tf-xla` there before turning it on.
     jit_compile: bool = False
     use_ema: bool = False
     ema_momentum: float = 0.99
     grad_accum_steps: int = 1
     early_stopping_patience: int = 0  # 0 = off
+    # Stop cleanly, after an epoch's checkpoint, when the next epoch would end past this many minutes of the
+    # process (0 = no limit): a Kaggle session (9 h) then ends in time to save its output, and the next
+    # session resumes from it. The command exits 75 with one line saying so.
+    max_minutes: float = 0.0
     strategy: str = "auto"  # auto | tpu | mirrored | multiworker | jax | default
     seed: int = 42
     recipe: str = "plain"  # plain | aux_seg | teacher | student | finetune | 3stage (train/recipes.py)
@@ -254,13 +255,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, ">= 0 (0 = no time limit)")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, ">= 0")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
         _check(self.lr_reference_batch >= 0, "train.lr_reference_batch", self.lr_reference_batch, ">= 0")
         _check(self.optimizer in ("adam", "adamw"), "train.optimizer", self.optimizer, "adam or adamw")
-        _check(self.schedule in ("cosine", "exponential", "plateau", "constant"), "train.schedule",
-               self.schedule, "cosine, exponential, plateau or constant")
+        _check(self.schedule in SCHEDULES, "train.schedule", self.schedule, _one_of(SCHEDULES))
         _check(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1)")
         _check(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, "an integer >= 0")
         _check(0 <= self.frozen_epochs <= self.epochs, "train.frozen_epochs", self.frozen_epochs, "in 0..train.epochs")
@@ -495,83 +496,9 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ValueError(f"config {key} = {value!r} is invalid: expected {expected}")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML/command-line value to the field's declared type, or raise naming the key."""
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):  # Optional[X] or X | None (Python < 3.14 tells them apart)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        inner = [a for a in get_args(annotation) if a is not type(None)][0]
-        return _coerce(value, inner, key)
-    if isinstance(value, str) and annotation is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config {key}: cannot parse {value!r}: {exc}") from None
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if annotation is str:
-            return str(value)
-        if annotation is dict or origin is dict:
-            if isinstance(value, dict):
-                return dict(value)
-            raise TypeError
-        if annotation is list or origin is list:
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return list(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    raise ValueError(f"config {key} = {value!r}: expected a value of type {getattr(annotation, '__name__', annotation)}")
-
-
-def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
-    hints = get_type_hints(type(obj))
-    names = [f.name for f in fields(obj)]
-    for key, value in updates.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise ValueError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"config {path!r} is a section; give its keys, e.g. {path}.{names[0]}=...")
-            _merge(current, value, prefix=f"{path}.")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], path))
-
-
-def parse_overrides(overrides: list[str] | None) -> dict:
-    """``["train.epochs=3", "model.weights=none"]`` -> nested dict."""
-    nested: dict = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.epochs=3)")
-        dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = raw
-    return nested
-
-
 def config_from_dict(values: dict | None) -> Config:
     cfg = Config()
-    _merge(cfg, values or {})
+    merge(cfg, values or {})
     return cfg
 
 
@@ -584,7 +511,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"config file {path} not found; presets in configs/: {', '.join(presets)}")
         values = read_yaml(path)
     cfg = config_from_dict(values)
-    _merge(cfg, parse_overrides(overrides))
+    merge(cfg, parse_overrides(overrides))
     return cfg.validate()
 
 
@@ -625,37 +552,6 @@ def given_keys(path: str | os.PathLike | None = None, overrides: list[str] | Non
 
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def run_metadata() -> dict:
-    """Package versions, git revision, host and time: saved beside every artifact."""
-    versions = {}
-    for dist in ("ranzcr-tf", "tensorflow", "tensorflow-cpu", "tensorflow-tpu", "keras", "jax", "jaxlib", "numpy",
-                 "opencv-python-headless", "opencv-python", "pandas", "scikit-learn"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {
-        "versions": versions,
-        "git_revision": git_revision(),
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
-    }
-
-
-def git_revision() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def config_to_yaml(cfg: Config, with_meta: bool = True) -> str:

@@ -7,6 +7,8 @@ follows it.
 
 from __future__ import annotations
 
+import re
+
 LABELS: tuple[str, ...] = (
     "ETT - Abnormal",
     "ETT - Borderline",
@@ -52,3 +54,8 @@ def group_of(label: str) -> str:
         if label in members:
             return name
     raise ValueError(f"unknown label {label!r}; expected one of {list(LABELS)}")
+
+
+def label_slug(label: str) -> str:
+    """``"NGT - Incompletely Imaged"`` -> ``"ngt_incompletely_imaged"`` (for log keys and CSV columns)."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")

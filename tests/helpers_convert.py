@@ -133,7 +133,7 @@ def hard_records(root: str, image_size: int, env: dict) -> dict[str, str]:
     """48 train / 6 test hard-style phantoms (30 % annotated) under ``root/data``, converted at ``image_size``
     into ``root/records`` (3 folds): the dataset of the line-mask recipe tests."""
     raw, rec = os.path.join(root, "data"), os.path.join(root, "records")
-    made = subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.generate", "--style", "hard", "--out", raw,
+    made = subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.generate", "--style", "hard", "--out-dir", raw,
                            "--n-train", "48", "--n-test", "6", "--seed", "0"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     assert made.returncode == 0, made.stderr[-2000:]

@@ -59,7 +59,12 @@ def test_full_default_augmentation_keeps_shape_dtype_and_range():
         image = radiograph().astype(dtype)
         for s in range(4):
             out = run(image, AugmentConfig(noise_prob=1.0, blur_prob=1.0), (s, 0))
-            assert out.shape == image.shape and out.dtype == dtype and out.min() >= 0 and out.max() <= 255
+            assert out.shape == image.shape and out.dtype == dtype
+            assert not np.array_equal(out, image), "every transform at probability 1 left the image unchanged"
+            if dtype == np.float32:  # uint8 cannot leave 0..255; float32 can, and must not
+                assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 255
+                # noise and blur at probability 1 move values off the integer grid the input sits on
+                assert not np.array_equal(out, np.round(out))
 
 
 def test_flip_at_probability_one_is_exact_mirror():

@@ -11,9 +11,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.report.cv import TARGET_COLUMNS
 from ranzcr_tf.serve import blend
 from ranzcr_tf.serve.ensemble import blend_models, rank_normalize
+from ranzcr_tf.tables import TARGET_COLUMNS
 
 NUM_STUDIES, NUM_FOLDS = 240, 3
 

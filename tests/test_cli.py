@@ -193,3 +193,119 @@ def test_bad_config_files_are_one_line_errors(tiny, tmp_path, capsys, content, e
         assert str(config) in line and expected in line, line
     if content and content.startswith("train"):
         assert "line 2" in line
+
+
+# ----------------------------------------------------------------------------------------------- every command
+COMMANDS = {  # the prog each command names itself by -> how to start it
+    "train_tpu.py": ["train_tpu.py"], "make_tfrecords.py": ["make_tfrecords.py"],
+    "kaggle_kernel.py": ["kaggle_kernel.py"],
+    **{f"python -m {m}": ["-m", m] for m in (
+        "ranzcr_tf.demo", "ranzcr_tf.synth.generate", "ranzcr_tf.synth.ich", "ranzcr_tf.pipeline",
+        "ranzcr_tf.pipeline.data", "ranzcr_tf.model", "ranzcr_tf.model.build", "ranzcr_tf.serve.package",
+        "ranzcr_tf.serve.pseudo", "ranzcr_tf.serve.blend", "ranzcr_tf.report", "ranzcr_tf.report.cv",
+        "ranzcr_tf.report.score")},
+}
+
+
+def test_every_command_has_version_and_names_itself_as_it_is_started():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ranzcr_tf.cli import package_version
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(COMMANDS, pool.map(lambda argv: run_script([*argv, "--version"], timeout=120),
+                                              COMMANDS.values())))
+    for prog, result in results.items():
+        assert result.returncode == 0 and result.stdout.strip() == f"{prog} (ranzcr-tf {package_version()})", \
+            (prog, result.stdout, result.stderr[-2000:])
+    import importlib.metadata
+
+    assert package_version() == importlib.metadata.version("ranzcr-tf")
+
+
+def test_help_without_tensorflow_is_quick_and_quiet():
+    """The model and pipeline commands parse before TensorFlow loads: --help prints no TensorFlow line and takes
+    a fraction of TensorFlow's import time; demo --help says how to start it."""
+    import time
+
+    for argv, usage in ((["-m", "ranzcr_tf.pipeline.data"], "usage: python -m ranzcr_tf.pipeline.data"),
+                        (["-m", "ranzcr_tf.model.build"], "usage: python -m ranzcr_tf.model.build"),
+                        (["-m", "ranzcr_tf.demo"], "usage: python -m ranzcr_tf.demo")):
+        start = time.perf_counter()
+        result = run_script([*argv, "--help", "--verbose"], timeout=120)  # --verbose: TensorFlow would speak
+        seconds = time.perf_counter() - start
+        assert result.returncode == 0 and result.stdout.startswith(usage), result.stdout[:300]
+        assert not [n for n in NOISE if n in result.stderr + result.stdout], result.stderr[-2000:]
+        assert "tensorflow" not in result.stderr.lower()
+        assert seconds < 5, f"{argv} --help took {seconds:.1f} s"  # importing TensorFlow takes longer on this machine
+    make_tfrecords = load_script("make_tfrecords").build_parser().format_help()
+    assert "DICOM not yet" not in make_tfrecords and ".dcm" in make_tfrecords
+
+
+def test_workers_say_threads_or_processes():
+    from ranzcr_tf.serve import kernel
+    from ranzcr_tf.synth import generate
+
+    for parser, kind in ((load_script("make_tfrecords").build_parser(), "threads"), (kernel.build_parser(), "threads"),
+                         (generate.build_parser(), "processes")):
+        workers = next(a for a in parser._actions if "--workers" in a.option_strings)
+        assert workers.help.startswith(kind), workers.help
+
+
+def test_print_config_prints_the_resolved_yaml_and_exits_0(tmp_path, capsys):
+    import yaml
+
+    from ranzcr_tf import demo
+    from ranzcr_tf.pipeline.__main__ import main as pipeline_main
+    from ranzcr_tf.serve import kernel
+
+    preset = os.path.join(ROOT, "configs", "cpu_demo.yaml")
+    override = ["--config", preset, "--set", "train.epochs=7", "--print-config"]
+    for main in (load_script("train_tpu").main, load_script("make_tfrecords").main, kernel.main, pipeline_main):
+        assert main(override) == 0, main
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["train"]["epochs"] == 7 and printed["model"]["backbone"], main
+    assert demo.main(["--config", preset, "--print-config"]) == 0  # demo takes a preset, no --set
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["folds"] >= 2
+    assert kernel.main(["--config", str(tmp_path / "missing.yaml"), "--print-config"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_a_failed_training_start_leaves_no_run_folder(tiny, tmp_path, capsys):
+    train_tpu = load_script("train_tpu")
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("train:\n  epochs: many\n")
+    for argv in (["--fold", "0", "--tfrecords", str(tmp_path / "no_records")],
+                 ["--fold", "0", "--tfrecords", tiny, "--config", str(bad_config)],
+                 ["--fold", "9", "--tfrecords", tiny]):
+        run_dir = tmp_path / "runs" / "x"
+        assert train_tpu.main([*argv, "--out-dir", str(run_dir)]) == 2, argv
+        one_error_line(capsys.readouterr().err, "train_tpu.py")
+        assert not (tmp_path / "runs").exists(), argv
+
+
+def test_one_name_for_run_folders_and_flags_after_the_subcommand():
+    from ranzcr_tf.serve import package, pseudo
+
+    parser = package.build_parser()
+    assert parser.parse_args(["--runs", "a", "b", "--out-dir", "o"]).models == ["a", "b"]  # the older spelling
+    assert parser.parse_args(["--models", "a", "--out-dir", "o"]).models == ["a"]
+    assert "--models" in parser.format_help() and "--runs" not in parser.format_help()
+    parser = pseudo.build_parser()
+    common = ["--tfrecords", "t", "--out", "o.csv"]
+    for argv in (["--debug", "--quiet", "oof", "run", *common], ["oof", "run", *common, "--debug", "--quiet"]):
+        args = parser.parse_args(argv)
+        assert args.debug and args.quiet and args.run_dirs == ["run"], argv
+    args = parser.parse_args(["predict", "--models", "r", *common])
+    assert not args.debug and not args.quiet and not args.verbose
+
+
+def test_check_output_dir_creates_the_folder_or_only_probes_its_parent(tmp_path):
+    made, probed = tmp_path / "a" / "b", tmp_path / "c" / "d"
+    cli.check_output_dir(str(made))
+    cli.check_output_dir(str(probed), create=False)
+    assert made.is_dir() and not (tmp_path / "c").exists() and not list(tmp_path.glob("**/.tmp-write-check-*"))
+    (tmp_path / "file").write_text("x")
+    for create in (True, False):
+        with pytest.raises(ValueError, match="file, not a folder|not writable"):
+            cli.check_output_dir(str(tmp_path / "file" / "run"), create=create)

@@ -465,15 +465,16 @@ def test_scan_allows(snippet):
 # ----------------------------------------------------------------------------------------------- accelerator
 def test_one_accelerator_detection_feeds_placement_precision_and_data(monkeypatch):
     """Placement (hence the precision policy) and the pipeline's image dtype ask the same function."""
+    from ranzcr_tf import device
     from ranzcr_tf.config import load_config
     from ranzcr_tf.pipeline import data
     from ranzcr_tf.train import placement
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert placement.detect_accelerator() == "cpu"  # conftest hides the GPUs; no TPU here
+    assert device.detect_accelerator() == "cpu"  # conftest hides the GPUs; no TPU here
     assert placement.choose_placement("default").accelerator == "cpu"
     calls = []
-    monkeypatch.setattr(placement, "detect_accelerator", lambda: calls.append(1) or "tpu")
+    monkeypatch.setattr(device, "detect_accelerator", lambda: calls.append(1) or "tpu")
     assert placement.choose_placement("default").accelerator == "tpu"
     cfg = load_config(None, [])
     assert data._resolve_dtype(cfg, None) == tf.bfloat16  # what image_dtype_for gives a TensorFlow TPU

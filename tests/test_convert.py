@@ -26,9 +26,10 @@ from helpers_convert import (
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS, PATIENT_COLUMN
 from ranzcr_tf.prep import records
-from ranzcr_tf.prep.convert import KILL_HOOK_ENV, ConvertOptions, convert
+from ranzcr_tf.prep.convert import ConvertOptions, convert
 from ranzcr_tf.prep.csv_checks import read_train_csv
 from ranzcr_tf.prep.preprocess import BadImageError, decode_source, preprocess_array
+from ranzcr_tf.prep.shard_plan import KILL_HOOK_ENV
 
 SIZE = 64
 SHARD_RECORDS = 3

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from ranzcr_tf import tables
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.report import cv
 
@@ -62,9 +63,9 @@ def test_cv_rejects_duplicates_and_empty_runs(tmp_path):
     os.makedirs(os.path.join(run, "fold1"))
     frame.to_csv(os.path.join(run, "fold1", "oof.csv"), index=False)
     with pytest.raises(ValueError, match="more than one fold"):
-        cv.merge_oof(run)
+        tables.merge_oof(run)
     with pytest.raises(ValueError, match="no fold"):
-        cv.merge_oof(str(tmp_path / "empty"))
+        tables.merge_oof(str(tmp_path / "empty"))
 
 
 def test_empty_or_truncated_oof_is_named_not_blamed_on_the_model(tmp_path, capsys):
@@ -77,11 +78,11 @@ def test_empty_or_truncated_oof_is_named_not_blamed_on_the_model(tmp_path, capsy
     with open(path, "w") as fh:
         fh.write(text[: len(text) - 40])  # cut in the middle of the last line (a full disk, a killed copy)
     with pytest.raises(ValueError) as info:
-        cv.merge_oof(run)
+        tables.merge_oof(run)
     assert path in str(info.value) and "truncated" in str(info.value) and "diverged" not in str(info.value)
     open(path, "w").close()
     with pytest.raises(ValueError, match=f"{path} is empty"):
-        cv.merge_oof(run)
+        tables.merge_oof(run)
     assert cv.main([run]) == 2 and "is empty" in capsys.readouterr().err
 
 

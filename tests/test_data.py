@@ -320,8 +320,9 @@ def test_short_fit_and_predict_on_tensorflow_backend(tiny):
 JAX_FIT = """
 import os, sys
 os.environ["KERAS_BACKEND"] = "jax"
+from ranzcr_tf import device
+device.hide_accelerators_from_tf()
 from ranzcr_tf.pipeline import data
-data.hide_accelerators_from_tf()
 import keras, numpy as np
 from ranzcr_tf.config import Config
 assert keras.backend.backend() == "jax"
@@ -356,7 +357,9 @@ def test_short_fit_on_jax_backend(tiny):
 def test_show_grid_cli_writes_png(tiny, tmp_path):
     root, _ = tiny
     path = str(tmp_path / "grid.png")
-    assert data.main(["--tfrecords", root, "--fold", "0", "--show", path, "--n", "4", "--set", "augment.hflip_prob=1"]) == 0
+    from ranzcr_tf.pipeline.__main__ import main
+
+    assert main(["--tfrecords", root, "--fold", "0", "--show", path, "--n", "4", "--set", "augment.hflip_prob=1"]) == 0
     image = cv2.imread(path)
     assert image is not None and image.shape[0] > 100 and image.std() > 1
 

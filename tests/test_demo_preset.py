@@ -16,9 +16,9 @@ from ranzcr_tf.model.build import build_model, count_macs
 PRESET = os.path.join(PRESET_DIR, "cpu_demo.yaml")
 # Training studies of the demo's fold-0 run (600 synthetic studies, 5 folds).
 DEMO_TRAIN_IMAGES = 480
-# Forward + backward ~ 3x the forward multiply-adds. The tuned preset counts ~1,200 G and took ~170 CPU
-# seconds to train (~7 G per CPU second, input pipeline included), so 6,000 G is ~7 minutes on two idle
-# cores: inside the 12 minutes the demo promises, with room for a slower laptop.
+# Forward + backward ~ 3x the forward multiply-adds. The bound is about 5x what the tuned cpu_demo preset
+# counts; at its measured training speed (docs/results.md#the-quick-look-cpu_demo) that is minutes on two
+# idle cores, with room for a slower laptop.
 MAX_TRAINING_GMACS = 6000.0
 
 

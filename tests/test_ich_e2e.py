@@ -23,7 +23,7 @@ SIZE = 32
 def ich_set(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ich") / "data")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.ich", "--out", out, "--patients", "8", "--seed", "0",
+    subprocess.run([sys.executable, "-m", "ranzcr_tf.synth.ich", "--out-dir", out, "--patients", "8", "--seed", "0",
                     "--size", str(SIZE)], check=True, cwd=ROOT, env=env, capture_output=True)
     return out
 
@@ -106,3 +106,40 @@ def test_adjacent_slice_records_carry_the_neighbours_pixels(ich_set, tmp_path):
             moved += int(below != sid or above != sid)
             checked += 1
     assert checked == 6 and moved >= 1  # at least one slice with a real neighbour (not a series edge alone)
+
+
+def test_a_killed_dicom_conversion_resumes_and_keeps_its_complete_shards(ich_set, tmp_path, capsys):
+    """A real SIGKILL in the middle of a shard, then the same command again: the complete shards are kept as
+    they were (same file, same bytes), the rest is written, and the result equals an uninterrupted run."""
+    from ranzcr_tf.prep import records
+    from ranzcr_tf.prep.shard_plan import KILL_HOOK_ENV
+
+    def shard_bytes(folder):
+        found = {}
+        for split in ("train", "test"):
+            for path in records.list_shards(folder, split):
+                with open(path, "rb") as fh:
+                    found[os.path.relpath(path, folder)] = fh.read()
+        return found
+
+    killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
+    flags = ["--config", PRESET, "--data-dir", ich_set, "--quiet", "--shard-records", "8", "--workers", "1",
+             "--set", f"preprocess.image_size={SIZE}", "--set", "data.folds=2"]
+    env = {**os.environ, "PYTHONPATH": ROOT, KILL_HOOK_ENV: "20"}  # after 2 complete shards, inside the third
+    result = subprocess.run([sys.executable, "make_tfrecords.py", *flags, "--out-dir", killed], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert not os.path.exists(os.path.join(killed, records.MANIFEST))
+    before = {name: os.stat(os.path.join(killed, name)).st_mtime_ns for name in shard_bytes(killed)}
+    assert len(before) == 2, before  # the two complete shards; the third was never renamed from .tmp-
+    import make_tfrecords
+
+    assert make_tfrecords.main([*flags, "--out-dir", killed]) == 0
+    assert "resuming: 2 of" in capsys.readouterr().err
+    assert {name: os.stat(os.path.join(killed, name)).st_mtime_ns for name in before} == before  # not rewritten
+    assert make_tfrecords.main([*flags, "--out-dir", clean]) == 0
+    assert shard_bytes(killed) == shard_bytes(clean) and len(shard_bytes(clean)) > 2
+    resumed, fresh = records.read_manifest(killed), records.read_manifest(clean)
+    for key in ("num_train", "num_test", "shards", "skipped", "fold_counts"):
+        assert resumed[key] == fresh[key], key
+    assert not [n for n in os.listdir(os.path.join(killed, "train")) if n.startswith(".tmp-")]

@@ -12,10 +12,11 @@ from helpers_infer import constant_model, write_run
 
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
+from ranzcr_tf.model.files import check_model_file
 from ranzcr_tf.report.score import score_frames
 from ranzcr_tf.serve import ensemble
 from ranzcr_tf.serve.budget import Budget, CostModel, choose_plan, degrade_levels
-from ranzcr_tf.serve.modelio import check_model_file, discover_models, load_fold_model
+from ranzcr_tf.serve.modelio import discover_models, load_fold_model
 from ranzcr_tf.serve.submission import build_submission, read_sample_submission, write_submission
 
 # ----------------------------------------------------------------------------------------------- ensembling

@@ -30,6 +30,7 @@ from helpers_infer import (
 )
 from scipy.stats import rankdata
 
+from ranzcr_tf import kaggle_paths
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
 from ranzcr_tf.serve import kernel
@@ -223,7 +224,7 @@ def test_refusals_and_missing_arguments_stop_with_a_message(dataset, tmp_path, c
     out = tmp_path / "sub.csv"
     code = kernel.main(["--data-dir", dataset["data"], "--models", lambda_run, "--out", str(out), "--no-progress"])
     assert code == 2 and "Lambda" in capsys.readouterr().err and not out.exists()
-    if not os.path.isdir(kernel.KAGGLE_INPUT):
+    if not kaggle_paths.on_kaggle():
         assert kernel.main([]) == 2
         assert "--data-dir" in capsys.readouterr().err
         assert kernel.main(["--data-dir", dataset["data"]]) == 2

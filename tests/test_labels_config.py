@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from ranzcr_tf import labels
-from ranzcr_tf.config import PRESET_DIR, Config, load_config, save_config
+from ranzcr_tf.config import PRESET_DIR, given_keys, load_config, read_yaml, save_config
 
 
 def test_label_order_is_the_submission_order():
@@ -35,8 +35,24 @@ def test_groups_cover_labels_in_order():
 
 @pytest.mark.parametrize("preset", sorted(p for p in os.listdir(PRESET_DIR) if p.endswith(".yaml")))
 def test_every_preset_loads_and_validates(preset):
-    cfg = load_config(os.path.join(PRESET_DIR, preset))
-    assert isinstance(cfg, Config)
+    path = os.path.join(PRESET_DIR, preset)
+    cfg = load_config(path)
+    cfg.validate()  # validated once by load_config; the loaded object passes again
+    loaded = cfg.to_dict()
+    for key in given_keys(path):  # every value the preset sets reads back from the config as written
+        written, value = read_yaml(path), loaded
+        for part in key.split("."):
+            written, value = written[part], value[part]
+        assert _plain(value) == _plain(written), (preset, key, value, written)
+
+
+def _plain(value):
+    """Tuples as lists and numbers as floats, so a value compares equal to the YAML that wrote it."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def test_mission_preset_is_b7_at_768():

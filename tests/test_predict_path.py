@@ -1,5 +1,5 @@
 """One prediction function: validation (fit's Validation callback), OOF writing and the kernel predict through
-``serve.predict.predict_eval`` and give identical numbers for the same saved model and the same records."""
+``model.predict.predict_eval`` and give identical numbers for the same saved model and the same records."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from helpers_train import write_tiny_records
 
 from ranzcr_tf.config import Config, PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS, SUBMISSION_COLUMNS
+from ranzcr_tf.model import predict as model_predict
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.shard_plan import preprocess_settings
 from ranzcr_tf.prep.shard_writer import write_manifest
 from ranzcr_tf.serve import kernel
-from ranzcr_tf.serve import predict as serve_predict
 
 SETTINGS = PreprocessConfig(image_size=32)
 
@@ -40,13 +40,13 @@ def test_validation_and_kernel_predictions_are_identical_and_come_from_one_funct
     cfg = fold.cfg
 
     calls = []
-    original = serve_predict.predict_eval
+    original = model_predict.predict_eval
 
     def recording(*args, **kwargs):
         calls.append(args[1].split)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(serve_predict, "predict_eval", recording)
+    monkeypatch.setattr(model_predict, "predict_eval", recording)
 
     # Validation as fit computes it: the saved model, fold 0's records, padded batches of infer.batch_size.
     eval_data = build_eval_dataset(cfg, train_records, "valid", cfg.infer.batch_size, fold=0, with_targets=False)

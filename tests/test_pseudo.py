@@ -16,8 +16,8 @@ from helpers_train import write_tiny_records
 
 from ranzcr_tf.config import PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-from ranzcr_tf.report.cv import TARGET_COLUMNS
 from ranzcr_tf.serve import pseudo
+from ranzcr_tf.tables import TARGET_COLUMNS
 
 
 def write_oof(run_dir: str, fold: int, frame: pd.DataFrame, probs: np.ndarray) -> str:

@@ -47,7 +47,7 @@ def _run(args, timeout=600):
 def _train_run(root, n_train: int, size: int, settings: list[str]) -> dict:
     """Easy phantoms (every study annotated) -> records (3 folds) -> fold 0 trained with the demo preset."""
     raw, rec, run = (str(root / name) for name in ("data", "records", "run"))
-    _run(["-m", "ranzcr_tf.synth.generate", "--style", "easy", "--out", raw, "--n-train", str(n_train), "--n-test", "4",
+    _run(["-m", "ranzcr_tf.synth.generate", "--style", "easy", "--out-dir", raw, "--n-train", str(n_train), "--n-test", "4",
           "--seed", "0", "--scale", "0.1", "--annotated-fraction", "1.0", "--workers", "2"])
     _run(["make_tfrecords.py", "--data-dir", raw, "--out-dir", rec, "--image-size", str(size), "--folds", "3",
           "--workers", "2", "--no-progress"])

@@ -51,8 +51,12 @@ def test_tiny_measurement_end_to_end_then_a_rerun_only_prints_the_table(tmp_path
     # (b) the 16 unlabeled images join the labelled ones in the student's soft-label file
     assert len(pd.read_csv(out / "soft_all.csv")) == len(train_ids) + 16
     # (c) per-label blend weights of the two teachers, summing to 1
-    weights = json.loads((out / "blend.json").read_text())
-    assert "CV mean AUC" in table and weights
+    blend = json.loads((out / "blend.json").read_text())
+    assert len(blend["runs"]) == 2 and set(blend["weights"]) == set(LABELS)
+    for label, per_run in blend["weights"].items():
+        assert set(per_run) == set(blend["runs"]) and min(per_run.values()) >= 0, label
+        assert abs(sum(per_run.values()) - 1) < 1e-9, (label, per_run)
+    assert "CV mean AUC" in table
     assert "$ python" in first and "train_tpu.py" in first
     assert bench.main(argv) == 0
     again = capsys.readouterr().out

@@ -286,7 +286,7 @@ def test_which_settings_may_change_on_resume(pristine, tmp_path):
     identity.write_identity(fold, current("train.schedule=constant"))
     free = ["infer.batch_size=3", "infer.tta=[identity]", "data.cache=true", "data.image_dtype=float32",
             "train.strategy=default", "train.steps_per_execution=4", "train.jit_compile=true",
-            "train.early_stopping_patience=2", "train.epochs=30", "data.tfrecords=elsewhere"]
+            "train.early_stopping_patience=2", "train.epochs=30", "data.tfrecords=elsewhere", "train.max_minutes=5"]
     assert identity.check_resumable(fold, current("train.schedule=constant", *free), 0) is None
     for changed in ["train.batch_size=4", "augment.hflip_prob=0.1", "loss.name=focal", "model.pooling=gem",
                     "preprocess.image_size=64", "train.seed=5", "train.warmup_epochs=2"]:

@@ -165,7 +165,7 @@ def _compact_cnn_wide(input_shape: tuple, weights: str | None) -> keras.Model:
     the first stride-2 convolution; five stride-2 stages (32, 64, 96, 128, 192 filters), each with a
     residual depthwise-separable block, then a 1x1 convolution to 256 features. About 0.54 M
     parameters and 0.32 G multiply-adds at its default 256 px (compact_cnn: 0.15 M, 0.07 G at 256 px);
-    0.08 G at 128 px, 0.72 G at 384 px (``python -m ranzcr_tf.model.build --summary``).
+    0.08 G at 128 px, 0.72 G at 384 px (``python -m ranzcr_tf.model --summary``).
     """
     return _compact_net(input_shape, weights, name="compact_cnn_wide", stem_filters=16,
                         stage_filters=(32, 64, 96, 128, 192), first_residual_stage=1, top_filters=256)

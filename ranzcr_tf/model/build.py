@@ -3,8 +3,7 @@
     model = build_model(cfg.model, image_size=768)     # input "image": (768, 768, channels), uint8 or float
     set_backbone_trainable(model, False)               # staged fine-tuning; recompile afterwards
 
-    python -m ranzcr_tf.model.build --summary --image-size 768 [--backbones efficientnet_b7,compact_cnn]
-    python -m ranzcr_tf.model.build --convert-noisy-student IN.h5 --backbone efficientnet_b7 --out OUT.weights.h5
+    python -m ranzcr_tf.model --summary --image-size 768       # the command line: model/__main__.py
 
 Written with ``keras`` / ``keras.ops`` only (no TensorFlow import) so it runs on the TensorFlow and
 JAX backends. Every custom layer is registered (``ranzcr_tf.model.layers``), so saved ``.keras`` files load
@@ -13,8 +12,13 @@ with ``keras.models.load_model(path, safe_mode=True)`` and no ``custom_objects``
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+if __name__ == "__main__":  # ``python -m ranzcr_tf.model.build``, the older spelling: the command (model/__main__.py)
+    from ranzcr_tf.model.__main__ import main  # parses its arguments before Keras and TensorFlow load
+
+    sys.exit(main(prog="python -m ranzcr_tf.model.build"))
+
 import time
 
 import keras
@@ -203,45 +207,7 @@ def summarize(backbones: list[str], image_size: int, channels: int = 1) -> list[
     return rows
 
 
-def _print_summary(rows: list[dict]) -> None:
+def print_summary(rows: list[dict]) -> None:
     print(f"{'backbone':<20} {'default px':>10} {'params (M)':>11} {'GMACs/image':>12}  (at {rows[0]['image_size']} px)")
     for r in rows:
         print(f"{r['backbone']:<20} {r['default_size']:>10} {r['params'] / 1e6:>11.2f} {r['macs'] / 1e9:>12.2f}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.model.build",
-        description="Model utilities: per-backbone size/compute summary, and conversion of noisy-student "
-                    "EfficientNet weights (qubvel `efficientnet` package files) to keras.applications.")
-    parser.add_argument("--summary", action="store_true", help="print parameters and multiply-adds per image")
-    parser.add_argument("--image-size", type=int, default=768, help="square input size for --summary (default 768)")
-    parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="model input channels (default 1)")
-    parser.add_argument("--backbones", default="",
-                        help=f"comma-separated subset for --summary (default all: {','.join(list_backbones())})")
-    parser.add_argument("--convert-noisy-student", metavar="IN.h5",
-                        help="weights file of the `efficientnet` package (e.g. efficientnet-b7_noisy-student_notop.h5)")
-    parser.add_argument("--backbone", default="efficientnet_b7", help="target backbone of the conversion")
-    parser.add_argument("--out", help="output .weights.h5 of the conversion (use it as model.weights)")
-    args = parser.parse_args(argv)
-
-    if args.convert_noisy_student:
-        if not args.out:
-            parser.error("--convert-noisy-student needs --out OUT.weights.h5")
-        from ranzcr_tf.model.noisy_student import convert_efficientnet_package_weights
-
-        report = convert_efficientnet_package_weights(args.convert_noisy_student, args.backbone, args.out)
-        print(f"wrote {args.out}: {report['layers']} layers, {report['arrays']} arrays from {args.convert_noisy_student}")
-        return 0
-    if args.summary:
-        names = [b.strip() for b in args.backbones.split(",") if b.strip()] or list_backbones()
-        for name in names:
-            get_spec(name)
-        _print_summary(summarize(names, args.image_size, args.channels))
-        return 0
-    parser.print_help()
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

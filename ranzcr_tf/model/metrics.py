@@ -107,18 +107,12 @@ def task_scores(task, y_true, y_prob) -> dict[str, float]:
     labels_ = list(task.labels)
     mean_auc, per_class = competition_metric(y_true, y_prob, labels_)
     scores = {"val_auc": float(mean_auc)}
-    scores.update({f"val_auc_{_slug(label)}": float(per_class[label]) for label in labels_})
+    scores.update({f"val_auc_{labels.label_slug(label)}": float(per_class[label]) for label in labels_})
     if task.metric == "weighted_log_loss":
         score, per_label = weighted_log_loss(y_true, y_prob, task.weights())
         scores["val_weighted_log_loss"] = score
-        scores.update({f"val_log_loss_{_slug(labels_[c])}": v for c, v in per_label.items()})
+        scores.update({f"val_log_loss_{labels.label_slug(labels_[c])}": v for c, v in per_label.items()})
     return scores
-
-
-def _slug(label: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
 @keras.saving.register_keras_serializable(package="ranzcr_tf")

@@ -21,7 +21,7 @@ def choose_policy(model_cfg: ModelConfig, accelerator: str) -> str:
     """The dtype policy name: ``model_cfg.mixed_precision`` unless it is ``"auto"``, then by ``accelerator``.
 
     ``accelerator``: ``"tpu"``, ``"gpu"`` or ``"cpu"`` (``Placement.accelerator``, from
-    ``train.placement.detect_accelerator``; model code does not look at devices itself).
+    ``device.detect_accelerator``; model code does not look at devices itself).
     """
     accelerator = str(accelerator).lower()
     if accelerator not in AUTO_POLICY:

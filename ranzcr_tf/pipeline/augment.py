@@ -12,8 +12,8 @@ nothing, and with every probability 0 the image comes back bit-identical):
    1/1.15..1.15) and the affine (shift, scale, rotate, shear about the centre) composed into ONE 3x3
    matrix and resampled ONCE (bilinear, constant fill 0) on the uint8 image: one interpolation instead of
    two or three (a flip alone is a plain reverse). ``augment.warp: xla`` (default) runs it as an XLA-fused
-   gather, about 2x less CPU at 768 px than ``augment.warp: projective`` (one ``ImageProjectiveTransformV3``
-   call; same geometry, at most one grey level apart);
+   gather, cheaper in CPU than ``augment.warp: projective`` (one ``ImageProjectiveTransformV3`` call; same
+   geometry, at most one grey level apart; docs/results.md#speed-measurements-behind-code-choices);
 2. one float32 pass for every pixel-value op: brightness (+-brightness x 255) and contrast (x 1+-contrast
    about the image mean), gamma (log-uniform in gamma_min..gamma_max), optional Gaussian noise, optional
    Gaussian blur (reflect-padded separable convolution), then coarse dropout / cutout last so its holes
@@ -132,7 +132,7 @@ def _xla_affine_warp(image, matrix):
     """Bilinear affine warp, constant fill 0, as XLA-fused gathers (``augment.warp: xla``).
 
     Same mapping as ImageProjectiveTransformV3 (output pixel p reads input ``matrix @ p``), but XLA
-    fuses the coordinate math and the four taps into one loop: ~2.5x less CPU at 768 px. Integer
+    fuses the coordinate math and the four taps into one loop, which costs less CPU (docs/results.md). Integer
     source coordinates give exact copies, so flips and zero-parameter affines stay bit-exact.
     """
     size = image.shape[0]
@@ -157,7 +157,7 @@ def _xla_affine_warp(image, matrix):
 
 def mirror(image):
     """Exact horizontal mirror of an ``(S, S, C)`` image (also the inference ``hflip`` TTA)."""
-    if image.shape[-1] == 1:  # reversing the (S, S) view is ~3x faster than reversing (S, S, 1) on CPU
+    if image.shape[-1] == 1:  # reversing the (S, S) view is faster than reversing (S, S, 1) on CPU (docs/results.md)
         return tf.reverse(image[..., 0], axis=[1])[..., tf.newaxis]
     return tf.reverse(image, axis=[1])
 
@@ -172,7 +172,7 @@ def _brightness_contrast(values, draws, aug: AugmentConfig):
 
 def _gamma(values, draws, aug: AugmentConfig):
     # Gamma drawn log-uniformly so that g and 1/g are equally likely when the range is symmetric.
-    # exp(g log x) rather than pow: TF's CPU pow is scalar (~4x slower than vectorised exp and log).
+    # exp(g log x) rather than pow: TF's CPU pow is scalar, slower than vectorised exp and log (docs/results.md).
     gamma = tf.exp(_uniform(draws, _GAMMA_VALUE, math.log(aug.gamma_min), math.log(aug.gamma_max)))
     return 255.0 * tf.exp(gamma * tf.math.log(tf.maximum(values, 1e-3) / 255.0))
 

@@ -10,19 +10,28 @@ zero images that ``EvalData.unpad`` removes again, so padding never reaches a me
 StudyInstanceUIDs travel beside the batches (``EvalData.ids``), never inside the Keras tuple: a third
 element would be read as sample weights, and strings cannot go to a TPU or a JAX device.
 
-Run ``python -m ranzcr_tf.pipeline.data --tfrecords DIR --fold 0 --show grid.png`` to see what the model sees.
+Run ``python -m ranzcr_tf.pipeline --tfrecords DIR --fold 0 --show grid.png`` to see what the model sees
+(the command line: ``pipeline/__main__.py``).
 """
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # ``python -m ranzcr_tf.pipeline.data``, the older spelling: the command
+    from ranzcr_tf.pipeline.__main__ import main  # (pipeline/__main__.py) parses before TensorFlow loads
+
+    sys.exit(main(prog="python -m ranzcr_tf.pipeline.data"))
+
 import contextlib
 import functools
-import logging
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
 
+from ranzcr_tf import device
 from ranzcr_tf.config import TTA_VIEWS, Config
 from ranzcr_tf.labels import ID_COLUMN, NUM_CLASSES
 from ranzcr_tf.pipeline import masks
@@ -30,7 +39,6 @@ from ranzcr_tf.pipeline.augment import augment_image, mirror
 from ranzcr_tf.prep import records
 
 AUTOTUNE = tf.data.AUTOTUNE
-log = logging.getLogger(__name__)
 
 # Files read concurrently by the training interleave: enough to hide GCS latency, few enough that the
 # per-file read-ahead buffers stay small.
@@ -38,20 +46,6 @@ _MAX_PARALLEL_FILES = 16
 
 
 # ----------------------------------------------------------------------------------------------- devices
-def hide_accelerators_from_tf() -> None:
-    """Keep TensorFlow (used only for tf.data) off the GPUs/TPUs so the JAX backend owns them.
-
-    Call before anything initialises TensorFlow's devices; afterwards it is too late and a warning is
-    logged (TF would already have reserved GPU memory).
-    """
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError) as exc:  # devices already initialised, or no such device type
-            if "initialized" in str(exc).lower():
-                log.warning("could not hide %s devices from TensorFlow: %s", kind, exc)
-
-
 def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
     """The dtype of the images handed to the model (the model casts to its compute dtype itself).
 
@@ -73,9 +67,7 @@ def image_dtype_for(cfg: Config, backend: str, accelerator: str) -> tf.DType:
 def _resolve_dtype(cfg: Config, image_dtype) -> tf.DType:
     if image_dtype is not None:
         return tf.as_dtype(image_dtype)
-    from ranzcr_tf.train.placement import detect_accelerator, keras_backend
-
-    return image_dtype_for(cfg, keras_backend(), detect_accelerator())
+    return image_dtype_for(cfg, device.keras_backend(), device.detect_accelerator())
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -211,6 +203,21 @@ def naming_corrupt_shard(files):
 
 
 # ----------------------------------------------------------------------------------------------- training
+def read_shard_ids(path: str) -> list[str]:
+    """The IDs in one shard, in order; a truncated or corrupt shard is a ``ValueError`` naming it."""
+    spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string)}
+    ids = []
+    try:
+        with naming_corrupt_shard([path]):  # bad framing or CRC: the same one-line error as in training
+            for batch in tf.data.TFRecordDataset([path]).batch(1024).map(lambda s: tf.io.parse_example(s, spec)):
+                ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN].numpy())
+    except tf.errors.InvalidArgumentError as exc:  # records that are not this project's (no ID feature)
+        reason = re.sub(r"\{\{.*?\}\}\s*", "", str(exc.message)).splitlines()[0][:160]
+        raise ValueError(f"{path}: not a test shard of this project ({reason}); re-run the converter on this "
+                         f"folder, or pass --data-dir with test/ and no --tfrecords") from None
+    return ids
+
+
 def _train_files(tfrecords_dir: str, fold: int, num_folds: int) -> list[str]:
     folds = [k for k in range(num_folds) if k != fold]
     files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, folds)
@@ -247,33 +254,10 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
     fold = _check_fold(fold, num_folds)
     size = _model_image_size(cfg, stored_size, image_size)
     layout = records.RecordLayout.from_manifest(manifest)
-    channels = _model_channels(cfg, layout)
-    dtype = _resolve_dtype(cfg, image_dtype)
     files = _train_files(tfrecords_dir, fold, num_folds)
+    batch_size, pipelines, pipeline_id, seed = _pipeline_share(global_batch_size, input_context, seed)
 
-    batch_size = global_batch_size
-    pipelines, pipeline_id = 1, 0
-    if input_context is not None:
-        batch_size = input_context.get_per_replica_batch_size(global_batch_size)
-        pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
-        if seed is not None:  # each worker its own shuffle order and augmentation draws, still reproducible
-            seed = seed + 1_000_003 * pipeline_id
-
-    file_ds = tf.data.Dataset.from_tensor_slices(files)
-    if pipelines > 1 and len(files) >= pipelines:
-        file_ds = file_ds.shard(pipelines, pipeline_id)
-        num_files = len(range(pipeline_id, len(files), pipelines))
-        file_ds = file_ds.shuffle(num_files, seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = file_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(num_files, _MAX_PARALLEL_FILES),
-                                block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    elif pipelines > 1:
-        # Fewer files than workers: every worker reads all files in the same fixed order and keeps every
-        # pipelines-th record, so the workers' shares partition the data exactly.
-        ds = tf.data.TFRecordDataset(files).shard(pipelines, pipeline_id).repeat()
-    else:
-        file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = file_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), _MAX_PARALLEL_FILES),
-                                block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = _endless_records(files, pipelines, pipeline_id, seed, deterministic)
     # Shuffle serialized records (~0.2 MB at 768 px), not decoded images (0.6 MB): a big buffer stays affordable.
     needs = masks.recipe_data(cfg.train.recipe)
     if needs.annotated_only:  # before the shuffle buffer, so it holds only studies that will be used
@@ -283,15 +267,52 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
         ds = _mix_extra_records(cfg, ds, pipelines, pipeline_id, seed, deterministic)
     # One independent [2] seed per element for the stateless augmentation ops.
     element_seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
-    ds = tf.data.Dataset.zip((ds, element_seeds))
-    aug_cfg = cfg.augment
+    prepare = _training_example_fn(cfg, size, layout, _model_channels(cfg, layout), _resolve_dtype(cfg, image_dtype),
+                                   augment, needs)
+    ds = tf.data.Dataset.zip((ds, element_seeds)).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.prefetch(AUTOTUNE).with_options(options)
 
+
+def _pipeline_share(global_batch_size: int, input_context, seed: int | None) -> tuple[int, int, int, int | None]:
+    """``(batch size, input pipelines, this pipeline's index, seed)``: the whole batch in one pipeline, or this
+    pipeline's share under ``input_context``, with a seed of its own (still reproducible)."""
+    if input_context is None:
+        return global_batch_size, 1, 0, seed
+    pipeline_id = input_context.input_pipeline_id
+    if seed is not None:  # each worker its own shuffle order and augmentation draws
+        seed = seed + 1_000_003 * pipeline_id
+    return (input_context.get_per_replica_batch_size(global_batch_size), input_context.num_input_pipelines,
+            pipeline_id, seed)
+
+
+def _endless_records(files: list[str], pipelines: int, pipeline_id: int, seed, deterministic: bool):
+    """This input pipeline's serialized training records, endless: its share of the files (all of them in one
+    pipeline), shuffled every pass and read interleaved."""
+    if pipelines > len(files):
+        # Fewer files than pipelines: every pipeline reads all files in the same fixed order and keeps every
+        # pipelines-th record, so the pipelines' shares partition the data exactly.
+        return tf.data.TFRecordDataset(files).shard(pipelines, pipeline_id).repeat()
+    file_ds = tf.data.Dataset.from_tensor_slices(files)
+    if pipelines > 1:
+        file_ds = file_ds.shard(pipelines, pipeline_id)
+    num_files = len(range(pipeline_id, len(files), pipelines))
+    file_ds = file_ds.shuffle(num_files, seed=seed, reshuffle_each_iteration=True).repeat()
+    return file_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(num_files, _MAX_PARALLEL_FILES),
+                              block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def _training_example_fn(cfg: Config, size: int, layout: records.RecordLayout, channels: int, dtype, augment: bool,
+                         needs):
+    """``(serialized record, element seed) -> (images, targets)`` of one training example (``needs``: what the
+    recipe reads, ``masks.recipe_data``)."""
+    aug_cfg, target_of = cfg.augment, _target_fn(cfg)
     with_masks = needs.masks is not None
     if with_masks:
         mask_settings = masks.MaskSettings.from_config(cfg.train)
         masks.mask_size(size)  # a clear error now rather than inside the map
-
-    target_of = _target_fn(cfg)
 
     def prepare(serialized, element_seed):
         parsed = records.parse_example(serialized, with_annotations=with_masks, layout=layout)
@@ -310,11 +331,7 @@ def build_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, global_batch
             return {"image": image, "masks": mask}, parsed[records.TARGET]
         return image, {"target": parsed[records.TARGET], "mask": mask, "has_mask": has_mask}
 
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    return ds.prefetch(AUTOTUNE).with_options(options)
+    return prepare
 
 
 def extra_files(extra_dir: str) -> list[str]:
@@ -386,6 +403,21 @@ class EvalData:
         """The record (row of ``ids``) at ``position`` in this share's stream of rows (numbers or tensors)."""
         return position * self.num_shards + self.shard_index
 
+    def indexed_dataset(self):
+        """``dataset`` with each row's record index beside the image: ``{"image", "index"}`` (a model of several
+        named inputs: those names and ``"index"``), for ``model.predict.predict_eval``, which places every
+        prediction by its index whatever order a strategy hands batches to replicas in."""
+        batch = self.local_batch_size  # the whole batch, or this process's share of it
+
+        def add_index(step, element):
+            images = element[0] if isinstance(element, (tuple, list)) else element
+            index = self.record_index(tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32))
+            return {**images, "index": index} if isinstance(images, dict) else {"image": images, "index": index}
+
+        # A known length lets predict stop without probing (and warning about) the end of the data.
+        return (self.dataset.enumerate().map(add_index)
+                .apply(tf.data.experimental.assert_cardinality(self.num_batches)))
+
     @functools.cached_property
     def _labels(self) -> tuple[np.ndarray, np.ndarray]:
         # A pass over the same files in the same order, parsing only two small features (no decoding).
@@ -418,7 +450,7 @@ class EvalData:
         """Drop the padding rows: ``predictions[:num_examples]`` (after checking the row count)."""
         if self.num_shards > 1:
             raise ValueError("unpad needs every row in order, but this is one share of several processes: predict "
-                             "with serve.predict.predict_eval, which places rows by their record index")
+                             "with model.predict.predict_eval, which places rows by their record index")
         predictions = np.asarray(predictions)
         if predictions.shape[0] != self.num_batches * self.batch_size:
             raise ValueError(f"expected {self.num_batches * self.batch_size} predicted rows "
@@ -452,6 +484,43 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     ``recipe="teacher"`` (validation of the teacher, ``masks.RECIPE_DATA``): the annotated studies only, each
     as ``{"image", "masks"}`` with its line masks (``mask_settings``) as the teacher's second input.
     """
+    _check_eval_request(split, tta, global_batch_size, num_shards, shard_index)
+    manifest, num_folds, stored_size = _manifest_info(tfrecords_dir)
+    layout = records.RecordLayout.from_manifest(manifest)
+    if split == "valid":
+        fold = _check_fold(fold, num_folds)
+    files = _eval_files(tfrecords_dir, split, fold)
+    size = _model_image_size(cfg, stored_size, image_size)
+    channels = _model_channels(cfg, layout)
+    dtype = _resolve_dtype(cfg, image_dtype)
+    needs = masks.recipe_data(recipe)
+    if needs.masks == "input" and tta != "identity":
+        raise ValueError("the teacher (masks as input) is validated without TTA: set infer.tta=identity")
+    num_examples = _count_eval_examples(files, needs.annotated_only, fold, tfrecords_dir)
+    settings = (mask_settings or masks.MaskSettings()) if needs.masks == "input" else None
+    ds = _ordered_records(files, needs.annotated_only)
+    if num_shards > 1:
+        ds = ds.shard(num_shards, shard_index)
+    ds = ds.map(_eval_example_fn(size, layout, channels, dtype, tta, settings), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+    if cfg.data.cache and split == "valid":
+        ds = ds.cache()
+    local_batch = global_batch_size // num_shards
+    share_rows = len(range(shard_index, num_examples, num_shards))
+    pad = math.ceil(num_examples / global_batch_size) * local_batch - share_rows
+    if pad:
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(_padding_row(size, layout, channels, dtype, settings))
+                            .repeat(pad))
+    if not with_targets:
+        ds = ds.map(lambda x, y, w: x)
+    elif not with_weights:
+        ds = ds.map(lambda x, y, w: (x, y))
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    return EvalData(ds, files, num_examples, global_batch_size, split, num_shards=num_shards, shard_index=shard_index,
+                    annotated_only=needs.annotated_only, num_classes=layout.num_classes)
+
+
+def _check_eval_request(split: str, tta: str, global_batch_size: int, num_shards: int, shard_index: int) -> None:
     if split not in ("valid", "test", "extra"):
         raise ValueError(f"split must be 'valid', 'test' or 'extra', got {split!r}")
     if tta not in TTA_VIEWS:
@@ -461,67 +530,55 @@ def build_eval_dataset(cfg: Config, tfrecords_dir: str, split: str, global_batch
     if num_shards < 1 or not 0 <= shard_index < num_shards or global_batch_size % num_shards:
         raise ValueError(f"share {shard_index} of {num_shards} of batches of {global_batch_size}: the shares are "
                          "numbered 0..num_shards-1 and must split the global batch evenly")
-    manifest, num_folds, stored_size = _manifest_info(tfrecords_dir)
-    layout = records.RecordLayout.from_manifest(manifest)
+
+
+def _eval_files(tfrecords_dir: str, split: str, fold: int | None) -> list[str]:
+    """The shards of the validation fold, or of the test or extra records (unlabeled records, predicted to
+    make their soft labels: serve/pseudo.py)."""
     if split == "valid":
-        fold = _check_fold(fold, num_folds)
         files = records.list_shards(tfrecords_dir, records.TRAIN_DIR, [fold])
-    else:  # test, or extra: unlabeled records, predicted to make their soft labels (serve/pseudo.py)
+    else:
         files = records.list_shards(tfrecords_dir, records.TEST_DIR if split == "test" else records.EXTRA_DIR)
     if not files:
         raise ValueError(f"no {split} shards in {tfrecords_dir} (fold {fold}): convert the data first")
-    size = _model_image_size(cfg, stored_size, image_size)
-    channels = _model_channels(cfg, layout)
-    dtype = _resolve_dtype(cfg, image_dtype)
-    needs = masks.recipe_data(recipe)
-    masks_in = needs.masks == "input"
-    if masks_in and tta != "identity":
-        raise ValueError("the teacher (masks as input) is validated without TTA: set infer.tta=identity")
-    if needs.annotated_only:  # the filtered count, by a pass parsing one small feature per record
-        num_examples = int(_ordered_records(files, True).reduce(np.int64(0), lambda n, _: n + 1))
-        if num_examples == 0:
-            raise ValueError(f"validation fold {fold} of {tfrecords_dir} has no annotated study, which the teacher "
-                             "needs to be validated: convert with more annotated studies or other folds")
-    else:
-        num_examples = records.count_records(files)
-    if masks_in:
-        settings = mask_settings or masks.MaskSettings()
-        mask_side = masks.mask_size(size)
+    return files
 
+
+def _count_eval_examples(files: list[str], annotated_only: bool, fold, tfrecords_dir: str) -> int:
+    if not annotated_only:
+        return records.count_records(files)
+    # The filtered count, by a pass parsing one small feature per record.
+    count = int(_ordered_records(files, True).reduce(np.int64(0), lambda n, _: n + 1))
+    if count == 0:
+        raise ValueError(f"validation fold {fold} of {tfrecords_dir} has no annotated study, which the teacher "
+                         "needs to be validated: convert with more annotated studies or other folds")
+    return count
+
+
+def _eval_example_fn(size: int, layout: records.RecordLayout, channels: int, dtype, tta: str,
+                     mask_settings: masks.MaskSettings | None):
+    """``serialized record -> (images, target, weight 1)``; ``mask_settings``: the line masks are an input too."""
     def prepare(serialized):
-        parsed = records.parse_example(serialized, with_annotations=masks_in, layout=layout)
+        parsed = records.parse_example(serialized, with_annotations=mask_settings is not None, layout=layout)
         image = decode_parsed_for_model(parsed, size, layout)
         if tta == "hflip":
             image = mirror(image)
         image = _to_model_dtype(expand_channels(image, channels), dtype)
-        if masks_in:
-            image = {"image": image, "masks": tf.cast(masks.line_masks(parsed, size, settings)[0], tf.uint8)}
+        if mask_settings is not None:
+            image = {"image": image,
+                     "masks": tf.cast(masks.line_masks(parsed, size, mask_settings)[0], tf.uint8)}
         return image, parsed[records.TARGET], tf.constant(1.0)
 
-    ds = _ordered_records(files, needs.annotated_only)
-    if num_shards > 1:
-        ds = ds.shard(num_shards, shard_index)
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    if cfg.data.cache and split == "valid":
-        ds = ds.cache()
-    local_batch = global_batch_size // num_shards
-    share_rows = len(range(shard_index, num_examples, num_shards))
-    pad = math.ceil(num_examples / global_batch_size) * local_batch - share_rows
-    if pad:
-        blank = tf.zeros([size, size, channels], dtype)
-        if masks_in:
-            blank = {"image": blank, "masks": tf.zeros([mask_side, mask_side, masks.NUM_FAMILIES], tf.uint8)}
-        padding = (blank, tf.zeros([layout.num_classes], tf.float32), tf.constant(0.0))
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
-    if with_targets and with_weights:
-        pass
-    elif with_targets:
-        ds = ds.map(lambda x, y, w: (x, y))
-    else:
-        ds = ds.map(lambda x, y, w: x)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-    return EvalData(ds, files, num_examples, global_batch_size, split, num_shards=num_shards, shard_index=shard_index,
-                    annotated_only=needs.annotated_only, num_classes=layout.num_classes)
+    return prepare
+
+
+def _padding_row(size: int, layout: records.RecordLayout, channels: int, dtype, mask_settings) -> tuple:
+    """One padding row: zero image (and zero masks), zero target, weight 0."""
+    blank = tf.zeros([size, size, channels], dtype)
+    if mask_settings is not None:
+        side = masks.mask_size(size)
+        blank = {"image": blank, "masks": tf.zeros([side, side, masks.NUM_FAMILIES], tf.uint8)}
+    return blank, tf.zeros([layout.num_classes], tf.float32), tf.constant(0.0)
 
 
 # ----------------------------------------------------------------------------------------------- preview
@@ -553,30 +610,3 @@ def show_grid(cfg: Config, tfrecords_dir: str, fold: int, path: str, n: int = 16
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def main(argv=None) -> int:
-    from ranzcr_tf import cli
-    from ranzcr_tf.config import load_config
-
-    parser = cli.build_parser("python -m ranzcr_tf.pipeline.data", "Preview the training input: a grid of "
-                              "augmented samples with their labels.", settings=True)
-    parser.add_argument("--tfrecords", required=True, help="converted records folder (holds manifest.json)")
-    parser.add_argument("--fold", type=int, default=0, help="validation fold; the grid shows the other folds")
-    parser.add_argument("--show", required=True, metavar="PNG", help="output image path")
-    parser.add_argument("--n", type=int, default=16, help="number of samples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-augment", action="store_true", help="show the stored pixels")
-
-    def run(args) -> int:
-        cfg = load_config(args.config, args.overrides)
-        cli.check_output_file(args.show, "--show")
-        print(show_grid(cfg, args.tfrecords, args.fold, args.show, n=args.n, seed=args.seed,
-                        augment=not args.no_augment))
-        return 0
-
-    return cli.main(parser, run, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,8 +15,8 @@ TPU-host safe: fixed shapes (the polylines are padded to ``max_lines`` lines and
 all; points past that are dropped), TensorFlow ops only, no ``py_function``. The raster is a distance
 test, vectorised over the padded segment list: a mask pixel of family f is on when its centre lies within
 ``width / 2`` of a segment of a family-f line. Cost: ``M^2 x max_points`` distances per study (M = mask side),
-run as one XLA-fused loop: measured about 2 ms per study at 256 px and 44 ms at 768 px (256 points, one
-busy CPU core); without XLA it was 60 ms and 1 s.
+run as one XLA-fused loop, many times faster than without XLA (timings:
+docs/results.md#speed-measurements-behind-code-choices).
 
 Coordinates: stored pixel centres are integers (x = 0 is the centre of the first column); a stored point
 x maps to ``(x + 0.5) * M / W - 0.5`` at mask resolution, the same pixel-centre convention the augmentation

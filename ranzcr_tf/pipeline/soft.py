@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ranzcr_tf import tables
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 
 SOURCE_COLUMN = "source"  # which models made a row (python -m ranzcr_tf.serve.pseudo writes it); not read here
@@ -37,14 +38,8 @@ class SoftLabels:
     @classmethod
     def read(cls, path: str) -> SoftLabels:
         """The CSV at ``path``, checked: every label column present, each value a probability, no ID twice."""
-        from ranzcr_tf.report.score import check_values, read_table
-
-        what = "train.soft_labels"
-        frame = read_table(path, what, (ID_COLUMN, *LABELS))
-        duplicated = frame[ID_COLUMN][frame[ID_COLUMN].duplicated()]
-        if len(duplicated):
-            raise ValueError(f"{what} {path} lists {ID_COLUMN} {duplicated.iloc[0]} twice ({len(duplicated)} repeat(s))")
-        probs = check_values(frame, list(LABELS), path, what).astype(np.float32)
+        frame = tables.read_label_table(path, "train.soft_labels")
+        probs = frame[list(LABELS)].to_numpy(np.float32)
         return cls(ids=frame[ID_COLUMN].astype(str).tolist(), probs=probs, path=path)
 
     def check_covers(self, ids, where: str) -> None:

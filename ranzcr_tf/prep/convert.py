@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.config import PreprocessConfig, TaskConfig, run_metadata
+from ranzcr_tf.config import PreprocessConfig, TaskConfig
 from ranzcr_tf.labels import ID_COLUMN
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.csv_checks import (
@@ -48,21 +47,24 @@ from ranzcr_tf.prep.folds import assign_folds, fold_positives, folds_frame
 from ranzcr_tf.prep.preprocess import BadImageError
 from ranzcr_tf.prep.shard_plan import (
     PROGRESS_DIR,
+    RECORD_OVERHEAD_BYTES,
     SETTINGS_FILE,
     check_resume,
+    kill_hook,
     own_files,
     plan_shards,
     preprocess_settings,
     read_json,
     remove_stale,
+    save_progress,
     sha256_file,
     slot_name,
+    task_summary,
 )
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
 from ranzcr_tf.prep.workers import available_cores, ordered_map, process_image, start_threads
+from ranzcr_tf.provenance import run_metadata
 
-KILL_HOOK_ENV = "RANZCR_CONVERT_KILL_AFTER"  # tests: SIGKILL this process after N records (mid-shard)
-RECORD_OVERHEAD_BYTES = 600  # ID, targets, sizes, typical annotations and TFRecord framing per record
 SIZE_SAMPLE = 8  # images preprocessed up front to estimate the stored bytes per image
 
 
@@ -124,12 +126,7 @@ def _requested_settings(opts: ConvertOptions, test_ids: list[str]) -> dict:
             "annotations_sha256": sha256_file(os.path.join(opts.data_dir, ANNOTATIONS_CSV)),
             "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
         },
-    } | ({} if opts.task.is_ranzcr else {"task": _task_summary(opts.task)})
-
-
-def _task_summary(task: TaskConfig) -> dict:
-    return {"name": task.name, "reader": task.reader, "labels": list(task.labels), "windows": task.windows,
-            "slice_context": task.slice_context, "id_column": task.id_column, "group_column": task.group_column}
+    } | ({} if opts.task.is_ranzcr else {"task": task_summary(opts.task)})
 
 
 def _estimate_records_per_shard(opts: ConvertOptions, paths: list[str], pool) -> tuple[int, float, dict]:
@@ -156,7 +153,6 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
     from tqdm import tqdm
 
     size = opts.preprocess.image_size
-    kill_after = int(os.environ.get(KILL_HOOK_ENV, "0") or 0)
     image_path = opts.image_path
     tasks = ((image_path(s["split"], sid), opts.preprocess) for s in pending for sid in s["ids"])
     results = ordered_map(process_image, tasks, pool, window, ready)
@@ -190,14 +186,12 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
                     if info.get("note"):
                         state["notes"].append({"split": split, "id": sid, "note": info["note"]})
                     written += 1
-                    if kill_after and written >= kill_after:  # test hook: a real SIGKILL in the middle of a shard
-                        writer.flush()
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    kill_hook(writer, written)
         except BaseException:
             bar.close()
             raise
         state["shard"] = writer.name  # None when every image of the shard was bad: no empty file
-        io_utils.atomic_write_json(io_utils.join(opts.out_dir, PROGRESS_DIR, slot_name(shard) + ".json"), state)
+        save_progress(opts.out_dir, shard, state)
     bar.close()
 
 
@@ -215,7 +209,7 @@ def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, fold
         if st["shard"]:
             shards[shard["split"]].append(st["shard"])
     num_test = sum(len(st["ids"]) for s, st in zip(plan, ordered) if s["split"] == records.TEST_DIR)
-    extra = {} if task.is_ranzcr else {"labels": task.labels, "image_channels": 1, "task": _task_summary(task),
+    extra = {} if task.is_ranzcr else {"labels": task.labels, "image_channels": 1, "task": task_summary(task),
                                        "fold_grouping": task.group_column}
     manifest = write_manifest(
         opts.out_dir, preprocess=preprocess_settings(opts.preprocess), image_size=opts.preprocess.image_size,

@@ -19,11 +19,15 @@ What it does, in order:
 5. ``folds.csv`` (ID, fold and the DICOM metadata), ``test_slices.csv``, ``skipped.csv``, ``manifest.json``
    (with ``labels``, ``image_channels`` and the ``task`` the records were made for; the kernel checks it).
 
-Not resumable (unlike the JPEG converter): an interrupted run is rerun with ``--overwrite``.
+Resumable like the JPEG converter, through the same shard plan (``prep/shard_plan.py``): a rerun of an
+interrupted conversion keeps its complete shards and writes the others; other settings or other slices are
+refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +37,12 @@ import numpy as np
 import pandas as pd
 
 from ranzcr_tf import io_utils
-from ranzcr_tf.config import PreprocessConfig, TaskConfig, run_metadata
-from ranzcr_tf.prep import records
+from ranzcr_tf.config import PreprocessConfig, TaskConfig
+from ranzcr_tf.prep import records, shard_plan
 from ranzcr_tf.prep.folds import FOLD_COLUMN, assign_folds, fold_positives
-from ranzcr_tf.prep.shard_plan import own_files, preprocess_settings
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
 from ranzcr_tf.prep.workers import available_cores
+from ranzcr_tf.provenance import run_metadata
 
 SKIPPED_CSV = "skipped.csv"
 TEST_SLICES_CSV = "test_slices.csv"
@@ -144,73 +148,54 @@ def _records_per_shard(opts: DicomConvertOptions, channels: int) -> int:
     if opts.shard_records:
         return opts.shard_records
     size = opts.preprocess.image_size
-    per_image = size * size * channels * 0.5 + records_overhead()  # PNG of CT windows: ~half a byte per value
+    per_image = size * size * channels * 0.5 + shard_plan.RECORD_OVERHEAD_BYTES  # PNG of CT windows: ~half a byte per value
     return max(1, int(opts.shard_mb * 1e6 // per_image))
 
 
-def records_overhead() -> int:
-    from ranzcr_tf.prep.convert import RECORD_OVERHEAD_BYTES
-
-    return RECORD_OVERHEAD_BYTES
-
-
 # ----------------------------------------------------------------------------------------------- writing
-def _write_split(opts, split, fold, ids, table, targets, windows, pool, bar, skipped) -> tuple[list[str], list[str]]:
-    """Shards of ``ids`` (train fold ``fold``, or test when None): (shard names, IDs written)."""
+def _write_shards(opts, pending: list[dict], tables: dict, windows, pool, bar) -> None:
+    """Write every pending shard of the plan (train fold k, or test) and its progress file, so a rerun after a
+    kill keeps the complete shards and redoes only the others."""
     from ranzcr_tf.prep.dicom import DicomError
 
-    paths_by_id = dict(zip(table["id"], table["path"]))
     size, context = opts.preprocess.image_size, opts.task.slice_context
-    per_shard = _records_per_shard(opts, opts.task.channels)
+    written = 0
+    for shard in pending:
+        split, fold = shard["split"], shard["fold"]
+        table = tables[split]
+        paths_by_id = dict(zip(table["id"], table["path"]))
 
-    def work(slice_id):
-        try:
-            return "ok", slice_image(table, paths_by_id, slice_id, windows, context, size)
-        except (DicomError, OSError, ValueError) as exc:
-            return "bad", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        def work(slice_id, table=table, paths_by_id=paths_by_id):
+            try:
+                return "ok", slice_image(table, paths_by_id, slice_id, windows, context, size)
+            except (DicomError, OSError, ValueError) as exc:
+                return "bad", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
-    names, written = [], []
-    for index, start in enumerate(range(0, len(ids), per_shard)):
-        chunk = ids[start:start + per_shard]
-        with ShardWriter(opts.out_dir, split, fold, index) as writer:
-            for slice_id, (status, payload) in zip(chunk, pool.map(work, chunk)):
+        state = {"ids_planned": shard["ids"], "shard": None, "ids": [], "skipped": [], "notes": []}
+        with ShardWriter(opts.out_dir, split, fold, shard["index"]) as writer:
+            for slice_id, (status, payload) in zip(shard["ids"], pool.map(work, shard["ids"])):
                 bar.update(1)
                 if status == "bad":
                     if opts.strict:
                         raise ValueError(f"--strict: {split} slice {paths_by_id[slice_id]}: {payload}")
-                    skipped.append({"split": split, "id": slice_id, "path": paths_by_id[slice_id], "reason": payload})
+                    state["skipped"].append({"split": split, "id": slice_id, "path": paths_by_id[slice_id],
+                                             "reason": payload})
                     continue
                 writer.write(records.serialize_example(
-                    **_encode(payload, opts.preprocess), study_id=slice_id, target=targets.get(slice_id),
+                    **_encode(payload, opts.preprocess), study_id=slice_id, target=tables["targets"].get(slice_id),
                     fold=-1 if fold is None else fold, height=size, width=size, orig_height=size, orig_width=size,
                     num_classes=opts.task.num_classes))
-                written.append(slice_id)
-        if writer.name:
-            names.append(writer.name)
-    return names, written
+                state["ids"].append(slice_id)
+                written += 1
+                shard_plan.kill_hook(writer, written)
+        state["shard"] = writer.name  # None when every slice of the shard was bad: no empty file
+        shard_plan.save_progress(opts.out_dir, shard, state)
 
 
-def convert_dicom(opts: DicomConvertOptions) -> dict:
-    """Convert a DICOM competition folder (see the module docstring); returns the manifest."""
-    from tqdm import tqdm
-
-    from ranzcr_tf.prep.dicom import parse_windows
-
-    opts.validate()
+def _scan_inputs(opts: DicomConvertOptions, labels_df: pd.DataFrame, workers: int) -> dict:
+    """The slices on disk: ``train_df`` (labelled slices with a readable file, with their DICOM metadata),
+    the scan tables of both splits, the test IDs and the files skipped so far."""
     task = opts.task
-    windows = parse_windows(task.windows)
-    labels_df = read_labels(opts.data_dir, task)
-    if opts.limit:
-        labels_df = labels_df.head(opts.limit).reset_index(drop=True)
-    if io_utils.exists(io_utils.join(opts.out_dir, records.MANIFEST)) and not opts.overwrite:
-        raise ValueError(f"{opts.out_dir} already holds converted records: pass --overwrite or another --out-dir")
-    for path in own_files(opts.out_dir):
-        io_utils.remove(path)
-    for name in (SKIPPED_CSV, TEST_SLICES_CSV):
-        if io_utils.exists(io_utils.join(opts.out_dir, name)):
-            io_utils.remove(io_utils.join(opts.out_dir, name))
-    workers = opts.workers or available_cores()
-
     train_table, skipped_files = scan(opts.data_dir, task.train_images, task.extension, workers)
     skipped = [{"split": records.TRAIN_DIR, "id": os.path.splitext(os.path.basename(e["path"]))[0], **e}
                for e in skipped_files]
@@ -231,50 +216,98 @@ def convert_dicom(opts: DicomConvertOptions) -> dict:
     if task.group_column not in train_df.columns:
         raise ValueError(f"task.group_column = {task.group_column!r} is not a DICOM field the scan reads "
                          f"({', '.join(META_COLUMNS[:3])})")
-    folds = assign_folds(train_df, opts.num_folds, opts.fold_seed, labels=task.labels, group_column=task.group_column)
-    targets = dict(zip(train_df[task.id_column], train_df[list(task.labels)].to_numpy(np.float32).tolist()))
-
     test_table, test_ids = pd.DataFrame(columns=["id", "path"]), []
     if opts.include_test:
         test_table, bad = scan(opts.data_dir, task.test_images, task.extension, workers)
         skipped += [{"split": records.TEST_DIR, "id": os.path.splitext(os.path.basename(e["path"]))[0], **e}
                     for e in bad]
         test_ids = list(test_table["id"])[:opts.limit or None]
+    return {"train_df": train_df, "train_table": train_table, "test_table": test_table, "test_ids": test_ids,
+            "skipped": skipped}
 
-    total = len(train_df) + len(test_ids)
-    bar = tqdm(total=total, unit="img", desc="converting", file=sys.stderr, disable=not opts.progress)
-    shards = {records.TRAIN_DIR: [], records.TEST_DIR: []}
-    written: set = set()
+
+def _requested_settings(opts: DicomConvertOptions, inputs: dict) -> dict:
+    """What the records depend on: a rerun with other settings or other slices is refused (or --overwrite)."""
+    slices = [*inputs["train_df"][opts.task.id_column], "test", *inputs["test_ids"]]
+    return {"schema_version": records.SCHEMA_VERSION, "preprocess": shard_plan.preprocess_settings(opts.preprocess),
+            "task": shard_plan.task_summary(opts.task), "num_folds": opts.num_folds, "fold_seed": opts.fold_seed,
+            "records_per_shard": _records_per_shard(opts, opts.task.channels), "include_test": opts.include_test,
+            "limit": opts.limit, "inputs": {
+                "train_csv_sha256": shard_plan.sha256_file(os.path.join(opts.data_dir, opts.task.train_csv)),
+                "slices_sha256": hashlib.sha256("\n".join(map(str, slices)).encode()).hexdigest()}}
+
+
+def convert_dicom(opts: DicomConvertOptions) -> dict:
+    """Convert a DICOM competition folder (see the module docstring); returns the manifest. Resumes like the
+    JPEG converter: a rerun keeps the complete shards of an interrupted run (``prep/shard_plan.py``)."""
+    from tqdm import tqdm
+
+    from ranzcr_tf.prep.dicom import parse_windows
+
+    opts.validate()
+    task = opts.task
+    windows = parse_windows(task.windows)
+    labels_df = read_labels(opts.data_dir, task)
+    if opts.limit:
+        labels_df = labels_df.head(opts.limit).reset_index(drop=True)
+    if opts.overwrite:
+        for path in shard_plan.own_files(opts.out_dir) + [io_utils.join(opts.out_dir, n) for n in (SKIPPED_CSV, TEST_SLICES_CSV)]:
+            if io_utils.exists(path):
+                io_utils.remove(path)
+    workers = opts.workers or available_cores()
+    inputs = _scan_inputs(opts, labels_df, workers)
+    train_df = inputs["train_df"]
+    folds = assign_folds(train_df, opts.num_folds, opts.fold_seed, labels=task.labels, group_column=task.group_column)
+    settings_path = io_utils.join(opts.out_dir, shard_plan.PROGRESS_DIR, shard_plan.SETTINGS_FILE)
+    requested = json.loads(json.dumps(_requested_settings(opts, inputs)))
+    saved = shard_plan.read_json(settings_path)
+    shard_plan.check_resume(opts.out_dir, saved, requested)
+    if saved is None:
+        io_utils.atomic_write_json(settings_path, requested)
+    plan = shard_plan.plan_shards(train_df, folds, inputs["test_ids"], requested["records_per_shard"], opts.fold_seed,
+                       opts.num_folds, task.id_column)
+    states = shard_plan.remove_stale(opts.out_dir, plan)
+    pending = [s for s in plan if shard_plan.slot_name(s) not in states]
+    if len(pending) < len(plan):
+        print(f"resuming: {len(plan) - len(pending)} of {len(plan)} shards already complete", file=sys.stderr)
+    tables = {records.TRAIN_DIR: inputs["train_table"], records.TEST_DIR: inputs["test_table"],
+              "targets": dict(zip(train_df[task.id_column], train_df[list(task.labels)].to_numpy(np.float32).tolist()))}
+    bar = tqdm(total=sum(len(s["ids"]) for s in pending), unit="img", desc="converting", file=sys.stderr,
+               disable=not opts.progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for fold in range(opts.num_folds):
-            members = train_df[task.id_column].to_numpy()[folds == fold]
-            members = list(members[np.random.default_rng([opts.fold_seed, fold]).permutation(len(members))])
-            names, done = _write_split(opts, records.TRAIN_DIR, fold, members, train_table, targets, windows, pool,
-                                       bar, skipped)
-            shards[records.TRAIN_DIR] += names
-            written |= set(done)
-        names, done_test = (_write_split(opts, records.TEST_DIR, None, test_ids, test_table, {}, windows, pool, bar,
-                                         skipped) if test_ids else ([], []))
-        shards[records.TEST_DIR] += names
+        _write_shards(opts, pending, tables, windows, pool, bar)
     bar.close()
+    states = shard_plan.remove_stale(opts.out_dir, plan)
+    return _finish(opts, plan, states, inputs, folds, requested["records_per_shard"])
 
+
+def _finish(opts: DicomConvertOptions, plan: list[dict], states: dict, inputs: dict, folds: np.ndarray,
+            per_shard: int) -> dict:
+    """folds.csv, test_slices.csv, skipped.csv and manifest.json from the progress of every shard."""
+    task, train_df = opts.task, inputs["train_df"]
+    ordered = [states[shard_plan.slot_name(s)] for s in plan]
+    written = {sid for st in ordered for sid in st["ids"]}
+    skipped = inputs["skipped"] + [entry for st in ordered for entry in st["skipped"]]
+    shards = {records.TRAIN_DIR: [], records.TEST_DIR: []}
+    for shard, st in zip(plan, ordered):
+        if st["shard"]:
+            shards[shard["split"]].append(st["shard"])
     good = train_df[task.id_column].isin(written).to_numpy()
     table = train_df[good][[task.id_column, *META_COLUMNS]].assign(**{FOLD_COLUMN: folds[good]})
     io_utils.atomic_write_text(io_utils.join(opts.out_dir, records.FOLDS_CSV), table.to_csv(index=False))
-    if len(test_table):
+    if len(inputs["test_table"]):
         io_utils.atomic_write_text(io_utils.join(opts.out_dir, TEST_SLICES_CSV),
-                                   test_table[["id", *META_COLUMNS]].to_csv(index=False))
+                                   inputs["test_table"][["id", *META_COLUMNS]].to_csv(index=False))
     io_utils.atomic_write_text(io_utils.join(opts.out_dir, SKIPPED_CSV),
                                pd.DataFrame(skipped, columns=["split", "id", "path", "reason"]).to_csv(index=False))
     good_targets = train_df[list(task.labels)].to_numpy()[good]
+    num_test = sum(len(st["ids"]) for s, st in zip(plan, ordered) if s["split"] == records.TEST_DIR)
     return write_manifest(
-        opts.out_dir, preprocess=preprocess_settings(opts.preprocess), image_size=opts.preprocess.image_size,
-        num_folds=opts.num_folds, num_train=int(good.sum()), num_test=len(done_test), shards=shards, skipped=skipped,
-        labels=task.labels, image_channels=task.channels,
-        task={"name": task.name, "reader": task.reader, "labels": list(task.labels), "windows": task.windows,
-              "slice_context": task.slice_context, "id_column": task.id_column, "group_column": task.group_column},
+        opts.out_dir, preprocess=shard_plan.preprocess_settings(opts.preprocess), image_size=opts.preprocess.image_size,
+        num_folds=opts.num_folds, num_train=int(good.sum()), num_test=num_test, shards=shards, skipped=skipped,
+        labels=task.labels, image_channels=task.channels, task=shard_plan.task_summary(task),
         fold_seed=opts.fold_seed, fold_grouping=task.group_column,
         fold_counts={str(k): int((folds[good] == k).sum()) for k in range(opts.num_folds)},
         fold_positives=fold_positives(good_targets, folds[good], opts.num_folds),
-        records_per_shard=_records_per_shard(opts, task.channels),
-        source={"data_dir": os.path.abspath(opts.data_dir), "limit": opts.limit}, _meta=run_metadata())
+        records_per_shard=per_shard, source={"data_dir": os.path.abspath(opts.data_dir), "limit": opts.limit},
+        _meta=run_metadata())

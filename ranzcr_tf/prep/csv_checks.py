@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from ranzcr_tf import tables
 from ranzcr_tf.labels import ANNOTATION_COLUMNS, ID_COLUMN, LABELS, PATIENT_COLUMN, SUBMISSION_COLUMNS, TRAIN_COLUMNS
 
 TRAIN_CSV = "train.csv"
@@ -28,13 +29,8 @@ def _line(index: int) -> int:
 
 
 def _read_table(path: str) -> pd.DataFrame:
-    if not os.path.exists(path):
-        raise ValueError(f"{path} not found: point --data-dir at the competition folder")
-    try:
-        # Everything as text, nothing turned into NaN silently: empty cells are reported by the checks.
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a readable CSV: {exc}") from None
+    # Everything as text, nothing turned into NaN silently: empty cells are reported by the checks.
+    return tables.read_text_table(path, "point --data-dir at the competition folder")
 
 
 def _check_columns(df: pd.DataFrame, expected: tuple[str, ...], path: str) -> None:

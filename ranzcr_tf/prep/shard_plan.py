@@ -1,7 +1,8 @@
-"""The converter's shard plan and resume state (which IDs go where; what an earlier run finished).
+"""The converters' shard plan and resume state (which IDs go where; what an earlier run finished).
 
 The plan is a pure function of the tables and the settings, so a rerun after a crash rebuilds the
-same plan, keeps the shards whose final file *and* progress file exist, and redoes the others.
+same plan, keeps the shards whose final file *and* progress file exist, and redoes the others. Both
+converters (JPEG/PNG: ``convert.py``; DICOM: ``convert_dicom.py``) plan and resume through this module.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 
 import numpy as np
 
@@ -20,6 +22,27 @@ from ranzcr_tf.prep import records
 
 PROGRESS_DIR = ".progress"
 SETTINGS_FILE = "settings.json"
+KILL_HOOK_ENV = "RANZCR_CONVERT_KILL_AFTER"  # tests: SIGKILL this process after N records (mid-shard)
+RECORD_OVERHEAD_BYTES = 600  # ID, targets, sizes, typical annotations and TFRecord framing per record
+
+
+def kill_hook(writer, written: int) -> None:
+    """Test hook: with ``KILL_HOOK_ENV=N``, a real SIGKILL of this process right after its N-th record."""
+    limit = int(os.environ.get(KILL_HOOK_ENV, "0") or 0)
+    if limit and written >= limit:
+        writer.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def task_summary(task) -> dict:
+    """The manifest's (and the resume settings') ``task`` block: what the records were made for."""
+    return {"name": task.name, "reader": task.reader, "labels": list(task.labels), "windows": task.windows,
+            "slice_context": task.slice_context, "id_column": task.id_column, "group_column": task.group_column}
+
+
+def save_progress(out_dir: str, shard: dict, state: dict) -> None:
+    """A finished shard's progress file (its IDs planned and written, what was skipped): the resume state."""
+    io_utils.atomic_write_json(io_utils.join(out_dir, PROGRESS_DIR, slot_name(shard) + ".json"), state)
 
 
 def sha256_file(path: str) -> str | None:

@@ -5,8 +5,8 @@ Two kinds of pool feed :func:`ordered_map`:
 - :func:`start_threads` (the converter and the kernel's test images): threads in this process. The
   preprocessing is native code that releases the GIL (libjpeg-turbo through simplejpeg, then OpenCV's
   CLAHE, resize and JPEG encode), so threads scale across cores like processes do on it, without
-  what processes cost: a fork server to start before the first image (0.2-0.3 s), every result
-  pickled through a pipe (about 0.5 ms of the writer's CPU per image), a copy of OpenCV and NumPy
+  what processes cost: a fork server to start before the first image, every result pickled through a
+  pipe at the writer's CPU expense (docs/results.md#speed-measurements-behind-code-choices), a copy of OpenCV and NumPy
   per worker, and the question of forking a process that holds TensorFlow (nothing forks).
 - :func:`start_pool` (the synthetic generator, whose phantom drawing is mostly Python and NumPy
   that holds the GIL): processes from a fork server. This module is kept apart from ``convert.py``

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ranzcr_tf import cli  # before anything imports TensorFlow: it quiets the start-up lines
+from ranzcr_tf import cli
 
 
 def build_parser():

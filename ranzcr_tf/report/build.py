@@ -4,7 +4,7 @@
 
 The first run is reported in full (data, training curves, per-column curves and calibration, Grad-CAM,
 worst studies); every run given enters the side-by-side cross-validation table. Predictions are the
-runs' ``oof.csv`` files (written by the one prediction function, ``serve.predict``), so every number
+runs' ``oof.csv`` files (written by the one prediction function, ``model.predict``), so every number
 here is the one training reported; only Grad-CAM runs a model again, on at most ``--max-images``
 validation studies. Images come from the records the run was trained on (``--tfrecords``, default
 the run's ``data.tfrecords``); without them the image sections are left out and the page says so.
@@ -22,7 +22,8 @@ import pandas as pd
 from ranzcr_tf import io_utils, runs
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
 from ranzcr_tf.report import curves, html
-from ranzcr_tf.report.cv import cv_report, merge_oof
+from ranzcr_tf.report.cv import cv_report
+from ranzcr_tf.tables import TARGET_COLUMNS, merge_oof
 
 CATEGORIES = ("most confident true positive", "worst false positive", "worst false negative")
 
@@ -90,7 +91,7 @@ def run_records(run: RunData, tfrecords: str | None) -> tuple[str | None, str]:
 
 
 def targets_and_probs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    return frame[[f"target_{label}" for label in LABELS]].to_numpy(), frame[list(LABELS)].to_numpy()
+    return frame[TARGET_COLUMNS].to_numpy(), frame[list(LABELS)].to_numpy()
 
 
 # ----------------------------------------------------------------------------------------------- sections

@@ -17,7 +17,7 @@ import io
 
 import numpy as np
 
-from ranzcr_tf.labels import LABELS
+from ranzcr_tf.labels import LABELS, label_slug
 
 NO_TUBE = "no tube"
 
@@ -172,8 +172,6 @@ def column_figure(y, p, label: str, interval: tuple[float, float], num_bins: int
 def training_figure(log, best_epoch: int | None, title: str) -> bytes:
     """Loss, learning rate and validation AUC (mean and per column) per epoch from a ``log.csv`` frame,
     the best epoch marked by a dashed line; PNG bytes."""
-    from ranzcr_tf.train.callbacks import label_slug  # the log's column names
-
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     epochs = log["epoch"].to_numpy() if "epoch" in log.columns else np.arange(len(log))

@@ -15,48 +15,23 @@ import sys
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import cli, io_utils  # cli before TensorFlow is imported (gs:// paths do): it quiets start-up lines
-from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS
-from ranzcr_tf.report.score import check_values, read_table
-from ranzcr_tf.runs import CV_REPORT_FILE, OOF_FILE, ROC_PLOT_FILE, require_ranzcr_run
-
-TARGET_COLUMNS = [f"target_{label}" for label in LABELS]
-
-
-def merge_oof(run_dir: str, feature: str = "the CV report (python -m ranzcr_tf.report.cv)") -> pd.DataFrame:
-    """All ``run_dir/fold*/oof.csv`` rows in one frame; every study must appear once. A run of another task is
-    refused, naming ``feature`` (the tool asking)."""
-    require_ranzcr_run(run_dir, feature)
-    paths = io_utils.glob(io_utils.join(run_dir, "fold*", OOF_FILE))
-    if not paths:
-        raise ValueError(f"no fold*/{OOF_FILE} under {run_dir}: train folds first "
-                         f"(python train_tpu.py --fold all --out-dir {run_dir})")
-    columns = [ID_COLUMN, *LABELS, *TARGET_COLUMNS]
-    frames = []
-    for path in paths:  # each file checked on its own, so a truncated or damaged one is named
-        frame = read_table(path, "OOF file", columns)
-        check_values(frame, list(LABELS), path, "OOF file")
-        check_values(frame, TARGET_COLUMNS, path, "OOF file", probabilities=False)
-        frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True)
-    duplicated = frame[ID_COLUMN][frame[ID_COLUMN].duplicated()].unique()
-    if len(duplicated):
-        raise ValueError(f"{len(duplicated)} studies appear in more than one fold's oof.csv (e.g. {duplicated[0]}): "
-                         "the folds come from different conversions")
-    return frame
+from ranzcr_tf import cli, io_utils
+from ranzcr_tf.labels import GROUPS, LABELS
+from ranzcr_tf.runs import CV_REPORT_FILE, ROC_PLOT_FILE
+from ranzcr_tf.tables import TARGET_COLUMNS, merge_oof
 
 
 def cv_report(frame: pd.DataFrame) -> dict:
     """Pooled mean AUC, per-class AUCs, positives per class and per-fold mean AUCs."""
     from ranzcr_tf.model.metrics import competition_metric
 
-    targets = frame[[f"target_{label}" for label in LABELS]].to_numpy()
+    targets = frame[TARGET_COLUMNS].to_numpy()
     probs = frame[list(LABELS)].to_numpy()
     mean_auc, per_class = competition_metric(targets, probs)
     per_fold = {}
     if "fold" in frame.columns:
         for fold, part in frame.groupby("fold"):
-            per_fold[int(fold)] = competition_metric(part[[f"target_{label}" for label in LABELS]].to_numpy(),
+            per_fold[int(fold)] = competition_metric(part[TARGET_COLUMNS].to_numpy(),
                                                      part[list(LABELS)].to_numpy())[0]
     return {"cv_auc": mean_auc, "per_class_auc": per_class, "num_studies": int(len(frame)),
             "positives": {label: int(targets[:, c].sum()) for c, label in enumerate(LABELS)},

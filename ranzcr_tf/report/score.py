@@ -9,65 +9,14 @@ or all 1 has no AUC; it is reported as such and left out of the mean.
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import cli, io_utils
+from ranzcr_tf import cli, io_utils, tables
 from ranzcr_tf.labels import ID_COLUMN, LABELS
-
-
-def read_table(path: str, what: str, columns) -> pd.DataFrame:
-    """A CSV with ``columns`` (at least), IDs as strings; an empty, unreadable or truncated file is a
-    ``ValueError`` naming it (not pandas' "No columns to parse from file")."""
-    try:
-        text = io_utils.read_text(path)
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what} {path} cannot be read ({exc})") from None
-    if not text.strip():
-        raise ValueError(f"{what} {path} is empty: write it again (an interrupted copy or a full disk?)")
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype={ID_COLUMN: str})
-    except pd.errors.ParserError as exc:
-        raise ValueError(f"{what} {path} is not a readable CSV ({str(exc).splitlines()[0][:200]})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{what} {path} lacks column(s) {missing}")
-    if frame.empty:
-        raise ValueError(f"{what} {path} has a header but no rows")
-    if frame[ID_COLUMN].isna().any():
-        raise ValueError(f"{what} {path} line {int(np.flatnonzero(frame[ID_COLUMN].isna())[0]) + 2}: empty {ID_COLUMN}")
-    short = frame[list(columns)].isna().any(axis=1).to_numpy()
-    if not text.endswith("\n") and short[-1]:
-        raise ValueError(f"{what} {path} line {len(frame) + 1} is cut short: the file is truncated; write it again")
-    return frame
-
-
-def check_values(frame: pd.DataFrame, columns, path: str, what: str, probabilities: bool = True) -> np.ndarray:
-    """``frame[columns]`` as float64, refusing strings, NaN, inf and (``probabilities``) values outside [0, 1],
-    naming the first bad line and column."""
-    values = np.empty((len(frame), len(columns)))
-    for c, column in enumerate(columns):
-        numbers = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64)
-        if probabilities:
-            bad = ~np.isfinite(numbers) | (numbers < 0) | (numbers > 1)
-            need = "a probability in [0, 1]"
-        else:
-            bad = ~np.isin(numbers, (0.0, 1.0))
-            need = "0 or 1"
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            value = frame[column].iloc[row]
-            value = value.item() if isinstance(value, np.generic) else value  # 1.5, not np.float64(1.5)
-            raise ValueError(f"{what} {path} line {row + 2} ({ID_COLUMN} {frame[ID_COLUMN].iloc[row]}), column "
-                             f"{column!r}: {value!r} is not {need} ({int(bad.sum())} such value(s))")
-        values[:, c] = numbers
-    return values
 
 
 def _header(path: str) -> list[str]:
@@ -79,16 +28,13 @@ def _header(path: str) -> list[str]:
 
 def _read(path: str, what: str, probabilities: bool) -> pd.DataFrame:
     try:
-        frame = read_table(path, what, (ID_COLUMN, *LABELS))
+        frame = tables.read_label_table(path, what, probabilities)
     except ValueError:
         if _header(path) == ["ID", "Label"]:
             raise ValueError(f"{what} {path} is a long ID,Label file (another task, e.g. rsna_ich): this score is "
                              "specific to the RANZCR CLiP task's wide files; another task's fold score is its run's "
                              "fold*/metrics.json (the task metric)") from None
         raise
-    if frame[ID_COLUMN].duplicated().any():
-        raise ValueError(f"{what} {path} lists {ID_COLUMN} {frame[ID_COLUMN][frame[ID_COLUMN].duplicated()].iloc[0]} twice")
-    frame[list(LABELS)] = check_values(frame, list(LABELS), path, what, probabilities)
     return frame.set_index(ID_COLUMN)
 
 

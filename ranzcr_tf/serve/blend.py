@@ -30,6 +30,7 @@ import numpy as np
 from ranzcr_tf import cli, io_utils
 from ranzcr_tf.labels import ID_COLUMN, LABELS, NUM_CLASSES
 from ranzcr_tf.serve.ensemble import blend_models, rank_normalize
+from ranzcr_tf.tables import TARGET_COLUMNS, merge_oof
 
 BLEND_FORMAT = 1
 GRID_DIVISIONS = (100, 50, 40, 20, 10, 8, 5, 4, 2, 1)  # candidate 1/step values, finest first
@@ -44,8 +45,6 @@ def run_name(run_dir: str) -> str:
 
 def load_runs(run_dirs: list[str]) -> dict:
     """The runs' pooled OOF, aligned by study: names, ids, folds ``(N,)``, targets ``(N, C)``, probs ``(M, N, C)``."""
-    from ranzcr_tf.report.cv import TARGET_COLUMNS, merge_oof
-
     if len(run_dirs) < 2:
         raise ValueError("a blend needs at least two runs: pass RUN_DIR RUN_DIR [...]")
     names = [run_name(d) for d in run_dirs]

@@ -30,10 +30,10 @@ import numpy as np
 
 from ranzcr_tf.config import InferConfig, PreprocessConfig
 from ranzcr_tf.labels import ID_COLUMN
+from ranzcr_tf.model import predict as model_predict
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.testimages import DeadlineReached, preprocess_test_images
 from ranzcr_tf.serve import ensemble
-from ranzcr_tf.serve import predict as serve_predict
 from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget, CostModel, choose_plan, degrade_levels, describe_plan
 from ranzcr_tf.serve.modelio import FoldSpec, ModelSpec, load_fold_model
 from ranzcr_tf.serve.submission import SAMPLE_SUBMISSION, read_sample_submission, template_from_ids
@@ -150,7 +150,7 @@ class TestSource:
 
         The models must have been trained with the records' preprocessing (there are no raw images to redo).
         """
-        from ranzcr_tf.serve.testrecords import read_shard_ids
+        from ranzcr_tf.pipeline.data import read_shard_ids
 
         if split not in (records.TEST_DIR, records.EXTRA_DIR):
             raise ValueError(f"split must be test or extra, got {split!r}")
@@ -300,7 +300,7 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
               split: str = "test") -> tuple[np.ndarray, bool, float]:
     """One fold x one view: ``(probs in template rows with NaN where absent, complete?, seconds per image)``.
 
-    Predicts through ``serve.predict.predict_eval``, the function validation and OOF writing use.
+    Predicts through ``model.predict.predict_eval``, the function validation and OOF writing use.
     """
     from tqdm.auto import tqdm
 
@@ -314,7 +314,7 @@ def _run_pass(predictor, fold: FoldSpec, records_dir: str, view: str, batch_size
     bar = tqdm(total=data.num_examples, desc=f"{fold.name} {view}", unit="img", disable=not progress, file=sys.stderr)
     monitor = _PassMonitor(data, budget, bar, on_calibrated)
     try:
-        predicted = serve_predict.predict_eval(None, data, from_logits=fold.output == "logits", predictor=predictor,
+        predicted = model_predict.predict_eval(None, data, from_logits=fold.output == "logits", predictor=predictor,
                                                callbacks=[monitor], allow_partial=True)
     finally:
         bar.close()
@@ -461,7 +461,7 @@ class _EnsembleRun:
             return
         load_start = self.budget.clock()
         model = load_fold_model(fold)
-        predictor = serve_predict.build_predictor(model, from_logits=fold.output == "logits")
+        predictor = model_predict.build_predictor(model, from_logits=fold.output == "logits")
         self.costs.load_seconds.append(self.budget.clock() - load_start)
         self.costs.loaded.add((model_index, fold_index))
         for key in all_views:

@@ -13,11 +13,13 @@ import sys
 import tempfile
 import time
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
-from ranzcr_tf.config import ENSEMBLE_METHODS, KAGGLE_DATA_DIR, TTA_VIEWS, InferConfig, given_keys, load_config
+from ranzcr_tf import cli, kaggle_paths
+from ranzcr_tf.config import ENSEMBLE_METHODS, TTA_VIEWS, InferConfig, given_keys, load_config
 from ranzcr_tf.runs import MODEL_FILE
 from ranzcr_tf.serve.budget import DEGRADE_ORDER, Budget
 
+# Shown in --help; the paths used are kaggle_paths' (RANZCR_KAGGLE_ROOT moves them, for rehearsals and tests).
+KAGGLE_DATA_DIR = f"/kaggle/input/{kaggle_paths.COMPETITION}"
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
 KAGGLE_TMP = "/kaggle/tmp"
@@ -94,18 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "the --models runs' folder names)")
     parser.add_argument("--batch-size", type=int, help="prediction batch size (default: infer.batch_size of "
                         "--config, else each run's own)")
-    parser.add_argument("--workers", type=int, default=0, help="processes preprocessing raw test images (0 = all cores)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="threads (in this process) preprocessing raw test images; 0 = one per available core (default)")
     parser.add_argument("--work-dir", help=f"scratch folder for preprocessed test images (default: {KAGGLE_TMP} "
                         "on Kaggle, else the system temp folder); removed at the end")
     return parser
 
 
-def _on_kaggle() -> bool:
-    return os.path.isdir(KAGGLE_INPUT)
-
-
-def kaggle_model_dirs(input_dir: str = KAGGLE_INPUT, competition_dir: str = KAGGLE_DATA_DIR) -> list[str]:
+def kaggle_model_dirs(input_dir: str | None = None, competition_dir: str | None = None) -> list[str]:
     """Every attached dataset folder under ``input_dir`` (except the competition's) holding a best.keras."""
+    input_dir = input_dir or kaggle_paths.input_dir()
+    competition_dir = competition_dir or kaggle_paths.competition_dir()
     found = []
     for name in sorted(os.listdir(input_dir)):
         folder = os.path.join(input_dir, name)
@@ -118,10 +119,10 @@ def kaggle_model_dirs(input_dir: str = KAGGLE_INPUT, competition_dir: str = KAGG
 
 def resolve_paths(args) -> tuple[str | None, list[str], str]:
     """Fill the Kaggle defaults, or stop with a message saying what to pass."""
-    on_kaggle = _on_kaggle()
+    on_kaggle = kaggle_paths.on_kaggle()
     data_dir = args.data_dir
-    if data_dir is None and on_kaggle and os.path.isdir(KAGGLE_DATA_DIR):
-        data_dir = KAGGLE_DATA_DIR
+    if data_dir is None and on_kaggle and os.path.isdir(kaggle_paths.competition_dir()):
+        data_dir = kaggle_paths.competition_dir()
     if data_dir is None and args.tfrecords is None:
         raise ValueError("no test data: pass --data-dir DIR (the competition folder with sample_submission.csv "
                          "and test/) or --tfrecords DIR (converted test records)")
@@ -132,9 +133,9 @@ def resolve_paths(args) -> tuple[str | None, list[str], str]:
                              "e.g. runs/NAME with fold*/best.keras)")
         models = kaggle_model_dirs()
         if not models:
-            raise ValueError(f"no best.keras under {KAGGLE_INPUT}: attach the dataset made by "
+            raise ValueError(f"no best.keras under {kaggle_paths.input_dir()}: attach the dataset made by "
                              f"`python -m ranzcr_tf.serve.package` (Add data -> Your datasets), or pass --models")
-    out = args.out or (os.path.join(KAGGLE_WORKING, "submission.csv") if os.path.isdir(KAGGLE_WORKING)
+    out = args.out or (kaggle_paths.working_dir("submission.csv") if os.path.isdir(kaggle_paths.working_dir())
                        else "submission.csv")
     return data_dir, models, out
 
@@ -201,7 +202,7 @@ def run(args) -> dict:
 
     import keras
 
-    from ranzcr_tf.pipeline import data as data_module
+    from ranzcr_tf import device
     from ranzcr_tf.serve.infer import TestSource, predict_ensemble
     from ranzcr_tf.serve.modelio import discover_models, verify_models
     from ranzcr_tf.serve.submission import (
@@ -212,8 +213,8 @@ def run(args) -> dict:
     )
 
     if keras.backend.backend() == "jax":
-        data_module.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
-    models = discover_models(model_paths, exclude=(os.path.abspath(KAGGLE_DATA_DIR),))
+        device.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
+    models = discover_models(model_paths, exclude=(os.path.abspath(kaggle_paths.competition_dir()),))
     verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached
     tta = args.tta or (settings.tta if "infer.tta" in given else None) or saved_tta(models)
     infer_cfg = InferConfig(tta=list(tta), ensemble=args.ensemble or settings.ensemble,
@@ -232,7 +233,7 @@ def run(args) -> dict:
         sizes = sorted({fold.image_size for fold in spec.folds})
         print(f"model {index}: {spec.name} ({len(spec.folds)} fold(s), {'/'.join(map(str, sizes))} px{weight})",
               file=sys.stderr)
-    scratch_parent = args.work_dir or (KAGGLE_TMP if os.path.isdir(KAGGLE_TMP) else None)
+    scratch_parent = args.work_dir or (kaggle_paths.tmp_dir() if os.path.isdir(kaggle_paths.tmp_dir()) else None)
     if scratch_parent:
         os.makedirs(scratch_parent, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)

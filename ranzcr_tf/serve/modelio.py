@@ -10,7 +10,7 @@ folder, a single fold folder, a ``best.keras`` file, or a folder holding several
 Kaggle dataset): every ``best.keras`` under it is found and grouped by run (the folder above the
 ``fold{k}`` folders). Every setting inference needs comes from the files beside each model.
 
-Discovery and the checks here import no TensorFlow or Keras; only :func:`load_fold_model` does.
+Discovery and the checks (``model.files``) import no TensorFlow or Keras; only :func:`load_fold_model` does.
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 
-from ranzcr_tf import io_utils
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
 from ranzcr_tf.labels import LABELS
+from ranzcr_tf.model.files import LEGACY_SUFFIXES, check_model_file, legacy_error, load_model_file
 from ranzcr_tf.prep import records
 from ranzcr_tf.runs import CONFIG_FILE, MODEL_FILE, PREPROCESS_FILE, final_stage_dir, is_fold_dir
-
-LEGACY_SUFFIXES = (".h5", ".hdf5")
 
 
 @dataclass
@@ -64,12 +60,6 @@ class ModelSpec:
     folds: list[FoldSpec] = field(default_factory=list)
 
 
-def legacy_error(path: str) -> ValueError:
-    return ValueError(f"{path}: legacy HDF5 model files (.h5/.hdf5) are refused: they load without Keras safe "
-                      f"mode. Re-save the model in the Keras 3 format: keras.models.load_model(old).save('best.keras') "
-                      f"on a trusted machine, then point --models at the folder holding best.keras")
-
-
 def _find_upwards(folder: str, name: str, stop: str) -> str | None:
     """``name`` in ``folder`` or one of its parents up to ``stop`` (a run-level config serves every fold)."""
     folder, stop = os.path.abspath(folder), os.path.abspath(stop)
@@ -102,43 +92,6 @@ def read_preprocess_json(path: str, expected_labels=LABELS) -> tuple[PreprocessC
         raise ValueError(f"{path}: the model was trained with label order {saved_labels}, its config's task says "
                          f"{list(expected_labels)}: its outputs would land in the wrong submission columns")
     return PreprocessConfig.from_dict(values), int(values.get("model_image_size") or 0)
-
-
-def check_model_file(path: str) -> None:
-    """Refuse legacy HDF5 files, damaged archives (zip CRC) and ``.keras`` files that hold a ``Lambda`` layer,
-    before loading anything.
-
-    A Lambda layer carries Python bytecode; Keras safe mode would refuse it at load time too, but
-    checking the archive's ``config.json`` first gives one clear message for every bad fold up front.
-    """
-    if path.lower().endswith(LEGACY_SUFFIXES):
-        raise legacy_error(path)
-    if not path.endswith(".keras"):
-        raise ValueError(f"{path}: expected a Keras 3 '.keras' model file")
-    try:
-        with io_utils.open_binary(path) as fh, zipfile.ZipFile(fh) as archive:
-            damaged = archive.testzip()  # reads every member and checks its CRC: a damaged copy is caught here
-            config = json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError, EOFError, zlib.error) as exc:
-        raise ValueError(f"{path}: not a readable .keras model archive ({exc}); copy or download it again") from None
-    if damaged is not None:
-        raise ValueError(f"{path}: damaged .keras archive (CRC mismatch in {damaged}); copy or download it again")
-    lambdas = list(_lambda_layers(config))
-    if lambdas:
-        raise ValueError(f"{path}: the model contains Lambda layer(s) {lambdas}; Lambda layers hold arbitrary "
-                         f"Python code and are refused (Keras safe mode). Replace them with registered layers "
-                         f"(see ranzcr_tf/layers.py) and retrain or re-save the model")
-
-
-def _lambda_layers(node):
-    if isinstance(node, dict):
-        if node.get("class_name") == "Lambda":
-            yield (node.get("config") or {}).get("name", "?")
-        for value in node.values():
-            yield from _lambda_layers(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _lambda_layers(value)
 
 
 def _fold_spec(model_path: str, search_stop: str, name: str) -> FoldSpec:
@@ -207,27 +160,6 @@ def discover_models(paths: list[str], exclude: tuple[str, ...] = ()) -> list[Mod
         for fold in spec.folds:
             check_model_file(fold.path)
     return list(models.values())
-
-
-def load_model_file(path: str):
-    """The one model loader (training's OOF pass, the kernel, ``package``): archive checks, then Keras safe mode
-    (``compile=False``); a model that cannot be loaded is a one-line ``ValueError`` naming the file."""
-    from ranzcr_tf.model.build import load_model  # registers our custom layers so safe mode can rebuild them
-
-    check_model_file(path)
-    try:
-        return load_model(path, compile=False)
-    except ValueError as exc:
-        text = str(exc)
-        if "safe_mode" in text or "Lambda" in text or "lambda" in text:
-            raise ValueError(f"{path}: refused by Keras safe mode (it would run code stored in the file): "
-                             f"{text.splitlines()[0][:200]}") from None
-        raise ValueError(f"{path}: cannot load the model: {text.splitlines()[0][:300]}") from None
-    except TypeError as exc:  # an unregistered custom class
-        raise ValueError(f"{path}: cannot rebuild the model ({str(exc)[:300]}); was it saved by a newer or "
-                         f"different ranzcr-tf? Install the version that trained it") from None
-    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise ValueError(f"{path}: cannot read the model file ({exc}); copy or download it again") from None
 
 
 def load_fold_model(fold: FoldSpec):

@@ -1,6 +1,6 @@
 """Bundle the package, the wheels Kaggle lacks and chosen runs into one folder to upload as a Kaggle dataset.
 
-    python -m ranzcr_tf.serve.package --runs runs/b7_768 runs/b5_512 --out-dir bundle/ [--name ranzcr-bundle]
+    python -m ranzcr_tf.serve.package --models runs/b7_768 runs/b5_512 --out-dir bundle/ [--name ranzcr-bundle]
 
 Result::
 
@@ -10,7 +10,9 @@ Result::
     bundle/runs/<run>/fold<k>/{best.keras, config.yaml, preprocess.json, metrics.json}
     bundle/kaggle_kernel.py                              the kernel stub (runnable without installing)
     bundle/README.md                                     the notebook cell to paste
-    bundle/dataset-metadata.json                         for `kaggle datasets create -p bundle`
+    bundle/dataset-metadata.json                         for `kaggle datasets create -p bundle`: its "id" is
+                                                         USER/<name>, USER from --kaggle-user, else $KAGGLE_USERNAME,
+                                                         else ~/.kaggle/kaggle.json's "username" (the Kaggle CLI's)
 
 Which wheels: Kaggle's images ship TensorFlow, NumPy, pandas, scikit-learn, OpenCV, tqdm, PyYAML and
 matplotlib, so only ranzcr-tf itself, Keras (>= 3.14 for the safe-mode loading fixes; Kaggle's
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 
-from ranzcr_tf import cli  # first: quiets TensorFlow's start-up logging before anything imports it
+from ranzcr_tf import cli
 from ranzcr_tf.runs import BEST_INFO_FILE, METRICS_FILE, SERVING_FILES
 from ranzcr_tf.serve.modelio import discover_models, verify_models
 
@@ -130,8 +132,7 @@ def notebook_cell(name: str) -> str:
     """The Kaggle notebook cell that installs offline from the bundle and runs the kernel."""
     return (f"!pip install --no-index --find-links /kaggle/input/{name}/wheels {PACKAGE_NAME}\n"
             f"!python -m ranzcr_tf.serve.kernel --models /kaggle/input/{name}/runs --max-minutes 480\n"
-            f"# TPU notebooks (JAX backend): !KERAS_BACKEND=jax python -m ranzcr_tf.serve.kernel "
-            f"--models /kaggle/input/{name}/runs\n")
+            f"# internet off, accelerator GPU or None (a submission notebook does not run on a TPU)\n")
 
 
 def bundle_readme(name: str, wheels: list[str], runs: list[str]) -> str:
@@ -144,17 +145,58 @@ def bundle_readme(name: str, wheels: list[str], runs: list[str]) -> str:
             f"Wheels: {', '.join(wheels)}\n\nRuns (folds):\n" + "".join(f"- {r}\n" for r in runs))
 
 
+USER_PLACEHOLDER = "KAGGLE_USERNAME"
+
+
+def kaggle_user(explicit: str | None = None) -> tuple[str, str] | None:
+    """``(user name, where it came from)``: ``--kaggle-user``, else ``$KAGGLE_USERNAME``, else the ``username`` of
+    the Kaggle CLI's ``kaggle.json`` (in ``$KAGGLE_CONFIG_DIR`` or ``~/.kaggle``); None when none says."""
+    if explicit:
+        return explicit, "--kaggle-user"
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"], "$KAGGLE_USERNAME"
+    config_dir = os.environ.get("KAGGLE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".kaggle")
+    path = os.path.join(config_dir, "kaggle.json")
+    try:
+        with open(path) as fh:
+            name = json.load(fh).get("username")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is not readable JSON with a \"username\" ({exc}): fix it, or pass "
+                         "--kaggle-user NAME") from None
+    return (name, path) if name else None
+
+
+def write_metadata(out_dir: str, name: str, user: str | None) -> str:
+    """``dataset-metadata.json`` for ``kaggle datasets create -p out_dir``; returns its path."""
+    path = os.path.join(out_dir, "dataset-metadata.json")
+    with open(path, "w") as fh:
+        json.dump({"title": name, "id": f"{user or USER_PLACEHOLDER}/{name}", "licenses": [{"name": "other"}]}, fh,
+                  indent=2)
+    return path
+
+
+def metadata_line(out_dir: str, name: str, user: tuple[str, str] | None) -> str:
+    """The line ``package`` prints about ``dataset-metadata.json``: whose id it holds, or what to edit."""
+    metadata = os.path.join(out_dir, "dataset-metadata.json")
+    if user:
+        return f"{metadata}: id {user[0]}/{name} (user name from {user[1]})"
+    return (f"note: edit {metadata}: replace {USER_PLACEHOLDER} in its \"id\" with your Kaggle user name (or rerun "
+            f"with --kaggle-user NAME, or set KAGGLE_USERNAME) before `kaggle datasets create -p {out_dir}`")
+
+
 def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: list[str] | None = None,
-                keras_wheel: bool = True, decoder_wheel: bool = True) -> dict:
+                keras_wheel: bool = True, decoder_wheel: bool = True, user: str | None = None) -> dict:
     """Build the bundle folder; returns ``{'wheels': [...], 'runs': [...], 'out': out_dir}``."""
     if not runs:
-        raise ValueError("pass at least one run folder: --runs runs/NAME [runs/NAME2 ...]")
+        raise ValueError("--models is required: pass at least one run folder, --models runs/NAME [runs/NAME2 ...]")
     name = name or os.path.basename(os.path.abspath(out_dir)).lower().replace("_", "-")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir} is not empty: choose a new --out-dir folder (or delete it)")
     created = not os.path.exists(out_dir)
     try:
-        return _fill_bundle(runs, out_dir, name, wheels, keras_wheel, decoder_wheel)
+        return _fill_bundle(runs, out_dir, name, wheels, keras_wheel, decoder_wheel, user)
     except BaseException:
         # A failed run leaves nothing behind (it started from an empty or new folder), so a rerun is not refused.
         if created:
@@ -167,7 +209,7 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
 
 
 def _fill_bundle(runs: list[str], out_dir: str, name: str, wheels: list[str] | None, keras_wheel: bool,
-                 decoder_wheel: bool) -> dict:
+                 decoder_wheel: bool, user: str | None) -> dict:
     copied = copy_runs(runs, out_dir)  # first: a refused model stops before any slow build
     wheel_dir = os.path.join(out_dir, "wheels")
     os.makedirs(wheel_dir, exist_ok=True)
@@ -184,19 +226,22 @@ def _fill_bundle(runs: list[str], out_dir: str, name: str, wheels: list[str] | N
     wheel_names = sorted(os.listdir(wheel_dir))
     with open(os.path.join(out_dir, "README.md"), "w") as fh:
         fh.write(bundle_readme(name, wheel_names, copied))
-    with open(os.path.join(out_dir, "dataset-metadata.json"), "w") as fh:
-        json.dump({"title": name, "id": f"KAGGLE_USERNAME/{name}", "licenses": [{"name": "other"}]}, fh, indent=2)
+    write_metadata(out_dir, name, user)
     return {"out": out_dir, "wheels": wheel_names, "runs": copied, "name": name}
 
 
 def build_parser():
     parser = cli.build_parser("python -m ranzcr_tf.serve.package", __doc__.split("\n\n")[0],
                               epilog="Upload the folder as a Kaggle dataset; its README.md holds the notebook cell.")
-    parser.add_argument("--runs", nargs="+", required=True, help="run folders (runs/NAME) to include")
+    parser.add_argument("--models", nargs="+", default=[], metavar="RUN_DIR",
+                        help="run folders (runs/NAME) to include (required; the kernel's --models)")
+    cli.hidden_alias(parser, "--runs", "models", nargs="+")
     parser.add_argument("--out-dir", required=True, help="new (or empty) folder for the bundle")
     cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--name", help="Kaggle dataset slug, i.e. the folder name under /kaggle/input "
                         "(default: the --out-dir folder's name)")
+    parser.add_argument("--kaggle-user", metavar="NAME", help="your Kaggle user name, for dataset-metadata.json's "
+                        "id NAME/<name> (default: $KAGGLE_USERNAME, else the username in ~/.kaggle/kaggle.json)")
     parser.add_argument("--wheel", action="append", default=[], metavar="SPEC",
                         help="extra wheel to bundle, e.g. --wheel 'timm==1.0.9' (pip download --no-deps)")
     parser.add_argument("--no-keras", action="store_true", help="do not bundle the installed Keras wheel "
@@ -208,10 +253,12 @@ def build_parser():
 
 def run(args) -> int:
     cli.check_output_dir(args.out_dir)
-    result = make_bundle(args.runs, args.out_dir, args.name, args.wheel, keras_wheel=not args.no_keras,
-                         decoder_wheel=not args.no_decoder)
+    user = kaggle_user(args.kaggle_user)  # before the slow build: a broken kaggle.json stops at once
+    result = make_bundle(args.models, args.out_dir, args.name, args.wheel, keras_wheel=not args.no_keras,
+                         decoder_wheel=not args.no_decoder, user=user[0] if user else None)
     print(f"bundle {result['out']} ({result['name']}): wheels {', '.join(result['wheels'])}; "
           f"{len(result['runs'])} fold(s)")
+    print(metadata_line(result["out"], result["name"], user))
     print("notebook cell:\n" + notebook_cell(result["name"]))
     return 0
 

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import cli, io_utils
+from ranzcr_tf import cli, io_utils, tables
 from ranzcr_tf.labels import ID_COLUMN, LABELS
 from ranzcr_tf.pipeline.soft import SOURCE_COLUMN
 from ranzcr_tf.runs import FOLD_DIR_PATTERN, OOF_FILE, require_ranzcr_run
@@ -59,10 +59,8 @@ def fold_oof_files(run_dir: str) -> list[tuple[int, str]]:
 
 def read_oof_rows(path: str, validation_fold: int, folds: dict[str, int], model: str) -> pd.DataFrame:
     """One fold model's OOF rows, each checked to be a study that model never trained on."""
-    from ranzcr_tf.report.score import check_values, read_table
-
-    frame = read_table(path, "OOF file", (ID_COLUMN, *LABELS))
-    frame[list(LABELS)] = check_values(frame, list(LABELS), path, "OOF file")
+    frame = tables.read_table(path, "OOF file", (ID_COLUMN, *LABELS))
+    frame[list(LABELS)] = tables.check_values(frame, list(LABELS), path, "OOF file")
     ids = frame[ID_COLUMN].astype(str)
     study_folds = ids.map(folds)
     unknown = study_folds.isna().to_numpy()
@@ -141,11 +139,12 @@ def build_parser():
                               "trained runs: out-of-fold for train studies, ensemble predictions for test or "
                               "unlabeled records.", epilog=__doc__, progress=True)
     modes = parser.add_subparsers(dest="mode", required=True)
-    oof = modes.add_parser("oof", help="train studies, from the runs' out-of-fold predictions only")
+    oof = cli.add_subcommand(modes, "oof", "train studies, from the runs' out-of-fold predictions only", progress=True)
     oof.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders holding fold*/oof.csv")
     oof.add_argument("--tfrecords", required=True, help="the converted records the runs trained on (its folds.csv)")
     oof.add_argument("--out", required=True, help="soft-label CSV to write")
-    predict = modes.add_parser("predict", help="test or unlabeled records, from the kernel's ensemble prediction")
+    predict = cli.add_subcommand(modes, "predict", "test or unlabeled records, from the kernel's ensemble prediction",
+                                 progress=True)
     predict.add_argument("--models", nargs="+", required=True, metavar="RUN_DIR", help="run folders")
     predict.add_argument("--tfrecords", required=True, help="records folder holding test/ or extra/ shards")
     predict.add_argument("--split", choices=("test", "extra"), default="test", help="which shards (default test)")

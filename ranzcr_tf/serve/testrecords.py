@@ -16,11 +16,9 @@ Records of IDs the sample does not list (records from another dataset) are an er
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 
-from ranzcr_tf.labels import ID_COLUMN
 from ranzcr_tf.prep import records
 
 SHOWN = 3  # IDs named in a message (then the count)
@@ -32,27 +30,10 @@ def describe_ids(ids) -> str:
     return f"{len(ids)} ID(s): {', '.join(ids[:SHOWN])}{more}"
 
 
-def read_shard_ids(path: str) -> list[str]:
-    """The IDs in one shard, in order; a truncated or corrupt shard is a ``ValueError`` naming it."""
-    import tensorflow as tf
-
-    from ranzcr_tf.pipeline.data import naming_corrupt_shard
-
-    spec = {ID_COLUMN: tf.io.FixedLenFeature([], tf.string)}
-    ids = []
-    try:
-        with naming_corrupt_shard([path]):  # bad framing or CRC: the same one-line error as in training
-            for batch in tf.data.TFRecordDataset([path]).batch(1024).map(lambda s: tf.io.parse_example(s, spec)):
-                ids.extend(x.decode("utf-8") for x in batch[ID_COLUMN].numpy())
-    except tf.errors.InvalidArgumentError as exc:  # records that are not this project's (no ID feature)
-        reason = re.sub(r"\{\{.*?\}\}\s*", "", str(exc.message)).splitlines()[0][:160]
-        raise ValueError(f"{path}: not a test shard of this project ({reason}); re-run the converter on this "
-                         f"folder, or pass --data-dir with test/ and no --tfrecords") from None
-    return ids
-
-
 def read_test_shards(tfrecords: str) -> dict[str, list[str]]:
     """``{shard path: its IDs}``, each shard's count checked against its name."""
+    from ranzcr_tf.pipeline.data import read_shard_ids  # imports TensorFlow: only when shards are read
+
     shards = {}
     for path in records.list_shards(tfrecords, records.TEST_DIR):
         ids = read_shard_ids(path)

@@ -1,7 +1,7 @@
 """Synthetic RANZCR CLiP data in the exact Kaggle layout, for demos and tests.
 
-    python -m ranzcr_tf.synth.generate --out data/synthetic --n-train 600 --n-test 200 --seed 0 --preview sheet.png
-    python -m ranzcr_tf.synth.generate --style hard --out data/hard --n-train 600 --n-test 200 \
+    python -m ranzcr_tf.synth.generate --out-dir data/synthetic --n-train 600 --n-test 200 --seed 0 --preview sheet.png
+    python -m ranzcr_tf.synth.generate --style hard --out-dir data/hard --n-train 600 --n-test 200 \
         --preview sheet.png --preview-styles easy,hard --overlay
 
 writes ``train.csv``, ``train/<StudyInstanceUID>.jpg``, ``test/<StudyInstanceUID>.jpg``,
@@ -58,21 +58,19 @@ fine for smoke tests, but a 2-px tube tip may then land on the wrong side of a b
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import sys
 import time
 
-import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ranzcr_tf import io_utils
+from ranzcr_tf import cli, io_utils
 from ranzcr_tf.labels import (
     ANNOTATION_COLUMNS,
-    GROUPS,
     ID_COLUMN,
     LABELS,
     PATIENT_COLUMN,
@@ -80,13 +78,11 @@ from ranzcr_tf.labels import (
     TRAIN_COLUMNS,
 )
 from ranzcr_tf.prep.workers import available_cores, ordered_map, start_pool
-from ranzcr_tf.synth import hard, phantom
+from ranzcr_tf.synth import phantom
+from ranzcr_tf.synth.preview import make_preview
+from ranzcr_tf.synth.studies import SPLITS, render_study, seeded_rng
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
-JPEG_QUALITY = 90
-_SPLITS = {"train": 0, "test": 1}
-# Tube states in label order, e.g. _NGT[2] == "Incompletely Imaged" is column 3 + 2.
-_ETT, _NGT, _CVC = (tuple(x.split(" - ", 1)[1] for x in GROUPS[g]) for g in ("ETT", "NGT", "CVC"))
 # Real train.csv rates (RANZCR_DATA.md): group-state probabilities, "none" first.
 _ETT_P = [0.719, 0.003, 0.038, 0.240]  # none, Abnormal, Borderline, Normal
 _NGT_P = [0.723, 0.009, 0.018, 0.090, 0.160]  # none, Abnormal, Borderline, Incompletely Imaged, Normal
@@ -103,10 +99,6 @@ def positive_floor(n: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # The label table: decided up front in one process, so floors and IDs never depend on workers.
-
-def _rng(seed: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *keys])
-
 
 def _sample_split(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, list[list[int]], np.ndarray]:
     """Per-study ETT / NGT state (-1 none, else index into the group), CVC line states, Swan flag."""
@@ -192,70 +184,13 @@ def _patients(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rendering one study (runs in the workers).
-
-def render_study(seed: int, split: str, index: int, patient: int, labels, cvc_states, scale: float = 1.0,
-                 style: str = "easy"):
-    """``(jpeg_bytes, [(label, line_px), ...], (width, height))`` for one study. The labels decide
-    the drawing; every random choice comes from ``(seed, split, index)`` (body shape from
-    ``(seed, split, patient)``)."""
-    if style == "hard":
-        image, geometry = hard_study(seed, split, index, patient, labels, cvc_states, scale)
-        return _encode(image, split, index), geometry.lines, (geometry.width, geometry.height)
-    code = _SPLITS[split]
-    rng, patient_rng = _rng(seed, code, index, 1), _rng(seed, code, patient, 2)
-    width, height = phantom.image_size(rng, scale)
-    anatomy = phantom.sample_anatomy(patient_rng, rng)
-    x0, _, frame_w, _ = phantom.body_frame(width, height)
-    s_left, long_side = -x0 / frame_w, max(width, height)
-    thin = max(2, round(0.002 * long_side))
-    tubes = []  # (label, control points in frame units, thickness in px)
-    for k, state in enumerate(_ETT):
-        if labels[k]:
-            tubes.append((LABELS[k], phantom.ett_path(rng, anatomy, state), max(2, round(0.003 * long_side))))
-    for k, state in enumerate(_NGT):
-        if labels[3 + k]:
-            tubes.append((LABELS[3 + k], phantom.ngt_path(rng, anatomy, state), thin))
-    for state in cvc_states:
-        tubes.append((LABELS[7 + state], phantom.cvc_path(rng, anatomy, _CVC[state], s_left), thin))
-    if labels[10]:
-        tubes.append((LABELS[10], phantom.swan_path(rng, anatomy, s_left), max(3, round(0.004 * long_side))))
-    lumens = [(points, 0.012) for label, points, _ in tubes if label.startswith("ETT")]  # the tube's body
-    image = phantom.add_noise(phantom.render_anatomy(rng, anatomy, width, height, lumens), rng)
-    drawn = []
-    for label, points, thickness in tubes:
-        line = phantom.tube_pixels(points, width, height)
-        phantom.draw_tube(image, line, thickness, int(rng.integers(phantom.TUBE_MIN, 256)))
-        drawn.append((label, line))
-    return _encode(image, split, index), drawn, (width, height)
-
-
-def hard_study(seed: int, split: str, index: int, patient: int, labels, cvc_states, scale: float = 1.0,
-               draw_labelled: bool = True) -> tuple[np.ndarray, hard.Geometry]:
-    """The hard style's ``(uint8 image, Geometry)`` of one study (what :func:`render_study` encodes);
-    ``draw_labelled=False`` gives the same film without its labelled lines (for tests)."""
-    tubes = [(LABELS[k], state) for k, state in enumerate(_ETT) if labels[k]]
-    tubes += [(LABELS[3 + k], state) for k, state in enumerate(_NGT) if labels[3 + k]]
-    tubes += [(LABELS[7 + state], _CVC[state]) for state in cvc_states]
-    tubes += [(LABELS[10], "Present")] if labels[10] else []
-    code = _SPLITS[split]
-    return hard.render(_rng(seed, code, index, 11), _rng(seed, code, patient, 12), tubes, scale, draw_labelled)
-
-
-def _encode(image: np.ndarray, split: str, index: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise RuntimeError(f"JPEG encoding failed for {split} study {index}")
-    return buf.tobytes()
-
-
 def _work(job) -> tuple[int, list[tuple[str, str]]]:
     seed, split, index, patient, labels, cvc_states, scale, path, annotate, style = job
     data, drawn, (width, height) = render_study(seed, split, index, patient, labels, cvc_states, scale, style)
     io_utils.atomic_write_bytes(path, data)  # a killed run leaves no half-written JPEG behind
     rows = []
     if annotate:
-        ann_rng = _rng(seed, _SPLITS[split], index, 3)
+        ann_rng = seeded_rng(seed, SPLITS[split], index, 3)
         for label, line in drawn:
             points = phantom.annotation_points(line, width, height, ann_rng)
             if points:
@@ -286,12 +221,12 @@ def _validate(n_train, n_test, seed, workers, scale, annotated_fraction, style) 
 
 def _table_rng(seed: int, style: str, *keys: int) -> np.random.Generator:
     """Label-table draws; the easy style keeps its original keys, the hard one gets its own stream."""
-    return _rng(seed, 99, *keys) if style == "easy" else _rng(seed, 99, *keys, STYLES.index(style))
+    return seeded_rng(seed, 99, *keys) if style == "easy" else seeded_rng(seed, 99, *keys, STYLES.index(style))
 
 
 def _split_table(seed: int, split: str, uids: list[str], style: str = "easy") -> tuple[pd.DataFrame, list[list[int]]]:
     """Labels (floored), patient index and CVC line states of one split."""
-    code, n = _SPLITS[split], len(uids)
+    code, n = SPLITS[split], len(uids)
     ett, ngt, cvc, swan = _sample_split(_table_rng(seed, style, code, 0), n)
     _enforce_floor(_table_rng(seed, style, code, 1), ett, ngt, cvc, swan, positive_floor(n))
     frame = pd.DataFrame(_to_labels(ett, ngt, cvc, swan), columns=list(LABELS))
@@ -386,25 +321,26 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
 # ----------------------------------------------------------------------------------------------
 # CLI.
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.synth.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a synthetic RANZCR CLiP dataset (chest-radiograph phantoms with tubes whose "
-                    "placement decides the 11 labels) in the exact Kaggle layout.",
-        epilog="Example: python -m ranzcr_tf.synth.generate --style hard --out data/hard --n-train 600 --n-test 200 "
-               "--seed 0 --preview data/hard/preview.png --preview-styles easy,hard --overlay")
-    parser.add_argument("--out", required=True, help="output folder (created; must not hold another dataset)")
+def build_parser():
+    parser = cli.build_parser(
+        "python -m ranzcr_tf.synth.generate",
+        "Write a synthetic RANZCR CLiP dataset (chest-radiograph phantoms with tubes whose placement decides the "
+        "11 labels) in the exact Kaggle layout.",
+        epilog="Example: python -m ranzcr_tf.synth.generate --style hard --out-dir data/hard --n-train 600 "
+               "--n-test 200 --seed 0 --preview data/hard/preview.png --preview-styles easy,hard --overlay")
+    parser.add_argument("--out-dir", help="output folder (required; created; must not hold another dataset)")
+    cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--n-train", type=int, required=True, help="number of training studies")
     parser.add_argument("--n-test", type=int, required=True, help="number of test studies")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--style", default="easy", choices=STYLES,
                         help="easy: thick bright upright tubes (default); hard: thin faint crowded lines, "
                              "distractors, tilted patients (see ranzcr_tf.synth.hard)")
-    parser.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores (default)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes (a worker pool) drawing the images; 0 = one per available core (default)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="image size factor: 1 = realistic films, long side 1,500-2,600 px (easy) or 1,400-2,600 "
-                             "px (hard) (default); "
-                             "0.2 for quick tests")
+                             "px (hard) (default); 0.2 for quick tests")
     parser.add_argument("--annotated-fraction", type=float, default=0.3,
                         help="share of train studies with train_annotations.csv rows, drawn among those with "
                              "a tube (default 0.3, as in the real data)")
@@ -413,31 +349,33 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma-separated styles for the contact sheet, e.g. easy,hard: 4x4 films per style "
                              "with the same labels (default: this dataset's style only)")
     parser.add_argument("--overlay", action="store_true", help="draw the annotated tube lines on the preview")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> int:
+    cli.require(args, "out_dir", "--out-dir DIR")
     styles = [s.strip() for s in (args.preview_styles or args.style).split(",") if s.strip()]
     unknown = sorted(set(styles) - set(STYLES))
     if unknown:
-        parser.error(f"--preview-styles: unknown style {', '.join(unknown)}; use a comma-separated list of "
-                     f"{', '.join(STYLES)}")
+        raise ValueError(f"--preview-styles: unknown style {', '.join(unknown)}; use a comma-separated list of "
+                         f"{', '.join(STYLES)}")
     start = time.time()
-    try:
-        summary = make_dataset(args.out, args.n_train, args.n_test, seed=args.seed, workers=args.workers,
-                               scale=args.scale, annotated_fraction=args.annotated_fraction, style=args.style)
-    except ValueError as err:
-        parser.error(str(err))
-    seconds = time.time() - start
+    summary = make_dataset(args.out_dir, args.n_train, args.n_test, seed=args.seed, workers=args.workers,
+                           scale=args.scale, annotated_fraction=args.annotated_fraction, style=args.style)
     print(f"wrote {summary['n_train']} {args.style} train + {summary['n_test']} test studies "
           f"({summary['n_patients']} patients, {summary['n_annotations']} annotation rows on "
-          f"{summary['n_annotated_images']} studies) to {args.out} in {seconds:.1f} s")
+          f"{summary['n_annotated_images']} studies) to {args.out_dir} in {time.time() - start:.1f} s")
     print("train positives: " + ", ".join(f"{k}={v}" for k, v in summary["train_positives"].items()))
     if args.preview:
-        from ranzcr_tf.synth.preview import make_preview
-
-        sheet = make_preview(args.out, args.preview, overlay=args.overlay, styles=styles, data_style=args.style,
+        sheet = make_preview(args.out_dir, args.preview, overlay=args.overlay, styles=styles, data_style=args.style,
                              seed=args.seed, scale=args.scale)
         print(f"preview: {sheet}")
-    return summary
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

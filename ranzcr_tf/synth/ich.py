@@ -1,6 +1,6 @@
 """Synthetic RSNA Intracranial Hemorrhage data: real DICOM head-CT slices in the Kaggle layout.
 
-    python -m ranzcr_tf.synth.ich --out data/ich --patients 40 --seed 0 [--size 128] [--test-fraction 0.25]
+    python -m ranzcr_tf.synth.ich --out-dir data/ich --patients 40 --seed 0 [--size 128] [--test-fraction 0.25]
 
 writes, as the competition's files are laid out:
 
@@ -41,10 +41,8 @@ a bleed has a profile ``s = sin(pi * (k + 0.5) / L)`` (slice ``k`` of ``L``): it
 and its contrast with ``0.15 + 0.85 * s`` (partial volume: the blood fills part of the slice's 5 mm).
 At the span's ends (``s`` 0.31-0.71) the bleed is small and faint, hard to call on that slice alone,
 while the neighbour inward shows it clearly; every slice of the span is labelled. So a model that
-sees a slice's neighbours as extra channels has information a single-slice model lacks. (A check on
-120 patients, seed 1: a logistic regression on two hand features per slice, the count of blood-like
-pixels and the 99.5th HU percentile in the brain after a light blur, scores ``any`` AUC 0.961 from the
-slice alone and 0.999 with its two neighbours' features, 5 folds grouped by patient.) ``any`` is the
+sees a slice's neighbours as extra channels has information a single-slice model lacks (a hand-feature
+check and ``benchmarks/ich_slices.py`` confirm it: docs/results.md#ich-adjacent-slices). ``any`` is the
 maximum of the five. About 30-40% of slices are positive (a patient has bleeds with probability 0.8,
 1-3 of them; types are dealt per split from a shuffled deck that starts with one of each type, then follows
 the real data's mix roughly, epidural rarest, so a split with 5 bleeds or more has every type).
@@ -66,7 +64,6 @@ Everything is a function of the seed; the default 40 patients at 128 px take a f
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -76,7 +73,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from ranzcr_tf import io_utils
+from ranzcr_tf import cli, io_utils
 
 ICH_LABELS = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 BLEED_TYPES = ICH_LABELS[:5]
@@ -357,63 +354,91 @@ def make_dataset(out_dir: str, n_patients: int = 40, seed: int = 0, size: int = 
     folder that already holds DICOM files."""
     _validate(out_dir, n_patients, seed, size, test_fraction)
     rng = np.random.default_rng([int(seed), 1902])
+    patients = _plan_series(rng, int(n_patients), test_fraction)
+    train_ids = [i for i in range(n_patients) if patients[i]["split"] == "train"]
+    test_ids = [i for i in range(n_patients) if patients[i]["split"] == "test"]
+    quirks = {"intercept_12bit": {train_ids[0]} | ({test_ids[0]} if len(test_ids) >= 2 else set()),
+              "monochrome1": {train_ids[1] if len(train_ids) > 1 else train_ids[0]}}
+    records, quirk_rows = [], []  # (split, sop, labels[6]); (sop, split, quirk)
+    for i, p in enumerate(patients):
+        p["datasets"], labels = _draw_series(p, i, int(seed), size, quirks)
+        records += [(p["split"], sop, label_row) for sop, label_row in zip(p["sops"], labels)]
+        quirk_rows += [(sop, p["split"], name) for sop in p["sops"] for name, members in quirks.items() if i in members]
+    damaged = _pick_damaged(rng, patients, train_ids, quirks["intercept_12bit"] | quirks["monochrome1"])
+    quirk_rows += [(patients[i]["sops"][k], "train", name) for (i, k), name in damaged.items()]
+    _write_series(out_dir, patients, damaged, size)
+    shuffle = rng.permutation(len(records))
+    records = [records[j] for j in shuffle]
+    train = [(sop, lab) for split, sop, lab in records if split == "train"]
+    test = [(sop, lab) for split, sop, lab in records if split == "test"]
+    paths = _write_tables(out_dir, train, test, quirk_rows)
+    train_labels = np.array([lab for _, lab in train]).reshape(-1, 6)
+    return {"out_dir": out_dir, "seed": int(seed), "size": int(size), "n_patients": int(n_patients),
+            "n_train_patients": len(train_ids), "n_test_patients": len(test_ids),
+            "n_train": len(train), "n_test": len(test),
+            "train_positives": {name: int(v) for name, v in zip(ICH_LABELS, train_labels.sum(0))},
+            "quirks": {name: sum(1 for row in quirk_rows if row[2] == name) for name in QUIRKS}, "paths": paths}
+
+
+def _plan_series(rng: np.random.Generator, n_patients: int, test_fraction: float) -> list[dict]:
+    """Every patient's series plan (split, slices, bleeds, scanner) with its patient, study, series and SOP IDs."""
     n_test = min(n_patients - 1, max(1, round(test_fraction * n_patients))) if test_fraction > 0 else 0
-    patients = _plan_patients(rng, int(n_patients), set(rng.permutation(n_patients)[:n_test].tolist()))
+    patients = _plan_patients(rng, n_patients, set(rng.permutation(n_patients)[:n_test].tolist()))
     taken: set = set()
     for p in patients:
         p["patient"], p["study"], p["series"] = _hex_ids(rng, 1, 8, taken) + _hex_ids(rng, 2, 10, taken)
         p["sops"] = _hex_ids(rng, p["n"], 9, taken)
-    train_ids = [i for i in range(n_patients) if patients[i]["split"] == "train"]
-    test_ids = [i for i in range(n_patients) if patients[i]["split"] == "test"]
-    quirk_12bit = {train_ids[0]} | ({test_ids[0]} if len(test_ids) >= 2 else set())
-    mono1 = {train_ids[1] if len(train_ids) > 1 else train_ids[0]}
+    return patients
 
-    for split in ("stage_2_train", "stage_2_test"):
-        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    records = []  # (split, sop, labels[6])
-    quirk_rows = []
-    for i, p in enumerate(patients):
-        head = _Head(np.random.default_rng([int(seed), 1903, i]), size)
-        draw_rng = np.random.default_rng([int(seed), 1904, i])
-        labels = np.zeros((p["n"], 6), np.int64)
-        for k in range(p["n"]):
-            t = k / (p["n"] - 1)
-            geo = head.geometry(t)
-            hu = head.draw(draw_rng, t, geo)
-            for bleed in p["bleeds"]:
-                j = k - bleed["start"]
-                if not 0 <= j < bleed["length"]:
-                    continue
-                s = math.sin(math.pi * (j + 0.5) / bleed["length"])
-                mask = _bleed_mask(bleed["kind"], bleed, geo, size, s, head)
-                if not mask.any():
-                    continue  # e.g. no ventricle on this slice: no blood, no label
-                contrast = 0.15 + 0.85 * s
-                noise = head.noise * draw_rng.standard_normal(int(mask.sum())).astype(np.float32)
-                hu[mask] = hu[mask] * (1 - contrast) + (bleed["hu"] + noise) * contrast
-                labels[k, BLEED_TYPES.index(bleed["kind"])] = 1
-            labels[k, 5] = labels[k, :5].max()
-            enc = hu_to_stored(hu, scanner=p["scanner"], quirk_12bit=i in quirk_12bit, monochrome1=i in mono1)
-            ds = ct_slice(enc["stored"], sop=p["sops"][k], patient=p["patient"], study=p["study"],
-                          series=p["series"], z=p["z0"] + SPACING_MM * k, instance=k + 1, pixel_mm=256.0 / size,
-                          intercept=enc["intercept"], bits_stored=enc["bits_stored"], signed=enc["signed"],
-                          photometric=enc["photometric"])
-            p.setdefault("datasets", []).append(ds)
-            records.append((p["split"], p["sops"][k], labels[k]))
-            for flag, name in ((i in quirk_12bit, "intercept_12bit"), (i in mono1, "monochrome1")):
-                if flag:
-                    quirk_rows.append((p["sops"][k], p["split"], name))
 
-    # Two damaged train files, drawn among negative slices of patients without other quirks.
-    candidates = [(i, k) for i in train_ids if i not in quirk_12bit | mono1 for k in range(patients[i]["n"])
+def _draw_series(p: dict, index: int, seed: int, size: int, quirks: dict) -> tuple[list, np.ndarray]:
+    """Patient ``index``'s slices as pydicom datasets, and their ``(slices, 6)`` labels (a bleed that leaves
+    no blood on a slice, e.g. no ventricle there, labels nothing)."""
+    head = _Head(np.random.default_rng([seed, 1903, index]), size)
+    draw_rng = np.random.default_rng([seed, 1904, index])
+    labels = np.zeros((p["n"], 6), np.int64)
+    datasets = []
+    for k in range(p["n"]):
+        t = k / (p["n"] - 1)
+        geo = head.geometry(t)
+        hu = head.draw(draw_rng, t, geo)
+        for bleed in p["bleeds"]:
+            j = k - bleed["start"]
+            if not 0 <= j < bleed["length"]:
+                continue
+            s = math.sin(math.pi * (j + 0.5) / bleed["length"])
+            mask = _bleed_mask(bleed["kind"], bleed, geo, size, s, head)
+            if not mask.any():
+                continue
+            contrast = 0.15 + 0.85 * s
+            noise = head.noise * draw_rng.standard_normal(int(mask.sum())).astype(np.float32)
+            hu[mask] = hu[mask] * (1 - contrast) + (bleed["hu"] + noise) * contrast
+            labels[k, BLEED_TYPES.index(bleed["kind"])] = 1
+        labels[k, 5] = labels[k, :5].max()
+        enc = hu_to_stored(hu, scanner=p["scanner"], quirk_12bit=index in quirks["intercept_12bit"],
+                           monochrome1=index in quirks["monochrome1"])
+        datasets.append(ct_slice(enc["stored"], sop=p["sops"][k], patient=p["patient"], study=p["study"],
+                                 series=p["series"], z=p["z0"] + SPACING_MM * k, instance=k + 1, pixel_mm=256.0 / size,
+                                 intercept=enc["intercept"], bits_stored=enc["bits_stored"], signed=enc["signed"],
+                                 photometric=enc["photometric"]))
+    return datasets, labels
+
+
+def _pick_damaged(rng: np.random.Generator, patients: list[dict], train_ids: list[int], quirky: set) -> dict:
+    """Two damaged train files ``{(patient, slice): "truncated" | "no_pixel_data"}``, drawn among negative slices
+    of patients without other quirks."""
+    candidates = [(i, k) for i in train_ids if i not in quirky for k in range(patients[i]["n"])
                   if not any(b["start"] <= k < b["start"] + b["length"] for b in patients[i]["bleeds"])]
     if len(candidates) < 2:
         candidates = [(i, k) for i in train_ids for k in range(patients[i]["n"])]
     picks = rng.choice(len(candidates), size=2, replace=False)
-    damaged = {candidates[int(picks[0])]: "truncated", candidates[int(picks[1])]: "no_pixel_data"}
-    for (i, k), name in damaged.items():
-        quirk_rows.append((patients[i]["sops"][k], "train", name))
+    return {candidates[int(picks[0])]: "truncated", candidates[int(picks[1])]: "no_pixel_data"}
 
+
+def _write_series(out_dir: str, patients: list[dict], damaged: dict, size: int) -> None:
+    """Every slice as ``stage_2_{train,test}/<sop>.dcm`` (atomic writes), the damaged ones damaged."""
+    for split in ("stage_2_train", "stage_2_test"):
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     for i, p in enumerate(patients):
         folder = os.path.join(out_dir, "stage_2_train" if p["split"] == "train" else "stage_2_test")
         for k, ds in enumerate(p.pop("datasets")):
@@ -425,59 +450,54 @@ def make_dataset(out_dir: str, n_patients: int = 40, seed: int = 0, size: int = 
                 data = data[: len(data) - (size * size * 2) // 2]  # half the pixel bytes missing
             io_utils.atomic_write_bytes(os.path.join(folder, f"{p['sops'][k]}.dcm"), data)
 
-    shuffle = rng.permutation(len(records))
-    records = [records[j] for j in shuffle]
-    train = [(sop, lab) for split, sop, lab in records if split == "train"]
-    test = [(sop, lab) for split, sop, lab in records if split == "test"]
+
+def _write_tables(out_dir: str, train: list, test: list, quirk_rows: list) -> dict:
+    """The label tables, the sample submission and quirks.csv; returns their paths by name."""
     train_frame = _long_rows([s for s, _ in train], np.array([lab for _, lab in train]).reshape(-1, 6))
     test_frame = _long_rows([s for s, _ in test], np.array([lab for _, lab in test]).reshape(-1, 6))
-    sample = test_frame.assign(Label=0.5)
     paths = {name: os.path.join(out_dir, name) for name in
              ("stage_2_train.csv", "stage_2_sample_submission.csv", "test_labels.csv", "quirks.csv")}
     io_utils.atomic_write_text(paths["stage_2_train.csv"], train_frame.to_csv(index=False))
-    io_utils.atomic_write_text(paths["stage_2_sample_submission.csv"], sample.to_csv(index=False))
+    io_utils.atomic_write_text(paths["stage_2_sample_submission.csv"], test_frame.assign(Label=0.5).to_csv(index=False))
     io_utils.atomic_write_text(paths["test_labels.csv"], test_frame.to_csv(index=False))
     io_utils.atomic_write_text(paths["quirks.csv"],
                                pd.DataFrame(quirk_rows, columns=["id", "split", "quirk"]).to_csv(index=False))
-    train_labels = np.array([lab for _, lab in train]).reshape(-1, 6)
-    return {"out_dir": out_dir, "seed": int(seed), "size": int(size), "n_patients": int(n_patients),
-            "n_train_patients": len(train_ids), "n_test_patients": len(test_ids),
-            "n_train": len(train), "n_test": len(test),
-            "train_positives": {name: int(v) for name, v in zip(ICH_LABELS, train_labels.sum(0))},
-            "quirks": {name: sum(1 for row in quirk_rows if row[2] == name) for name in QUIRKS}, "paths": paths}
+    return paths
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m ranzcr_tf.synth.ich", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a synthetic RSNA Intracranial Hemorrhage dataset (DICOM head-CT phantoms whose "
-                    "bleeds span consecutive slices) in the Kaggle layout.",
-        epilog="Example: python -m ranzcr_tf.synth.ich --out data/ich --patients 40 --seed 0 --size 128")
-    parser.add_argument("--out", required=True, help="output folder (created; must not hold another dataset)")
+def build_parser():
+    parser = cli.build_parser(
+        "python -m ranzcr_tf.synth.ich",
+        "Write a synthetic RSNA Intracranial Hemorrhage dataset (DICOM head-CT phantoms whose bleeds span "
+        "consecutive slices) in the Kaggle layout.",
+        epilog="Example: python -m ranzcr_tf.synth.ich --out-dir data/ich --patients 40 --seed 0 --size 128")
+    parser.add_argument("--out-dir", help="output folder (required; created; must not hold another dataset)")
+    cli.hidden_alias(parser, "--out", "out_dir")
     parser.add_argument("--patients", type=int, default=40, help="number of patients, one series each (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
     parser.add_argument("--size", type=int, default=128, help="slice size in pixels (default 128; real slices are 512)")
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="share of the patients whose slices go to stage_2_test (default 0.25)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> int:
+    cli.require(args, "out_dir", "--out-dir DIR")
     start = time.time()
-    try:
-        summary = make_dataset(args.out, args.patients, seed=args.seed, size=args.size,
-                               test_fraction=args.test_fraction)
-    except (ValueError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = make_dataset(args.out_dir, args.patients, seed=args.seed, size=args.size,
+                           test_fraction=args.test_fraction)
     n_any = summary["train_positives"]["any"]
     print(f"wrote {summary['n_train']} train + {summary['n_test']} test slices ({summary['n_train_patients']} + "
-          f"{summary['n_test_patients']} patients, {args.size} px) to {args.out} in {time.time() - start:.1f} s")
+          f"{summary['n_test_patients']} patients, {args.size} px) to {args.out_dir} in {time.time() - start:.1f} s")
     print(f"train positives: {n_any}/{summary['n_train']} any ({n_any / max(1, summary['n_train']):.0%}); "
           + ", ".join(f"{k}={v}" for k, v in summary["train_positives"].items() if k != "any"))
     print("quirks: " + ", ".join(f"{k}={v}" for k, v in summary["quirks"].items()) + " (listed in quirks.csv)")
-    return summary
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

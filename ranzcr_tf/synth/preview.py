@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ranzcr_tf.labels import GROUPS, ID_COLUMN, LABELS, group_of
+from ranzcr_tf.synth.studies import render_study
 
 _SHORT = {"Abnormal": "A", "Borderline": "B", "Normal": "N", "Incompletely Imaged": "I"}
 _COLOURS = {"ETT": "tab:red", "NGT": "tab:green", "CVC": "tab:cyan", "Swan Ganz": "tab:orange"}
@@ -45,8 +46,6 @@ def _from_disk(data_dir: str, rows: pd.DataFrame, overlay: bool):
 
 
 def _rendered(rows: pd.DataFrame, style: str, seed: int, scale: float):
-    from ranzcr_tf.synth.generate import render_study
-
     for index, (_, row) in enumerate(rows.iterrows()):
         labels = tuple(int(row[k]) for k in LABELS)
         cvc_states = tuple(s for s in range(3) if labels[7 + s])
@@ -58,7 +57,8 @@ def make_preview(data_dir: str, path: str, rows: int = 4, cols: int = 4, overlay
                  styles=None, data_style: str = "easy", seed: int = 0, scale: float = 1.0) -> str:
     """A PNG contact sheet of the first ``rows x cols`` train studies of ``data_dir`` per style in
     ``styles`` (default: ``data_style``, the style ``data_dir`` was written in), titled with their
-    positive labels; ``overlay`` draws the tube lines in their family's colour."""
+    positive labels; ``overlay`` draws the tube lines in their family's colour. A dataset of fewer studies
+    gets a smaller grid, so the styles' blocks follow each other without empty rows between them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,6 +66,8 @@ def make_preview(data_dir: str, path: str, rows: int = 4, cols: int = 4, overlay
 
     styles = list(styles or [data_style])
     train = pd.read_csv(os.path.join(data_dir, "train.csv")).head(rows * cols)
+    cols = max(1, min(cols, len(train)))
+    rows = max(1, -(-len(train) // cols))  # only the rows the studies fill
     fig, axes = plt.subplots(rows * len(styles), cols, figsize=(3.2 * cols, 3.6 * rows * len(styles)), squeeze=False)
     for block, style in enumerate(styles):
         cells = np.ravel(axes[block * rows:(block + 1) * rows])

@@ -16,28 +16,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import sys
+import time
 
 import keras
 import numpy as np
 
 from ranzcr_tf import compat, io_utils
-from ranzcr_tf.serve import predict as serve_predict  # the one prediction function (validation, OOF, kernel)
+from ranzcr_tf.model import predict as model_predict  # the one prediction function (validation, OOF, kernel)
 from ranzcr_tf.train import multihost
 from ranzcr_tf.train.schedules import learning_rate_value
 
+PROCESS_CLOCK_START = time.monotonic()  # train.max_minutes counts from here (train_tpu.py imports this early)
 KILL_AFTER_EPOCH_ENV = "RANZCR_TF_KILL_AFTER_EPOCH"  # test hook: SIGKILL this process after that epoch's backup
 
 NAN_ADVICE = ("try a lower learning rate (--set train.learning_rate=...; a tenth of the current value is a good "
-              "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.pipeline.data --tfrecords DIR "
+              "first step), check the data (targets must be 0/1: `python -m ranzcr_tf.pipeline --tfrecords DIR "
               "--fold K --show grid.png`), or train in float32 (--set model.mixed_precision=float32)")
-
-
-def label_slug(label: str) -> str:
-    """``"NGT - Incompletely Imaged"`` -> ``"ngt_incompletely_imaged"`` (for log keys and CSV columns)."""
-    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
 class RunFlags:
@@ -156,10 +152,10 @@ class Validation(keras.callbacks.Callback):
             logs[self.monitor] = math.nan
             return
         if self._predictor_of is not self.model:
-            self._predictor = serve_predict.build_predictor(inference_model_of(self.model),
+            self._predictor = model_predict.build_predictor(inference_model_of(self.model),
                                                             from_logits=self.from_logits, placement=self.placement)
             self._predictor_of = self.model
-        probs = serve_predict.predict_eval(inference_model_of(self.model), self.eval_data,
+        probs = model_predict.predict_eval(inference_model_of(self.model), self.eval_data,
                                            from_logits=self.from_logits, placement=self.placement,
                                            predictor=self._predictor)
         self.probabilities = probs  # this epoch's validation predictions, in eval_data.ids order
@@ -404,6 +400,38 @@ class Backup(keras.callbacks.Callback):
         for old in io_utils.listdir(self.backup_dir):
             if old.endswith(".weights.h5") and old != name:
                 io_utils.remove(io_utils.join(self.backup_dir, old))
+
+
+class TimeBudgetReached(RuntimeError):
+    """Training stopped after an epoch's checkpoint because the next epoch would overrun ``train.max_minutes``."""
+
+    exit_code = 75  # EX_TEMPFAIL: not an error of the run; the same command continues it
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Raise ``TimeBudgetReached`` after an epoch (after its backup) when another epoch as long as the
+    longest so far would end past ``max_minutes`` from the process start. Listed after ``Backup``."""
+
+    def __init__(self, max_minutes: float, placement=None, started: float = PROCESS_CLOCK_START):
+        super().__init__()
+        self.deadline = started + 60.0 * float(max_minutes)
+        self.placement, self.longest, self.epoch_started = placement, 0.0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self.longest = max(self.longest, now - (self.epoch_started or now))
+        stop = now + self.longest > self.deadline
+        if self.placement is not None:  # several processes (their own clocks) stop at the same epoch
+            stop = multihost.any_everywhere(self.placement, stop)
+        if stop:
+            minutes = (self.deadline - PROCESS_CLOCK_START) / 60.0
+            raise TimeBudgetReached(
+                f"stopped after epoch {epoch + 1}, its checkpoint saved: another epoch ({self.longest / 60:.1f} min) "
+                f"would pass train.max_minutes={minutes:g}; run the same command again (on Kaggle: the next "
+                "session, with this one's output attached) to continue")
 
 
 class KillAfterEpoch(keras.callbacks.Callback):

@@ -22,10 +22,10 @@ import numpy as np
 from ranzcr_tf import compat, io_utils, runs
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.model import predict as model_predict
+from ranzcr_tf.model.files import load_model_file
 from ranzcr_tf.model.metrics import monitor_for
 from ranzcr_tf.prep import records
-from ranzcr_tf.serve import predict as serve_predict
-from ranzcr_tf.serve.modelio import load_model_file
 from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train import identity, multihost, recipes
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
@@ -213,8 +213,7 @@ def check_inputs(cfg: Config, tfrecords_dir: str, manifest: dict) -> None:
 
 def check_extra_records(extra_dir: str, manifest: dict, soft) -> None:
     """The unlabeled records were preprocessed as the training records, and each has a soft label."""
-    from ranzcr_tf.pipeline.data import extra_files
-    from ranzcr_tf.serve.testrecords import read_shard_ids
+    from ranzcr_tf.pipeline.data import extra_files, read_shard_ids
 
     extra = records.read_manifest(extra_dir)
     if extra.get("preprocess") != manifest.get("preprocess"):
@@ -414,6 +413,8 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
         callbacks.append(cbs.SwapEMAOut(swapper))
     callbacks += [cbs.RunState(paths[runs.STATE_FILE], stateful, flags, writer=placement.is_chief),
                   cbs.Backup(backup_dir, flags=flags, writer=placement.is_chief)]
+    if cfg.train.max_minutes:
+        callbacks.append(cbs.TimeBudget(cfg.train.max_minutes, placement))
     kill_after = os.environ.get(cbs.KILL_AFTER_EPOCH_ENV)
     if kill_after:
         callbacks.append(cbs.KillAfterEpoch(int(kill_after), placement))
@@ -438,7 +439,7 @@ def _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_log
     multihost.check_same_everywhere(placement, "the best epoch", -1 if best_epoch is None else int(best_epoch))
     with placement.scope():
         best = load_model_file(io_utils.join(best_dir, runs.MODEL_FILE))
-    probs = serve_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
+    probs = model_predict.predict_eval(best, eval_data, from_logits=from_logits, placement=placement)
     targets = np.asarray(eval_data.targets)
     mean_auc, per_class = competition_metric(targets, probs, list(cfg.task.labels))
     result = {"fold": fold, "val_auc": mean_auc, "per_class_auc": per_class, "best_epoch": info.get("epoch"),

@@ -12,7 +12,7 @@ Settings that MAY change on resume (they do not shape the weights or the optimiz
 - ``train.strategy``, ``train.steps_per_execution``, ``train.jit_compile`` and ``distribute.*`` (placement
   and speed, and each host's own process number; the global batch and steps per epoch they lead to are
   compared);
-- ``train.early_stopping_patience`` (when to stop, not what was learned);
+- ``train.early_stopping_patience`` and ``train.max_minutes`` (when to stop, not what was learned);
 - ``train.epochs`` only with ``train.schedule`` constant or plateau: cosine and exponential spread their
   curve over the epochs, so a changed count changes the learning rate the checkpoint continues with.
 
@@ -34,7 +34,8 @@ from ranzcr_tf.prep import records
 
 IDENTITY_FILE = runs.IDENTITY_FILE
 MAY_CHANGE = ("infer.", "data.cache", "data.image_dtype", "data.tfrecords", "data.data_dir", "train.strategy",
-              "train.steps_per_execution", "train.jit_compile", "train.early_stopping_patience", "distribute.")
+              "train.steps_per_execution", "train.jit_compile", "train.early_stopping_patience",
+              "train.max_minutes", "distribute.")
 EPOCHS_FREE_SCHEDULES = ("constant", "plateau")
 # What a fold folder holds once training has made progress (identity.json alone is not progress).
 PROGRESS_FILES = (runs.MODEL_FILE, runs.STATE_FILE, runs.BACKUP_DIR)

@@ -17,7 +17,7 @@ How the pieces fit (``train.placement`` creates the distribution, ``train.fit`` 
   processes' parts together into the global batch. Keras' own auto-sharding is switched off: it would
   have every host read and decode every record and keep every n-th batch.
 - Validation: each process decodes its share of the fold; the predictor gathers the rows of every
-  process in the graph (``serve.predict``), so every process holds every study's prediction once, by
+  process in the graph (``model.predict``), so every process holds every study's prediction once, by
   row index, and computes the same metric. That keeps the callbacks' decisions (best checkpoint, early
   stopping, plateau) identical on every process, which they must be: a process that stopped early
   would leave the others waiting in a collective.
@@ -156,3 +156,12 @@ def check_same_everywhere(placement, what: str, *values: int) -> None:
         seen = "; ".join(f"process {i}: {tuple(int(v) for v in row)}" for i, row in enumerate(everyone))
         raise ValueError(f"the processes disagree on {what} ({seen}): the run folder must be on storage every "
                          "host reads (gs://, NFS) and the same for all; rerun with --out-dir there")
+
+
+def any_everywhere(placement, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a collective): one decision from per-host clocks."""
+    if not is_multi_process(placement):
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([int(flag)], dtype=np.int32))).max())

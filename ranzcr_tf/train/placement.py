@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ranzcr_tf import device
 from ranzcr_tf.config import STRATEGIES
 
 KINDS = STRATEGIES  # config.STRATEGIES, the one list
@@ -68,42 +69,6 @@ class Placement:
         return f"placement: {self.kind} -- {where}; because {self.reason}"
 
 
-def keras_backend() -> str:
-    import keras
-
-    return keras.backend.backend()
-
-
-ACCELERATOR_OF_JAX_PLATFORM = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
-
-
-def detect_accelerator() -> str:
-    """``"tpu"``, ``"gpu"`` or ``"cpu"``: what the Keras backend computes on in this process.
-
-    The one place that decides it (the placement, the precision policy and the image dtype all follow).
-    TensorFlow: a TPU strategy in scope or TPU cores connected to this process -> tpu; else a GPU that
-    TensorFlow may use -> gpu. Listing connected TPU cores starts TensorFlow's runtime, after which a
-    ``MultiWorkerMirroredStrategy`` can no longer be created, so ``choose_placement`` asks only after
-    creating its strategy. JAX: the platform of the first JAX device.
-    """
-    if keras_backend() == "jax":
-        import jax
-
-        return ACCELERATOR_OF_JAX_PLATFORM.get(jax.devices()[0].platform, "cpu")
-    import tensorflow as tf
-
-    if tf.distribute.has_strategy() and "TPU" in type(tf.distribute.get_strategy()).__name__:
-        return "tpu"
-    try:
-        if tf.config.list_logical_devices("TPU"):
-            return "tpu"
-        if tf.config.get_visible_devices("GPU"):
-            return "gpu"
-    except RuntimeError:
-        pass
-    return "cpu"
-
-
 def choose_placement(requested: str = "auto", distribute=None) -> Placement:
     """Create the distribution for ``requested`` (one of ``KINDS``); ``auto`` decides as the module says.
 
@@ -112,7 +77,7 @@ def choose_placement(requested: str = "auto", distribute=None) -> Placement:
     """
     if requested not in KINDS:
         raise ValueError(f"strategy {requested!r} is unknown: use one of {', '.join(KINDS)}")
-    backend = keras_backend()
+    backend = device.keras_backend()
     if backend == "jax":
         if requested not in ("auto", "jax", "default"):
             raise ValueError(f"strategy {requested!r} is a TensorFlow strategy but KERAS_BACKEND=jax: "
@@ -140,12 +105,12 @@ def choose_placement(requested: str = "auto", distribute=None) -> Placement:
         devices = list(strategy.extended.worker_devices)
         why = ("--strategy mirrored was asked for" if requested == "mirrored"
                else f"{len(gpus)} GPUs are visible")
-        return Placement("mirrored", why, strategy.num_replicas_in_sync, detect_accelerator(),
+        return Placement("mirrored", why, strategy.num_replicas_in_sync, device.detect_accelerator(),
                          strategy=strategy, devices=devices)
     strategy = tf.distribute.get_strategy()
     why = ("--strategy default was asked for" if requested == "default"
            else f"no TPU, no TF_CONFIG and {len(gpus)} GPU(s) visible")
-    return Placement("default", why, 1, detect_accelerator(), strategy=strategy,
+    return Placement("default", why, 1, device.detect_accelerator(), strategy=strategy,
                      devices=["/gpu:0" if gpus else "/cpu:0"])
 
 
@@ -210,7 +175,7 @@ def _multiworker_placement(tf) -> Placement:
     options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     return Placement("multiworker", f"TF_CONFIG names {num_workers} workers", strategy.num_replicas_in_sync,
-                     detect_accelerator(), strategy=strategy, num_workers=num_workers,
+                     device.detect_accelerator(), strategy=strategy, num_workers=num_workers,
                      worker_index=index, is_chief=is_chief, devices=list(strategy.extended.worker_devices))
 
 
@@ -222,9 +187,7 @@ def _jax_placement(requested: str, distribute=None) -> Placement:
     from ranzcr_tf.train import multihost
 
     try:  # TensorFlow only feeds tf.data here: it must not reserve GPU/TPU memory that JAX needs.
-        from ranzcr_tf.pipeline.data import hide_accelerators_from_tf
-
-        hide_accelerators_from_tf()
+        device.hide_accelerators_from_tf()
     except ImportError:  # TensorFlow absent: tf.data cannot run either, the data module says so later
         pass
     joined = multihost.multi_process_reason(distribute)
@@ -235,7 +198,7 @@ def _jax_placement(requested: str, distribute=None) -> Placement:
         multihost.initialize_processes(distribute, joined)
     devices = jax.devices()
     platform = devices[0].platform
-    accelerator = detect_accelerator()
+    accelerator = device.detect_accelerator()
     if requested == "default":
         return Placement("default", "--strategy default was asked for (JAX backend, first device only)", 1,
                          accelerator, devices=[str(devices[0])])

@@ -98,7 +98,7 @@ def source_identity(cfg: Config, fold: int) -> dict:
 
 def _load_run_model(run_dir: str, fold: int, setting: str) -> keras.Model:
     from ranzcr_tf import io_utils
-    from ranzcr_tf.serve.modelio import load_model_file
+    from ranzcr_tf.model.files import load_model_file
 
     path = run_model_path(run_dir, fold)
     if not io_utils.exists(path):

@@ -20,6 +20,8 @@ import math
 
 import keras
 
+from ranzcr_tf.config import SCHEDULES
+
 EXPONENTIAL_RATE = 0.1  # per epoch: lr * exp(-0.1), as in the public notebook
 
 
@@ -76,7 +78,7 @@ def build_learning_rate(train_cfg, steps_per_epoch: int, peak: float):
         rate = EXPONENTIAL_RATE if train_cfg.schedule == "exponential" else 0.0
         return WarmupExponentialDecay(peak, steps_per_epoch, warm, rate=rate, floor=floor)
     if train_cfg.schedule != "cosine":
-        raise ValueError(f"train.schedule {train_cfg.schedule!r} is unknown: use cosine, exponential, plateau or constant")
+        raise ValueError(f"train.schedule {train_cfg.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
     total = train_cfg.epochs * steps_per_epoch
     decay_steps = max(total - warm, 1)
     alpha = floor / peak

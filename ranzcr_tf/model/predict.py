@@ -4,6 +4,7 @@
     predictor = build_predictor(model, from_logits=True)       # once per model; reused for every epoch / view
     probs = predict_eval(model, data, from_logits=True, predictor=predictor)   # (data.num_examples, 11), data.ids order
 
+Written with ``keras`` only, so training (``train``) and inference (``serve``) both import it from here.
 The row index travels through the model beside the image (:func:`build_predictor`), so whatever order
 a strategy hands batches to replicas or workers in, each prediction lands on its own row and the
 padding rows of the last batch drop out by index, never by position. Probabilities are computed in
@@ -64,21 +65,6 @@ def _indexed_model(model: keras.Model, from_logits: bool, gather: bool = False) 
                        name="indexed_predictor")
 
 
-def _indexed_dataset(eval_data):
-    import tensorflow as tf
-
-    batch = eval_data.local_batch_size  # the whole batch, or this process's share of it
-
-    def add_index(step, element):
-        images = element[0] if isinstance(element, (tuple, list)) else element
-        index = eval_data.record_index(tf.cast(step, tf.int32) * batch + tf.range(batch, dtype=tf.int32))
-        return {**images, "index": index} if isinstance(images, dict) else {"image": images, "index": index}
-
-    # A known length lets predict stop without probing (and warning about) the end of the data.
-    return (eval_data.dataset.enumerate().map(add_index)
-            .apply(tf.data.experimental.assert_cardinality(eval_data.num_batches)))
-
-
 def build_predictor(model: keras.Model, *, from_logits: bool, placement=None) -> keras.Model:
     """The indexed predictor of ``model`` (shares its weights); build once and reuse, so ``predict`` is traced
     (and on a TPU, compiled) once rather than every epoch or every TTA view."""
@@ -97,13 +83,14 @@ def predict_eval(model: keras.Model, eval_data, *, from_logits: bool, placement=
                  predictor: keras.Model | None = None, callbacks=None, allow_partial: bool = False) -> np.ndarray:
     """Probabilities ``(eval_data.num_examples, 11)`` float32 in ``eval_data.ids`` order (padding removed).
 
-    ``eval_data`` is a ``pipeline.data.EvalData`` (validation fold or test split, any TTA view).
+    ``eval_data`` is a ``pipeline.data.EvalData`` (validation fold or test split, any TTA view); its
+    ``indexed_dataset()`` carries each row's record index through the model.
     ``callbacks`` are Keras callbacks for ``predict`` (progress, time budget). A pass stopped early
     raises ``RuntimeError`` unless ``allow_partial``, in which case the rows not predicted are NaN.
     """
     if predictor is None:
         predictor = build_predictor(model, from_logits=from_logits, placement=placement)
-    out = predictor.predict(_indexed_dataset(eval_data), verbose=0, callbacks=callbacks)
+    out = predictor.predict(eval_data.indexed_dataset(), verbose=0, callbacks=callbacks)
     index = np.asarray(out["index"]).reshape(-1)
     probs = np.asarray(out["probabilities"], dtype=np.float32).reshape(len(index), -1)
     keep = index < eval_data.num_examples  # padding rows sit past the real ones
