@@ -16,14 +16,17 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # tests first) left the long files with few tests, the two end-to-end ones, for the end, one worker running them
 # while the other idled. Files not named here follow in their usual order.
 LONGEST_FIRST = (
-    "test_report.py",
     "test_soft_labels_bench.py",
     "test_three_stage.py",
-    "test_auxseg.py",
+    "test_ablate.py",
+    "test_report.py",
+    "test_notebooks.py",
     "test_train_reliability.py",
+    "test_auxseg.py",
     "test_train.py",
     "test_distribute.py",
     "test_multihost.py",
+    "test_walkthroughs.py",
     "test_kernel.py",
     "test_ich_e2e.py",
 )
