@@ -17,9 +17,16 @@ placement (--strategy auto):
   MirroredStrategy; otherwise the default device. The global batch is train.batch_size x replicas, and the
   learning rate scales with it when train.lr_reference_batch is set.
 
-image size:
-  the records' manifest says what size they hold. data.image_size=0 (default) trains at that size; any other
-  value resizes every image in the input pipeline to that size, and the run says so at start-up.
+image size (one rule):
+  the records' manifest says what size they hold. A preset (or --set) that names preprocess.image_size trains
+  at that size on larger records, every image resized in the input pipeline (configs/b5_512_gpu.yaml on the
+  default 768 px records trains at 512); on smaller records at theirs (no upsampling); either said in one line
+  at start. data.image_size, when given, wins: 0 = the records' size, any other value that size (resized in the
+  pipeline and said).
+
+presets that add up (said at start): replicas come from the devices found (TPU v3-8: 8, v4-8: 4); the global
+  batch is train.batch_size x replicas and the learning rate scales with it when train.lr_reference_batch is set;
+  train.steps_per_execution is lowered to a divisor of the steps per epoch (Keras would train extra steps).
 
 restarts:
   run the same command again after a kill or preemption: training continues from <out-dir>/fold{k}/backup with
@@ -57,10 +64,25 @@ examples:
 
 
 def build_parser():
+    from ranzcr_tf import presets
     from ranzcr_tf.config import RECIPES, STRATEGIES  # the one lists (light: imports no TensorFlow)
 
-    parser = cli.build_parser("train_tpu.py", __doc__, epilog=EPILOG, settings=True)
-    parser.add_argument("--fold", required=True, help="validation fold to train: a number, a comma list (0,2) or 'all'")
+    default = (f"default preset (no --config): configs/{presets.DEFAULT_PRESET}.yaml, the mission -- EfficientNet-B7 "
+               f"at 768 px from ImageNet\nweights (downloaded once into the Keras cache), recipe aux_seg, run folder "
+               f"runs/{presets.DEFAULT_PRESET}. Without an accelerator it\nprints what it would cost here and stops "
+               f"(--force-cpu trains anyway; a CPU preset: --config configs/{presets.CPU_PRESET}.yaml).\n"
+               f"{presets.DEFAULT_PRESET_ENV}=none makes the library defaults the default instead.\n\n")
+    parser = cli.build_parser("train_tpu.py", __doc__, epilog=default + EPILOG, settings=True)
+    parser.add_argument("--fold", help="validation fold to train: a number, a comma list (0,2) or 'all' (required "
+                        "unless --plan)")
+    parser.add_argument("--plan", action="store_true", help="print devices, global batch, steps per epoch and "
+                        "execution, the time per step measured over a few real steps here, the estimated time per "
+                        "epoch, fold and --fold all, and peak device memory; trains and writes nothing")
+    parser.add_argument("--plan-steps", type=int, default=3, help="--plan: training steps timed (default 3)")
+    parser.add_argument("--plan-batch", type=int, default=0, help="--plan: per-replica batch timed (default: the "
+                        "preset's; the time is scaled to the preset's batch)")
+    parser.add_argument("--force-cpu", action="store_true", help="train the default preset even without an "
+                        "accelerator (otherwise a CPU run of it stops after printing what it would cost)")
     parser.add_argument("--tfrecords", help="folder of converted records (default: data.tfrecords of the config)")
     parser.add_argument("--out-dir", default=None,
                         help="run folder; folds go to OUT_DIR/fold{k} (default: runs/<config name>)")
@@ -82,24 +104,44 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
-    from ranzcr_tf.config import load_config
+    from ranzcr_tf import presets
+    from ranzcr_tf.config import given_keys, load_config
+    from ranzcr_tf.model.weights import prepare_weights
     from ranzcr_tf.prep.records import read_manifest
+    from ranzcr_tf.train import plan, preset_rules
     from ranzcr_tf.train.fit import parse_folds, train
     from ranzcr_tf.train.placement import choose_placement
 
-    cfg = load_config(args.config, args.overrides)
+    config_path = args.config or presets.default_preset()  # bare command: the mission preset
+    cfg = load_config(config_path, args.overrides)
     if args.strategy:
         cfg.train.strategy = args.strategy
     if args.recipe:
         cfg.train.recipe = args.recipe
         cfg.validate()
-    out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config or "default"))[0])
-    cli.check_output_dir(out, create=False)  # the run folder is made by training, after every start-up check
+    if args.fold is None and not args.plan:
+        raise ValueError("--fold is required: a fold number, a comma list (0,2) or all (or --plan for the estimate)")
+    given = given_keys(config_path, args.overrides)
     tfrecords = args.tfrecords or cfg.data.tfrecords
+    if args.plan:  # before weights and output folders: it reads and writes nothing
+        placement = choose_placement(cfg.train.strategy, cfg.distribute)
+        plan.run_plan(cfg, placement, tfrecords, given, per_replica_batch=args.plan_batch, steps=args.plan_steps)
+        return 0
+    if config_path and not args.config:
+        print(f"preset: {presets.preset_display(config_path)} (the default; --config names another)", flush=True)
+    out = args.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(config_path or "default"))[0])
+    cli.check_output_dir(out, create=False)  # the run folder is made by training, after every start-up check
+    placement = choose_placement(cfg.train.strategy, cfg.distribute)  # first: a strategy precedes any TF work
+    print(placement.describe(), flush=True)
+    if config_path and not args.config and placement.accelerator == "cpu" and not args.force_cpu:
+        plan.refuse_cpu_run(cfg, placement, tfrecords, given, presets.preset_display(config_path), presets.CPU_PRESET)
+    prepare_weights(cfg.model)  # before any record is read: cached, downloaded once, or one line saying where
     manifest = read_manifest(tfrecords)
     folds = parse_folds(args.fold, int(manifest["num_folds"]))
-    placement = choose_placement(cfg.train.strategy, cfg.distribute)
-    print(placement.describe(), flush=True)
+    size_note = preset_rules.follow_preset_image_size(cfg, given, int(manifest["image_size"]))
+    for line in (size_note, preset_rules.describe_scaling(cfg, placement.num_replicas, placement.accelerator)):
+        if line:
+            print(line, flush=True)
     train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
     return 0
 

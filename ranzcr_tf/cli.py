@@ -195,8 +195,7 @@ def add_config_flags(parser: argparse.ArgumentParser, default: str | None = None
 def _config_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``--config``/``--set`` (and ``--verbose``/``--debug``) of ``argv``, the command's other arguments ignored."""
     only = argparse.ArgumentParser(prog=parser.prog, add_help=False)
-    add_config_flags(only, default=parser._option_string_actions["--config"].default,
-                     overrides="--set" in parser._option_string_actions)
+    add_config_flags(only, default=parser.get_default("config"), overrides=parser.get_default("overrides") is not None)
     only.add_argument("--verbose", action="store_true")
     only.add_argument("--debug", action="store_true")
     return only.parse_known_args(argv)[0]
@@ -288,7 +287,7 @@ def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], i
          argv: list[str] | None = None) -> int:
     """Parse ``argv``, run ``body(args)`` and turn what it raises into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--print-config" in argv and "--print-config" in parser._option_string_actions:
+    if "--print-config" in argv and parser.get_default("print_config") is not None:  # a command with --config
         args, body = _config_arguments(parser, argv), print_config  # the command's other arguments may be absent
     else:
         args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ranzcr_tf import kaggle_paths
+from ranzcr_tf import kaggle_paths, presets
 from ranzcr_tf.coerce import merge, parse_overrides
 from ranzcr_tf.provenance import run_metadata
 
@@ -506,10 +506,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Defaults <- YAML preset (if given; a saved run config is accepted too) <- ``--set`` overrides; validated."""
     values: dict = {}
     if path:
-        if not os.path.exists(path):
-            presets = sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
-            raise ValueError(f"config file {path} not found; presets in configs/: {', '.join(presets)}")
-        values = read_yaml(path)
+        found = presets.find_preset(str(path))  # a path, or a shipped preset's name (configs/x.yaml, x.yaml, x)
+        if found is None:
+            raise ValueError(f"config file {path} not found; presets in configs/: {', '.join(presets.list_presets())}")
+        values = read_yaml(found)
     cfg = config_from_dict(values)
     merge(cfg, parse_overrides(overrides))
     return cfg.validate()
@@ -548,10 +548,10 @@ def given_keys(path: str | os.PathLike | None = None, overrides: list[str] | Non
             keys |= walk(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
         return keys
 
-    return walk(read_yaml(path) if path else {}) | walk(parse_overrides(overrides))
+    return walk(read_yaml(presets.find_preset(str(path)) or path) if path else {}) | walk(parse_overrides(overrides))
 
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PRESET_DIR = presets.preset_dir()
 
 
 def config_to_yaml(cfg: Config, with_meta: bool = True) -> str:

@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# A bare train_tpu.py trains the mission preset (configs/b7_768_tpu.yaml); tests that run it without --config
+# mean the library defaults plus their --set overrides. Tests of the bare command itself unset this.
+os.environ.setdefault("RANZCR_DEFAULT_PRESET", "none")
 
 # The files that take longest, longest first (measured: docs/results.md#test-suite-time). `make test`
 # hands whole files to two xdist workers (--dist loadfile) in collection order; starting these first lets the

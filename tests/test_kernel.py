@@ -267,7 +267,8 @@ def test_offline_bundle_has_the_wheel_and_runs_and_installs_without_an_index(dat
                               str(bundle / "wheels"), "ranzcr-tf", "--no-deps", "--target", str(target), "--quiet"],
                              capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
-    for module in ("serve/kernel.py", "serve/infer.py", "prep/preprocess.py", "serve/package.py"):
+    for module in ("serve/kernel.py", "serve/infer.py", "prep/preprocess.py", "serve/package.py",
+                   "configs/b7_768_tpu.yaml", "configs/cpu_lines.yaml"):  # the presets ship inside the package
         assert (target / "ranzcr_tf" / module).is_file()
     # The bundled runs are what the kernel finds on Kaggle: one model, its two folds.
     from ranzcr_tf.serve.modelio import discover_models

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--config, else each run's own)")
     parser.add_argument("--workers", type=int, default=0,
                         help="threads (in this process) preprocessing raw test images; 0 = one per available core (default)")
+    parser.add_argument("--plan", action="store_true", help="measure load, preprocessing and prediction speed on "
+                        "the first --plan-images test images per model, print the estimate for folds x TTA x test "
+                        "images against --max-minutes and which plan fits; writes no submission")
+    parser.add_argument("--plan-images", type=int, default=16, help="--plan: test images timed per model (default 16)")
     parser.add_argument("--work-dir", help=f"scratch folder for preprocessed test images (default: {KAGGLE_TMP} "
                         "on Kaggle, else the system temp folder); removed at the end")
     return parser
@@ -189,7 +193,9 @@ def run(args) -> dict:
     """Everything ``main`` does, returning a summary (tests call this)."""
     start = time.monotonic()
     data_dir, model_paths, out = resolve_paths(args)
-    cli.check_output_file(out)  # now, not after the whole inference pass
+    plan = getattr(args, "plan", False)
+    if not plan:
+        cli.check_output_file(out)  # now, not after the whole inference pass
     config_path, overrides = getattr(args, "config", None), list(getattr(args, "overrides", None) or [])
     settings, given = load_config(config_path, overrides).infer, given_keys(config_path, overrides)
     batch_size = args.batch_size or (settings.batch_size if "infer.batch_size" in given else None)
@@ -242,6 +248,11 @@ def run(args) -> dict:
         source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers,
                                        progress=not args.quiet, task=task)
         template = source.template
+        if plan:  # measured on a few real test images; no submission is written
+            from ranzcr_tf.serve.kernel_plan import plan_kernel
+
+            return {"plan": plan_kernel(models, source, infer_cfg, max_seconds, batch_size=batch_size,
+                                        sample=args.plan_images)}
         partial = partial_path(out)
 
         def checkpoint(probs):  # the ensemble so far, beside --out: an earlier complete --out is never replaced by it

@@ -41,7 +41,7 @@ from ranzcr_tf.serve.modelio import discover_models, verify_models
 
 RUN_FILES = (*SERVING_FILES, METRICS_FILE, BEST_INFO_FILE)
 PACKAGE_NAME = "ranzcr-tf"
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "ranzcr_tf")
+SOURCE_ITEMS = ("pyproject.toml", "setup.py", "README.md", "ranzcr_tf", "configs")  # setup.py ships configs/ inside
 
 
 class ToolFailed(RuntimeError):

@@ -27,7 +27,7 @@ from ranzcr_tf.model.files import load_model_file
 from ranzcr_tf.model.metrics import monitor_for
 from ranzcr_tf.prep import records
 from ranzcr_tf.train import callbacks as cbs
-from ranzcr_tf.train import identity, multihost, recipes
+from ranzcr_tf.train import identity, multihost, preset_rules, recipes
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
 
@@ -272,6 +272,7 @@ def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placemen
     else:
         positives, num_train = data.training_positive_counts(tfrecords_dir, fold)
     steps_per_epoch = steps_per_epoch_for(cfg, manifest, fold, global_batch, num_train)
+    cfg = preset_rules.with_steps_per_execution(cfg, steps_per_epoch)  # a divisor of the epoch, said in one line
     peak_lr = scaled_learning_rate(cfg.train, global_batch)
     # Before anything is written: a checkpoint continues only with the records and settings it was trained with.
     current = identity.run_identity(cfg, tfrecords_dir, manifest, {
