@@ -50,7 +50,7 @@ browser:
 		echo "note: could not install chromium (needs apt as root); the report's browser test will be skipped"
 
 test: install-dev browser notf-venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
