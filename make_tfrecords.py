@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("data")
     io.add_argument("--data-dir", help="competition folder (train.csv, train/, test/, train_annotations.csv); "
                     "default: data.data_dir of --config, else the Kaggle input folder")
-    io.add_argument("--out-dir", help="output folder, local or gs:// (default: data.tfrecords, i.e. tfrecords)")
+    io.add_argument("--out-dir", help="output folder, local or gs:// (default: data.tfrecords, i.e. tfrecords); "
+                    "one converter at a time: a local folder is locked (.lock), a gs:// folder cannot be")
     io.add_argument("--unlabeled", metavar="DIR", help="instead: a folder of unlabeled images (.jpg/.png, 8/16-bit, "
                     "and DICOM .dcm/.dicom radiographs) -> --out-dir/extra/ records with has_target 0 and no "
                     "folds, IDs from file names "
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--shard-mb", type=int, help="target shard size in MB (default 150)")
     split.add_argument("--shard-records", type=int, default=0,
                        help="records per shard, overriding the size estimate (tests, tiny data; default 0 = estimate)")
+    io.add_argument("--annotations-scale", default="1", metavar="auto|FACTOR",
+                    help="multiply train_annotations.csv's points by FACTOR (0.25 for images resized to a quarter), "
+                         "or auto: the factor that puts them inside their images; points are checked against each "
+                         "image's real size either way (default 1)")
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=int, default=0,
                      help="threads (in this process) that decode, CLAHE, resize and encode; 0 = one per available "
@@ -107,7 +112,7 @@ def resolve(args: argparse.Namespace):
         data_dir=data_dir, out_dir=cfg.data.tfrecords, preprocess=cfg.preprocess, num_folds=cfg.data.folds,
         fold_seed=cfg.data.fold_seed, workers=args.workers, shard_mb=float(cfg.data.shard_mb),
         shard_records=args.shard_records, include_test=not args.no_test, limit=args.limit, strict=args.strict,
-        overwrite=args.overwrite, progress=not args.quiet, task=cfg.task)
+        overwrite=args.overwrite, progress=not args.quiet, task=cfg.task, annotations_scale=args.annotations_scale)
     return cfg, options
 
 

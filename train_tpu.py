@@ -42,6 +42,13 @@ restarts:
   later than M minutes into the process, exit 75: a Kaggle session (9 h) then ends in time to save its output,
   and the same command in the next session continues (kaggle/02_train.ipynb).
 
+one process per fold:
+  a fold folder is locked while it trains (<out-dir>/.lock-fold{k}: host, PID, start time); a second
+  train_tpu.py on the same fold stops with one line naming the holder (exit 2); a lock left by a killed
+  process is taken over with a note. Folds of one run may train in parallel processes. Not on gs://
+  (object stores have no locks): give each process its own folds there.
+  The folds of one run must come from one conversion (their identity.json record the manifest hash).
+
 outputs (<out-dir>/fold{k}/):
   config.yaml, preprocess.json, best.keras (+ best.json), log.csv, metrics.json, oof.csv
   (StudyInstanceUID, fold, 11 probabilities named by label, 11 target_<label> columns), tensorboard/.
@@ -109,8 +116,9 @@ def run(args) -> int:
     from ranzcr_tf.model.weights import prepare_weights
     from ranzcr_tf.prep.records import read_manifest
     from ranzcr_tf.train import plan, preset_rules
-    from ranzcr_tf.train.fit import parse_folds, train
+    from ranzcr_tf.train.fit import parse_folds
     from ranzcr_tf.train.placement import choose_placement
+    from ranzcr_tf.train.run import train
 
     config_path = args.config or presets.default_preset()  # bare command: the mission preset
     cfg = load_config(config_path, args.overrides)
@@ -142,7 +150,13 @@ def run(args) -> int:
     for line in (size_note, preset_rules.describe_scaling(cfg, placement.num_replicas, placement.accelerator)):
         if line:
             print(line, flush=True)
-    train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
+    cli.raise_on_sigterm()  # preemption, docker stop: unwind like Ctrl-C, keeping the last backup
+    try:
+        train(cfg, tfrecords, folds, out, placement, verbose=2 if args.quiet else 1, restart=args.restart)
+    except KeyboardInterrupt as exc:
+        exc.message = (f"{getattr(exc, 'message', None) or 'interrupted'}: each fold keeps its last backup in "
+                       f"{out}; rerun the same command to resume")
+        raise
     return 0
 
 
@@ -151,11 +165,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    from ranzcr_tf.train.callbacks import WRITE_FAILED
-
-    if WRITE_FAILED:  # see callbacks.WRITE_FAILED: skip the shutdown that would close the failed h5py file
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -117,7 +118,12 @@ def step_clock(keras, warmup: int, total: int):
 
 
 # ----------------------------------------------------------------------------------------------- workers
-def keras_worker(args) -> dict:
+def build_keras_step(args):
+    """The trainer's compiled model for a Keras row: ``(keras, model, cfg, placement, policy, build_s)``.
+
+    ``recipes.build_training_model`` (``train.recipe`` = ``args.recipe``: plain, or aux_seg with its mask
+    decoder) compiled by ``fit.compile_for_training``, random initial weights. Imports no TensorFlow on JAX.
+    """
     os.environ["KERAS_BACKEND"] = args.backend  # Keras reads it once, at import
     import keras
     import numpy as np
@@ -125,29 +131,73 @@ def keras_worker(args) -> dict:
     from ranzcr_tf.config import Config
     from ranzcr_tf.labels import NUM_CLASSES
     from ranzcr_tf.model import precision
-    from ranzcr_tf.pipeline import data
     from ranzcr_tf.train import fit, recipes
     from ranzcr_tf.train.placement import choose_placement
 
     cfg = Config()
     cfg.model.backbone, cfg.model.weights, cfg.model.mixed_precision = args.backbone, None, POLICY[args.precision]
     cfg.train.batch_size, cfg.train.steps_per_execution = args.batch, args.steps_per_execution
-    cfg.train.jit_compile = args.compiled
+    cfg.train.jit_compile, cfg.train.recipe = args.compiled, args.recipe
     cfg.validate()
     placement = choose_placement("auto")
     policy = precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
-    batch = placement.global_batch_size(args.batch)
     start = time.perf_counter()
     with placement.scope():
         model, loss = recipes.build_training_model(cfg, args.size, np.full(NUM_CLASSES, 10), 100,
                                                    from_logits=cfg.model.output == "logits")
     fit.compile_for_training(model, cfg, loss, cfg.train.learning_rate, placement, args.size)
-    build_s = time.perf_counter() - start
+    return keras, model, cfg, placement, policy, time.perf_counter() - start
 
-    rng = np.random.default_rng(0)
-    dtype = data.image_dtype_for(cfg, args.backend, placement.accelerator).as_numpy_dtype
+
+def synthetic_batch(cfg, args, batch: int, accelerator: str, seed: int = 0):
+    """``(images, targets)`` as numpy, shaped and typed as the trainer's batches of ``train.recipe``."""
+    import numpy as np
+
+    from ranzcr_tf.labels import NUM_CLASSES, NUM_FAMILIES, mask_size
+
+    if args.backend == "jax":  # pipeline.data.image_dtype_for on JAX: uint8 unless data.image_dtype says otherwise
+        dtype = "uint8" if cfg.data.image_dtype == "auto" else cfg.data.image_dtype
+    else:
+        from ranzcr_tf.pipeline import data
+
+        dtype = data.image_dtype_for(cfg, args.backend, accelerator).as_numpy_dtype
+    rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch, args.size, args.size, cfg.model.input_channels)).astype(dtype)
     targets = (rng.random((batch, NUM_CLASSES)) < 0.2).astype("float32")
+    if cfg.train.recipe == "aux_seg":
+        side = mask_size(args.size)
+        targets = {"target": targets, "mask": (rng.random((batch, side, side, NUM_FAMILIES)) < 0.05).astype("uint8"),
+                   "has_mask": (rng.random(batch) < 0.5).astype("float32")}
+    return images, targets
+
+
+class CompileLog:
+    """Seconds of every XLA compilation of a JAX function, by name (``jax_log_compiles``' lines)."""
+
+    PATTERN = re.compile(r"Finished XLA compilation of jit\((\w+)\) in ([\d.]+) sec")
+
+    def __init__(self):
+        import logging
+
+        import jax
+
+        self.seconds: dict[str, list[float]] = {}
+        jax.config.update("jax_log_compiles", True)
+        handler = logging.Handler()
+        handler.emit = self._emit
+        logging.getLogger("jax").addHandler(handler)
+
+    def _emit(self, record) -> None:
+        match = self.PATTERN.search(record.getMessage())
+        if match:
+            self.seconds.setdefault(match.group(1), []).append(round(float(match.group(2)), 2))
+
+
+def keras_worker(args) -> dict:
+    compiles = CompileLog() if args.backend == "jax" else None
+    keras, model, cfg, placement, policy, build_s = build_keras_step(args)
+    batch = placement.global_batch_size(args.batch)
+    images, targets = synthetic_batch(cfg, args, batch, placement.accelerator)
     if args.backend == "jax":
         import jax
 
@@ -164,7 +214,7 @@ def keras_worker(args) -> dict:
     else:
         import tensorflow as tf
 
-        images, targets = tf.constant(images), tf.constant(targets)
+        images, targets = tf.constant(images), tf.nest.map_structure(tf.constant, targets)
 
         def train_data():
             return tf.data.Dataset.from_tensors((images, targets)).repeat()
@@ -184,9 +234,12 @@ def keras_worker(args) -> dict:
     model.fit(train_data(), epochs=1, steps_per_epoch=warmup + steps, verbose=0, callbacks=[clock])
     model.predict(infer_data(), steps=warmup + steps, verbose=0, callbacks=[clock])
     result = clock.rates(batch)
-    result.update(device=device, build_s=build_s, policy=policy, peak_mb=_keras_peak_mb(args.backend),
+    result.update(device=device, build_s=build_s, policy=policy, peak_mb=keras_peak_mb(args.backend),
                   versions=f"keras {keras.__version__}, {args.backend} {_version(args.backend)}",
-                  steps_per_execution=args.steps_per_execution)
+                  steps_per_execution=args.steps_per_execution, recipe=args.recipe,
+                  tensorflow_imported="tensorflow" in sys.modules,
+                  compile_s={name: compiles.seconds.get(name, []) for name in ("train_step", "predict_step")}
+                  if compiles else None)
     return result
 
 
@@ -194,12 +247,12 @@ def _version(module: str) -> str:
     return getattr(sys.modules.get(module), "__version__", "?")
 
 
-def _keras_peak_mb(backend: str):
+def keras_peak_mb(backend: str):
     """Peak accelerator memory in MB, or None where the backend reports none (CPUs)."""
     if backend == "jax":
         import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.devices()[0].memory_stats() or {}  # None on CPUs
         peak = stats.get("peak_bytes_in_use")
         return peak / 2**20 if peak else None
     import tensorflow as tf
@@ -307,6 +360,7 @@ def _worker_command(args, worker: str, backend: str, compiled: bool) -> list[str
                "--backbone", args.backbone, "--size", str(args.size), "--batch", str(args.batch),
                "--precision", args.precision, "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--steps-per-execution", str(args.steps_per_execution), "--channels", str(args.channels),
+               "--recipe", args.recipe,
                "--pipeline-records", str(args.pipeline_records), "--pipeline-batches", str(args.pipeline_batches)]
     command += ["--compiled"] if compiled else []
     command += ["--timm-model", args.timm_model] if args.timm_model else []
@@ -323,7 +377,7 @@ def call_worker(args, name: str, worker: str, backend: str, compiled: bool) -> d
         done = subprocess.run(_worker_command(args, worker, backend, compiled), env=env, capture_output=True,
                               text=True, timeout=args.worker_timeout)
     except subprocess.TimeoutExpired:
-        return {"failed": f"no result within --worker-timeout {args.worker_timeout} s"}
+        return {"failed": f"no result within its time cap of {args.worker_timeout} s (--worker-timeout)"}
     except OSError as exc:  # a --torch-python that does not exist
         return {"skipped": f"cannot start {exc.filename}: {exc.strerror}"}
     if done.returncode == 2:  # bad input (e.g. an unknown backbone): every row would fail the same way
@@ -420,6 +474,8 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing, compilation)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of training and of inference")
     parser.add_argument("--steps-per-execution", type=int, default=1, help="train.steps_per_execution (Keras rows)")
+    parser.add_argument("--recipe", choices=("plain", "aux_seg"), default="plain",
+                        help="train.recipe of the Keras rows: plain, or aux_seg (+ the line-mask decoder and its loss)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     parser.add_argument("--timm-model", help="timm architecture of the timm rows (default: tf_ twin of --backbone)")
     parser.add_argument("--torch-python", default=sys.executable, help="Python that has torch + timm (timm rows)")

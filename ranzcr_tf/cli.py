@@ -21,6 +21,7 @@ an exception with an ``exit_code`` attribute  its    ``<prog>: error: <message>`
 anything else                                1      ``<prog>: internal error: <type>: <message>`` + a hint
                                                     to rerun with --debug
 Ctrl-C (KeyboardInterrupt)                   130    ``<prog>: interrupted``
+SIGTERM where asked (``raise_on_sigterm``)   143    ``<prog>: terminated (SIGTERM)...``
 ===========================================  =====  ======================================================
 
 Importing this module changes nothing. :func:`setup` (called by :func:`main` after parsing, or by an
@@ -43,6 +44,7 @@ import importlib.machinery
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import traceback
@@ -257,7 +259,8 @@ def check_output_dir(path: str, flag: str = "--out-dir", create: bool = True) ->
         os.makedirs(folder, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
         os.close(handle)
-        os.remove(probe)
+        with contextlib.suppress(FileNotFoundError):  # a converter's stale-file clean-up may have taken it
+            os.remove(probe)
     except OSError as exc:
         raise ValueError(f"{flag} {path} is not writable ({exc.strerror}): pass a folder you can write to") from None
 
@@ -278,6 +281,22 @@ def check_output_file(path: str, flag: str = "--out") -> None:
 
 
 # ----------------------------------------------------------------------------------------------- running
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (cloud preemption, ``docker stop``) raised where the main thread is, so it unwinds as Ctrl-C does
+    (``finally`` blocks run, temporary files are removed); ``main`` prints ``message`` and exits 143 (128 + 15)."""
+
+    exit_code = 143
+    message = "terminated (SIGTERM)"
+
+
+def raise_on_sigterm() -> None:
+    """From now on SIGTERM raises ``Terminated`` in the main thread (commands with state worth unwinding)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -295,11 +314,11 @@ def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], i
     prog = parser.prog
     try:
         return int(body(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where the command asked for it (``Terminated``)
         if args.debug:
             raise
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return 130
+        print(f"\n{prog}: {getattr(exc, 'message', None) or 'interrupted'}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
     except Exception as exc:  # noqa: BLE001  (every error ends as one line; --debug shows the traceback)
         if args.debug:
             traceback.print_exc()

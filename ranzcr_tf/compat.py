@@ -31,7 +31,7 @@ CHECKED_KERAS_VERSIONS = ("3.14.0", "3.14.1", "3.15.0", "3.15.1")
 
 # Every private name used below, for the test that pins one check per name.
 PRIVATE_NAMES = ("keras_home", "file_utils", "_distribute_strategy", "_maybe_symbolic_build", "_symbolic_build",
-                 "_swap_variables", "_iterations", "_inbound_nodes")
+                 "_swap_variables", "_iterations", "_inbound_nodes", "saving_lib", "_save_state")
 
 
 def checked_versions() -> str:
@@ -153,6 +153,47 @@ def optimizer_step_counter(optimizer):
 def optimizer_steps(optimizer) -> int:
     """``optimizer_step_counter(optimizer)`` as a Python int."""
     return int(keras.ops.convert_to_numpy(optimizer_step_counter(optimizer)))
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def weights_file_bytes(model) -> bytes:
+    """What ``model.save_weights(path)`` writes to ``path`` (a ``.weights.h5``: weights and optimizer state), as
+    bytes built in memory, for the caller to write and close itself; ``model.load_weights`` reads the file back.
+
+    Private: ``keras.src.saving.saving_lib.H5IOStore`` and ``saving_lib._save_state`` (3.14.0-3.15.1), the two
+    steps of ``saving_lib.save_weights_only``. That function opens the h5py file on disk and closes it only
+    when every write succeeded: a full disk leaves the h5py file open, referenced from the exception, and
+    h5py's close of it at interpreter shutdown printed tracebacks after the one-line error and crashed the
+    process (SIGSEGV, CI: test_real_full_disk). An in-memory h5py file cannot fail that way, and the disk
+    write is then one plain file the caller opens and closes. (``keras.saving.save_model`` accepts a file
+    object publicly, but it also serialises the model's config, which training models need not support.)
+    """
+    import io
+
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+    finally:
+        store.close()
+    return buffer.getvalue()
+
+
+def model_file_bytes(model) -> bytes:
+    """What ``model.save(path.keras)`` writes, as bytes built in memory (see ``weights_file_bytes``: why).
+
+    Private: ``keras.src.saving.saving_lib.save_model`` (3.14.0-3.15.1), which takes a file object; the public
+    ``keras.saving.save_model`` refuses one ("Invalid filepath extension").
+    """
+    import io
+
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    saving_lib.save_model(model, buffer)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------- graph

@@ -10,6 +10,7 @@ Unknown keys (a typo such as ``train.epoch``) are rejected with the list of vali
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -507,8 +508,9 @@ class Config:
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config {key} = {value!r} is invalid: expected {expected}")
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):  # inf passes "> 0": refused here
+        raise ValueError(f"config {key} = {value!r} is invalid: expected {expected}"
+                         + (" (a finite number)" if isinstance(value, float) else ""))
 
 
 def config_from_dict(values: dict | None) -> Config:

@@ -7,6 +7,7 @@ generator's worker processes) stay light and fork-safe.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 
@@ -111,7 +112,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         rename(tmp, path)
-    except OSError:  # disk full, read-only, ...: no half-written temporary file left behind
+    except BaseException:  # disk full, read-only, a signal ...: no half-written temporary file left behind
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
@@ -121,5 +122,20 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(obj):
+    """``obj`` with every NaN/inf float as None (JSON ``null``: bare ``NaN`` is not JSON, and other tools' parsers
+    reject it) and NumPy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if type(obj).__module__ == "numpy" and getattr(obj, "shape", None) == ():
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def atomic_write_json(path: str, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Pretty JSON, atomically; undefined values (NaN, inf) are written as ``null`` (``json_safe``)."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")

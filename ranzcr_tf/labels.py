@@ -39,6 +39,22 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Line-mask targets (``train.recipe`` aux_seg, teacher): one channel per tube family, at 1/4 of the model's
+# input size (the decoder's output resolution). Shared by the tf.data pipeline that rasterises them
+# (``pipeline.masks``) and the Keras model that predicts them (``model.decoder``), which runs without TensorFlow.
+FAMILIES: tuple[str, ...] = tuple(GROUPS)  # ETT, NGT, CVC, Swan Ganz: the mask channels, in this order
+NUM_FAMILIES = len(FAMILIES)
+MASK_STRIDE = 4
+
+
+def mask_size(image_size: int) -> int:
+    """Side of the masks for a model input of ``image_size`` px (1/4: the decoder's output size)."""
+    if image_size % 32:
+        raise ValueError(f"train.recipe aux_seg needs an image size divisible by 32 (the decoder upsamples "
+                         f"stride-16 features to stride 4), got {image_size}: set data.image_size")
+    return image_size // MASK_STRIDE
+
+
 def group_slices() -> dict[str, slice]:
     """Slice of the 11-vector owned by each tube family, in label order."""
     slices, start = {}, 0

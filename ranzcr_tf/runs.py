@@ -84,6 +84,30 @@ def final_stage_dir(folder: str) -> str | None:
     return os.path.join(folder, str(final))
 
 
+def fold_status(fold_dir: str) -> tuple[bool, int | None]:
+    """``(complete, last epoch)`` of a fold folder. ``train_state.json`` decides where present (training marks
+    it completed at the very end; ``package`` bundles it); else a ``metrics.json`` (written at the end) or no
+    training log at all (a model file put there by hand) counts as complete. The last epoch is the last row
+    of ``log.csv`` (else ``best.json``'s epoch), None when unknown."""
+    import json
+
+    state_path = io_utils.join(fold_dir, STATE_FILE)
+    log_path = io_utils.join(fold_dir, LOG_FILE)
+    if io_utils.exists(state_path):
+        complete = bool(json.loads(io_utils.read_text(state_path)).get("completed"))
+    else:
+        complete = io_utils.exists(io_utils.join(fold_dir, METRICS_FILE)) or not io_utils.exists(log_path)
+    last = None
+    if io_utils.exists(log_path):
+        lines = [line for line in io_utils.read_text(log_path).splitlines() if line.strip()]
+        header = lines[0].split(",") if lines else []
+        if len(lines) > 1 and "epoch" in header:
+            last = int(float(lines[-1].split(",")[header.index("epoch")]))
+    if last is None and io_utils.exists(io_utils.join(fold_dir, BEST_INFO_FILE)):
+        last = json.loads(io_utils.read_text(io_utils.join(fold_dir, BEST_INFO_FILE))).get("epoch")
+    return complete, last
+
+
 def saved_task(run_dir: str):
     """The task a run was trained for (its first fold's ``config.yaml``; a 3stage run's final stage), or None when
     no fold folder holds a config (the caller's own checks then name what is missing)."""

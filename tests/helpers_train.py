@@ -73,3 +73,19 @@ TINY_SETTINGS = [
     "train.batch_size=8", "train.learning_rate=0.003", "train.warmup_epochs=0", "train.seed=1",
     "infer.batch_size=16", "data.shuffle_buffer=64", "loss.name=bce",
 ]
+
+
+def load_train_tpu():
+    """``train_tpu.py`` (repo root) as a module, for in-process runs of its ``main``."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("train_tpu", os.path.join(root, "train_tpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_settings(*extra) -> list[str]:
+    """``--set`` arguments: ``TINY_SETTINGS`` then ``extra``."""
+    return [a for s in (*TINY_SETTINGS, *extra) for a in ("--set", s)]

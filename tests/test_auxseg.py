@@ -42,8 +42,8 @@ def _env(**extra):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return hard_records(str(tmp_path_factory.mktemp("auxseg")), SIZE, _env())
+def dataset(shared_build):  # built once per test run: test_auxseg.py and test_three_stage.py read the same records
+    return shared_build(f"hard_records_{SIZE}", lambda folder: hard_records(folder, SIZE, _env()))
 
 
 def _parsed_records(records_dir):

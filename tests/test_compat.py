@@ -207,10 +207,30 @@ def lambda_schedule():
     return StepAsRate()
 
 
+def test_weights_file_bytes(tmp_path):
+    """H5IOStore and _save_state: the in-memory weights file loads back into the model, optimizer state too."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 4), "float32"), np.zeros((4, 3), "float32"), epochs=1, verbose=0)
+    path = tmp_path / "m.weights.h5"
+    path.write_bytes(compat.weights_file_bytes(model))
+    copy = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    copy.compile(optimizer="adam", loss="mse")
+    copy.optimizer.build(copy.trainable_variables)
+    copy.load_weights(str(path))
+    for a, b in zip(model.get_weights() + [v.numpy() for v in model.optimizer.variables],
+                    copy.get_weights() + [v.numpy() for v in copy.optimizer.variables]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    saved = tmp_path / "m.keras"
+    saved.write_bytes(compat.model_file_bytes(model))
+    np.testing.assert_array_equal(keras.saving.load_model(str(saved)).get_weights()[0], model.get_weights()[0])
+
+
 CHECKS = {"keras_home": test_keras_home, "file_utils": test_file_utils,
           "_distribute_strategy": test_distribute_strategy, "_maybe_symbolic_build": test_maybe_symbolic_build,
           "_symbolic_build": test_symbolic_build, "_swap_variables": test_swap_variables,
-          "_iterations": test_iterations, "_inbound_nodes": test_inbound_nodes}
+          "_iterations": test_iterations, "_inbound_nodes": test_inbound_nodes,
+          "saving_lib": test_weights_file_bytes, "_save_state": test_weights_file_bytes}
 
 
 def test_every_private_name_of_compat_has_a_check_here():

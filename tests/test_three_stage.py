@@ -46,8 +46,8 @@ def _env(**extra):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return hard_records(str(tmp_path_factory.mktemp("three_stage")), SIZE, _env())
+def dataset(shared_build):  # built once per test run: test_auxseg.py and test_three_stage.py read the same records
+    return shared_build(f"hard_records_{SIZE}", lambda folder: hard_records(folder, SIZE, _env()))
 
 
 def _cfg(*extra):
@@ -191,7 +191,7 @@ def test_stage_configs_wire_the_run_folders_and_epochs(dataset, tmp_path):
     assert cfg.train.recipe == "3stage" and cfg.train.student_epochs == 3  # the given config is left as it was
     from ranzcr_tf.train import fit
 
-    with pytest.raises(ValueError, match="call fit.train"):
+    with pytest.raises(ValueError, match="call train.run.train"):
         fit.train_fold(cfg, dataset["records"], 0, str(tmp_path / "run"), placement=None)
     assert not os.path.exists(tmp_path / "run")
 

@@ -4,7 +4,6 @@ keeps the previous checkpoint and a rerun resumes from it. Real records, real tr
 
 import errno
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -13,25 +12,15 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-from helpers_train import TINY_SETTINGS, write_tiny_records
+from helpers_train import TINY_SETTINGS, load_train_tpu, tiny_settings, write_tiny_records
 
 from ranzcr_tf.prep import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train_tpu():
-    spec = importlib.util.spec_from_file_location("train_tpu", os.path.join(ROOT, "train_tpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tpu = _train_tpu()
-
-
-def settings(*extra):
-    return [a for s in (*TINY_SETTINGS, *extra) for a in ("--set", s)]
+train_tpu = load_train_tpu()
+settings = tiny_settings
 
 
 def with_shard_list(root: str) -> str:
@@ -178,23 +167,24 @@ def test_resume_refuses_other_records_or_settings_and_restart_starts_over(pristi
 
 
 # ----------------------------------------------------------------------------------------------- item 5
+def full_disk_for(monkeypatch, name_part: str) -> None:
+    """Files whose name holds ``name_part`` hit a full disk when flushed: a real partial file is on disk then."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
 @pytest.mark.slow
 def test_disk_full_during_backup_keeps_the_last_good_one_and_a_rerun_resumes(pristine, tmp_path, capsys,
                                                                              monkeypatch):
-    import keras
-
     out = str(tmp_path / "run")
     backup = os.path.join(out, "fold0", "backup", "stage0")
-    real_save_weights = keras.Model.save_weights
-
-    def full_disk(self, filepath, *args, **kwargs):
-        if "epoch2" in os.path.basename(str(filepath)):  # the backup after the second epoch
-            with open(filepath, "wb") as fh:  # a partial file, as a full disk leaves it
-                fh.write(b"\x89HDF\r\n\x1a\n partial")
-            raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
-        return real_save_weights(self, filepath, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "save_weights", full_disk)
+    full_disk_for(monkeypatch, "epoch2.weights.h5")  # the backup after the second epoch
     code = train_tpu.main(["--fold", "0", "--tfrecords", pristine, "--out-dir", out, "--quiet",
                            *settings("train.epochs=3")])
     captured = capsys.readouterr()
@@ -204,7 +194,7 @@ def test_disk_full_during_backup_keeps_the_last_good_one_and_a_rerun_resumes(pri
     assert json.load(open(os.path.join(backup, "training_metadata.json")))["epoch"] == 1
     assert sorted(os.listdir(backup)) == ["epoch1.weights.h5", "training_metadata.json"]  # no partial file left
 
-    monkeypatch.setattr(keras.Model, "save_weights", real_save_weights)
+    monkeypatch.undo()
     code = train_tpu.main(["--fold", "0", "--tfrecords", pristine, "--out-dir", out, "--quiet",
                            *settings("train.epochs=3")])
     captured = capsys.readouterr()
@@ -225,12 +215,7 @@ def test_disk_full_while_saving_best_keeps_the_previous_best(tmp_path, monkeypat
     checkpoint.on_epoch_end(0, {"val_auc": 0.6})
     before, info_before = open(path, "rb").read(), open(tmp_path / "best.json").read()
 
-    def full_disk(filepath, *args, **kwargs):
-        with open(filepath, "wb") as fh:
-            fh.write(b"PK partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(model, "save", full_disk)
+    full_disk_for(monkeypatch, "best.keras")
     with pytest.raises(CheckpointWriteError, match="previous best.keras is intact"):
         checkpoint.on_epoch_end(1, {"val_auc": 0.7})
     assert open(path, "rb").read() == before and open(tmp_path / "best.json").read() == info_before

@@ -9,7 +9,7 @@ The training model runs the backbone ONCE with extra outputs at strides 4, 8 and
 in the backbone registry, ``backbones.stage_outputs``), feeds the last feature map to the classifier's own
 pooling and head layers and the three stages to an FPN-style decoder: 1x1 laterals to ``width`` channels,
 top-down nearest upsampling with a 3x3 conv-BN-swish after each merge, and a float32 1x1 conv to the 4
-family masks (ETT, NGT, CVC, Swan Ganz; ``pipeline.masks.FAMILIES``) as logits at 1/4 of the input size.
+family masks (ETT, NGT, CVC, Swan Ganz; ``labels.FAMILIES``) as logits at 1/4 of the input size.
 
 The loss is Keras' own training logic with one ``compute_loss`` override (GUIDE habit 15), so it runs on
 TensorFlow (default, Mirrored, TPU) and on JAX alike: classification loss on every study + ``mask_loss_weight``
@@ -34,11 +34,11 @@ import keras
 from keras import ops
 
 from ranzcr_tf.config import ModelConfig
+from ranzcr_tf.labels import NUM_FAMILIES
 from ranzcr_tf.model.backbones import BACKBONE_NAME, stage_outputs
 from ranzcr_tf.model.build import classifier_head
 from ranzcr_tf.model.layers import MaskAttentionPooling
 
-NUM_FAMILIES = 4  # pipeline.masks.FAMILIES (the model layer does not import the TensorFlow pipeline)
 TIP_PRIOR_LOGIT = -4.6  # log(0.01 / 0.99): the tip maps' starting probability
 TIP_SCALE = 255.0  # pipeline.tips.TIP_SCALE: the batches' uint8 tip maps hold [0, 1] x 255
 

@@ -29,12 +29,9 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from ranzcr_tf.labels import GROUPS, LABELS, group_of
+from ranzcr_tf.labels import FAMILIES, LABELS, NUM_FAMILIES, group_of, mask_size  # the geometry: model's too
 from ranzcr_tf.prep import records
 
-FAMILIES: tuple[str, ...] = tuple(GROUPS)  # ETT, NGT, CVC, Swan Ganz: the mask channels, in this order
-NUM_FAMILIES = len(FAMILIES)
-MASK_STRIDE = 4  # masks are at 1/4 of the model's input size: the decoder's output resolution
 # Family index of each of the 11 labels (LABELS order).
 LABEL_FAMILY: tuple[int, ...] = tuple(FAMILIES.index(group_of(label)) for label in LABELS)
 
@@ -82,14 +79,6 @@ def is_annotated(serialized):
     """True for a serialized record with at least one annotation line (parses that one feature only)."""
     parsed = tf.io.parse_single_example(serialized, {records.ANN_LABEL: tf.io.VarLenFeature(tf.int64)})
     return tf.size(parsed[records.ANN_LABEL].values) > 0
-
-
-def mask_size(image_size: int) -> int:
-    """Side of the masks for a model input of ``image_size`` px (1/4: the decoder's output size)."""
-    if image_size % 32:
-        raise ValueError(f"train.recipe aux_seg needs an image size divisible by 32 (the decoder upsamples "
-                         f"stride-16 features to stride 4), got {image_size}: set data.image_size")
-    return image_size // MASK_STRIDE
 
 
 def _pad(values, length: int, fill):

@@ -34,7 +34,9 @@ import numpy as np
 from ranzcr_tf import io_utils
 from ranzcr_tf.config import PreprocessConfig, TaskConfig
 from ranzcr_tf.labels import ID_COLUMN
+from ranzcr_tf.locks import FolderLock
 from ranzcr_tf.prep import records
+from ranzcr_tf.prep.annotation_checks import check_annotations, parse_scale
 from ranzcr_tf.prep.csv_checks import (
     ANNOTATIONS_CSV,
     TRAIN_CSV,
@@ -86,6 +88,7 @@ class ConvertOptions:
     overwrite: bool = False
     progress: bool = True
     task: TaskConfig = field(default_factory=TaskConfig)  # RANZCR, or a wide-CSV jpeg/png task (no annotations)
+    annotations_scale: str = "1"  # "auto" or a factor applied to train_annotations.csv points (annotation_checks)
 
     @property
     def train_csv(self) -> str:
@@ -105,6 +108,7 @@ class ConvertOptions:
             raise ValueError(f"--folds {self.num_folds}: need at least 2")
         if self.shard_mb <= 0 or self.shard_records < 0 or self.limit < 0 or self.workers < 0:
             raise ValueError("--shard-mb must be > 0 and --shard-records, --limit, --workers >= 0")
+        parse_scale(self.annotations_scale)
         if io_utils.is_remote(self.data_dir):
             raise ValueError(f"--data-dir {self.data_dir}: source images must be on a local disk "
                              f"(copy them, e.g. with gsutil -m cp -r); --out-dir may be gs://")
@@ -126,7 +130,8 @@ def _requested_settings(opts: ConvertOptions, test_ids: list[str]) -> dict:
             "annotations_sha256": sha256_file(os.path.join(opts.data_dir, ANNOTATIONS_CSV)),
             "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
         },
-    } | ({} if opts.task.is_ranzcr else {"task": task_summary(opts.task)})
+    } | ({} if opts.task.is_ranzcr else {"task": task_summary(opts.task)}) \
+      | ({} if str(opts.annotations_scale) == "1" else {"annotations_scale": str(opts.annotations_scale)})
 
 
 def _estimate_records_per_shard(opts: ConvertOptions, paths: list[str], pool) -> tuple[int, float, dict]:
@@ -161,7 +166,8 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
     written = 0
     for shard in pending:
         split, fold = shard["split"], shard["fold"]
-        state = {"ids_planned": shard["ids"], "shard": None, "ids": [], "skipped": [], "notes": []}
+        state = {"ids_planned": shard["ids"], "shard": None, "ids": [], "skipped": [], "notes": [],
+                 "settings_sha256": records.settings_hash(preprocess_settings(opts.preprocess))}
         try:
             with ShardWriter(opts.out_dir, split, fold, shard["index"]) as writer:
                 for sid in shard["ids"]:
@@ -195,7 +201,8 @@ def _write_shards(pending: list[dict], opts: ConvertOptions, lookup: dict, pool,
     bar.close()
 
 
-def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, folds, saved: dict) -> dict:
+def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, folds, saved: dict,
+            annotation_summary: dict) -> dict:
     """folds.csv and manifest.json from the progress of every shard."""
     ordered = [states[slot_name(s)] for s in plan]
     written = {sid for st in ordered for sid in st["ids"]}
@@ -222,13 +229,15 @@ def _finish(opts: ConvertOptions, plan: list[dict], states: dict, train_df, fold
         fold_positives=fold_positives(targets, folds[good], opts.num_folds),
         records_per_shard=saved["records_per_shard"], bytes_per_image_estimate=saved["bytes_per_image_estimate"],
         notes=[entry for st in ordered for entry in st["notes"]],
+        shard_settings={st["shard"]: st["settings_sha256"] for st in ordered if st["shard"] and st.get("settings_sha256")},
         source={"data_dir": os.path.abspath(opts.data_dir), "limit": opts.limit, **saved["inputs"]},
-        _meta=run_metadata(), **extra)
+        annotations=annotation_summary, _meta=run_metadata(), **extra)
     return manifest
 
 
 def _read_tables(opts: ConvertOptions):
-    """train.csv, train_annotations.csv and the test IDs, validated (ValueError naming column / line)."""
+    """train.csv, train_annotations.csv (checked against the images' sizes: ``annotation_checks``) and the test
+    IDs, validated (ValueError naming column / line); returns them and the annotation check's summary."""
     task = opts.task
     train_csv = os.path.join(opts.data_dir, opts.train_csv)
     if not os.path.exists(train_csv):
@@ -242,7 +251,14 @@ def _read_tables(opts: ConvertOptions):
     test_ids = read_test_ids(opts.data_dir, task) if opts.include_test else []
     if opts.limit:
         train_df, test_ids = train_df.head(opts.limit).reset_index(drop=True), test_ids[:opts.limit]
-    return train_df, annotations, test_ids
+        kept = set(train_df[ID_COLUMN]) if task.is_ranzcr else set()
+        annotations = {sid: lines for sid, lines in annotations.items() if sid in kept}
+    annotations, summary = check_annotations(annotations, lambda sid: opts.image_path(records.TRAIN_DIR, sid),
+                                             opts.annotations_scale, annotations_csv)
+    if summary["scale"] != 1 or summary["points_clipped"]:
+        print(f"annotations: points scaled by {summary['scale']:g}; {summary['points_clipped']} point(s) just outside "
+              f"their image clipped to it (manifest.json: annotations)", file=sys.stderr)
+    return train_df, annotations, test_ids, summary
 
 
 def convert(opts: ConvertOptions) -> dict:
@@ -252,8 +268,14 @@ def convert(opts: ConvertOptions) -> dict:
     images are skipped and listed (``strict`` makes the first one fatal).
     """
     opts.validate()
+    train_df, annotations, test_ids, annotation_summary = _read_tables(opts)
+    # One converter per folder: a second one would mix settings and delete the first one's live shards.
+    with FolderLock(opts.out_dir, "make_tfrecords.py"):
+        return _convert_locked(opts, train_df, annotations, test_ids, annotation_summary)
+
+
+def _convert_locked(opts: ConvertOptions, train_df, annotations, test_ids, annotation_summary: dict) -> dict:
     workers = opts.workers or available_cores()
-    train_df, annotations, test_ids = _read_tables(opts)
     task = opts.task
     folds = assign_folds(train_df, opts.num_folds, opts.fold_seed, labels=task.labels, group_column=task.group_column)
     if opts.overwrite:
@@ -286,4 +308,4 @@ def convert(opts: ConvertOptions) -> dict:
                   "annotations": annotations}
         _write_shards(pending, opts, lookup, pool, 4 * workers, sampled)
     states = remove_stale(opts.out_dir, plan)
-    return _finish(opts, plan, states, train_df, folds, saved)
+    return _finish(opts, plan, states, train_df, folds, saved, annotation_summary)

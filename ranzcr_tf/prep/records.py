@@ -303,6 +303,52 @@ def check_framing(path: str) -> None:
                          "convert again (make_tfrecords.py --overwrite)")
 
 
+def settings_hash(preprocess: dict) -> str:
+    """A short hash of a manifest's ``preprocess`` block: what the converter stamps on each shard it writes."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(preprocess, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def first_record_size(path: str) -> tuple[int, int]:
+    """(height, width) stored in a local shard's first record (its header and payload only are read)."""
+    import struct
+
+    import tensorflow as tf
+
+    with open(path, "rb") as fh:
+        header = fh.read(12)
+        if len(header) < 12:
+            raise ValueError(f"shard {path} is empty or truncated: restore it or convert again")
+        (length,) = struct.unpack("<Q", header[:8])
+        example = tf.train.Example.FromString(fh.read(length))
+    features = example.features.feature
+    return int(features[HEIGHT].int64_list.value[0]), int(features[WIDTH].int64_list.value[0])
+
+
+def check_shard_settings(tfrecords_dir: str, manifest: dict, paths: Sequence[str]) -> None:
+    """Every shard was written with the manifest's settings: the converter's per-shard settings hash
+    (``shard_settings``) and, for local shards, the image size stored in the first record. One
+    ``ValueError`` naming the first shards that disagree (two conversions into one folder, say)."""
+    wanted_size = int(manifest["image_size"])
+    wanted_hash = settings_hash(manifest.get("preprocess") or {})
+    stamped = manifest.get("shard_settings") or {}
+    problems = []
+    for path in paths:
+        name = os.path.basename(path)
+        key = next((k for k in stamped if os.path.basename(k) == name), None)
+        if key is not None and stamped[key] != wanted_hash:
+            problems.append(f"{name} was written with other settings (hash {stamped[key]} vs {wanted_hash})")
+        elif not io_utils.is_remote(path):
+            size = first_record_size(path)
+            if size[0] != wanted_size and size[1] != wanted_size:
+                problems.append(f"{name} holds {size[0]}x{size[1]} px images, the manifest says {wanted_size} px")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(f"the records in {tfrecords_dir} mix conversions: {shown}: convert again into an empty "
+                         f"folder (make_tfrecords.py --overwrite)")
+
+
 # ----------------------------------------------------------------------------------------------- writing
 def _bytes(values):
     import tensorflow as tf

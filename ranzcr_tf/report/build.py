@@ -12,6 +12,7 @@ the run's ``data.tfrecords``); without them the image sections are left out and 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ def read_run(path: str) -> RunData:
         fold = int(name[len("fold"):])
         try:
             metrics[fold] = json.loads(io_utils.read_text(metrics_path))
+            if metrics[fold].get("val_auc") is None:  # written as null when undefined (io_utils.json_safe)
+                metrics[fold]["val_auc"] = math.nan
         except ValueError:
             raise ValueError(f"{metrics_path} is not valid JSON: the fold's training was cut short; train it again") from None
         fold_dirs[fold] = folder

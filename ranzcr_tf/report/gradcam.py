@@ -145,7 +145,7 @@ def peak_position(heatmap: np.ndarray) -> tuple[int, int]:
 
 def tube_mask(parsed: dict, family: int, tolerance: float) -> np.ndarray:
     """``(height, width)`` bool at the stored resolution: pixels within ``tolerance`` stored pixels of one
-    of the study's annotation lines of tube ``family`` (an index into ``pipeline.masks.FAMILIES``).
+    of the study's annotation lines of tube ``family`` (an index into ``labels.FAMILIES``).
 
     ``parsed`` is a record parsed with annotations (``prep.records.parse_example(..., with_annotations=True)``).
     """

@@ -9,8 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ranzcr_tf.labels import LABELS, group_of
-from ranzcr_tf.pipeline.masks import FAMILIES
+from ranzcr_tf.labels import FAMILIES, LABELS, group_of
 from ranzcr_tf.report.curves import _plt, figure_png
 
 FAMILY_COLOURS = {"ETT": "#e6194b", "NGT": "#3cb44b", "CVC": "#4363d8", "Swan Ganz": "#f58231"}
@@ -71,5 +70,5 @@ def thumbnail(study, size: int = 96) -> bytes:
 
 
 def family_index(column: str) -> int:
-    """Index into ``pipeline.masks.FAMILIES`` of a label's tube family."""
+    """Index into ``labels.FAMILIES`` of a label's tube family."""
     return FAMILIES.index(group_of(column))

@@ -162,8 +162,9 @@ def fit_blend(runs: dict, divisions: int, rank: bool) -> dict:
     """Everything ``blend.json`` holds: the weights on all rows, and single / equal-mean / nested-blend CVs."""
     probs, targets, folds, names = runs["probs"], runs["targets"], runs["folds"], runs["names"]
     grid = simplex_grid(len(names), divisions)
-    blended, fold_weights = nested_cv(runs, grid, rank)
     fold_ids = sorted(set(folds.tolist()))
+    # With one fold there are no other folds to fit a held-out fold's weights on: no nested CV, said so.
+    blended, fold_weights = nested_cv(runs, grid, rank) if len(fold_ids) > 1 else (None, {})
     order = np.concatenate([np.flatnonzero(folds == k) for k in fold_ids])
 
     def blend_by_fold(weights):  # blended fold by fold, as the nested blend is (ranks are taken within each fold)
@@ -183,7 +184,7 @@ def fit_blend(runs: dict, divisions: int, rank: bool) -> dict:
                          for k, w in fold_weights.items()},
         "cv": {"single": single,
                "equal_mean": score(targets[order], equal_mean, folds[order]),
-               "blend_nested": score(targets, blended, folds)},
+               "blend_nested": None if blended is None else score(targets, blended, folds)},
         "num_studies": int(len(folds)),
     }
 
@@ -228,18 +229,22 @@ def format_table(blend: dict) -> str:
     """Per-label AUC of each run, the equal mean and the nested blend, with the final weights."""
     names, cv = blend["runs"], blend["cv"]
     mean_name = "rank mean" if blend["rank"] else "mean"
-    heads = [*names, mean_name, "blend*"]
+    nested = cv.get("blend_nested") is not None
+    heads = [*names, mean_name, *(["blend*"] if nested else [])]
     width = max(9, *(len(h) + 1 for h in heads))
     lines = [f"{'label':<28}" + "".join(f"{h:>{width}}" for h in heads) + "  weights " + "/".join(names)]
-    columns = [cv["single"][n] for n in names] + [cv["equal_mean"], cv["blend_nested"]]
+    columns = [cv["single"][n] for n in names] + [cv["equal_mean"], *([cv["blend_nested"]] if nested else [])]
     for label in LABELS:
         weights = "/".join(f"{blend['weights'][label][n]:.2f}" for n in names)
         lines.append(f"{label:<28}" + "".join(f"{c['per_class_auc'][label]:>{width}.4f}" for c in columns)
                      + f"  {weights}")
     lines.append(f"{'CV mean AUC (pooled OOF)':<28}" + "".join(f"{c['cv_auc']:>{width}.4f}" for c in columns))
     lines.append(f"{'mean of fold AUCs':<28}" + "".join(f"{c['mean_fold_auc']:>{width}.4f}" for c in columns))
-    lines.append(f"* blend: nested CV (each fold scored with weights fitted on the other folds); step "
-                 f"{blend['step']:g}{', on ranks' if blend['rank'] else ''}; {blend['num_studies']} studies")
+    how = ("* blend: nested CV (each fold scored with weights fitted on the other folds)" if nested else
+           "* no nested CV of the blend: the runs' OOF holds one fold, so no fold can be scored with weights fitted "
+           "on others (the weights are fitted on all rows; train more folds to score them honestly)")
+    lines.append(f"{how}; step {blend['step']:g}{', on ranks' if blend['rank'] else ''}; "
+                 f"{blend['num_studies']} studies")
     return "\n".join(lines)
 
 

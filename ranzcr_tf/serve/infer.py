@@ -499,6 +499,12 @@ class _EnsembleRun:
             return _finish(self.results, self.models, self.infer_cfg, self.report, self.source,
                            blend=self.blend), self.report
         partial = self.partial
+        if partial is None and not self.budget.expired():  # not the budget: say what really happened, write nothing
+            reasons = list(dict.fromkeys(self.source.unusable.values()))
+            cause = (f"none of the {len(self.source.ids)} test images could be read ({'; '.join(reasons[:2])}"
+                     f"{' ...' if len(reasons) > 2 else ''})" if reasons else "no model produced a prediction")
+            raise ValueError(f"no prediction at all, within the time budget ({self.budget.elapsed() / 60:.1f} min "
+                             f"used): {cause}; no submission written")
         if partial is None:
             _log("warning: no prediction finished within the budget: every row gets 0.5")
             partial = np.full((len(self.source.ids), self.models[0].folds[0].cfg.task.num_classes), np.nan)

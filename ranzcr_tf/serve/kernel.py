@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first --plan-images test images per model, print the estimate for folds x TTA x test "
                         "images against --max-minutes and which plan fits; writes no submission")
     parser.add_argument("--plan-images", type=int, default=16, help="--plan: test images timed per model (default 16)")
+    parser.add_argument("--allow-incomplete", action="store_true", help="also serve folds whose training did not "
+                        "finish (refused by default: a preempted run's early best.keras); the log says which")
     parser.add_argument("--work-dir", help=f"scratch folder for preprocessed test images (default: {KAGGLE_TMP} "
                         "on Kaggle, else the system temp folder); removed at the end")
     return parser
@@ -180,6 +182,47 @@ def load_blend(args, models):
     return BlendWeights(weights=matrix, rank=bool(blend["rank"]))
 
 
+def check_out_is_not_an_input(out: str, data_dir: str | None, model_paths: list[str], tfrecords: str | None,
+                              task) -> None:
+    """``--out`` must not overwrite what the kernel reads: the sample submission, a test image folder, a run or
+    the test records (a ``ValueError`` naming both)."""
+    target = os.path.realpath(out)
+    files = [os.path.join(data_dir, name) for name in {"sample_submission.csv", task.sample_submission}] if data_dir else []
+    folders = [*model_paths, *([tfrecords] if tfrecords else [])]
+    if data_dir:
+        folders += [os.path.join(data_dir, name) for name in {"test", *task.test_images}]
+    for path in files + folders:
+        real = os.path.realpath(path)
+        if target == real or (path in folders and target.startswith(real.rstrip(os.sep) + os.sep)):
+            raise ValueError(f"--out {out} would overwrite the kernel's own input {path}: pass another path, e.g. "
+                             f"{os.path.join(os.getcwd(), 'submission.csv')}")
+
+
+def check_config_task(config_path: str | None, overrides: list[str], task) -> None:
+    """A ``--config`` (or ``--set task.*``) of another task than the runs' is refused: its infer settings were
+    meant for other models."""
+    if not config_path and not any(item.startswith("task.") for item in overrides):
+        return
+    given = load_config(config_path, overrides).task
+    if (given.name, list(given.labels)) != (task.name, list(task.labels)):
+        raise ValueError(f"--config {config_path} is for task {given.name!r} but the runs were trained for "
+                         f"{task.name!r}: pass a config of the runs' task, or none (each run's own settings apply)")
+
+
+def allowed_tta(tta: list[str], models) -> list[str]:
+    """``tta`` without the views some run was not trained for (its saved ``infer.tta`` leaves them out, e.g. no
+    flip where sides matter to its labels), with a note naming them; an error if none is left."""
+    permitted = {view for view in tta if all(view in fold.cfg.infer.tta for spec in models for fold in spec.folds)}
+    dropped = [view for view in tta if view not in permitted]
+    if dropped:
+        print(f"note: TTA view(s) {' '.join(dropped)} dropped: a run's saved infer.tta leaves them out (its labels "
+              "depend on what the view changes)", file=sys.stderr)
+    kept = [view for view in tta if view in permitted]
+    if not kept:
+        raise ValueError(f"no TTA view of {' '.join(tta)} is allowed by every run; pass --tta identity")
+    return kept
+
+
 def runs_task(models):
     """The task every run was trained for (saved in its config); runs of different tasks are refused."""
     tasks = {(fold.cfg.task.name, tuple(fold.cfg.task.labels)): fold.cfg.task for spec in models for fold in spec.folds}
@@ -210,7 +253,7 @@ def run(args) -> dict:
 
     from ranzcr_tf import device
     from ranzcr_tf.serve.infer import TestSource, predict_ensemble
-    from ranzcr_tf.serve.modelio import discover_models, verify_models
+    from ranzcr_tf.serve.modelio import check_complete, discover_models, verify_models
     from ranzcr_tf.serve.submission import (
         build_long_submission,
         build_submission,
@@ -221,8 +264,12 @@ def run(args) -> dict:
     if keras.backend.backend() == "jax":
         device.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
     models = discover_models(model_paths, exclude=(os.path.abspath(kaggle_paths.competition_dir()),))
+    incomplete = check_complete(models, bool(getattr(args, "allow_incomplete", False)), "the submission")
     verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached
-    tta = args.tta or (settings.tta if "infer.tta" in given else None) or saved_tta(models)
+    task = runs_task(models)
+    check_config_task(config_path, overrides, task)
+    check_out_is_not_an_input(out, data_dir, model_paths, args.tfrecords, task)
+    tta = allowed_tta(args.tta or (settings.tta if "infer.tta" in given else None) or saved_tta(models), models)
     infer_cfg = InferConfig(tta=list(tta), ensemble=args.ensemble or settings.ensemble,
                             weights=list(settings.weights if args.weights is None else args.weights),
                             batch_size=batch_size or 1)
@@ -244,7 +291,6 @@ def run(args) -> dict:
         os.makedirs(scratch_parent, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
     try:
-        task = runs_task(models)
         source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers,
                                        progress=not args.quiet, task=task)
         template = source.template
@@ -272,8 +318,11 @@ def run(args) -> dict:
     elapsed = time.monotonic() - start
     rows = len(template) if source.long_template is None else len(source.long_template.frame)
     print(f"wrote {out}: {rows} rows ({len(template)} images); plan used: {report.final_plan or 'fallback (no pass finished)'} "
-          f"of {report.full_plan}; {elapsed / 60:.1f} min", file=sys.stderr)
+          f"of {report.full_plan}; {elapsed / 60:.1f} min"
+          + (f"; INCOMPLETE fold(s) used (--allow-incomplete): {', '.join(incomplete)}" if incomplete else ""),
+          file=sys.stderr)
     return {"out": out, "report": report, "models": models, "rows": rows, "elapsed_seconds": elapsed,
+            "incomplete_folds": incomplete,
             "probabilities": probs, "ids": list(source.ids)}
 
 

@@ -18,13 +18,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 from ranzcr_tf.config import Config, PreprocessConfig, load_config
 from ranzcr_tf.labels import LABELS
 from ranzcr_tf.model.files import LEGACY_SUFFIXES, check_model_file, legacy_error, load_model_file
 from ranzcr_tf.prep import records
-from ranzcr_tf.runs import CONFIG_FILE, MODEL_FILE, PREPROCESS_FILE, final_stage_dir, is_fold_dir
+from ranzcr_tf.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PREPROCESS_FILE,
+    final_stage_dir,
+    fold_status,
+    is_fold_dir,
+)
 
 
 @dataclass
@@ -160,6 +169,31 @@ def discover_models(paths: list[str], exclude: tuple[str, ...] = ()) -> list[Mod
         for fold in spec.folds:
             check_model_file(fold.path)
     return list(models.values())
+
+
+def incomplete_folds(models: list[ModelSpec]) -> list[str]:
+    """One phrase per fold whose training did not finish (``runs.fold_status``): its name and last epoch."""
+    found = []
+    for spec in models:
+        for fold in spec.folds:
+            complete, last = fold_status(os.path.dirname(fold.path))
+            if not complete:
+                done = "no epoch logged" if last is None else f"last epoch {last} of {fold.cfg.train.epochs}"
+                found.append(f"{fold.name} ({done})")
+    return found
+
+
+def check_complete(models: list[ModelSpec], allow_incomplete: bool, what: str) -> list[str]:
+    """Refuse (one line) folds whose training never finished, unless ``allow_incomplete``; returns them."""
+    found = incomplete_folds(models)
+    if found and not allow_incomplete:
+        raise ValueError(f"{', '.join(found)}: training did not finish (not marked completed in its train_state.json, "
+                         f"no {METRICS_FILE}), so {what} would use an early best.keras: finish it (rerun the same "
+                         "train_tpu.py command) or pass --allow-incomplete to use it anyway")
+    if found:
+        print(f"note: --allow-incomplete: using fold(s) whose training did not finish: {', '.join(found)}",
+              file=sys.stderr)
+    return found
 
 
 def load_fold_model(fold: FoldSpec):

@@ -36,11 +36,12 @@ import sys
 import tempfile
 
 from ranzcr_tf import cli
-from ranzcr_tf.runs import BEST_INFO_FILE, METRICS_FILE, SERVING_FILES
-from ranzcr_tf.serve.modelio import discover_models, verify_models
+from ranzcr_tf.runs import BEST_INFO_FILE, METRICS_FILE, SERVING_FILES, STATE_FILE
+from ranzcr_tf.serve.modelio import check_complete, discover_models, verify_models
 
-RUN_FILES = (*SERVING_FILES, METRICS_FILE, BEST_INFO_FILE)
+RUN_FILES = (*SERVING_FILES, METRICS_FILE, BEST_INFO_FILE, STATE_FILE)  # the state: whether training finished
 PACKAGE_NAME = "ranzcr-tf"
+BUNDLE_MANIFEST = "bundle.json"  # what the bundle holds: runs, wheels, folds whose training did not finish
 SOURCE_ITEMS = ("pyproject.toml", "setup.py", "README.md", "ranzcr_tf", "configs")  # setup.py ships configs/ inside
 
 
@@ -108,9 +109,11 @@ def download_wheels(specs: list[str], wheel_dir: str, targets: list[tuple[str, s
     return sorted(set(os.listdir(wheel_dir)) - before)
 
 
-def copy_runs(run_paths: list[str], out_dir: str) -> list[str]:
-    """Copy each fold's model, config and preprocessing (not checkpoints or logs) to ``out_dir/runs``."""
+def copy_runs(run_paths: list[str], out_dir: str, allow_incomplete: bool = False) -> tuple[list[str], list[str]]:
+    """Copy each fold's model, config and preprocessing (not checkpoints or logs) to ``out_dir/runs``; returns
+    the copied folders and the folds whose training did not finish (refused unless ``allow_incomplete``)."""
     models = discover_models(run_paths)  # validates: no .h5, no Lambda, zip CRC, configs present
+    incomplete = check_complete(models, allow_incomplete, "the bundle")
     verify_models(models)  # and each model loads in safe mode, before anything is copied or built
     copied = []
     for spec in models:
@@ -125,7 +128,7 @@ def copy_runs(run_paths: list[str], out_dir: str) -> list[str]:
                         shutil.copy2(os.path.join(folder, name), os.path.join(dst, name))
                         break
             copied.append(os.path.relpath(dst, out_dir))
-    return copied
+    return copied, incomplete
 
 
 def notebook_cell(name: str) -> str:
@@ -135,14 +138,16 @@ def notebook_cell(name: str) -> str:
             f"# internet off, accelerator GPU or None (a submission notebook does not run on a TPU)\n")
 
 
-def bundle_readme(name: str, wheels: list[str], runs: list[str]) -> str:
+def bundle_readme(name: str, wheels: list[str], runs: list[str], incomplete: list[str] = ()) -> str:
     return (f"# {name}: ranzcr-tf offline bundle\n\n"
             f"Upload this folder as a Kaggle dataset named `{name}` (`kaggle datasets create -p .` uses\n"
             f"dataset-metadata.json), attach it to a notebook with internet off, and run:\n\n"
             f"```\n{notebook_cell(name)}```\n\n"
             f"`python /kaggle/input/{name}/kaggle_kernel.py ...` runs the same kernel once the package is installed.\n"
             f"Every default of the kernel fits Kaggle; see `python -m ranzcr_tf.serve.kernel --help`.\n\n"
-            f"Wheels: {', '.join(wheels)}\n\nRuns (folds):\n" + "".join(f"- {r}\n" for r in runs))
+            f"Wheels: {', '.join(wheels)}\n\nRuns (folds):\n" + "".join(f"- {r}\n" for r in runs)
+            + (f"\nINCOMPLETE folds (training did not finish; bundled with --allow-incomplete, and the kernel needs "
+               f"--allow-incomplete too): {', '.join(incomplete)}\n" if incomplete else ""))
 
 
 USER_PLACEHOLDER = "KAGGLE_USERNAME"
@@ -187,7 +192,8 @@ def metadata_line(out_dir: str, name: str, user: tuple[str, str] | None) -> str:
 
 
 def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: list[str] | None = None,
-                keras_wheel: bool = True, decoder_wheel: bool = True, user: str | None = None) -> dict:
+                keras_wheel: bool = True, decoder_wheel: bool = True, user: str | None = None,
+                allow_incomplete: bool = False) -> dict:
     """Build the bundle folder; returns ``{'wheels': [...], 'runs': [...], 'out': out_dir}``."""
     if not runs:
         raise ValueError("--models is required: pass at least one run folder, --models runs/NAME [runs/NAME2 ...]")
@@ -196,7 +202,7 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
         raise ValueError(f"{out_dir} is not empty: choose a new --out-dir folder (or delete it)")
     created = not os.path.exists(out_dir)
     try:
-        return _fill_bundle(runs, out_dir, name, wheels, keras_wheel, decoder_wheel, user)
+        return _fill_bundle(runs, out_dir, name, wheels, keras_wheel, decoder_wheel, user, allow_incomplete)
     except BaseException:
         # A failed run leaves nothing behind (it started from an empty or new folder), so a rerun is not refused.
         if created:
@@ -209,8 +215,8 @@ def make_bundle(runs: list[str], out_dir: str, name: str | None = None, wheels: 
 
 
 def _fill_bundle(runs: list[str], out_dir: str, name: str, wheels: list[str] | None, keras_wheel: bool,
-                 decoder_wheel: bool, user: str | None) -> dict:
-    copied = copy_runs(runs, out_dir)  # first: a refused model stops before any slow build
+                 decoder_wheel: bool, user: str | None, allow_incomplete: bool = False) -> dict:
+    copied, incomplete = copy_runs(runs, out_dir, allow_incomplete)  # first: a refused model stops before any build
     wheel_dir = os.path.join(out_dir, "wheels")
     os.makedirs(wheel_dir, exist_ok=True)
     build_wheel(wheel_dir)
@@ -225,9 +231,11 @@ def _fill_bundle(runs: list[str], out_dir: str, name: str, wheels: list[str] | N
         shutil.copy2(stub, os.path.join(out_dir, "kaggle_kernel.py"))
     wheel_names = sorted(os.listdir(wheel_dir))
     with open(os.path.join(out_dir, "README.md"), "w") as fh:
-        fh.write(bundle_readme(name, wheel_names, copied))
+        fh.write(bundle_readme(name, wheel_names, copied, incomplete))
     write_metadata(out_dir, name, user)
-    return {"out": out_dir, "wheels": wheel_names, "runs": copied, "name": name}
+    with open(os.path.join(out_dir, BUNDLE_MANIFEST), "w") as fh:
+        json.dump({"name": name, "wheels": wheel_names, "runs": copied, "incomplete_folds": incomplete}, fh, indent=2)
+    return {"out": out_dir, "wheels": wheel_names, "runs": copied, "name": name, "incomplete_folds": incomplete}
 
 
 def build_parser():
@@ -246,6 +254,8 @@ def build_parser():
                         help="extra wheel to bundle, e.g. --wheel 'timm==1.0.9' (pip download --no-deps)")
     parser.add_argument("--no-keras", action="store_true", help="do not bundle the installed Keras wheel "
                         "(when the target image already has Keras >= 3.14)")
+    parser.add_argument("--allow-incomplete", action="store_true", help="also bundle folds whose training did not "
+                        "finish (refused by default); bundle.json and README.md list them")
     parser.add_argument("--no-decoder", action="store_true", help="do not bundle simplejpeg wheels (when the "
                         "target image already has simplejpeg)")
     return parser
@@ -255,7 +265,8 @@ def run(args) -> int:
     cli.check_output_dir(args.out_dir)
     user = kaggle_user(args.kaggle_user)  # before the slow build: a broken kaggle.json stops at once
     result = make_bundle(args.models, args.out_dir, args.name, args.wheel, keras_wheel=not args.no_keras,
-                         decoder_wheel=not args.no_decoder, user=user[0] if user else None)
+                         decoder_wheel=not args.no_decoder, user=user[0] if user else None,
+                         allow_incomplete=args.allow_incomplete)
     print(f"bundle {result['out']} ({result['name']}): wheels {', '.join(result['wheels'])}; "
           f"{len(result['runs'])} fold(s)")
     print(metadata_line(result["out"], result["name"], user))

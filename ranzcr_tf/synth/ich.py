@@ -64,6 +64,7 @@ Everything is a function of the seed; the default 40 patients at 128 px take a f
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import os
@@ -353,6 +354,9 @@ def make_dataset(out_dir: str, n_patients: int = 40, seed: int = 0, size: int = 
     """Write the dataset (module docstring) and return a summary dict. ValueError for bad arguments or a
     folder that already holds DICOM files."""
     _validate(out_dir, n_patients, seed, size, test_fraction)
+    if importlib.util.find_spec("pydicom") is None:  # before any folder is made: nothing left behind
+        raise ValueError("writing DICOM files needs pydicom, which is not installed: pip install 'ranzcr-tf[dicom]' "
+                         "(or pip install pydicom)")
     rng = np.random.default_rng([int(seed), 1902])
     patients = _plan_series(rng, int(n_patients), test_fraction)
     train_ids = [i for i in range(n_patients) if patients[i]["split"] == "train"]

@@ -43,6 +43,13 @@ class RunFlags:
         self.diverged = False
         self.message = ""
 
+    def diverge(self, model, what: str) -> None:
+        """Mark the fit as diverged (nothing more is checkpointed or backed up) and stop it after this step."""
+        self.diverged = True
+        self.message = f"{what}; {NAN_ADVICE}"
+        print(f"\nSTOPPING: {self.message}", file=sys.stderr, flush=True)
+        model.stop_training = True
+
 
 # ----------------------------------------------------------------------------------------------- callbacks
 
@@ -53,23 +60,32 @@ def inference_model_of(model: keras.Model) -> keras.Model:
 
 
 class NaNGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss and records what to try (read by the trainer)."""
+    """Stops training at the first non-finite loss, or a loss above ``LOSS_BOUND`` times the fit's first logged
+    one (a finite blow-up), and records what to try (read by the trainer)."""
+
+    LOSS_BOUND = 20.0
 
     def __init__(self, flags: RunFlags):
         super().__init__()
         self.flags = flags
         self._epoch = 0
+        self.start_loss = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def _check(self, logs, where):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)) and not self.flags.diverged:
-            self.flags.diverged = True
-            self.flags.message = f"the training loss became {float(loss)} at epoch {self._epoch} {where}; {NAN_ADVICE}"
-            print(f"\nSTOPPING: {self.flags.message}", file=sys.stderr, flush=True)
-            self.model.stop_training = True
+        if loss is None or self.flags.diverged:
+            return
+        loss = float(loss)
+        if math.isfinite(loss) and self.start_loss is None:
+            self.start_loss = loss
+        if not math.isfinite(loss):
+            self.flags.diverge(self.model, f"the training loss became {loss} at epoch {self._epoch} {where}")
+        elif self.start_loss and self.start_loss > 0 and loss > self.LOSS_BOUND * self.start_loss:
+            self.flags.diverge(self.model, f"the training loss rose to {loss:.4g} at epoch {self._epoch} {where}, "
+                                           f"over {self.LOSS_BOUND:g} times its start ({self.start_loss:.4g})")
 
     def on_train_batch_end(self, batch, logs=None):
         self._check(logs, f"step {batch}")
@@ -142,6 +158,7 @@ class Validation(keras.callbacks.Callback):
         self.best = -math.inf if self.mode == "max" else math.inf
         self._predictor, self._predictor_of = None, None
         self.probabilities = None  # the last epoch's predictions (tests compare them with the kernel's)
+        self.constant_epochs = 0
 
     def on_epoch_end(self, epoch, logs=None):
         from ranzcr_tf.model.metrics import is_better, task_scores
@@ -159,6 +176,9 @@ class Validation(keras.callbacks.Callback):
                                            from_logits=self.from_logits, placement=self.placement,
                                            predictor=self._predictor)
         self.probabilities = probs  # this epoch's validation predictions, in eval_data.ids order
+        if self._diverged_predictions(epoch, probs):
+            logs["val_auc"] = logs[self.monitor] = math.nan
+            return
         scores = task_scores(self.task, self.targets, probs)
         logs.update(scores)
         score = scores[self.monitor]
@@ -170,35 +190,40 @@ class Validation(keras.callbacks.Callback):
                   flush=True)
 
 
+    CONSTANT_EPOCHS = 2  # validation predictions identical for every study this many epochs running: diverged
+
+    def _diverged_predictions(self, epoch: int, probs: np.ndarray) -> bool:
+        """NaN/inf predictions, or the same prediction for every study (a saturated, dead model) for
+        ``CONSTANT_EPOCHS`` epochs, or at the fit's last epoch: the model diverged (``RunFlags.diverge``)."""
+        if not np.isfinite(probs).all():
+            self.flags.diverge(self.model, f"the validation predictions hold NaN or inf at epoch {epoch}")
+            return True
+        constant = len(probs) > 1 and bool((np.ptp(probs, axis=0) < 1e-6).all())
+        self.constant_epochs = self.constant_epochs + 1 if constant else 0
+        last_epoch = epoch + 1 >= int((self.params or {}).get("epochs") or 0)
+        if constant and (self.constant_epochs >= self.CONSTANT_EPOCHS or last_epoch):
+            self.flags.diverge(self.model, f"the model predicts the same probabilities for every validation study "
+                                           f"({self.constant_epochs} epoch(s) running, up to epoch {epoch})")
+            return True
+        return False
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
 
     exit_code = 1  # the CLI prints the message as one line (``ranzcr_tf.cli``), without an internal-error hint
 
 
-# Files whose checkpoint write failed in this process. h5py keeps the failed file open, and its close at interpreter
-# shutdown prints h5py tracebacks after the one-line error and can crash (SIGSEGV): train_tpu.py then ends the process
-# without that shutdown (os._exit, after flushing), once the error line is out.
-WRITE_FAILED: list = []
-
-
-def _write_then_rename(write, path: str, what: str, keeps: str) -> None:
-    """``write(tmp)`` to a temporary sibling, then rename it over ``path``: a kill, a full disk or an I/O
-    error mid-write leaves the previous file as it was (and no temporary file behind)."""
-    tmp = io_utils.temp_name(path)
+def _write_then_rename(make_bytes, path: str, what: str, keeps: str) -> None:
+    """Build the file in memory (``make_bytes()``), then write it to a temporary sibling and rename it over
+    ``path``: a kill, a full disk or an I/O error mid-write leaves the previous file as it was, no temporary
+    file behind and no library file handle open (``compat.weights_file_bytes``: why that matters)."""
+    data = make_bytes()
     try:
-        write(tmp)
-        io_utils.rename(tmp, path)
-    except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
-        WRITE_FAILED.append(path)
-        try:
-            if io_utils.exists(tmp):
-                io_utils.remove(tmp)
-        except OSError:
-            pass
-        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointWriteError(f"could not write {what} {path} ({reason}; disk full?): {keeps}; free space "
-                                   f"and rerun the same command to resume") from exc
+        io_utils.atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not write {what} {path} ({exc.strerror or exc}; disk full?): {keeps}; "
+                                   f"free space and rerun the same command to resume") from exc
 
 
 def _atomic_save_model(model: keras.Model, path: str) -> None:
@@ -212,7 +237,8 @@ def _atomic_save_model(model: keras.Model, path: str) -> None:
         layer.synchronized = False
     try:
         with multihost.process_local_objects():  # every process saves (the others to a scratch folder), unsynchronised
-            _write_then_rename(model.save, path, "the best model", "the previous best.keras is intact")
+            _write_then_rename(lambda: compat.model_file_bytes(model), path, "the best model",
+                               "the previous best.keras is intact")
     finally:
         for layer in synced:
             layer.synchronized = True
@@ -389,8 +415,8 @@ class Backup(keras.callbacks.Callback):
         previous = backup_epoch(self.backup_dir)
         keeps = (f"the backup of epoch {previous} is intact" if previous is not None else "no earlier backup exists")
         with multihost.process_local_objects():  # the chief alone: no collectives (multihost)
-            _write_then_rename(lambda tmp: self.model.save_weights(tmp, overwrite=True),
-                               io_utils.join(self.backup_dir, name), "the backup", keeps)
+            _write_then_rename(lambda: compat.weights_file_bytes(self.model), io_utils.join(self.backup_dir, name),
+                               "the backup", keeps)
         try:
             io_utils.atomic_write_json(io_utils.join(self.backup_dir, BACKUP_METADATA),
                                        {"epoch": epochs_done, "batch": 0, "weights": name})

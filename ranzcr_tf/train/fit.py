@@ -8,26 +8,37 @@ The run folder ``<out>/fold{k}/`` is laid out as ``ranzcr_tf.runs`` defines (fil
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
-import math
 import os
 import shutil
 import tempfile
+import time
 
 import keras
 import numpy as np
+import pandas as pd
 
 from ranzcr_tf import compat, io_utils, runs
 from ranzcr_tf.config import Config, save_config
 from ranzcr_tf.labels import ID_COLUMN, LABELS
+from ranzcr_tf.locks import FolderLock
+from ranzcr_tf.model import build as models
+from ranzcr_tf.model import precision
 from ranzcr_tf.model import predict as model_predict
+from ranzcr_tf.model.backbones import check_weights, get_spec
 from ranzcr_tf.model.files import load_model_file
-from ranzcr_tf.model.metrics import monitor_for
+from ranzcr_tf.model.metrics import competition_metric, monitor_for, task_scores
+from ranzcr_tf.pipeline import data
+from ranzcr_tf.pipeline.data import extra_files, read_shard_ids
+from ranzcr_tf.pipeline.masks import MaskSettings, recipe_data
+from ranzcr_tf.pipeline.soft import SoftLabels, training_ids
 from ranzcr_tf.prep import records
 from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train import identity, multihost, preset_rules, recipes
+from ranzcr_tf.train.placement import prepare_model
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
 
 
@@ -85,8 +96,6 @@ def make_train_dataset(cfg: Config, tfrecords_dir: str, fold: int, placement, *,
         return placement.strategy.distribute_datasets_from_function(
             worker_dataset_fn(cfg, tfrecords_dir, fold, placement, image_size=image_size, seed=seed,
                               deterministic=deterministic))
-    from ranzcr_tf.pipeline import data
-
     context = multihost.input_context(placement) if multihost.is_multi_process(placement) else None
     return data.build_train_dataset(cfg, tfrecords_dir, fold, placement.global_batch_size(cfg.train.batch_size),
                                     image_size=image_size, input_context=context, seed=seed,
@@ -101,8 +110,6 @@ def worker_dataset_fn(cfg: Config, tfrecords_dir: str, fold: int, placement, *, 
     fewer shards than pipelines, every ``n``-th record of all of them (``data.build_train_dataset``):
     the workers' shares partition the training data either way. Batches are per replica.
     """
-    from ranzcr_tf.pipeline import data
-
     global_batch = placement.global_batch_size(cfg.train.batch_size)
     dtype = _image_dtype(cfg, placement)
 
@@ -115,8 +122,6 @@ def worker_dataset_fn(cfg: Config, tfrecords_dir: str, fold: int, placement, *, 
 
 
 def _image_dtype(cfg: Config, placement):
-    from ranzcr_tf.pipeline import data
-
     return data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
 
 
@@ -125,8 +130,6 @@ def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, p
     returns the optimizer. ``distribute.prepare_model`` then fits the model to the strategy (BatchNorm
     synchronised across GPU/CPU replicas, Keras 3.15 workarounds); call it again after changing what is
     trainable."""
-    from ranzcr_tf.train.placement import prepare_model
-
     with placement.scope():
         optimizer = build_optimizer(cfg.train, learning_rate)
         model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
@@ -137,9 +140,6 @@ def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, p
 
 
 def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int):
-    from ranzcr_tf.pipeline import data
-    from ranzcr_tf.pipeline.masks import MaskSettings
-
     dtype = _image_dtype(cfg, placement)
     batch = placement.global_batch_size(cfg.infer.batch_size)
     num_shares, share = multihost.process_share(placement)  # several JAX processes: each decodes its share
@@ -173,8 +173,6 @@ def write_oof(path: str, ids, fold: int, probs: np.ndarray, targets: np.ndarray,
               id_column: str = ID_COLUMN) -> None:
     """``oof.csv``: the ID column (RANZCR: StudyInstanceUID), fold, a probability column per label (named by it),
     a ``target_<label>`` column per label; ``labels`` and ``id_column`` are the task's."""
-    import pandas as pd
-
     frame = pd.DataFrame({id_column: list(ids), "fold": fold})
     for c, label in enumerate(labels):
         frame[label] = probs[:, c]
@@ -195,15 +193,12 @@ def _preprocess_info(manifest: dict, image_size: int, cfg: Config) -> dict:
 def check_inputs(cfg: Config, tfrecords_dir: str, manifest: dict) -> None:
     """Before any folder is made: the model settings name things that exist, and every fold's shards
     are exactly those the manifest lists (training reads all folds: k for validation, the rest to train)."""
-    from ranzcr_tf.model.backbones import check_weights, get_spec
-
     cfg.validate()
     get_spec(cfg.model.backbone)
     check_weights(cfg.model.weights)
-    records.check_shards(tfrecords_dir, manifest, records.TRAIN_DIR)
+    shards = records.check_shards(tfrecords_dir, manifest, records.TRAIN_DIR)
+    records.check_shard_settings(tfrecords_dir, manifest, shards)
     if cfg.train.soft_labels:  # every study any fold trains on needs its soft label: checked now, not mid-epoch
-        from ranzcr_tf.pipeline.soft import SoftLabels, training_ids
-
         soft = SoftLabels.read(cfg.train.soft_labels)
         ids = training_ids(tfrecords_dir, range(int(manifest.get("num_folds") or 0)))
         soft.check_covers(ids, f"the training records of {tfrecords_dir}")
@@ -211,10 +206,22 @@ def check_inputs(cfg: Config, tfrecords_dir: str, manifest: dict) -> None:
             check_extra_records(cfg.train.extra_records, manifest, soft)
 
 
+def check_fold_scoreable(cfg: Config, manifest: dict, fold: int) -> None:
+    """A fold scored by AUC needs a label with both classes among its validation studies (the manifest's counts):
+    refused before training, not after every epoch produced an undefined score."""
+    if monitor_for(cfg.task.metric)[0] != "val_auc":
+        return
+    count = int((manifest.get("fold_counts") or {}).get(str(fold), 0))
+    positives = (manifest.get("fold_positives") or {}).get(str(fold))
+    if not count or positives is None:
+        return
+    if not any(0 < int(p) < count for p in positives):
+        raise ValueError(f"fold {fold}'s {count} validation studies hold one class in every label, so no AUC can "
+                         "be computed on them: convert with fewer folds (make_tfrecords.py --folds) or more data")
+
+
 def check_extra_records(extra_dir: str, manifest: dict, soft) -> None:
     """The unlabeled records were preprocessed as the training records, and each has a soft label."""
-    from ranzcr_tf.pipeline.data import extra_files, read_shard_ids
-
     extra = records.read_manifest(extra_dir)
     if extra.get("preprocess") != manifest.get("preprocess"):
         raise ValueError(f"train.extra_records {extra_dir} was preprocessed with {extra.get('preprocess')}, the "
@@ -230,145 +237,36 @@ def train_fold(cfg: Config, tfrecords_dir: str, fold: int, out_dir: str, placeme
 
     Re-running the same call after a kill continues from the backup, once ``identity.json`` confirms
     the same records and settings; ``restart`` discards the fold's checkpoint and state first. A
-    finished fold is not retrained. Raises ``TrainingDiverged`` on a NaN loss.
+    finished fold is not retrained. One process per fold folder (``locks.FolderLock`` on
+    ``out_dir/.lock-fold{k}``, taken by the chief). Raises ``TrainingDiverged`` on a NaN loss.
     """
     manifest = records.read_manifest(tfrecords_dir)
     num_folds = int(manifest["num_folds"])
     if not 0 <= fold < num_folds:
         raise ValueError(f"--fold {fold} is out of range: the records in {tfrecords_dir} have folds 0..{num_folds - 1}")
     check_inputs(cfg, tfrecords_dir, manifest)
+    check_fold_scoreable(cfg, manifest, fold)
     if cfg.train.recipe == "3stage":
-        raise ValueError("train.recipe = 3stage trains three runs per fold: call fit.train (train_tpu.py), not train_fold")
+        raise ValueError("train.recipe = 3stage trains three runs per fold: call train.run.train (train_tpu.py), not train_fold")
     chief_dir = fold_dir(out_dir, fold)
-    if restart and placement.is_chief and io_utils.exists(chief_dir):
-        print(f"fold {fold}: --restart: discarding {chief_dir}", flush=True)
-        io_utils.rmtree(chief_dir)
-    # Several JAX processes: the others read the chief's folder only after it has been discarded.
-    multihost.check_same_everywhere(placement, f"fold {fold}", fold)
-    if placement.is_chief:
-        return _train_fold(cfg, tfrecords_dir, fold, chief_dir, chief_dir, manifest, placement, verbose)
-    # Only the chief writes the run folder; other workers write their copies to a private temp folder,
-    # deleted afterwards.
-    scratch = tempfile.mkdtemp(prefix=f"ranzcr-worker{placement.worker_index}-")
-    try:
-        return _train_fold(cfg, tfrecords_dir, fold, chief_dir, os.path.join(scratch, runs.fold_dir_name(fold)), manifest,
-                           placement, verbose)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _train_fold(cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placement, verbose) -> dict:
-    from ranzcr_tf.model import build as models
-    from ranzcr_tf.model import precision
-    from ranzcr_tf.pipeline import data
-    from ranzcr_tf.pipeline.masks import recipe_data
-
-    paths = {name: io_utils.join(run_dir, name) for name in runs.FOLD_FILES}
-    image_size, size_note = resolve_image_size(cfg, manifest)
-    global_batch = placement.global_batch_size(cfg.train.batch_size)
-    if recipe_data(cfg.train.recipe).annotated_only:  # teacher, student: the annotated studies' counts
-        positives, num_train = data.annotated_positive_counts(tfrecords_dir, fold)
-        size_note += f"; {num_train} annotated training studies"
-    else:
-        positives, num_train = data.training_positive_counts(tfrecords_dir, fold)
-    steps_per_epoch = steps_per_epoch_for(cfg, manifest, fold, global_batch, num_train)
-    cfg = preset_rules.with_steps_per_execution(cfg, steps_per_epoch)  # a divisor of the epoch, said in one line
-    peak_lr = scaled_learning_rate(cfg.train, global_batch)
-    # Before anything is written: a checkpoint continues only with the records and settings it was trained with.
-    current = identity.run_identity(cfg, tfrecords_dir, manifest, {
-        "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "image_size": image_size,
-        **recipes.source_identity(cfg, fold)})
-    if identity.has_progress(chief_dir):
-        note = identity.check_resumable(chief_dir, current, fold)
-        if note:
-            print(note, flush=True)
-    state = cbs.read_state(io_utils.join(chief_dir, runs.STATE_FILE))
-    # The chief's files (every worker reads them), so that all workers skip a finished fold together.
-    chief_metrics = io_utils.join(chief_dir, runs.METRICS_FILE)
-    finished = bool(state.get("completed")) and io_utils.exists(chief_metrics) and \
-        io_utils.exists(io_utils.join(chief_dir, runs.OOF_FILE))
-    multihost.check_same_everywhere(placement, f"whether fold {fold} has finished", int(finished))
-    if finished:
-        print(f"fold {fold} already finished in {chief_dir} (pass --restart to train it again)", flush=True)
-        return json.loads(io_utils.read_text(chief_metrics))
-
-    io_utils.makedirs(run_dir)
-    identity.write_identity(run_dir, current)
-    save_config(cfg, paths[runs.CONFIG_FILE])
-    io_utils.atomic_write_json(paths[runs.PREPROCESS_FILE], _preprocess_info(manifest, image_size, cfg))
-    keras.utils.set_random_seed(cfg.train.seed + fold)
-    policy = precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
-    print(f"fold {fold}: {size_note}; dtype policy {policy}; global batch {global_batch} "
-          f"({cfg.train.batch_size} x {placement.num_replicas} replicas); {steps_per_epoch} steps/epoch; "
-          f"peak learning rate {peak_lr:.3g} ({cfg.train.schedule})", flush=True)
-
-    train_ds = make_train_dataset(cfg, tfrecords_dir, fold, placement, image_size=image_size, seed=cfg.train.seed + fold)
-    eval_data = make_eval_data(cfg, tfrecords_dir, fold, placement, image_size=image_size)
-    from_logits = cfg.model.output == "logits"
-    with placement.scope():  # train.recipe: the classifier, or a training model around it (train/recipes.py)
-        model, loss = recipes.build_training_model(cfg, image_size, positives, num_train, from_logits=from_logits,
-                                                   fold=fold)
-    schedule = build_learning_rate(cfg.train, steps_per_epoch, peak_lr)
-
-    flags = cbs.RunFlags()
-    stages = _stages(cfg.train)
-    start = max([i for i, st in enumerate(stages) if cbs.backup_epoch(_backup_dir(chief_dir, i)) is not None],
-                default=0)
-    previous_iterations = None
-    for index in range(start, len(stages)):
-        first_epoch, last_epoch, backbone_trainable = stages[index]
-        if len(stages) > 1 or cfg.train.frozen_epochs:
-            models.set_backbone_trainable(model, backbone_trainable)
-            if verbose:
-                print(f"epochs {first_epoch}..{last_epoch - 1}: backbone {'trainable' if backbone_trainable else 'frozen'}")
-        optimizer = compile_for_training(model, cfg, loss, schedule, placement, image_size)
-        with placement.scope():
-            if previous_iterations is not None:  # the new stage's optimizer continues the step count
-                optimizer.build(model.trainable_variables)
-                compat.optimizer_step_counter(optimizer).assign(previous_iterations)
-        backup_dir = _backup_dir(chief_dir, index)
-        initial_epoch = cbs.backup_epoch(backup_dir) or first_epoch
-        multihost.check_same_everywhere(placement, f"the stage and epoch fold {fold} resumes at", index, initial_epoch)
-        callbacks, stateful = _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags,
-                                               from_logits, verbose)
-        snapshot = state.get("snapshots", {}).get(str(initial_epoch - 1), {}) if initial_epoch > 0 else {}
-        best_info = cbs.read_state(io_utils.join(run_dir, runs.BEST_INFO_FILE))
-        stateful["checkpoint"].set_state(snapshot.get("checkpoint", {}))
-        stateful["checkpoint"].set_state({"best": best_info.get(monitor_for(cfg.task.metric)[0]),
-                                          "best_epoch": best_info.get("epoch")})
-        for name in ("early_stopping", "plateau"):
-            if name in stateful:
-                stateful[name].pending_state = snapshot.get(name)
+    lock = (FolderLock(out_dir, "train_tpu.py", name=f".lock-{runs.fold_dir_name(fold)}") if placement.is_chief
+            else contextlib.nullcontext())
+    with lock:
+        if restart and placement.is_chief and io_utils.exists(chief_dir):
+            print(f"fold {fold}: --restart: discarding {chief_dir}", flush=True)
+            io_utils.rmtree(chief_dir)
+        # Several JAX processes: the others read the chief's folder only after it has been discarded.
+        multihost.check_same_everywhere(placement, f"fold {fold}", fold)
         if placement.is_chief:
-            _truncate_log(paths[runs.LOG_FILE], initial_epoch)
-        if initial_epoch < last_epoch:  # the Backup callback restores the weights of initial_epoch
-            with data.naming_corrupt_shard(records.list_shards(tfrecords_dir, records.TRAIN_DIR)):
-                model.fit(train_ds, epochs=last_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                          shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
-                          callbacks=callbacks, verbose=1 if verbose == 1 else 0)  # quiet (2): Validation's line only
-        else:  # this stage already finished: restore its weights for the next one
-            _restore(model, backup_dir, flags)
-        if flags.diverged:
-            raise TrainingDiverged(f"training diverged: fold {fold}: {flags.message}")
-        previous_iterations = compat.optimizer_steps(optimizer)
-        if verbose:
-            print(f"after epoch {last_epoch - 1}: optimizer step {previous_iterations}", flush=True)
-        if "early_stopping" in stateful and stateful["early_stopping"].stopped_epoch > 0:
-            print(f"early stopping after epoch {stateful['early_stopping'].stopped_epoch}", flush=True)
-            break
-
-    result = _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_logits)
-    if placement.is_chief:
-        state = cbs.read_state(paths[runs.STATE_FILE])
-        state["completed"] = True
-        io_utils.atomic_write_json(paths[runs.STATE_FILE], state)
-    return result
-
-
-def _restore(model, backup_dir, flags):
-    backup = cbs.Backup(backup_dir, flags=flags, writer=False)
-    backup.set_model(model)
-    backup.restore()
+            return FoldRun(cfg, tfrecords_dir, fold, chief_dir, chief_dir, manifest, placement, verbose).train()
+        # Only the chief writes the run folder; other workers write their copies to a private temp folder,
+        # deleted afterwards.
+        scratch = tempfile.mkdtemp(prefix=f"ranzcr-worker{placement.worker_index}-")
+        try:
+            return FoldRun(cfg, tfrecords_dir, fold, chief_dir, os.path.join(scratch, runs.fold_dir_name(fold)),
+                           manifest, placement, verbose).train()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _stages(train_cfg) -> list[tuple[int, int, bool]]:
@@ -383,6 +281,229 @@ def _stages(train_cfg) -> list[tuple[int, int, bool]]:
 
 def _backup_dir(run_dir: str, stage: int) -> str:
     return io_utils.join(run_dir, runs.BACKUP_DIR, f"stage{stage}")
+
+
+class ResumeState:
+    """Where a fold continues, owned in one place: the stage backups (epochs done), ``train_state.json`` (the
+    callbacks' counters per epoch, ``completed``) and ``best.json`` (the best value so far). Read from the
+    chief's folder, which every worker reads."""
+
+    ARCHIVED = (runs.MODEL_FILE, runs.BEST_INFO_FILE, runs.METRICS_FILE, runs.OOF_FILE, runs.LOG_FILE,
+                runs.STATE_FILE, runs.BACKUP_DIR)
+
+    def __init__(self, chief_dir: str, num_stages: int):
+        self.chief_dir, self.num_stages = chief_dir, num_stages
+        self.state = cbs.read_state(io_utils.join(chief_dir, runs.STATE_FILE))
+
+    def backup_epoch(self, stage: int) -> int | None:
+        return cbs.backup_epoch(_backup_dir(self.chief_dir, stage))
+
+    def start_stage(self) -> int:
+        """The last stage with a backup (0 without one)."""
+        return max([i for i in range(self.num_stages) if self.backup_epoch(i) is not None], default=0)
+
+    def finished(self) -> bool:
+        return bool(self.state.get("completed")) and all(
+            io_utils.exists(io_utils.join(self.chief_dir, name)) for name in (runs.METRICS_FILE, runs.OOF_FILE))
+
+    def orphaned(self) -> bool:
+        """Training state (a best model, logs, counters) without any backup to continue it from."""
+        if any(self.backup_epoch(i) is not None for i in range(self.num_stages)):
+            return False
+        return any(io_utils.exists(io_utils.join(self.chief_dir, name)) for name in self.ARCHIVED)
+
+    def archive(self) -> str:
+        """Move the earlier training's files to ``fold{k}/.archive/<time>/`` (hidden: never served), so the new
+        training's best.json, metrics.json and log.csv describe it alone."""
+        folder = io_utils.join(self.chief_dir, ".archive", time.strftime("%Y%m%dT%H%M%S"))
+        io_utils.makedirs(folder)
+        for name in self.ARCHIVED:
+            path = io_utils.join(self.chief_dir, name)
+            if io_utils.exists(path):
+                io_utils.rename(path, io_utils.join(folder, name))
+        self.state = {}
+        return folder
+
+    def initial_epoch(self, stage: int, first_epoch: int) -> int:
+        return self.backup_epoch(stage) or first_epoch
+
+    def restore_callbacks(self, stateful: dict, initial_epoch: int, best_info_path: str, monitor: str) -> None:
+        """The counters of the epoch the backup ended with, and the best value so far, into the new callbacks."""
+        snapshot = self.state.get("snapshots", {}).get(str(initial_epoch - 1), {}) if initial_epoch > 0 else {}
+        best_info = cbs.read_state(best_info_path)
+        stateful["checkpoint"].set_state(snapshot.get("checkpoint", {}))
+        stateful["checkpoint"].set_state({"best": best_info.get(monitor), "best_epoch": best_info.get("epoch")})
+        for name in ("early_stopping", "plateau"):
+            if name in stateful:
+                stateful[name].pending_state = snapshot.get(name)
+
+    @staticmethod
+    def mark_completed(state_path: str) -> None:
+        state = cbs.read_state(state_path)
+        state["completed"] = True
+        io_utils.atomic_write_json(state_path, state)
+
+
+class FoldRun:
+    """One fold's training in three steps: ``prepare`` (sizes, identity, resume decision, model, data),
+    ``run_stages`` (frozen / trainable stages, each a resumable ``fit``) and ``finish`` (best model -> OOF,
+    metrics, completed). ``chief_dir`` holds the shared run folder; ``run_dir`` is where this process
+    writes (the chief: the same folder)."""
+
+    def __init__(self, cfg, tfrecords_dir, fold, chief_dir, run_dir, manifest, placement, verbose):
+        self.cfg, self.tfrecords_dir, self.fold = cfg, tfrecords_dir, fold
+        self.chief_dir, self.run_dir, self.manifest = chief_dir, run_dir, manifest
+        self.placement, self.verbose = placement, verbose
+        self.paths = {name: io_utils.join(run_dir, name) for name in runs.FOLD_FILES}
+        self.stages = _stages(cfg.train)
+        self.resume = ResumeState(chief_dir, len(self.stages))
+        self.flags = cbs.RunFlags()
+
+    def train(self) -> dict:
+        finished = self.prepare()
+        if finished is not None:
+            return finished
+        self.run_stages()
+        return self.finish()
+
+    # ------------------------------------------------------------------------------------------- prepare
+    def prepare(self) -> dict | None:
+        """Everything before the first epoch; returns the saved metrics when the fold has finished already."""
+        cfg, fold, placement = self.cfg, self.fold, self.placement
+        self.image_size, size_note = resolve_image_size(cfg, self.manifest)
+        self.global_batch = placement.global_batch_size(cfg.train.batch_size)
+        if recipe_data(cfg.train.recipe).annotated_only:  # teacher, student: the annotated studies' counts
+            positives, num_train = data.annotated_positive_counts(self.tfrecords_dir, fold)
+            size_note += f"; {num_train} annotated training studies"
+        else:
+            positives, num_train = data.training_positive_counts(self.tfrecords_dir, fold)
+        self.steps_per_epoch = steps_per_epoch_for(cfg, self.manifest, fold, self.global_batch, num_train)
+        # a divisor of the epoch, said in one line
+        self.cfg = cfg = preset_rules.with_steps_per_execution(cfg, self.steps_per_epoch)
+        peak_lr = scaled_learning_rate(cfg.train, self.global_batch)
+        self.peak_lr = peak_lr
+        if self._resume_or_finished():
+            return json.loads(io_utils.read_text(io_utils.join(self.chief_dir, runs.METRICS_FILE)))
+        io_utils.makedirs(self.run_dir)
+        identity.write_identity(self.run_dir, self.identity)
+        save_config(cfg, self.paths[runs.CONFIG_FILE])
+        io_utils.atomic_write_json(self.paths[runs.PREPROCESS_FILE], _preprocess_info(self.manifest, self.image_size, cfg))
+        keras.utils.set_random_seed(cfg.train.seed + fold)
+        policy = precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
+        print(f"fold {fold}: {size_note}; dtype policy {policy}; global batch {self.global_batch} "
+              f"({cfg.train.batch_size} x {placement.num_replicas} replicas); {self.steps_per_epoch} steps/epoch; "
+              f"peak learning rate {peak_lr:.3g} ({cfg.train.schedule})", flush=True)
+        self.train_ds = make_train_dataset(cfg, self.tfrecords_dir, fold, placement, image_size=self.image_size,
+                                           seed=cfg.train.seed + fold)
+        self.eval_data = make_eval_data(cfg, self.tfrecords_dir, fold, placement, image_size=self.image_size)
+        self.from_logits = cfg.model.output == "logits"
+        with placement.scope():  # train.recipe: the classifier, or a training model around it (train/recipes.py)
+            self.model, self.loss = recipes.build_training_model(cfg, self.image_size, positives, num_train,
+                                                                 from_logits=self.from_logits, fold=fold)
+        self.schedule = build_learning_rate(cfg.train, self.steps_per_epoch, peak_lr)
+        return None
+
+    def _resume_or_finished(self) -> bool:
+        """Check that a resume continues the same training, say what happens; True when the fold has finished."""
+        fold, chief_dir = self.fold, self.chief_dir
+        # Before anything is written: a checkpoint continues only with the records and settings it was trained with.
+        self.identity = identity.run_identity(self.cfg, self.tfrecords_dir, self.manifest, {
+            "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "image_size": self.image_size,
+            **recipes.source_identity(self.cfg, fold)})
+        check_same_records_as_other_folds(chief_dir, self.identity, fold)
+        if identity.has_progress(chief_dir):
+            note = identity.check_resumable(chief_dir, self.identity, fold)
+            if note:
+                print(note, flush=True)
+        # The chief's files (every worker reads them), so that all workers skip a finished fold together.
+        finished = self.resume.finished()
+        multihost.check_same_everywhere(self.placement, f"whether fold {fold} has finished", int(finished))
+        if finished:
+            print(f"fold {fold} already finished in {chief_dir} (pass --restart to train it again)", flush=True)
+            return True
+        if self.placement.is_chief and self.resume.orphaned():
+            archived = self.resume.archive()
+            print(f"fold {fold}: {chief_dir} holds an earlier training but no backup to continue it from: training "
+                  f"from epoch 0; the earlier best model and logs moved to {archived}", flush=True)
+        return False
+
+    # ------------------------------------------------------------------------------------------- stages
+    def run_stages(self) -> None:
+        """Each stage's ``fit`` from where its backup ends; a finished stage only restores its weights."""
+        previous_iterations = None
+        for index in range(self.resume.start_stage(), len(self.stages)):
+            optimizer, stateful = self._run_stage(index, previous_iterations)
+            previous_iterations = compat.optimizer_steps(optimizer)
+            if self.verbose:
+                print(f"after epoch {self.stages[index][1] - 1}: optimizer step {previous_iterations}", flush=True)
+            if "early_stopping" in stateful and stateful["early_stopping"].stopped_epoch > 0:
+                print(f"early stopping after epoch {stateful['early_stopping'].stopped_epoch}", flush=True)
+                break
+
+    def _run_stage(self, index: int, previous_iterations):
+        cfg, model, placement = self.cfg, self.model, self.placement
+        first_epoch, last_epoch, backbone_trainable = self.stages[index]
+        if len(self.stages) > 1 or cfg.train.frozen_epochs:
+            models.set_backbone_trainable(model, backbone_trainable)
+            if self.verbose:
+                print(f"epochs {first_epoch}..{last_epoch - 1}: backbone {'trainable' if backbone_trainable else 'frozen'}")
+        optimizer = compile_for_training(model, cfg, self.loss, self.schedule, placement, self.image_size)
+        with placement.scope():
+            if previous_iterations is not None:  # the new stage's optimizer continues the step count
+                optimizer.build(model.trainable_variables)
+                compat.optimizer_step_counter(optimizer).assign(previous_iterations)
+        backup_dir = _backup_dir(self.chief_dir, index)
+        initial_epoch = self.resume.initial_epoch(index, first_epoch)
+        multihost.check_same_everywhere(placement, f"the stage and epoch fold {self.fold} resumes at", index,
+                                        initial_epoch)
+        callbacks, stateful = _build_callbacks(cfg, self.run_dir, self.paths, backup_dir, self.eval_data, placement,
+                                               self.flags, self.from_logits, self.verbose)
+        self.resume.restore_callbacks(stateful, initial_epoch, io_utils.join(self.run_dir, runs.BEST_INFO_FILE),
+                                      monitor_for(cfg.task.metric)[0])
+        if placement.is_chief:
+            _truncate_log(self.paths[runs.LOG_FILE], initial_epoch)
+        if initial_epoch < last_epoch:  # the Backup callback restores the weights of initial_epoch
+            with data.naming_corrupt_shard(records.list_shards(self.tfrecords_dir, records.TRAIN_DIR)):
+                model.fit(self.train_ds, epochs=last_epoch, initial_epoch=initial_epoch,
+                          steps_per_epoch=self.steps_per_epoch,
+                          shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
+                          callbacks=callbacks, verbose=1 if self.verbose == 1 else 0)  # quiet (2): Validation's line
+        else:  # this stage already finished: restore its weights for the next one
+            _restore(model, backup_dir, self.flags)
+        if self.flags.diverged:
+            raise TrainingDiverged(f"training diverged: fold {self.fold}, peak learning rate {self.peak_lr:.3g}: "
+                                   f"{self.flags.message}")
+        return optimizer, stateful
+
+    # ------------------------------------------------------------------------------------------- finish
+    def finish(self) -> dict:
+        result = _finish(self.cfg, self.fold, self.run_dir, self.chief_dir, self.paths, self.eval_data,
+                         self.placement, self.from_logits)
+        if self.placement.is_chief:
+            ResumeState.mark_completed(self.paths[runs.STATE_FILE])
+        return result
+
+
+def check_same_records_as_other_folds(chief_dir: str, current: dict, fold: int) -> None:
+    """The folds of one run come from one conversion: refuse records whose manifest differs from the one the
+    run's other folds recorded (their ``identity.json``)."""
+    run_dir = os.path.dirname(chief_dir.rstrip("/"))
+    wanted = current["records"]["manifest_sha256"]
+    for path in sorted(io_utils.glob(io_utils.join(run_dir, "fold*", runs.IDENTITY_FILE))):
+        other = os.path.basename(os.path.dirname(path))
+        if other == runs.fold_dir_name(fold):
+            continue
+        saved = json.loads(io_utils.read_text(path)).get("records", {}).get("manifest_sha256")
+        if saved and saved != wanted:
+            raise ValueError(f"fold {fold}: {run_dir}/{other} was trained from other records (manifest hash "
+                             f"{saved[:12]}, these {wanted[:12]}): the folds of one run must come from one "
+                             f"conversion; pass the records {other} used, or choose a new --out-dir")
+
+
+def _restore(model, backup_dir, flags):
+    backup = cbs.Backup(backup_dir, flags=flags, writer=False)
+    backup.set_model(model)
+    backup.restore()
 
 
 def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flags, from_logits, verbose):
@@ -424,8 +545,6 @@ def _build_callbacks(cfg, run_dir, paths, backup_dir, eval_data, placement, flag
 
 def _finish(cfg, fold, run_dir, chief_dir, paths, eval_data, placement, from_logits) -> dict:
     """Reload best.keras, predict the validation fold in order, write oof.csv and metrics.json."""
-    from ranzcr_tf.model.metrics import competition_metric, task_scores
-
     # Every worker reloads the same best.keras: the chief's, once it is written (the barrier), since a
     # worker's own copy lacks the epochs before a resume; its own where it cannot read the chief's folder
     # (a first run on local disks: the same epochs improved, so the same weights; checked below).
@@ -472,30 +591,3 @@ def parse_folds(value: str, num_folds: int) -> list[int]:
     if bad:
         raise ValueError(f"--fold {bad}: the records have folds 0..{num_folds - 1}")
     return folds
-
-
-def train(cfg: Config, tfrecords_dir: str, folds: list[int], out_dir: str, placement, *, verbose: int = 1,
-          restart: bool = False) -> list[dict]:
-    """Train each fold in turn into ``out_dir/fold{k}``; returns their metrics. ``restart``: see ``train_fold``."""
-    check_inputs(cfg, tfrecords_dir, records.read_manifest(tfrecords_dir))  # once, before the first fold starts
-    if cfg.train.recipe == "3stage":  # teacher -> student -> finetune per fold, into out_dir/<stage>/fold{k}
-        from ranzcr_tf.train import stages
-
-        results = stages.train_three_stages(cfg, tfrecords_dir, folds, out_dir, placement, verbose=verbose,
-                                            restart=restart)
-        _summarise(results, folds, stages.stage_dir(out_dir, stages.FINAL_STAGE))
-        return results
-    results = []
-    for fold in folds:
-        results.append(train_fold(cfg, tfrecords_dir, fold, out_dir, placement, verbose=verbose, restart=restart))
-    _summarise(results, folds, out_dir)
-    return results
-
-
-def _summarise(results: list[dict], folds: list[int], out_dir: str) -> None:
-    if len(results) > 1:
-        aucs = [r["val_auc"] for r in results]
-        print(f"folds {folds}: mean AUC per fold {', '.join(f'{a:.4f}' for a in aucs)}; "
-              f"run `python -m ranzcr_tf.report.cv {out_dir}` for the pooled CV score", flush=True)
-    if any(not math.isfinite(r["val_auc"]) for r in results):
-        print("warning: some folds have no finite AUC", flush=True)

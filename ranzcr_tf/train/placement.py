@@ -208,6 +208,10 @@ def _jax_placement(requested: str, distribute=None) -> Placement:
     if processes > 1:
         multihost.check_device_counts(len(keras_devices), jax.local_device_count(), processes)
         why += f", in {processes} processes joined because {joined or 'JAX was initialised for several'}"
+    if len(keras_devices) == 1 and processes == 1:
+        # No DataParallel over a one-device mesh: there the first training step's state came back with
+        # another sharding than it went in, and JAX compiled the step a second time in every fit.
+        return Placement("jax", why, 1, accelerator, devices=keras_devices)
     # Several processes: each reads its own share of the records (train.fit), so Keras must not shard again.
     distribution = keras.distribution.DataParallel(devices=keras_devices, auto_shard_dataset=processes == 1)
     keras.distribution.set_distribution(distribution)

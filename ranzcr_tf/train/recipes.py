@@ -1,4 +1,4 @@
-"""Training recipes: what ``train.recipe`` changes in a fold's training (``fit._train_fold`` calls these).
+"""Training recipes: what ``train.recipe`` changes in a fold's training (``fit.FoldRun`` calls these).
 
 ============  =========================================================================================
 ``plain``     today's classifier: image -> 11 outputs, the configured classification loss (``loss.*``)
@@ -27,6 +27,7 @@ from __future__ import annotations
 import keras
 
 from ranzcr_tf.config import Config
+from ranzcr_tf.labels import NUM_FAMILIES, mask_size
 
 FOLD_RECIPES = ("plain", "aux_seg", "teacher", "student", "finetune")  # config.RECIPES also has 3stage
 
@@ -47,7 +48,6 @@ def build_training_model(cfg: Config, image_size: int, positives, num_train: int
                                            num_classes=cfg.task.num_classes)
     if recipe == "teacher":
         from ranzcr_tf.model.distill import build_teacher_model
-        from ranzcr_tf.pipeline.masks import mask_size
 
         return build_teacher_model(cfg.model, image_size, mask_size(image_size)), classification_loss
     classifier = models.build_model(cfg.model, image_size, cfg.task.num_classes, groups=cfg.task.groups)
@@ -68,7 +68,6 @@ def build_training_model(cfg: Config, image_size: int, positives, num_train: int
                                     distance=cfg.train.distill_loss, weight=cfg.train.distill_weight)
         return model, None
     from ranzcr_tf.model.decoder import build_aux_seg_model
-    from ranzcr_tf.pipeline.masks import mask_size
 
     mask_size(image_size)  # image size divisible by 32, else a clear ValueError
     model = build_aux_seg_model(classifier, cfg.model.backbone, classification_loss,
@@ -122,8 +121,6 @@ def symbolic_targets(cfg: Config, image_size: int):
     """The symbolic target structure of one batch of the recipe (for ``placement.prepare_model``)."""
     if cfg.train.recipe not in ("aux_seg", "student"):
         return None
-    from ranzcr_tf.pipeline.masks import NUM_FAMILIES, mask_size
-
     side = mask_size(image_size)
     targets = {"target": keras.KerasTensor((1, cfg.task.num_classes), dtype="float32"),
                "mask": keras.KerasTensor((1, side, side, NUM_FAMILIES), dtype="uint8"),
@@ -137,8 +134,6 @@ def symbolic_inputs(cfg: Config, image_size: int, image_dtype: str = "float32"):
     """The symbolic input structure of one batch when it is not one image (the teacher's), else None."""
     if cfg.train.recipe != "teacher":
         return None
-    from ranzcr_tf.pipeline.masks import NUM_FAMILIES, mask_size
-
     side = mask_size(image_size)
     channels = cfg.model.input_channels
     return {"image": keras.KerasTensor((1, image_size, image_size, channels), dtype=image_dtype),

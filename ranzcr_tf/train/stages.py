@@ -22,6 +22,7 @@ import copy
 from ranzcr_tf import io_utils
 from ranzcr_tf.config import Config
 from ranzcr_tf.runs import STAGES_FILE
+from ranzcr_tf.train.fit import train_fold
 
 STAGES = ("teacher", "student", "finetune")
 FINAL_STAGE = STAGES[-1]
@@ -52,8 +53,6 @@ def stage_dir(out_dir: str, stage: str) -> str:
 def train_three_stages(cfg: Config, tfrecords_dir: str, folds: list[int], out_dir: str, placement, *,
                        verbose: int = 1, restart: bool = False) -> list[dict]:
     """Each fold in turn through the three stages; returns the final stage's metrics per fold."""
-    from ranzcr_tf.train.fit import train_fold
-
     configs = {stage: stage_config(cfg, stage, out_dir) for stage in STAGES}  # every setting checked up front
     if placement.is_chief:
         io_utils.makedirs(out_dir)
