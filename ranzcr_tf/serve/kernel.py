@@ -232,14 +232,8 @@ def runs_task(models):
     return next(iter(tasks.values()))
 
 
-def run(args) -> dict:
-    """Everything ``main`` does, returning a summary (tests call this)."""
-    start = time.monotonic()
-    data_dir, model_paths, out = resolve_paths(args)
-    plan = getattr(args, "plan", False)
-    if not plan:
-        cli.check_output_file(out)  # now, not after the whole inference pass
-    config_path, overrides = getattr(args, "config", None), list(getattr(args, "overrides", None) or [])
+def inference_settings(args, config_path: str | None, overrides: list[str]):
+    """The config's infer.* settings, which of them were given, --batch-size and the time budget (refusals first)."""
     settings, given = load_config(config_path, overrides).infer, given_keys(config_path, overrides)
     batch_size = args.batch_size or (settings.batch_size if "infer.batch_size" in given else None)
     if batch_size is not None and batch_size < 1:
@@ -248,21 +242,13 @@ def run(args) -> dict:
     clock = getattr(args, "clock", None) or time.monotonic
     # Kept back at the end for writing the file and exiting: 5% of the budget, at most 2 minutes.
     budget = Budget(max_seconds, clock=clock, reserve_seconds=min(120.0, 0.05 * max_seconds) if max_seconds else 0.0)
+    return settings, given, batch_size, max_seconds, budget
 
-    import keras
 
-    from ranzcr_tf import device
-    from ranzcr_tf.serve.infer import TestSource, predict_ensemble
+def load_models(args, data_dir, model_paths, out, config_path, overrides, settings, given, batch_size):
+    """Find, check and verify the runs; returns (models, incomplete folds, task, InferConfig, blend or None)."""
     from ranzcr_tf.serve.modelio import check_complete, discover_models, verify_models
-    from ranzcr_tf.serve.submission import (
-        build_long_submission,
-        build_submission,
-        write_long_submission,
-        write_submission,
-    )
 
-    if keras.backend.backend() == "jax":
-        device.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
     models = discover_models(model_paths, exclude=(os.path.abspath(kaggle_paths.competition_dir()),))
     incomplete = check_complete(models, bool(getattr(args, "allow_incomplete", False)), "the submission")
     verify_models(models)  # every fold's file opened now (zip CRC, safe-mode load), not when its fold is reached
@@ -279,6 +265,11 @@ def run(args) -> dict:
         from ranzcr_tf.serve.ensemble import check_weights
 
         check_weights(infer_cfg.weights, len(models))
+    return models, incomplete, task, infer_cfg, blend
+
+
+def print_models(models, infer_cfg: InferConfig, blend) -> None:
+    """One stderr line per model of the ensemble: name, folds, input sizes and weight."""
     for index, spec in enumerate(models):
         weight = f", weight {infer_cfg.weights[index]:g}" if infer_cfg.ensemble == "weighted" and blend is None else ""
         if blend is not None:
@@ -286,36 +277,80 @@ def run(args) -> dict:
         sizes = sorted({fold.image_size for fold in spec.folds})
         print(f"model {index}: {spec.name} ({len(spec.folds)} fold(s), {'/'.join(map(str, sizes))} px{weight})",
               file=sys.stderr)
+
+
+def make_work_dir(args) -> str:
+    """A scratch folder for preprocessed test images: under --work-dir, else Kaggle's tmp when present."""
     scratch_parent = args.work_dir or (kaggle_paths.tmp_dir() if os.path.isdir(kaggle_paths.tmp_dir()) else None)
     if scratch_parent:
         os.makedirs(scratch_parent, exist_ok=True)
-    work_dir = tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
+    return tempfile.mkdtemp(prefix="ranzcr-test-", dir=scratch_parent)
+
+
+def predict_and_write(models, source, infer_cfg: InferConfig, budget: Budget, batch_size, blend, out: str,
+                      progress: bool):
+    """Predict the ensemble (checkpointing beside --out) and write --out atomically; returns (probs, report)."""
+    from ranzcr_tf.serve.infer import predict_ensemble
+    from ranzcr_tf.serve.submission import (
+        build_long_submission,
+        build_submission,
+        write_long_submission,
+        write_submission,
+    )
+
+    template = source.template
+    partial = partial_path(out)
+
+    def checkpoint(probs):  # the ensemble so far, beside --out: an earlier complete --out is never replaced by it
+        write_submission(build_submission(template, probs), partial, template)
+
+    probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=batch_size,
+                                     progress=progress, checkpoint=checkpoint, blend=blend)
+    if source.long_template is not None:  # RSNA: ID,Label rows in the sample submission's order
+        write_long_submission(build_long_submission(source.long_template, source.ids, probs), out,
+                              source.long_template)
+    else:
+        write_submission(build_submission(template, probs), out, template)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return probs, report
+
+
+def run(args) -> dict:
+    """Everything ``main`` does, returning a summary (tests call this)."""
+    start = time.monotonic()
+    data_dir, model_paths, out = resolve_paths(args)
+    plan = getattr(args, "plan", False)
+    if not plan:
+        cli.check_output_file(out)  # now, not after the whole inference pass
+    config_path, overrides = getattr(args, "config", None), list(getattr(args, "overrides", None) or [])
+    settings, given, batch_size, max_seconds, budget = inference_settings(args, config_path, overrides)
+
+    import keras
+
+    from ranzcr_tf import device
+    from ranzcr_tf.serve.infer import TestSource
+
+    if keras.backend.backend() == "jax":
+        device.hide_accelerators_from_tf()  # tf.data only; JAX owns the GPU/TPU
+    models, incomplete, task, infer_cfg, blend = load_models(args, data_dir, model_paths, out, config_path,
+                                                             overrides, settings, given, batch_size)
+    print_models(models, infer_cfg, blend)
+    work_dir = make_work_dir(args)
     try:
         source = TestSource.from_paths(data_dir, args.tfrecords, work_dir, workers=args.workers,
                                        progress=not args.quiet, task=task)
-        template = source.template
         if plan:  # measured on a few real test images; no submission is written
             from ranzcr_tf.serve.kernel_plan import plan_kernel
 
             return {"plan": plan_kernel(models, source, infer_cfg, max_seconds, batch_size=batch_size,
                                         sample=args.plan_images)}
-        partial = partial_path(out)
-
-        def checkpoint(probs):  # the ensemble so far, beside --out: an earlier complete --out is never replaced by it
-            write_submission(build_submission(template, probs), partial, template)
-
-        probs, report = predict_ensemble(models, source, infer_cfg, budget, batch_size=batch_size,
-                                         progress=not args.quiet, checkpoint=checkpoint, blend=blend)
-        if source.long_template is not None:  # RSNA: ID,Label rows in the sample submission's order
-            write_long_submission(build_long_submission(source.long_template, source.ids, probs), out,
-                                  source.long_template)
-        else:
-            write_submission(build_submission(template, probs), out, template)
-        if os.path.exists(partial):
-            os.remove(partial)
+        probs, report = predict_and_write(models, source, infer_cfg, budget, batch_size, blend, out,
+                                          progress=not args.quiet)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.monotonic() - start
+    template = source.template
     rows = len(template) if source.long_template is None else len(source.long_template.frame)
     print(f"wrote {out}: {rows} rows ({len(template)} images); plan used: {report.final_plan or 'fallback (no pass finished)'} "
           f"of {report.full_plan}; {elapsed / 60:.1f} min"
