@@ -244,6 +244,62 @@ def annotated_studies(rng: np.random.Generator, has_tube: np.ndarray, fraction: 
     return mask
 
 
+def _prepare_folders(out_dir: str, train: pd.DataFrame, test: pd.DataFrame) -> None:
+    """Make the train/test image folders, drop a killed run's temporary files, refuse another dataset's images."""
+    for split, frame in (("train", train), ("test", test)):
+        folder = os.path.join(out_dir, split)
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # a killed run's unfinished temporary files
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(folder, name))
+        foreign = set(f for f in os.listdir(folder) if f.endswith(".jpg")) - {f"{u}.jpg" for u in frame[ID_COLUMN]}
+        if foreign:
+            raise ValueError(f"{folder} already holds {len(foreign)} images of another dataset; "
+                             "write to an empty folder (or delete that one) so every image has its CSV row")
+
+
+def _image_jobs(out_dir: str, seed: int, scale: float, style: str, splits, annotate) -> list[tuple]:
+    """One ``_work`` argument tuple per image of ``splits`` ((split, table, cvc, patient numbers), ...), in order."""
+    jobs = []
+    for split, frame, cvc, patients in splits:
+        y = frame[list(LABELS)].to_numpy()
+        for i, uid in enumerate(frame[ID_COLUMN]):
+            jobs.append((seed, split, i, int(patients[i]), tuple(int(v) for v in y[i]), tuple(cvc[i]), float(scale),
+                         os.path.join(out_dir, split, f"{uid}.jpg"), bool(split == "train" and annotate[i]), style))
+    return jobs
+
+
+def _draw_images(jobs: list[tuple], workers: int) -> dict[int, list]:
+    """Draw and write every image in worker processes; returns each train row's annotations by row index."""
+    workers = min(workers or available_cores(), len(jobs))
+    annotations: dict[int, list] = {}
+    bar = tqdm(total=len(jobs), desc="synthetic studies", unit="img")
+    # Worker processes (convert_worker.start_pool) forked from a fork server (a forked TensorFlow or OpenCV
+    # thread pool would deadlock), results in job order, a dead worker an error instead of a hang.
+    # A calling script needs the `if __name__ == "__main__":` guard, as workers re-import it.
+    with start_pool(workers) as pool:
+        for index_rows, job in zip(ordered_map(_work, jobs, pool, 4 * workers), jobs):
+            if job[1] == "train":
+                annotations[index_rows[0]] = index_rows[1]
+            bar.update()
+    bar.close()
+    return annotations
+
+
+def _write_tables(out_dir: str, train: pd.DataFrame, test: pd.DataFrame, ann_rows: list) -> dict[str, str]:
+    """Write the four CSVs atomically (test labels kept beside the zeroed sample submission); returns their paths."""
+    paths = {name: os.path.join(out_dir, name) for name in
+             ("train.csv", "test_labels.csv", "sample_submission.csv", "train_annotations.csv")}
+    io_utils.atomic_write_text(paths["train.csv"], train[list(TRAIN_COLUMNS)].to_csv(index=False))
+    io_utils.atomic_write_text(paths["test_labels.csv"], test[list(SUBMISSION_COLUMNS)].to_csv(index=False))
+    submission = test[list(SUBMISSION_COLUMNS)].copy()
+    submission[list(LABELS)] = 0
+    io_utils.atomic_write_text(paths["sample_submission.csv"], submission.to_csv(index=False))
+    io_utils.atomic_write_text(paths["train_annotations.csv"],
+                               pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS)).to_csv(index=False))
+    return paths
+
+
 def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers: int = 0, scale: float = 1.0,
                  annotated_fraction: float = 0.3, style: str = "easy") -> dict:
     """Write a synthetic RANZCR CLiP dataset in Kaggle's layout to ``out_dir`` and return a summary.
@@ -267,47 +323,12 @@ def make_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0, workers
     has_tube = train[list(LABELS)].to_numpy().sum(1) > 0
     annotate = annotated_studies(_table_rng(seed, style, 9), has_tube, annotated_fraction)
 
-    for split, frame in (("train", train), ("test", test)):
-        folder = os.path.join(out_dir, split)
-        os.makedirs(folder, exist_ok=True)
-        for name in os.listdir(folder):  # a killed run's unfinished temporary files
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(folder, name))
-        foreign = set(f for f in os.listdir(folder) if f.endswith(".jpg")) - {f"{u}.jpg" for u in frame[ID_COLUMN]}
-        if foreign:
-            raise ValueError(f"{folder} already holds {len(foreign)} images of another dataset; "
-                             "write to an empty folder (or delete that one) so every image has its CSV row")
-
-    jobs = []
-    for split, frame, cvc, patients in (("train", train, train_cvc, train_patients),
-                                        ("test", test, test_cvc, test[PATIENT_COLUMN].to_numpy())):
-        y = frame[list(LABELS)].to_numpy()
-        for i, uid in enumerate(frame[ID_COLUMN]):
-            jobs.append((seed, split, i, int(patients[i]), tuple(int(v) for v in y[i]), tuple(cvc[i]), float(scale),
-                         os.path.join(out_dir, split, f"{uid}.jpg"), bool(split == "train" and annotate[i]), style))
-    workers = min(workers or available_cores(), len(jobs))
-    annotations: dict[int, list] = {}
-    bar = tqdm(total=len(jobs), desc="synthetic studies", unit="img")
-    # Worker processes (convert_worker.start_pool) forked from a fork server (a forked TensorFlow or OpenCV
-    # thread pool would deadlock), results in job order, a dead worker an error instead of a hang.
-    # A calling script needs the `if __name__ == "__main__":` guard, as workers re-import it.
-    with start_pool(workers) as pool:
-        for index_rows, job in zip(ordered_map(_work, jobs, pool, 4 * workers), jobs):
-            if job[1] == "train":
-                annotations[index_rows[0]] = index_rows[1]
-            bar.update()
-    bar.close()
-
+    _prepare_folders(out_dir, train, test)
+    splits = (("train", train, train_cvc, train_patients), ("test", test, test_cvc, test[PATIENT_COLUMN].to_numpy()))
+    jobs = _image_jobs(out_dir, seed, scale, style, splits, annotate)
+    annotations = _draw_images(jobs, workers)
     ann_rows = [(train[ID_COLUMN].iat[i], label, data) for i in range(n_train) for label, data in annotations[i]]
-    paths = {name: os.path.join(out_dir, name) for name in
-             ("train.csv", "test_labels.csv", "sample_submission.csv", "train_annotations.csv")}
-    io_utils.atomic_write_text(paths["train.csv"], train[list(TRAIN_COLUMNS)].to_csv(index=False))
-    io_utils.atomic_write_text(paths["test_labels.csv"], test[list(SUBMISSION_COLUMNS)].to_csv(index=False))
-    submission = test[list(SUBMISSION_COLUMNS)].copy()
-    submission[list(LABELS)] = 0
-    io_utils.atomic_write_text(paths["sample_submission.csv"], submission.to_csv(index=False))
-    io_utils.atomic_write_text(paths["train_annotations.csv"],
-                               pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS)).to_csv(index=False))
+    paths = _write_tables(out_dir, train, test, ann_rows)
     return {
         "out_dir": out_dir, "style": style, "seed": seed, "scale": float(scale), "n_train": n_train, "n_test": n_test,
         "n_patients": len(patient_names),
