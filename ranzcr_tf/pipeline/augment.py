@@ -267,51 +267,43 @@ def half_mask(image, right):
     return tf.where(blank, tf.zeros_like(image), image)
 
 
-def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None, channels: int = 1):
-    """Randomly augment one ``(S, S, channels)`` image (uint8, or float in 0..255); same shape and dtype out.
-
-    ``channels`` is 1 (RANZCR's grey radiographs, augmented before expanding to the model's channels) or the
-    records' stored channels (DICOM windows x slices: every channel moves together; brightness, contrast and
-    gamma act on all of them alike). ``augment.half_mask_prob`` blanks the left or the right half, last.
-
-    ``seed`` is an int tensor of shape ``[2]`` (as for ``tf.random.stateless_uniform``); the same seed
-    gives the same output. Each augmentation is applied with its ``*_prob`` from ``aug_cfg``; with all
-    probabilities 0 the output equals the input exactly.
-
-    ``mask``: optional ``(M, M, C)`` 0/1 line masks of the same image at any resolution M (``masks.py``);
-    then returns ``(image, mask)``: the flip, crop and affine move the mask with the image's own matrix
-    (``warp_mask``), the pixel-value ops leave it alone. The image comes out exactly as without a mask.
-    """
-    aug = aug_cfg
+def _check_image_shape(image, channels: int) -> None:
+    """Refuse a non-square image, one without a static size, or one with other than ``channels`` channels."""
     if image.shape.rank != 3 or image.shape[0] is None or image.shape[0] != image.shape[1]:
         raise ValueError(f"augment_image needs a square (S, S, 1) image with a static size, got {image.shape}")
     if image.shape[2] != channels:
         raise ValueError(f"augment_image works on the single grey channel (3x cheaper): augment before "
                          f"expanding to the model's channels (data.expand_channels), got {image.shape}"
                          if channels == 1 else f"augment_image expected {channels} channels, got {image.shape}")
-    seeds, draws = _draw(seed)
 
-    def chance(slot, prob):
-        return draws[slot] < prob
 
-    do_flip = chance(_FLIP, aug.hflip_prob) if aug.hflip_prob > 0 else tf.constant(False)
+def _geometric_step(pair: tuple, draws, aug: AugmentConfig) -> tuple:
+    """Flip, crop and affine of ``(image,)`` or ``(image, mask)``: one matrix moves both; a flip alone mirrors."""
+    image = pair[0]
+    do_flip = draws[_FLIP] < aug.hflip_prob if aug.hflip_prob > 0 else tf.constant(False)
     size = image.shape[0]
-    pair = (image,) if mask is None else (image, mask)
     if aug.crop_prob > 0 or aug.affine_prob > 0:
-        do_crop = chance(_CROP, aug.crop_prob)
-        do_affine = chance(_AFFINE, aug.affine_prob)
+        do_crop = draws[_CROP] < aug.crop_prob
+        do_affine = draws[_AFFINE] < aug.affine_prob
         resample = do_crop | do_affine
 
         def geometric():
             matrix = _geometric_matrix(float(size), draws, do_flip, do_crop, do_affine, aug)
             warped = _warp(image, matrix, aug)
-            return (warped,) if mask is None else (warped, warp_mask(mask, matrix, size, aug))
+            return (warped,) if len(pair) == 1 else (warped, warp_mask(pair[1], matrix, size, aug))
 
-        pair = tf.cond(resample, geometric,
+        return tf.cond(resample, geometric,
                        lambda: tf.cond(do_flip, lambda: tuple(mirror(x) for x in pair), lambda: pair))
-    elif aug.hflip_prob > 0:
-        pair = tf.cond(do_flip, lambda: tuple(mirror(x) for x in pair), lambda: pair)
-    image = pair[0]
+    if aug.hflip_prob > 0:
+        return tf.cond(do_flip, lambda: tuple(mirror(x) for x in pair), lambda: pair)
+    return pair
+
+
+def _pixel_value_step(image, seeds, draws, aug: AugmentConfig):
+    """Brightness/contrast, gamma, noise, blur and cutout (one ``tf.cond`` around them all), then the half mask."""
+
+    def chance(slot, prob):
+        return draws[slot] < prob
 
     # Each flag is None when its op is configured off (no graph at all), else a boolean tensor.
     flags = (
@@ -330,4 +322,26 @@ def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None, channels: int 
         half_draws = tf.random.stateless_uniform([2], seed=tf.random.experimental.stateless_fold_in(seeds[0], 7))
         image = tf.cond(half_draws[0] < aug.half_mask_prob, lambda: half_mask(image, half_draws[1] < 0.5),
                         lambda: image)
+    return image
+
+
+def augment_image(image, aug_cfg: AugmentConfig, seed, mask=None, channels: int = 1):
+    """Randomly augment one ``(S, S, channels)`` image (uint8, or float in 0..255); same shape and dtype out.
+
+    ``channels`` is 1 (RANZCR's grey radiographs, augmented before expanding to the model's channels) or the
+    records' stored channels (DICOM windows x slices: every channel moves together; brightness, contrast and
+    gamma act on all of them alike). ``augment.half_mask_prob`` blanks the left or the right half, last.
+
+    ``seed`` is an int tensor of shape ``[2]`` (as for ``tf.random.stateless_uniform``); the same seed
+    gives the same output. Each augmentation is applied with its ``*_prob`` from ``aug_cfg``; with all
+    probabilities 0 the output equals the input exactly.
+
+    ``mask``: optional ``(M, M, C)`` 0/1 line masks of the same image at any resolution M (``masks.py``);
+    then returns ``(image, mask)``: the flip, crop and affine move the mask with the image's own matrix
+    (``warp_mask``), the pixel-value ops leave it alone. The image comes out exactly as without a mask.
+    """
+    _check_image_shape(image, channels)
+    seeds, draws = _draw(seed)
+    pair = _geometric_step((image,) if mask is None else (image, mask), draws, aug_cfg)
+    image = _pixel_value_step(pair[0], seeds, draws, aug_cfg)
     return image if mask is None else (image, pair[1])
