@@ -35,12 +35,12 @@ SMOKE = "test_laptop_smoke_block_runs_as_written"
 NOTEBOOKS = "tests/test_notebooks.py::test_notebooks_records_train_resume_package_and_submit_offline"
 # (pattern, the test that runs it)
 RUN_HERE = [
-    (r"^python -m ranzcr_tf\.synth\.generate --out data/synthetic ", SMOKE),
+    (r"^python -m ranzcr_tf\.synth\.generate --out-dir data/synthetic ", SMOKE),
     (r"^python make_tfrecords\.py --config configs/cpu_demo\.yaml ", SMOKE),
     (r"^python train_tpu\.py --config configs/cpu_demo\.yaml ", SMOKE),
     (r"^python kaggle_kernel\.py --data-dir data/synthetic ", SMOKE),
     (r"^python -m ranzcr_tf\.report\.score ", SMOKE),
-    (r"^python -m ranzcr_tf\.serve\.package --runs \S+ --out-dir \S+ --kaggle-user \S+$", NOTEBOOKS),
+    (r"^python -m ranzcr_tf\.serve\.package --models \S+ --out-dir \S+ --kaggle-user \S+$", NOTEBOOKS),
 ]
 # (pattern, why no test here runs it)
 NOT_HERE = [
