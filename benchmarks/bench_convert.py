@@ -192,6 +192,27 @@ def fidelity(records_dir: str, ids: list[str], reference: list[bytes]) -> tuple[
     return errors, scores
 
 
+def print_converter_rows(results: dict, workers: int, threaded_rate: float, reference_cpu: float) -> None:
+    """One line per n: median rate, ratio to the reference, CPU ms/image and peak RSS over the rounds."""
+    for n, runs in results.items():
+        rate, ratio = float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
+        cpu = float(np.median([r[3] for r in runs]))
+        peak = max(r[2] for r in runs)
+        print(f"converter ({workers} workers), n={n:5d}: {rate:7.1f} images/s   ratio {ratio:4.2f}x (median; rounds "
+              f"{' '.join(f'{r[1]:.2f}' for r in runs)}; {rate / threaded_rate:.1f}x vs threaded reference)   "
+              f"{cpu:.1f} CPU ms/image (reference/converter CPU {reference_cpu / cpu:.2f}x)   "
+              f"peak RSS {peak / 2**20:6.0f} MiB")
+
+
+def print_fidelity(errors, scores, settings, example: dict) -> None:
+    """PSNR of the converter's images against the reference's (per image and pooled), with the settings used."""
+    pooled = 10 * np.log10(255.0 ** 2 / max(float(np.mean(errors)), 1e-10))
+    print(f"PSNR converter vs reference: mean {np.mean(scores):.2f} dB over {len(scores)} images (min "
+          f"{np.min(scores):.2f}), {pooled:.2f} dB pooled (target >= 35); converter settings: "
+          f"interpolation={settings.interpolation}, reduced_decode={settings.reduced_decode} (e.g. the first "
+          f"image, {example['orig_width']}x{example['orig_height']}, decoded at scale {example['decode_scale']})")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import cv2
@@ -232,21 +253,10 @@ def main(argv=None) -> int:
           f"{reference_rate:.1f} images/s over {len(paths)} (median of {args.rounds}: "
           f"{' '.join(f'{r[0]:.1f}' for r in reference_runs)}), {reference_cpu:.1f} CPU ms/image "
           f"({threaded_rate:.1f} images/s with OpenCV's default {default_threads} threads)")
-    for n, runs in results.items():
-        rate, ratio = float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
-        cpu = float(np.median([r[3] for r in runs]))
-        peak = max(r[2] for r in runs)
-        print(f"converter ({workers} workers), n={n:5d}: {rate:7.1f} images/s   ratio {ratio:4.2f}x (median; rounds "
-              f"{' '.join(f'{r[1]:.2f}' for r in runs)}; {rate / threaded_rate:.1f}x vs threaded reference)   "
-              f"{cpu:.1f} CPU ms/image (reference/converter CPU {reference_cpu / cpu:.2f}x)   "
-              f"peak RSS {peak / 2**20:6.0f} MiB")
+    print_converter_rows(results, workers, threaded_rate, reference_cpu)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
           f"(timings are only comparable on an otherwise idle machine)")
-    pooled = 10 * np.log10(255.0 ** 2 / max(float(np.mean(errors)), 1e-10))
-    print(f"PSNR converter vs reference: mean {np.mean(scores):.2f} dB over {len(scores)} images (min "
-          f"{np.min(scores):.2f}), {pooled:.2f} dB pooled (target >= 35); converter settings: "
-          f"interpolation={settings.interpolation}, reduced_decode={settings.reduced_decode} (e.g. the first "
-          f"image, {example['orig_width']}x{example['orig_height']}, decoded at scale {example['decode_scale']})")
+    print_fidelity(errors, scores, settings, example)
     if len(results) > 1:
         first, last = args.n[0], args.n[-1]
         growth = max(r[2] for r in results[last]) / max(r[2] for r in results[first])
