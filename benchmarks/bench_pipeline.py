@@ -204,7 +204,7 @@ def measure(ds: tf.data.Dataset, batches: int, warmup: int, name: str) -> tuple[
     return images / wall, 1000.0 * cpu / images
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=256, help="synthetic records to write")
@@ -215,8 +215,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each pipeline; the best counts")
     parser.add_argument("--records", help="use (or create) records in this folder instead of a temporary one")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def print_table(results: dict, args: argparse.Namespace, cores: int, mean_kb: float) -> None:
+    """The figures as a table: images/s, CPU ms/image and idle-projected rate per pipeline, then the ratios."""
+    print(f"\n{args.size} px, batch {args.batch}, {results['records']} training records (~{mean_kb:.0f} KB each), "
+          f"{cores} CPUs (load average {results['load_average']:.1f}), TF {tf.__version__}, best of {args.repeats}")
+    print(f"  {'pipeline':42s} {'images/s':>9s} {'CPU ms/img':>11s} {'idle-projected/s':>17s}")
+    labels = {"decode_only": "decode only (ceiling)", "ranzcr_tf": "ranzcr_tf: full augmentation, uint8 gray",
+              "ranzcr_tf_projective_warp": "ranzcr_tf, same with warp=projective",
+              "reference": "reference notebook: float32 RGB + affine",
+              "reference_color_only": "reference notebook without its affine"}
+    for name, label in labels.items():
+        print(f"  {label:42s} {results[name]:9.1f} {results['cpu_ms_per_image'][name]:11.2f} "
+              f"{results['projected_idle_images_per_s'][name]:17.1f}")
+    projected = results["projected_idle_images_per_s"]
+    print(f"  ours / reference:              {results['ratio_ours_over_reference']:.2f}x wall, "
+          f"{projected['ranzcr_tf'] / projected['reference']:.2f}x CPU   (target >= 2; ours >= 100 images/s)")
+    print(f"  ours / reference without affine: {results['ratio_ours_over_reference_color_only']:.2f}x wall, "
+          f"{projected['ranzcr_tf'] / projected['reference_color_only']:.2f}x CPU")
+    print(f"  ours (warp=projective) / reference: {results['ratio_ours_projective_warp_over_reference']:.2f}x wall, "
+          f"{projected['ranzcr_tf_projective_warp'] / projected['reference']:.2f}x CPU")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         root = args.records or tmp
         if not os.path.exists(os.path.join(root, records.MANIFEST)):
@@ -255,23 +279,7 @@ def main(argv=None) -> dict:
     results["ratio_ours_projective_warp_over_reference"] = results["ranzcr_tf_projective_warp"] / results["reference"]
     results.update(size=args.size, batch=args.batch, records=records.count_records(files), mean_record_kb=mean_kb,
                    cpus=cores, load_average=os.getloadavg()[0], tensorflow=tf.__version__)
-    print(f"\n{args.size} px, batch {args.batch}, {results['records']} training records (~{mean_kb:.0f} KB each), "
-          f"{cores} CPUs (load average {results['load_average']:.1f}), TF {tf.__version__}, best of {args.repeats}")
-    print(f"  {'pipeline':42s} {'images/s':>9s} {'CPU ms/img':>11s} {'idle-projected/s':>17s}")
-    labels = {"decode_only": "decode only (ceiling)", "ranzcr_tf": "ranzcr_tf: full augmentation, uint8 gray",
-              "ranzcr_tf_projective_warp": "ranzcr_tf, same with warp=projective",
-              "reference": "reference notebook: float32 RGB + affine",
-              "reference_color_only": "reference notebook without its affine"}
-    for name, label in labels.items():
-        print(f"  {label:42s} {results[name]:9.1f} {results['cpu_ms_per_image'][name]:11.2f} "
-              f"{results['projected_idle_images_per_s'][name]:17.1f}")
-    projected = results["projected_idle_images_per_s"]
-    print(f"  ours / reference:              {results['ratio_ours_over_reference']:.2f}x wall, "
-          f"{projected['ranzcr_tf'] / projected['reference']:.2f}x CPU   (target >= 2; ours >= 100 images/s)")
-    print(f"  ours / reference without affine: {results['ratio_ours_over_reference_color_only']:.2f}x wall, "
-          f"{projected['ranzcr_tf'] / projected['reference_color_only']:.2f}x CPU")
-    print(f"  ours (warp=projective) / reference: {results['ratio_ours_projective_warp_over_reference']:.2f}x wall, "
-          f"{projected['ranzcr_tf_projective_warp'] / projected['reference']:.2f}x CPU")
+    print_table(results, args, cores, mean_kb)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
