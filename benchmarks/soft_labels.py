@@ -87,6 +87,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def score_models(args, out: str, runs: str, records: str, extra: str, variants: dict) -> list[tuple]:
+    """Fold 0 of each teacher, S and U through the kernel and the scorer: (what, validation AUC, test AUC) rows."""
+    rows = []
+    teachers = "+".join(variants)
+    for name, what in (*((name, f"teacher {name}, fold 0") for name in variants),
+                       ("S", f"(a) student on {teachers} OOF soft labels, alpha {args.alpha}"),
+                       ("U", f"(b) A's data + {_count(extra)} unlabeled soft-labelled by A fold 0")):
+        fold = os.path.join(runs, name, "fold0")
+        submission = os.path.join(out, f"test_{name}.csv")
+        run([script("kaggle_kernel.py"), "--data-dir", args.data, "--models", fold, "--tfrecords", records,
+             "--out", submission], submission, os.path.join(out, f"kernel_{name}.log"))
+        score = subprocess.run([sys.executable, "-m", "ranzcr_tf.report.score", submission,
+                                os.path.join(args.data, "test_labels.csv")], check=True, capture_output=True, text=True)
+        test_auc = float(score.stdout.strip().splitlines()[-1].split()[2])
+        with open(os.path.join(fold, "best.json")) as handle:
+            rows.append((what, json.load(handle)["val_auc"], test_auc))
+    return rows
+
+
+def results_table(out: str, rows: list[tuple], blended: bool) -> str:
+    """The markdown table of ``rows`` and the blend's log, written to ``OUT/results.md`` and returned."""
+    blend_text = "(--single-teacher: no blend)"
+    if blended:
+        with open(os.path.join(out, "blend.log")) as handle:
+            blend_text = handle.read()
+    table = ["| model | fold-0 validation AUC | test AUC |", "|---|---|---|"]
+    table += [f"| {what} | {val:.4f} | {test:.4f} |" for what, val, test in rows]
+    text = "\n".join(table) + "\n\n(c) blend (serve.blend):\n\n```\n" + blend_text.strip() + "\n```\n"
+    with open(os.path.join(out, "results.md"), "w") as handle:
+        handle.write(text)
+    return text
+
+
 def measure(args) -> str:
     """Every step (skipping those done), then the results table, written to ``OUT/results.md`` and returned."""
     out = args.out_dir
@@ -132,30 +165,7 @@ def measure(args) -> str:
         run(["-m", "ranzcr_tf.serve.blend", *(os.path.join(runs, name) for name in variants), "--out", blend_json],
             blend_json, os.path.join(out, "blend.log"))
 
-    rows = []
-    teachers = "+".join(variants)
-    for name, what in (*((name, f"teacher {name}, fold 0") for name in variants),
-                       ("S", f"(a) student on {teachers} OOF soft labels, alpha {args.alpha}"),
-                       ("U", f"(b) A's data + {_count(extra)} unlabeled soft-labelled by A fold 0")):
-        fold = os.path.join(runs, name, "fold0")
-        submission = os.path.join(out, f"test_{name}.csv")
-        run([script("kaggle_kernel.py"), "--data-dir", args.data, "--models", fold, "--tfrecords", records,
-             "--out", submission], submission, os.path.join(out, f"kernel_{name}.log"))
-        score = subprocess.run([sys.executable, "-m", "ranzcr_tf.report.score", submission,
-                                os.path.join(args.data, "test_labels.csv")], check=True, capture_output=True, text=True)
-        test_auc = float(score.stdout.strip().splitlines()[-1].split()[2])
-        with open(os.path.join(fold, "best.json")) as handle:
-            rows.append((what, json.load(handle)["val_auc"], test_auc))
-    blend_text = "(--single-teacher: no blend)"
-    if len(variants) > 1:
-        with open(os.path.join(out, "blend.log")) as handle:
-            blend_text = handle.read()
-    table = ["| model | fold-0 validation AUC | test AUC |", "|---|---|---|"]
-    table += [f"| {what} | {val:.4f} | {test:.4f} |" for what, val, test in rows]
-    text = "\n".join(table) + "\n\n(c) blend (serve.blend):\n\n```\n" + blend_text.strip() + "\n```\n"
-    with open(os.path.join(out, "results.md"), "w") as handle:
-        handle.write(text)
-    return text
+    return results_table(out, score_models(args, out, runs, records, extra, variants), len(variants) > 1)
 
 
 def _count(extra: str) -> int:
