@@ -198,7 +198,7 @@ def test_notebooks_records_train_resume_package_and_submit_offline(kaggle, tmp_p
 
     # The bundle, built as a user builds it (wheels of Keras and simplejpeg left out: the "image" has them).
     bundle = os.path.join(inputs, BUNDLE_SLUG)
-    packaged = subprocess.run([sys.executable, "-m", "ranzcr_tf.serve.package", "--runs", second, "--out-dir", bundle,
+    packaged = subprocess.run([sys.executable, "-m", "ranzcr_tf.serve.package", "--models", second, "--out-dir", bundle,
                                "--kaggle-user", "some-kaggler", "--no-keras", "--no-decoder"], capture_output=True,
                               text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
     assert packaged.returncode == 0, packaged.stderr[-2000:]
