@@ -13,7 +13,7 @@ Each row runs in its own subprocess of this script (``--worker``), because Keras
 * ``timm-compile``   the same under ``torch.compile``.
 
 The Keras rows are the trainer's own step: ``recipes.build_training_model`` (``build_model`` + the configured
-loss) compiled by ``fit.compile_for_training`` under ``placement.choose_placement("auto")`` with the dtype
+loss) compiled by ``step.compile_for_training`` under ``placement.choose_placement("auto")`` with the dtype
 policy of ``--precision`` (``model.precision``), random initial weights. The timm rows train the same-named
 network with Adam and BCE-with-logits; bfloat16 / float16 run them under ``torch.autocast`` (AMP, plus a
 GradScaler for float16). Every row trains and predicts on one synthetic batch already on the device (uint8
@@ -122,7 +122,7 @@ def build_keras_step(args):
     """The trainer's compiled model for a Keras row: ``(keras, model, cfg, placement, policy, build_s)``.
 
     ``recipes.build_training_model`` (``train.recipe`` = ``args.recipe``: plain, or aux_seg with its mask
-    decoder) compiled by ``fit.compile_for_training``, random initial weights. Imports no TensorFlow on JAX.
+    decoder) compiled by ``step.compile_for_training``, random initial weights. Imports no TensorFlow on JAX.
     """
     os.environ["KERAS_BACKEND"] = args.backend  # Keras reads it once, at import
     import keras
@@ -131,7 +131,7 @@ def build_keras_step(args):
     from ranzcr_tf.config import Config
     from ranzcr_tf.labels import NUM_CLASSES
     from ranzcr_tf.model import precision
-    from ranzcr_tf.train import fit, recipes
+    from ranzcr_tf.train import recipes, step
     from ranzcr_tf.train.placement import choose_placement
 
     cfg = Config()
@@ -145,7 +145,7 @@ def build_keras_step(args):
     with placement.scope():
         model, loss = recipes.build_training_model(cfg, args.size, np.full(NUM_CLASSES, 10), 100,
                                                    from_logits=cfg.model.output == "logits")
-    fit.compile_for_training(model, cfg, loss, cfg.train.learning_rate, placement, args.size)
+    step.compile_for_training(model, cfg, loss, cfg.train.learning_rate, placement, args.size)
     return keras, model, cfg, placement, policy, time.perf_counter() - start
 
 

@@ -182,7 +182,7 @@ def test_two_workers_on_localhost(records_2folds, tmp_path):
     run = os.path.join(out, "fold0")
     metrics = json.load(open(os.path.join(run, "metrics.json")))  # only the chief writes here
     assert metrics["num_replicas"] == 2 and metrics["num_examples"] == 24 and metrics["placement"] == "multiworker"
-    assert os.listdir(out) == ["fold0"]
+    assert sorted(os.listdir(out)) == [".lock-fold0", "fold0"]  # the fold and its lock file (locks.py), the chief's
     assert {"best.keras", "log.csv", "oof.csv", "config.yaml", "train_state.json"} <= set(os.listdir(run))
     assert len(pd.read_csv(os.path.join(run, "log.csv"))) == 1  # one writer: one row for the one epoch
     assert len(pd.read_csv(os.path.join(run, "oof.csv"))) == 24

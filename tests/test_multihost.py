@@ -185,7 +185,7 @@ def test_two_jax_processes_train_like_one(records_2folds, one_process, tmp_path)
     epochs = [re.findall(r"epoch \d: loss [0-9.]+  val_auc [0-9.]+", stdout) for _, stdout, _ in results]
     assert len(epochs[0]) == 2 and epochs[0] == epochs[1]
     _check_like_one_process(os.path.join(out, "fold0"), one_process, records_2folds)
-    assert os.listdir(out) == ["fold0"]  # one run folder, the chief's
+    assert sorted(os.listdir(out)) == [".lock-fold0", "fold0"]  # one run folder and its fold lock, the chief's
     scratch = re.search(r"\(written to (.+)\)", results[1][1]).group(1)  # the non-chief's copies: removed
     assert scratch.startswith(str(tmp_path)) and not os.path.exists(scratch)
 

@@ -38,8 +38,8 @@ from ranzcr_tf.pipeline.soft import SoftLabels, training_ids
 from ranzcr_tf.prep import records
 from ranzcr_tf.train import callbacks as cbs
 from ranzcr_tf.train import identity, multihost, preset_rules, recipes
-from ranzcr_tf.train.placement import prepare_model
 from ranzcr_tf.train.schedules import build_learning_rate, scaled_learning_rate
+from ranzcr_tf.train.step import compile_for_training
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,15 +57,6 @@ def resolve_image_size(cfg: Config, manifest: dict) -> tuple[int, str]:
         return wanted, f"image size {wanted} px (as stored in the records)"
     return wanted, (f"NOTE: the records hold {stored} px images but data.image_size = {wanted}: every image is "
                     f"resized to {wanted} px in the input pipeline (convert at {wanted} px to avoid this)")
-
-
-def build_optimizer(train_cfg, learning_rate) -> keras.optimizers.Optimizer:
-    """Adam or AdamW with Keras' built-in weight EMA and gradient accumulation as configured."""
-    kwargs = dict(learning_rate=learning_rate, use_ema=bool(train_cfg.use_ema), ema_momentum=train_cfg.ema_momentum,
-                  gradient_accumulation_steps=train_cfg.grad_accum_steps if train_cfg.grad_accum_steps > 1 else None)
-    if train_cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(weight_decay=train_cfg.weight_decay, **kwargs)
-    return keras.optimizers.Adam(**kwargs)
 
 
 def steps_per_epoch_for(cfg: Config, manifest: dict, fold: int, global_batch: int, num_train: int | None = None) -> int:
@@ -123,20 +114,6 @@ def worker_dataset_fn(cfg: Config, tfrecords_dir: str, fold: int, placement, *, 
 
 def _image_dtype(cfg: Config, placement):
     return data.image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator)
-
-
-def compile_for_training(model: keras.Model, cfg: Config, loss, learning_rate, placement, image_size: int):
-    """Compile ``model`` (built under ``placement.scope()``) with a fresh optimizer from ``build_optimizer``;
-    returns the optimizer. ``distribute.prepare_model`` then fits the model to the strategy (BatchNorm
-    synchronised across GPU/CPU replicas, Keras 3.15 workarounds); call it again after changing what is
-    trainable."""
-    with placement.scope():
-        optimizer = build_optimizer(cfg.train, learning_rate)
-        model.compile(optimizer=optimizer, loss=loss, steps_per_execution=cfg.train.steps_per_execution,
-                      jit_compile=bool(cfg.train.jit_compile) if placement.strategy is not None else "auto")
-    prepare_model(model, placement, (image_size, image_size, cfg.model.input_channels), num_classes=cfg.task.num_classes,
-                  targets=recipes.symbolic_targets(cfg, image_size), inputs=recipes.symbolic_inputs(cfg, image_size))
-    return optimizer
 
 
 def make_eval_data(cfg: Config, tfrecords_dir: str, fold: int, placement, *, image_size: int):
