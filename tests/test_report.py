@@ -168,17 +168,10 @@ def learned(tmp_path_factory):
     return _train_run(tmp_path_factory.mktemp("learned"), 600, 128, LEARNED_SETTINGS)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["layercam", "gradcam"])
-def test_heat_map_peak_falls_on_the_annotated_tube_more_often_than_chance(learned, method):
-    """Every validation study with a positive column and a drawn line of that column's tube: is the heat
-    map's peak on the line? Against the chance of a uniformly random peak (the widened line's area
-    fraction), over the columns the model learned (validation AUC >= 0.8), as a significance test.
-
-    "On" is within half a cell of the heat map's feature grid: 2 stored pixels for the report's default,
-    LayerCAM on compact_cnn's stride-4 stage (32 x 32 at 128 px); 16 for Grad-CAM on the last stage
-    (4 x 4), which is bilinearly upsampled from that grid, so its peak sits at a cell centre and resolves
-    nothing finer. What trainings of these settings gave: docs/results.md#run-report-heat-maps."""
+def _peaks_on_tubes(learned, method):
+    """Every validation study with a positive column the model learned (validation AUC >= 0.8) and a drawn
+    line of that column's tube, through ``method``'s heat maps: (cam, half a feature-grid cell in stored px,
+    {tolerance: [peak on the widened tube?]}, {tolerance: [the widened tube's area fraction]}, the maps)."""
     from ranzcr_tf.report.build import fold_spec, read_run
     from ranzcr_tf.report.gradcam import make_cam, peak_position, tube_mask
     from ranzcr_tf.report.panels import family_index
@@ -190,11 +183,11 @@ def test_heat_map_peak_falls_on_the_annotated_tube_more_often_than_chance(learne
     studies = read_studies(learned["records"], 0, run.oof[ID_COLUMN], spec.image_size, spec.cfg.model.input_channels)
     cam = make_cam(load_fold_model(spec), spec.cfg.model.backbone, method)
     half_cell = 0.5 * spec.image_size / max(cam.feature_size)
-    assert half_cell == {"layercam": 2, "gradcam": 16}[method], cam.description
     learned_columns = [label for label in LABELS if run.metrics[0]["per_class_auc"][label] >= 0.8]
     assert learned_columns, f"the fit learned no column: {run.metrics[0]['per_class_auc']}"
     hits = {half_cell: [], 4.0: []}
     chance = {half_cell: [], 4.0: []}
+    all_maps = []
     for label in learned_columns:
         family = family_index(label)
         ids = [i for i in run.oof.loc[run.oof[f"target_{label}"] == 1, ID_COLUMN]
@@ -202,6 +195,7 @@ def test_heat_map_peak_falls_on_the_annotated_tube_more_often_than_chance(learne
         if not ids:
             continue
         maps = cam.heatmaps(np.stack([studies[i].model_input for i in ids]), LABELS.index(label))
+        all_maps.append(maps)
         for study_id, heatmap in zip(ids, maps):
             for tolerance in hits:
                 mask = tube_mask(studies[study_id].parsed, family, tolerance=tolerance)
@@ -211,15 +205,42 @@ def test_heat_map_peak_falls_on_the_annotated_tube_more_often_than_chance(learne
         print(f"\n{cam.description}: peak within {tolerance:.0f} stored px of the annotated tube: "
               f"{np.mean(hits[tolerance]):.3f} of {len(hits[tolerance])} (study, column) pairs; a random peak: "
               f"{np.mean(chance[tolerance]):.3f}")
+    return cam, half_cell, hits, chance, np.concatenate(all_maps), spec.image_size
+
+
+@pytest.mark.slow
+def test_heat_map_peak_falls_on_the_annotated_tube_more_often_than_chance(learned):
+    """The report's heat maps (LayerCAM on compact_cnn's stride-4 stage, a 32 x 32 grid at 128 px): is each
+    map's peak on the annotated tube, within half a grid cell (2 stored px)? Against the chance of a
+    uniformly random peak (the widened line's area fraction), as a significance test, and for most pairs.
+    What trainings of these settings gave: docs/results.md#run-report-heat-maps."""
+    cam, half_cell, hits, chance, _, _ = _peaks_on_tubes(learned, "layercam")
+    assert half_cell == 2, cam.description
     # "More often than chance" as a one-sided test: under chance the number of on-tube peaks is a sum of
     # independent Bernoulli(p_i), p_i each pair's widened-line area fraction (mean sum p_i, variance
-    # sum p_i (1 - p_i)). A fixed ratio to chance is no test: one CI training gave last-stage Grad-CAM
-    # 0.270 against 0.170 (1.6x chance, 5 standard deviations above it), another run of the same settings 2x.
+    # sum p_i (1 - p_i)). A fixed ratio to chance is no test.
     p = np.asarray(chance[half_cell])
     observed = int(np.sum(hits[half_cell]))
     z = (observed - p.sum()) / np.sqrt(np.sum(p * (1 - p)))
     print(f"on-tube peaks {observed} against {p.sum():.1f} expected by chance: z = {z:.1f}")
     assert len(p) >= 50
     assert z >= 3.1, (observed, float(p.sum()), float(z))  # one-sided p < 0.001
-    if method == "layercam":  # "within a few stored pixels", for most studies, not only above chance
-        assert np.mean(hits[half_cell]) >= 0.5, np.mean(hits[half_cell])
+    assert np.mean(hits[half_cell]) >= 0.5, np.mean(hits[half_cell])  # "within a few stored pixels", for most
+
+
+@pytest.mark.slow
+def test_last_stage_grad_cam_is_the_coarse_map_it_says(learned):
+    """``--cam gradcam``: Grad-CAM on the last stage (4 x 4 at 128 px), maps at the input size in [0, 1].
+    Its localisation is printed, not asserted: at this test's 500 steps its peaks landed on the tube (within
+    16 px) 0.35 and 0.56 of the time in two trainings but 0.20 and 0.19 in two more (chance 0.17), so the one
+    claim the report makes for it is that it is the original, coarse method (docs/results.md#run-report-heat-maps)."""
+    cam, half_cell, hits, _, maps, size = _peaks_on_tubes(learned, "gradcam")
+    assert half_cell == 16 and tuple(cam.feature_size) == (4, 4), cam.description
+    assert maps.shape[1:] == (size, size) and len(maps) == len(hits[half_cell]) >= 50
+    assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    peaks = maps.reshape(len(maps), -1).max(axis=1)
+    assert np.mean(peaks == 1) >= 0.9, np.mean(peaks == 1)  # a map is scaled to its peak unless nothing raises the score
+    # bilinear upsampling of a 4 x 4 grid: neighbouring stored pixels differ by at most 1/32 of the range (a
+    # stride-4 map would step by up to 1/4)
+    steps = max(np.abs(np.diff(maps, axis=1)).max(), np.abs(np.diff(maps, axis=2)).max())
+    assert steps <= 1.0 / (2 * half_cell) + 1e-3, steps
