@@ -1,7 +1,10 @@
-"""The competition metric (mean column-wise ROC AUC) and a streaming Keras AUC for training logs.
+"""The competition metric (mean column-wise ROC AUC), exact (scikit-learn), and the other validation scores.
 
-    score, per_class = competition_metric(y_true, y_prob)     # exact, scikit-learn
-    model.compile(..., metrics=build_metrics(from_logits=True))  # approximate, streaming, in fit logs
+    score, per_class = competition_metric(y_true, y_prob)
+
+Training scores every epoch's out-of-fold predictions with it (``train/callbacks.py``), so no streaming Keras
+metric is compiled in; this module imports neither Keras nor TensorFlow (``report.score``, ``serve.blend``
+and the report read CSVs in a second, not after a framework's start-up).
 
 A column with a single class (all 0 or all 1, e.g. a rare label absent from a small validation fold)
 has no ROC AUC: ``competition_metric`` reports it as NaN in the per-class dict, leaves it out of the
@@ -15,7 +18,6 @@ import math
 import warnings
 from collections.abc import Sequence
 
-import keras
 import numpy as np
 
 from ranzcr_tf import labels
@@ -113,26 +115,3 @@ def task_scores(task, y_true, y_prob) -> dict[str, float]:
         scores["val_weighted_log_loss"] = score
         scores.update({f"val_log_loss_{labels.label_slug(labels_[c])}": v for c, v in per_label.items()})
     return scores
-
-
-@keras.saving.register_keras_serializable(package="ranzcr_tf")
-class MeanColumnAUC(keras.metrics.AUC):
-    """Streaming mean of the per-column ROC AUCs (``keras.metrics.AUC(multi_label=True)``).
-
-    Approximates the competition metric from ``num_thresholds`` buckets (a few 1e-3 off); use
-    ``competition_metric`` on out-of-fold predictions for the exact score.
-    """
-
-    def __init__(self, num_labels: int = labels.NUM_CLASSES, from_logits: bool = False, num_thresholds: int = 500,
-                 name: str = "mean_auc", dtype=None):
-        super().__init__(num_thresholds=num_thresholds, curve="ROC", multi_label=True, num_labels=num_labels,
-                         from_logits=from_logits, name=name, dtype=dtype)
-
-    def get_config(self):
-        config = super().get_config()  # the public way to read back from_logits
-        return {key: config[key] for key in ("num_labels", "from_logits", "num_thresholds", "name", "dtype")}
-
-
-def build_metrics(from_logits: bool) -> list:
-    """Metrics for ``model.compile``: the streaming mean column AUC (matching the model's output kind)."""
-    return [MeanColumnAUC(from_logits=from_logits)]
