@@ -16,6 +16,7 @@ from ranzcr_tf.prep.preprocess import (
     decode_scale,
     decode_source,
     encode_jpeg,
+    jpeg_file_size,
     jpeg_size,
     preprocess_array,
     preprocess_bytes,
@@ -98,6 +99,20 @@ def test_jpeg_header_size_and_reduced_decode(source):
     assert gray.shape == (75, 65)
     gray_full, info_full = decode_source(data, PreprocessConfig(image_size=64, reduced_decode=False))
     assert info_full["decode_scale"] == 1.0 and gray_full.shape == source.shape
+
+
+def test_jpeg_file_size_reads_the_head_and_past_large_metadata(source, tmp_path):
+    """The annotation check reads each image's size from its file: the first 64 KiB, or the whole file when
+    metadata segments (two full APP1 segments here, as a large EXIF + XMP would be) push the frame header past them."""
+    data = _jpeg(source)
+    app1 = b"\xff\xe1" + (65535).to_bytes(2, "big") + bytes(65533)
+    padded = data[:2] + app1 + app1 + data[2:]
+    for name, content in (("plain.jpg", data), ("padded.jpg", padded)):
+        (tmp_path / name).write_bytes(content)
+        assert jpeg_file_size(str(tmp_path / name)) == source.shape, name
+    assert jpeg_size(padded[:1 << 16]) is None  # the head alone does not reach the frame header
+    (tmp_path / "text.jpg").write_bytes(b"not a jpeg" * 10000)
+    assert jpeg_file_size(str(tmp_path / "text.jpg")) is None and jpeg_file_size(str(tmp_path / "missing.jpg")) is None
 
 
 def test_stored_image_is_the_preprocessed_source_and_decoders_agree(source):

@@ -19,38 +19,13 @@ points fall outside.
 from __future__ import annotations
 
 import math
-import struct
 
 import numpy as np
 
+from ranzcr_tf.prep.preprocess import jpeg_file_size
+
 OUTSIDE_SHARE = 0.05
 AUTO_FACTORS = (1.0, 0.5, 2.0, 1 / 3, 3.0, 0.25, 4.0, 0.2, 5.0, 1 / 6, 0.125, 8.0)  # nearest 1 first
-SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers
-
-
-def jpeg_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header (SOF marker; only the markers before it are read), or None
-    when the file is missing or not a readable JPEG (the converter reports unreadable images itself)."""
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(2) != b"\xff\xd8":
-                return None
-            while True:
-                marker = fh.read(2)
-                while len(marker) == 2 and marker[0] == 0xFF and marker[1] == 0xFF:  # fill bytes
-                    marker = marker[1:] + fh.read(1)
-                if len(marker) < 2 or marker[0] != 0xFF:
-                    return None
-                length_bytes = fh.read(2)
-                if len(length_bytes) < 2:
-                    return None
-                length = struct.unpack(">H", length_bytes)[0]
-                if marker[1] in SOF_MARKERS:
-                    height, width = struct.unpack(">xHH", fh.read(5))
-                    return (int(width), int(height)) if width and height else None
-                fh.seek(length - 2, 1)
-    except OSError:
-        return None
 
 
 def parse_scale(value) -> str | float:
@@ -96,7 +71,8 @@ def check_annotations(annotations: dict, image_path, scale="1", path: str = "tra
     raises one ``ValueError`` line for a study whose points do not fit its image.
     """
     scale = parse_scale(scale)
-    sizes = {sid: size for sid in annotations if (size := jpeg_size(image_path(sid))) is not None}
+    sizes = {sid: (size[1], size[0]) for sid in annotations  # (width, height), as the points are (x, y)
+             if (size := jpeg_file_size(image_path(sid))) is not None}
     factor = _auto_factor(annotations, sizes) if scale == "auto" else scale
     checked, clipped = {}, 0
     for sid, lines in annotations.items():

@@ -98,6 +98,20 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def jpeg_file_size(path: str, head: int = 1 << 16) -> tuple[int, int] | None:
+    """:func:`jpeg_size` of a file, read from its first ``head`` bytes (the whole file when its metadata
+    segments push the frame header past them); None when the file is missing or not a readable JPEG."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(head)
+            size = jpeg_size(data)
+            if size is None and len(data) == head and data.startswith(_JPEG_SOI):
+                size = jpeg_size(data + fh.read())
+    except OSError:
+        return None
+    return size
+
+
 def _jpeg_is_complete(data: bytes) -> bool:
     # libjpeg decodes a truncated file into a partly grey image with only a warning, so truncation is
     # detected here: a complete JPEG ends with the EOI marker (some writers pad a few bytes after it).
