@@ -17,15 +17,16 @@ Every step is the command a user runs (printed as it starts), on the same record
 
 ``--single-teacher`` leaves B out (half the training): A's fold models make the OOF soft labels, no blend.
 
-Each fold-0 model is also scored on the held-out test set (``kaggle_kernel.py`` on that fold, then
-``report.score`` against ``test_labels.csv``): the figure that no soft label can leak into (a student's
-fold-0 validation can, indirectly: the soft label of a fold-1 study comes from the fold-1 model, which
+Each fold-0 model is also scored on the held-out test set (``kaggle_kernel.py`` on that fold, in this
+process, then ``report.score`` against ``test_labels.csv``): the figure that no soft label can leak into (a
+student's fold-0 validation can, indirectly: the soft label of a fold-1 study comes from the fold-1 model, which
 trained on fold 0). Rerunning skips every step whose output exists. Results: ``OUT/results.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -88,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def score_models(args, out: str, runs: str, records: str, extra: str, variants: dict) -> list[tuple]:
-    """Fold 0 of each teacher, S and U through the kernel and the scorer: (what, validation AUC, test AUC) rows."""
+    """Fold 0 of each teacher, S and U through the kernel and the scorer: (what, validation AUC, test AUC) rows.
+    The kernel runs in this process (one framework start for all four, as ``ablate_recipe.py`` does), each
+    printed as the ``kaggle_kernel.py`` command it is; ``report.score.score_files`` scores it."""
+    from ranzcr_tf import cli
+    from ranzcr_tf.report.score import score_files
+    from ranzcr_tf.serve import kernel
+
     rows = []
     teachers = "+".join(variants)
     for name, what in (*((name, f"teacher {name}, fold 0") for name in variants),
@@ -96,11 +103,19 @@ def score_models(args, out: str, runs: str, records: str, extra: str, variants: 
                        ("U", f"(b) A's data + {_count(extra)} unlabeled soft-labelled by A fold 0")):
         fold = os.path.join(runs, name, "fold0")
         submission = os.path.join(out, f"test_{name}.csv")
-        run([script("kaggle_kernel.py"), "--data-dir", args.data, "--models", fold, "--tfrecords", records,
-             "--out", submission], submission, os.path.join(out, f"kernel_{name}.log"))
-        score = subprocess.run([sys.executable, "-m", "ranzcr_tf.report.score", submission,
-                                os.path.join(args.data, "test_labels.csv")], check=True, capture_output=True, text=True)
-        test_auc = float(score.stdout.strip().splitlines()[-1].split()[2])
+        argv = ["--data-dir", args.data, "--models", fold, "--tfrecords", records, "--out", submission, "--quiet"]
+        if not os.path.exists(submission):
+            print(f"$ python {script('kaggle_kernel.py')} {' '.join(argv)}", flush=True)
+            start = time.time()
+            cli.setup([])
+            log = os.path.join(out, f"kernel_{name}.log")
+            with open(log, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                try:
+                    kernel.run(kernel.build_parser().parse_args(argv))
+                except Exception as error:  # the kernel's own one-line errors carry an exit code
+                    raise StepFailed(f"kaggle_kernel.py on {fold}: {error} (its output: {log})") from error
+            print(f"  ({time.time() - start:.0f} s)", flush=True)
+        test_auc = float(score_files(submission, os.path.join(args.data, "test_labels.csv"))["mean_auc"])
         with open(os.path.join(fold, "best.json")) as handle:
             rows.append((what, json.load(handle)["val_auc"], test_auc))
     return rows

@@ -4,7 +4,7 @@
     for line in plan_lines(cfg, placement, numbers, measured, ...): print(line)
 
 The steps are the run's own: the recipe's training model (``recipes.build_training_model``), compiled by
-``fit.compile_for_training`` under the placement, trained by ``model.fit`` on one synthetic batch of the
+``step.compile_for_training`` under the placement, trained by ``model.fit`` on one synthetic batch of the
 preset's shapes (images, targets, line masks) repeated from memory, so no record is read and nothing is
 written. Random weights: the compute is that of the ImageNet start. The first call (tracing, XLA) is timed
 apart; the steps after it give the time per step. Validation is timed as forward passes of the classifier.
@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from ranzcr_tf.config import Config
-from ranzcr_tf.train import fit, recipes
+from ranzcr_tf.train import recipes, step
 from ranzcr_tf.train.preset_rules import RANZCR_TRAIN_STUDIES, PresetNumbers
 
 V3_8_PEAK_FLOPS = 4 * 123e12  # 4 chips x 123 TFLOP/s bfloat16 (Google's published TPU v3 figure), 8 cores
@@ -87,6 +87,7 @@ def measure_training(cfg: Config, placement, image_size: int, per_replica_batch:
 
     from ranzcr_tf.model import build as models
     from ranzcr_tf.model import precision
+    from ranzcr_tf.pipeline.data import image_dtype_for
 
     cfg = copy.deepcopy(cfg)
     recipe = cfg.train.recipe if cfg.train.recipe in MEASURED_RECIPES else "plain"
@@ -96,13 +97,13 @@ def measure_training(cfg: Config, placement, image_size: int, per_replica_batch:
     steps = per_execution * max(1, math.ceil(steps / per_execution))
     global_batch = placement.global_batch_size(per_replica_batch)
     precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
-    dtype = fit._image_dtype(cfg, placement).name
+    dtype = image_dtype_for(cfg, "jax" if placement.strategy is None else "tensorflow", placement.accelerator).name
     batch = synthetic_batch(cfg, image_size, global_batch, dtype)
     dataset = tf.data.Dataset.from_tensors(batch).repeat().prefetch(2)
     counts = np.ones(cfg.task.num_classes, "float32")
     with placement.scope():
         model, loss = recipes.build_training_model(cfg, image_size, counts, 4, from_logits=cfg.model.output == "logits")
-    fit.compile_for_training(model, cfg, loss, 1e-4, placement, image_size)
+    step.compile_for_training(model, cfg, loss, 1e-4, placement, image_size)
     started = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=per_execution, verbose=0, shuffle=False)
     first = time.perf_counter() - started
