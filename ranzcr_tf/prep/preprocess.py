@@ -100,7 +100,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def jpeg_file_size(path: str, head: int = 1 << 16) -> tuple[int, int] | None:
     """:func:`jpeg_size` of a file, read from its first ``head`` bytes (the whole file when its metadata
-    segments push the frame header past them); None when the file is missing or not a readable JPEG."""
+    segments push the frame header past them); None when the file is missing or not a readable JPEG, or its
+    header gives no size (a zero height is legal there, defined later by a DNL marker)."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(head)
@@ -109,7 +110,7 @@ def jpeg_file_size(path: str, head: int = 1 << 16) -> tuple[int, int] | None:
                 size = jpeg_size(data + fh.read())
     except OSError:
         return None
-    return size
+    return size if size and all(size) else None
 
 
 def _jpeg_is_complete(data: bytes) -> bool:
