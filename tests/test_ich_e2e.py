@@ -108,6 +108,19 @@ def test_adjacent_slice_records_carry_the_neighbours_pixels(ich_set, tmp_path):
     assert checked == 6 and moved >= 1  # at least one slice with a real neighbour (not a series edge alone)
 
 
+def test_a_busy_out_dir_is_refused_naming_the_holder(ich_set, tmp_path, capsys):
+    """The DICOM converter takes the folder's lock like the JPEG one: held by another converter (this process,
+    a real flock on the same lock file), it stops with one line naming the holder, exit 2, and writes nothing."""
+    from ranzcr_tf import locks
+
+    out = str(tmp_path / "records")
+    with locks.FolderLock(out, "make_tfrecords.py"):
+        assert _convert(ich_set, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by make_tfrecords.py" in err[0] and f"PID {os.getpid()}" in err[0], err
+    assert os.listdir(out) == [locks.LOCK_FILE]
+
+
 def test_a_killed_dicom_conversion_resumes_and_keeps_its_complete_shards(ich_set, tmp_path, capsys):
     """A real SIGKILL in the middle of a shard, then the same command again: the complete shards are kept as
     they were (same file, same bytes), the rest is written, and the result equals an uninterrupted run."""

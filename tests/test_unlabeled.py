@@ -87,6 +87,25 @@ def test_unlabeled_folder_keeps_every_readable_file_and_names_the_rest(tmp_path)
     assert again.returncode == 2 and "already holds converted records" in again.stderr.strip().splitlines()[-1]
 
 
+def test_a_busy_out_dir_is_refused_naming_the_holder_and_nothing_is_written(tmp_path, capsys):
+    """A converter holding --out-dir (this process, through the same real flock lock file): the unlabeled
+    converter stops with one line naming it, exit 2, and writes no shard."""
+    from helpers_convert import load_cli_module
+
+    from ranzcr_tf import locks
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.jpg"), phantom(np.random.default_rng(2), 64, 64))
+    out = str(tmp_path / "out")
+    with locks.FolderLock(out, "make_tfrecords.py"):
+        code = load_cli_module().main(["--unlabeled", str(folder), "--out-dir", out, "--image-size", "32", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "in use by make_tfrecords.py" in err[0] and f"PID {os.getpid()}" in err[0], err
+    assert os.listdir(out) == [locks.LOCK_FILE]
+
+
 def test_two_files_with_one_id_are_refused(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -38,6 +38,7 @@ import pandas as pd
 
 from ranzcr_tf import io_utils
 from ranzcr_tf.config import PreprocessConfig, TaskConfig
+from ranzcr_tf.locks import FolderLock
 from ranzcr_tf.prep import records, shard_plan
 from ranzcr_tf.prep.folds import FOLD_COLUMN, assign_folds, fold_positives
 from ranzcr_tf.prep.shard_writer import ShardWriter, write_manifest
@@ -240,8 +241,6 @@ def _requested_settings(opts: DicomConvertOptions, inputs: dict) -> dict:
 def convert_dicom(opts: DicomConvertOptions) -> dict:
     """Convert a DICOM competition folder (see the module docstring); returns the manifest. Resumes like the
     JPEG converter: a rerun keeps the complete shards of an interrupted run (``prep/shard_plan.py``)."""
-    from tqdm import tqdm
-
     from ranzcr_tf.prep.dicom import parse_windows
 
     opts.validate()
@@ -250,6 +249,14 @@ def convert_dicom(opts: DicomConvertOptions) -> dict:
     labels_df = read_labels(opts.data_dir, task)
     if opts.limit:
         labels_df = labels_df.head(opts.limit).reset_index(drop=True)
+    with FolderLock(opts.out_dir, "make_tfrecords.py"):  # one converter per folder, as for the JPEG converter
+        return _convert_locked(opts, labels_df, windows)
+
+
+def _convert_locked(opts: DicomConvertOptions, labels_df: pd.DataFrame, windows) -> dict:
+    from tqdm import tqdm
+
+    task = opts.task
     if opts.overwrite:
         for path in shard_plan.own_files(opts.out_dir) + [io_utils.join(opts.out_dir, n) for n in (SKIPPED_CSV, TEST_SLICES_CSV)]:
             if io_utils.exists(path):

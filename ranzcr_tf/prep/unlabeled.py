@@ -23,6 +23,7 @@ import sys
 
 from ranzcr_tf import io_utils
 from ranzcr_tf.config import PreprocessConfig
+from ranzcr_tf.locks import FolderLock
 from ranzcr_tf.prep import records
 from ranzcr_tf.prep.preprocess import DICOM_SUFFIXES
 from ranzcr_tf.prep.shard_plan import preprocess_settings
@@ -64,18 +65,30 @@ def list_images(source_dir: str) -> tuple[list[tuple[str, str]], list[dict]]:
 
 def convert_unlabeled(source_dir: str, out_dir: str, settings: PreprocessConfig, *, workers: int = 0,
                       shard_records: int = 0, progress: bool = True) -> dict:
-    """Preprocess every image of ``source_dir`` into ``out_dir/extra/`` shards; returns the manifest."""
-    from tqdm.auto import tqdm
-
+    """Preprocess every image of ``source_dir`` into ``out_dir/extra/`` shards; returns the manifest. One
+    converter per folder (``locks.FolderLock``, as for the competition converters)."""
     settings.validate()
-    if io_utils.exists(io_utils.join(out_dir, records.MANIFEST)):
-        raise ValueError(f"--out-dir {out_dir} already holds converted records ({records.MANIFEST}): pass a new "
-                         f"folder for the unlabeled records")
+    _refuse_converted(out_dir)
     images, skipped = list_images(source_dir)
     for entry in skipped:
         print(f"skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if not images:
         raise ValueError(f"--unlabeled {source_dir} holds no {'/'.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)} file")
+    with FolderLock(out_dir, "make_tfrecords.py"):
+        _refuse_converted(out_dir)  # another converter may have finished while this one listed the images
+        return _write_unlabeled(source_dir, out_dir, settings, images, skipped, workers, shard_records, progress)
+
+
+def _refuse_converted(out_dir: str) -> None:
+    if io_utils.exists(io_utils.join(out_dir, records.MANIFEST)):
+        raise ValueError(f"--out-dir {out_dir} already holds converted records ({records.MANIFEST}): pass a new "
+                         f"folder for the unlabeled records")
+
+
+def _write_unlabeled(source_dir: str, out_dir: str, settings: PreprocessConfig, images: list, skipped: list,
+                     workers: int, shard_records: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     per_shard = shard_records or DEFAULT_SHARD_RECORDS
     workers = workers or available_cores()
     tasks = [(path, settings) for _, path in images]
