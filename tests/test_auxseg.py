@@ -294,3 +294,25 @@ def test_recipe_settings_are_checked():
         masks.mask_size(100)
     with pytest.raises(ValueError, match="exposes no encoder stages"):
         stage_outputs(build_backbone("mobilenetv3_small", 64, 3, None), "mobilenetv3_small")
+
+
+def test_memory_estimate_counts_the_tip_head_apart_and_its_help_starts_no_framework(capsys):
+    """``python -m ranzcr_tf.model.memory``: each part counted once, the tip head (one 1x1 conv: a map per tube
+    family at stride 4) apart from the decoder, and ``--help`` answers before any framework is imported."""
+    from ranzcr_tf.labels import NUM_FAMILIES
+    from ranzcr_tf.model import memory
+
+    plain, tipped = memory.aux_seg_parts("compact_cnn", 64), memory.aux_seg_parts("compact_cnn", 64, tip=True)
+    assert plain["tip"] == 0 and tipped["tip"] == NUM_FAMILIES * 16 * 16
+    for part in ("encoder", "decoder", "rest"):
+        assert tipped[part] == plain[part] > 0, part
+    assert tipped["params"] - plain["params"] == NUM_FAMILIES * (64 + 1)  # 1x1 conv on the 64-wide stride-4 features
+    assert memory.main(["--backbone", "compact_cnn", "--image-size", "64", "--tip", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "aux_seg + tip head, 2 image(s) per device" in out and "  tip " in out and "total" in out
+    helped = subprocess.run([sys.executable, "-c", "import sys\ntry:\n    from ranzcr_tf.model import memory; "
+                             "memory.main(['--help'])\nexcept SystemExit:\n    pass\n"
+                             "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))"],
+                            capture_output=True, text=True, check=True)
+    assert "--tip" in helped.stdout and helped.stdout.strip().endswith("[]"), helped.stdout[-500:]
+    assert "oneDNN" not in helped.stderr
