@@ -147,7 +147,8 @@ def run(args) -> int:
     manifest = read_manifest(tfrecords)
     folds = parse_folds(args.fold, int(manifest["num_folds"]))
     size_note = preset_rules.follow_preset_image_size(cfg, given, int(manifest["image_size"]))
-    for line in (size_note, preset_rules.describe_scaling(cfg, placement.num_replicas, placement.accelerator)):
+    for line in (size_note, preset_rules.unused_settings(cfg),
+                 preset_rules.describe_scaling(cfg, placement.num_replicas, placement.accelerator)):
         if line:
             print(line, flush=True)
     cli.raise_on_sigterm()  # preemption, docker stop: unwind like Ctrl-C, keeping the last backup

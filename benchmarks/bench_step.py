@@ -128,9 +128,10 @@ def build_keras_step(args):
     import keras
     import numpy as np
 
-    from ranzcr_tf.config import Config
+    from ranzcr_tf.config import Config, load_config
     from ranzcr_tf.labels import NUM_CLASSES
     from ranzcr_tf.model import precision
+    from ranzcr_tf.presets import DEFAULT_PRESET, find_preset
     from ranzcr_tf.train import recipes, step
     from ranzcr_tf.train.placement import choose_placement
 
@@ -138,6 +139,9 @@ def build_keras_step(args):
     cfg.model.backbone, cfg.model.weights, cfg.model.mixed_precision = args.backbone, None, POLICY[args.precision]
     cfg.train.batch_size, cfg.train.steps_per_execution = args.batch, args.steps_per_execution
     cfg.train.jit_compile, cfg.train.recipe = args.compiled, args.recipe
+    if args.recipe == "aux_seg":  # as the mission preset trains it: line masks, tip maps, its head
+        mission = load_config(find_preset(DEFAULT_PRESET))
+        cfg.train.tip_loss_weight, cfg.model.head = mission.train.tip_loss_weight, mission.model.head
     cfg.validate()
     placement = choose_placement("auto")
     policy = precision.apply_policy(precision.choose_policy(cfg.model, placement.accelerator))
@@ -168,6 +172,8 @@ def synthetic_batch(cfg, args, batch: int, accelerator: str, seed: int = 0):
         side = mask_size(args.size)
         targets = {"target": targets, "mask": (rng.random((batch, side, side, NUM_FAMILIES)) < 0.05).astype("uint8"),
                    "has_mask": (rng.random(batch) < 0.5).astype("float32")}
+        if cfg.train.tip_loss_weight > 0:  # tip heat maps (pipeline/tips.py: uint8, [0, 1] x 255)
+            targets["tip"] = rng.integers(0, 256, (batch, side, side, NUM_FAMILIES)).astype("uint8")
     return images, targets
 
 
@@ -475,7 +481,8 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=6, help="timed steps of training and of inference")
     parser.add_argument("--steps-per-execution", type=int, default=1, help="train.steps_per_execution (Keras rows)")
     parser.add_argument("--recipe", choices=("plain", "aux_seg"), default="plain",
-                        help="train.recipe of the Keras rows: plain, or aux_seg (+ the line-mask decoder and its loss)")
+                        help="train.recipe of the Keras rows: plain, or aux_seg as configs/b7_768_tpu.yaml trains it "
+                             "(+ the line-mask decoder, its tip head and losses, the preset's model.head)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     parser.add_argument("--timm-model", help="timm architecture of the timm rows (default: tf_ twin of --backbone)")
     parser.add_argument("--torch-python", default=sys.executable, help="Python that has torch + timm (timm rows)")

@@ -9,8 +9,9 @@ TensorFlow here; every row records whether it did). One JSON (``--out``) and a p
 * step rows ``keras-jax`` (bfloat16), ``timm-compile`` and ``timm-eager`` (float16 AMP) for EfficientNet-B7
   at 768 px: training and inference images/s, the ratio to the fastest timm row, peak device memory
   (``bench_step.py``'s workers, run as they are: the trainer's own model, loss and compile step);
-* the largest per-device batch that fits for B7 at 768 px, plain and with the ``aux_seg`` mask decoder
-  (one training step per probe; the first probes follow the measured memory, then bisection; a time cap);
+* the largest per-device batch that fits for B7 at 768 px, plain and with the ``aux_seg`` mask decoder (with the
+  mission preset's tip head and ``model.head``, as ``bench_step.py --recipe aux_seg`` builds it; one training
+  step per probe; the first probes follow the measured memory, then bisection; a time cap);
 * the kernel's throughput (B7 at 768 px, inference with 2 TTA views, from the ``keras-jax`` row's
   ``predict`` rate) and the model-pass time of 3,582 test images x 5 folds x 2 views against Kaggle's 9 hours;
 * everything it could not do, each with its one-line reason (``not_done`` in the JSON), never a silent gap.

@@ -245,7 +245,7 @@ class TrainConfig:
     mask_line_width: float = 8.0  # aux_seg, teacher, student: drawn line width in stored pixels
     mask_max_lines: int = 8  # aux_seg, teacher, student: polylines per study kept (fixed shapes; the rest are dropped)
     mask_max_points: int = 256  # aux_seg, teacher, student: polyline points per study kept, all lines together
-    tip_loss_weight: float = 0.0  # aux_seg: + weight x tip heat-map loss (pipeline/tips.py); 0 = no tip head
+    tip_loss_weight: float = 0.0  # aux_seg: + weight x tip heat-map loss (pipeline/tips.py); 0 = none; unused elsewhere
     tip_sigma: float = 8.0  # aux_seg: Gaussian sigma of the tip heat maps, in stored pixels
     teacher: str = ""  # student: the teacher's run folder (holds fold{k}/best.keras); 3stage sets it itself
     init_from: str = ""  # finetune: the run folder whose fold{k}/best.keras starts the weights (3stage: the student)
@@ -282,8 +282,6 @@ class TrainConfig:
         _check(self.mask_max_lines >= 1, "train.mask_max_lines", self.mask_max_lines, "an integer >= 1")
         _check(self.mask_max_points >= 2, "train.mask_max_points", self.mask_max_points, "an integer >= 2")
         _check(self.tip_loss_weight >= 0, "train.tip_loss_weight", self.tip_loss_weight, ">= 0 (0 = off)")
-        _check(self.tip_loss_weight == 0 or self.recipe == "aux_seg", "train.tip_loss_weight", self.tip_loss_weight,
-               "0 unless train.recipe = aux_seg (the tip head sits on its decoder)")
         _check(self.tip_sigma > 0, "train.tip_sigma", self.tip_sigma, "> 0 (stored pixels)")
         _check(0 <= self.soft_alpha <= 1, "train.soft_alpha", self.soft_alpha, "in [0, 1] (1: soft labels alone)")
         _check(0 < self.extra_fraction < 1, "train.extra_fraction", self.extra_fraction, "in (0, 1)")

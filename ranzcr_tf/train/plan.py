@@ -57,9 +57,12 @@ def synthetic_batch(cfg: Config, image_size: int, global_batch: int, image_dtype
     symbolic = recipes.symbolic_targets(cfg, image_size)
     if symbolic is None:
         return images, targets
-    side = symbolic["mask"].shape[1]
-    masks = rng.integers(0, 2, (global_batch, side, side, symbolic["mask"].shape[-1])).astype("uint8")
-    return images, {"target": targets, "mask": masks, "has_mask": np.ones((global_batch,), "float32")}
+    batch = {"target": targets}
+    for key, tensor in symbolic.items():  # line masks and tip maps (uint8), has_mask (float32)
+        shape = (global_batch, *tensor.shape[1:])
+        if key != "target":
+            batch[key] = (rng.integers(0, 2, shape) if tensor.dtype == "uint8" else np.ones(shape)).astype(tensor.dtype)
+    return images, batch
 
 
 def peak_device_bytes(placement) -> int | None:

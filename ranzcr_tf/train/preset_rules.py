@@ -110,3 +110,12 @@ def follow_preset_image_size(cfg: Config, given: set[str], records_size: int) ->
     return (f"image size: the preset trains at preprocess.image_size = {wanted} px and the records hold {records_size} "
             f"px: each image is resized to {wanted} px in the input pipeline (convert at {wanted} px to skip the "
             f"resize, or --set data.image_size={records_size} to train at the records' size)")
+
+
+def unused_settings(cfg: Config) -> str | None:
+    """The line that says a preset's tip term is not trained by the chosen recipe (``--recipe plain`` on
+    ``cpu_lines``): the tip head sits on the aux_seg decoder. None when nothing is left unused."""
+    if cfg.train.tip_loss_weight > 0 and cfg.train.recipe != "aux_seg":
+        return (f"train.tip_loss_weight = {cfg.train.tip_loss_weight:g} is for train.recipe aux_seg (the tip head sits on "
+                f"its decoder): recipe {cfg.train.recipe} trains without tip maps")
+    return None
