@@ -117,8 +117,9 @@ def test_tip_and_head_settings_are_checked():
     cfg = load_config(None, ["train.recipe=aux_seg", "train.tip_loss_weight=0.5", "model.head=ett_softmax"])
     assert tips.TipSettings.from_config(cfg.train) == tips.TipSettings(sigma=8.0)
     assert tips.TipSettings.from_config(load_config(None, ["train.recipe=aux_seg"]).train) is None
-    for bad, match in ((["train.tip_loss_weight=1"], "train.tip_loss_weight"),  # recipe plain
-                       (["train.recipe=aux_seg", "train.tip_loss_weight=-1"], "train.tip_loss_weight"),
+    # recipe plain: the weight is left unused (a preset's tip term under --recipe plain), not refused
+    assert tips.TipSettings.from_config(load_config(None, ["train.tip_loss_weight=1"]).train) is None
+    for bad, match in ((["train.recipe=aux_seg", "train.tip_loss_weight=-1"], "train.tip_loss_weight"),
                        (["train.tip_sigma=0"], "train.tip_sigma"), (["model.head=softmax"], "model.head"),
                        (["model.seg_attention=true"], "seg_attention")):
         with pytest.raises(ValueError, match=match):
