@@ -139,7 +139,7 @@ def build_keras_step(args):
     cfg.model.backbone, cfg.model.weights, cfg.model.mixed_precision = args.backbone, None, POLICY[args.precision]
     cfg.train.batch_size, cfg.train.steps_per_execution = args.batch, args.steps_per_execution
     cfg.train.jit_compile, cfg.train.recipe = args.compiled, args.recipe
-    if args.recipe == "aux_seg":  # as the mission preset trains it: line masks, tip maps, its head
+    if args.recipe == "aux_seg":  # as the mission preset trains it: line masks, its tip term and head if it sets them
         mission = load_config(find_preset(DEFAULT_PRESET))
         cfg.train.tip_loss_weight, cfg.model.head = mission.train.tip_loss_weight, mission.model.head
     cfg.validate()
