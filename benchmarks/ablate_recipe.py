@@ -15,7 +15,7 @@ e.g. from ``python -m ranzcr_tf.synth.generate``) the script runs the project's 
 
 1. ``prep.convert.convert`` at the cell's ``preprocess`` settings into ``OUT/records/<style>-<size>px-<hash>``,
    shared by every cell with the same settings (and resumed, like ``make_tfrecords.py``);
-2. ``train.fit.train_fold`` (what ``train_tpu.py --fold 0`` runs) into ``OUT/cells/<cell>/<style>/run``;
+2. ``train.run.train`` (what ``train_tpu.py --fold 0`` runs; ``--recipe 3stage`` too) into ``OUT/cells/<cell>/<style>/run``;
 3. ``serve.kernel.run`` (``kaggle_kernel.py``) on the records' test shards -> ``submission.csv``;
 4. ``report.score.score_files`` against the style's ``test_labels.csv``.
 
@@ -200,10 +200,10 @@ def probe_seconds(cell: Cell, args, records: str, folder: str, placement) -> tup
 def _train(cfg, records: str, run_dir: str, placement, verbose: int) -> dict:
     import keras
 
-    from ranzcr_tf.train.fit import train_fold
+    from ranzcr_tf.train.run import train
 
-    try:
-        return train_fold(cfg, records, FOLD, run_dir, placement, verbose=verbose)
+    try:  # what train_tpu.py --fold 0 runs: one fold, or 3stage's three stages of it
+        return train(cfg, records, [FOLD], run_dir, placement, verbose=verbose)[0]
     finally:
         keras.backend.clear_session()
 

@@ -29,6 +29,7 @@ TTA_VIEWS = ("identity", "hflip")  # test-time augmentation views
 ENSEMBLE_METHODS = ("mean", "rank_mean", "weighted")  # how the kernel combines runs (serve/ensemble.py)
 # How a fold is trained (train/recipes.py); 3stage runs teacher -> student -> finetune in turn (train/stages.py).
 RECIPES = ("plain", "aux_seg", "teacher", "student", "finetune", "3stage")
+FINETUNE_RECIPES = ("finetune", "aux_seg")  # 3stage's last stage: classification alone, or + the line-mask decoder
 DISTILL_LOSSES = ("mse", "cosine")  # student: distance between the student's and the teacher's feature maps
 MULTI_PROCESS = ("auto", "on", "off")  # whether the JAX backend joins a multi-process run (train/multihost.py)
 READERS = ("jpeg", "png", "dicom")  # task.reader: how the converter reads a source image
@@ -248,13 +249,14 @@ class TrainConfig:
     tip_loss_weight: float = 0.0  # aux_seg: + weight x tip heat-map loss (pipeline/tips.py); 0 = none; unused elsewhere
     tip_sigma: float = 8.0  # aux_seg: Gaussian sigma of the tip heat maps, in stored pixels
     teacher: str = ""  # student: the teacher's run folder (holds fold{k}/best.keras); 3stage sets it itself
-    init_from: str = ""  # finetune: the run folder whose fold{k}/best.keras starts the weights (3stage: the student)
+    init_from: str = ""  # finetune, aux_seg: the run folder whose fold{k}/best.keras starts the weights (3stage: the student)
     distill_layer: str = ""  # student: backbone layer whose feature maps are compared ("" = the backbone's output)
     distill_loss: str = "mse"  # student: mse | cosine (1 - cosine similarity per position)
     distill_weight: float = 1.0  # student: total loss = classification + weight x feature distance
     teacher_epochs: int = 0  # 3stage: epochs of stage 1 (0 = train.epochs)
     student_epochs: int = 0  # 3stage: epochs of stage 2 (0 = train.epochs)
     finetune_epochs: int = 0  # 3stage: epochs of stage 3 (0 = train.epochs)
+    finetune_recipe: str = "finetune"  # 3stage: stage 3's recipe, from the student's weights: finetune | aux_seg
     soft_labels: str | None = None  # CSV of ID + 11 probabilities (serve/pseudo.py): soft training targets
     soft_alpha: float = 0.5  # target = alpha x soft + (1 - alpha) x hard where a hard label exists (pipeline/soft.py)
     extra_records: str | None = None  # make_tfrecords.py --unlabeled output: its extra/ shards join training only
@@ -291,6 +293,8 @@ class TrainConfig:
         _check(self.distill_weight >= 0, "train.distill_weight", self.distill_weight, ">= 0")
         for name in ("teacher_epochs", "student_epochs", "finetune_epochs"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0 (0 = train.epochs)")
+        _check(self.finetune_recipe in FINETUNE_RECIPES, "train.finetune_recipe", self.finetune_recipe,
+               _one_of(FINETUNE_RECIPES))
         if self.recipe == "student" and not self.teacher:
             raise ValueError("train.recipe = student needs the teacher's run folder: --set train.teacher=runs/NAME "
                              "(trained with train.recipe=teacher), or run --recipe 3stage")

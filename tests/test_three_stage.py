@@ -180,6 +180,17 @@ def test_student_and_finetune_need_their_run_folders_and_matching_models(dataset
     saved = models.load_model(str(plain / "best.keras"))
     for a, b in zip(model.weights, saved.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # aux_seg from a run's weights (3stage's train.finetune_recipe=aux_seg): the served classifier inside it starts
+    # as that run's model; the decoder and tip head are new
+    decoded = _cfg("train.recipe=aux_seg", f"train.init_from={tmp_path}", "train.tip_loss_weight=1.0")
+    model, loss = recipes.build_training_model(decoded, SIZE, np.ones(11), 16, from_logits=True)
+    assert loss is None and {"masks", "tips"} <= set(model.output)
+    served = model.inference_model
+    assert len(served.weights) == len(saved.weights) < len(model.weights)
+    for a, b in zip(served.weights, saved.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    fresh, _ = recipes.build_training_model(_cfg("train.recipe=aux_seg"), SIZE, np.ones(11), 16, from_logits=True)
+    assert not all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(fresh.inference_model.weights, saved.weights))
 
 
 def test_stage_configs_wire_the_run_folders_and_epochs(dataset, tmp_path):
@@ -189,6 +200,10 @@ def test_stage_configs_wire_the_run_folders_and_epochs(dataset, tmp_path):
     assert (teacher.train.epochs, student.train.epochs, finetune.train.epochs) == (7, 3, 7)
     assert student.train.teacher == "runs/x/teacher" and finetune.train.init_from == "runs/x/student"
     assert cfg.train.recipe == "3stage" and cfg.train.student_epochs == 3  # the given config is left as it was
+    decoded = stages.stage_config(_cfg("train.recipe=3stage", "train.finetune_recipe=aux_seg"), "finetune", "runs/x")
+    assert decoded.train.recipe == "aux_seg" and decoded.train.init_from == "runs/x/student"
+    with pytest.raises(ValueError, match="train.finetune_recipe = 'plain' is invalid"):
+        _cfg("train.recipe=3stage", "train.finetune_recipe=plain").validate()
     from ranzcr_tf.train import fit
 
     with pytest.raises(ValueError, match="call train.run.train"):
@@ -231,24 +246,27 @@ def test_jax_backend_student_steps_have_finite_losses_and_a_frozen_teacher(datas
 
 
 # ----------------------------------------------------------------------------------------------- 3stage CLI
-def _train(dataset, out, env):
+def _train(dataset, out, env, extra=()):
     args = [sys.executable, os.path.join(ROOT, "train_tpu.py"), "--fold", "0", "--recipe", "3stage",
             "--tfrecords", dataset["records"], "--out", out, "--quiet",
-            *[a for s in [*SETTINGS, "train.epochs=2"] for a in ("--set", s)]]
+            *[a for s in [*SETTINGS, "train.epochs=2", *extra] for a in ("--set", s)]]
     return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_3stage_each_stage_resumes_after_a_kill_then_the_kernel_serves_the_final_model(dataset, tmp_path):
+    """Stage 3 here is ``train.finetune_recipe=aux_seg`` with tip maps (the plain finetune stage's weights and
+    wiring: the two tests above): the decoder's run folder resumes and serves like the others."""
     out = str(tmp_path / "run")
     killing = _env(RANZCR_TF_KILL_AFTER_EPOCH="0")  # SIGKILL after epoch 0's backup, in every fit
+    decoded = ("train.finetune_recipe=aux_seg", "train.tip_loss_weight=1.0")
     outputs = []
     for stage in stages.STAGES:  # each run: the stage before resumes and finishes, this one is killed mid-stage
-        done = _train(dataset, out, killing)
+        done = _train(dataset, out, killing, decoded)
         outputs.append(done.stdout + done.stderr)
         assert done.returncode == -9, outputs[-1][-3000:]
         assert os.path.exists(os.path.join(out, stage, "fold0", "backup", "stage0"))
         assert not os.path.exists(os.path.join(out, stage, "fold0", "metrics.json"))
-    done = _train(dataset, out, killing)  # the finetune stage resumes at epoch 1 and finishes
+    done = _train(dataset, out, killing, decoded)  # the finetune stage resumes at epoch 1 and finishes
     outputs.append(done.stdout + done.stderr)
     assert done.returncode == 0, outputs[-1][-3000:]
     for index, stage in enumerate(stages.STAGES):
@@ -260,6 +278,9 @@ def test_3stage_each_stage_resumes_after_a_kill_then_the_kernel_serves_the_final
             assert np.isfinite(json.load(handle)["val_auc"])
     assert "fold 0 already finished" in outputs[-1].split("stage 2 of 3")[1]  # finished stages are skipped
     assert {"feature_loss", "classification_loss"} <= set(pd.read_csv(os.path.join(out, "student", "fold0", "log.csv")))
+    finetune_log = pd.read_csv(os.path.join(out, "finetune", "fold0", "log.csv"))
+    assert {"mask_loss", "tip_loss"} <= set(finetune_log) and np.isfinite(finetune_log["tip_loss"]).all()
+    assert "tip_loss_weight" not in outputs[-1]  # the tip term is trained by stage 3: no "unused" note
     for stage, source in (("student", "teacher"), ("finetune", "student")):  # resumes keep the stage they start from
         with open(os.path.join(out, stage, "fold0", "identity.json")) as handle, \
                 open(os.path.join(out, source, "fold0", "best.json")) as best:

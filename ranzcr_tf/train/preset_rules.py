@@ -115,7 +115,8 @@ def follow_preset_image_size(cfg: Config, given: set[str], records_size: int) ->
 def unused_settings(cfg: Config) -> str | None:
     """The line that says a preset's tip term is not trained by the chosen recipe (``--recipe plain`` on
     ``cpu_lines``): the tip head sits on the aux_seg decoder. None when nothing is left unused."""
-    if cfg.train.tip_loss_weight > 0 and cfg.train.recipe != "aux_seg":
+    trains_tips = cfg.train.recipe == "aux_seg" or (cfg.train.recipe == "3stage" and cfg.train.finetune_recipe == "aux_seg")
+    if cfg.train.tip_loss_weight > 0 and not trains_tips:
         return (f"train.tip_loss_weight = {cfg.train.tip_loss_weight:g} is for train.recipe aux_seg (the tip head sits on "
                 f"its decoder): recipe {cfg.train.recipe} trains without tip maps")
     return None

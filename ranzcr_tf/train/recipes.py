@@ -15,6 +15,8 @@
               at ``train.distill_layer``; the teacher is ``train.teacher/fold{k}/best.keras``; ``best.keras``
               is the image-only classifier, validated on the whole fold
 ``finetune``  stage 3: all studies, the classification loss, weights from ``train.init_from/fold{k}/best.keras``
+              (``aux_seg`` starts from there too when ``train.init_from`` is set: 3stage with
+              ``train.finetune_recipe: aux_seg``)
 ``3stage``    not a fold recipe: ``train.stages`` runs teacher -> student -> finetune into ``OUT/<stage>/``
 ============  =========================================================================================
 
@@ -53,9 +55,9 @@ def build_training_model(cfg: Config, image_size: int, positives, num_train: int
     classifier = models.build_model(cfg.model, image_size, cfg.task.num_classes, groups=cfg.task.groups)
     if recipe == "plain":
         return classifier, classification_loss
+    if cfg.train.init_from and recipe in ("finetune", "aux_seg"):
+        _copy_weights(_load_run_model(cfg.train.init_from, fold, "train.init_from"), classifier, cfg.train.init_from)
     if recipe == "finetune":
-        start = _load_run_model(cfg.train.init_from, fold, "train.init_from")
-        _copy_weights(start, classifier, cfg.train.init_from)
         return classifier, classification_loss
     if recipe == "student":
         from ranzcr_tf.model.distill import build_student_model
@@ -90,7 +92,8 @@ def source_identity(cfg: Config, fold: int) -> dict:
 
     from ranzcr_tf import io_utils, runs
 
-    source = {"student": cfg.train.teacher, "finetune": cfg.train.init_from}.get(cfg.train.recipe)
+    source = {"student": cfg.train.teacher, "finetune": cfg.train.init_from, "aux_seg": cfg.train.init_from}.get(
+        cfg.train.recipe)
     if not source:
         return {}
     path = io_utils.join(runs.fold_dir(source, fold), runs.BEST_INFO_FILE)

@@ -9,6 +9,8 @@ skipped on rerun, a killed one continues from its backup, ``--restart`` discards
 given. The student reads ``OUT/teacher`` (``train.teacher``), the finetune stage starts from
 ``OUT/student`` (``train.init_from``): both are set here, for the stage's config only. Epochs per stage:
 ``train.teacher_epochs``, ``train.student_epochs``, ``train.finetune_epochs`` (0 = ``train.epochs``).
+``train.finetune_recipe: aux_seg`` trains stage 3 as ``aux_seg`` (the line-mask decoder, and tip maps with
+``train.tip_loss_weight``) from the student's weights; its folder is still ``OUT/finetune``.
 
 ``OUT/stages.json`` names the stages and the final one; model discovery (``serve.modelio.discover_models``,
 the kernel, ``package``) serves only the final stage of a 3stage folder (``runs.final_stage_dir``): the
@@ -40,8 +42,9 @@ def stage_config(cfg: Config, stage: str, out_dir: str) -> Config:
         setattr(staged.train, f"{name}_epochs", 0)
     if stage == "student":
         staged.train.teacher = stage_dir(out_dir, "teacher")
-    if stage == "finetune":
+    if stage == "finetune":  # from the student's weights; train.finetune_recipe=aux_seg adds the line-mask decoder
         staged.train.init_from = stage_dir(out_dir, "student")
+        staged.train.recipe = cfg.train.finetune_recipe
     staged.validate()
     return staged
 
