@@ -154,10 +154,9 @@ def build_keras_step(args):
 
 
 def synthetic_batch(cfg, args, batch: int, accelerator: str, seed: int = 0):
-    """``(images, targets)`` as numpy, shaped and typed as the trainer's batches of ``train.recipe``."""
-    import numpy as np
-
-    from ranzcr_tf.labels import NUM_CLASSES, NUM_FAMILIES, mask_size
+    """``(images, targets)`` as numpy, shaped and typed as the trainer's batches of ``train.recipe``
+    (``train.plan.synthetic_batch``: the structure ``recipes.symbolic_targets`` gives the model)."""
+    from ranzcr_tf.train import plan
 
     if args.backend == "jax":  # pipeline.data.image_dtype_for on JAX: uint8 unless data.image_dtype says otherwise
         dtype = "uint8" if cfg.data.image_dtype == "auto" else cfg.data.image_dtype
@@ -165,16 +164,7 @@ def synthetic_batch(cfg, args, batch: int, accelerator: str, seed: int = 0):
         from ranzcr_tf.pipeline import data
 
         dtype = data.image_dtype_for(cfg, args.backend, accelerator).as_numpy_dtype
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch, args.size, args.size, cfg.model.input_channels)).astype(dtype)
-    targets = (rng.random((batch, NUM_CLASSES)) < 0.2).astype("float32")
-    if cfg.train.recipe == "aux_seg":
-        side = mask_size(args.size)
-        targets = {"target": targets, "mask": (rng.random((batch, side, side, NUM_FAMILIES)) < 0.05).astype("uint8"),
-                   "has_mask": (rng.random(batch) < 0.5).astype("float32")}
-        if cfg.train.tip_loss_weight > 0:  # tip heat maps (pipeline/tips.py: uint8, [0, 1] x 255)
-            targets["tip"] = rng.integers(0, 256, (batch, side, side, NUM_FAMILIES)).astype("uint8")
-    return images, targets
+    return plan.synthetic_batch(cfg, args.size, batch, dtype, seed=seed)
 
 
 class CompileLog:

@@ -49,9 +49,9 @@ class Measured:
     recipe: str
 
 
-def synthetic_batch(cfg: Config, image_size: int, global_batch: int, image_dtype: str):
-    """One batch of the recipe's structure and shapes (``recipes.symbolic_targets`` says which)."""
-    rng = np.random.default_rng(0)
+def synthetic_batch(cfg: Config, image_size: int, global_batch: int, image_dtype: str, seed: int = 0):
+    """One batch of the recipe's structure and shapes (``recipes.symbolic_targets`` says which), as numpy."""
+    rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (global_batch, image_size, image_size, cfg.model.input_channels)).astype(image_dtype)
     targets = rng.integers(0, 2, (global_batch, cfg.task.num_classes)).astype("float32")
     symbolic = recipes.symbolic_targets(cfg, image_size)
