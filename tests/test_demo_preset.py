@@ -48,6 +48,9 @@ def test_preset_model_fits_the_cpu_budget():
 def test_thin_line_preset_is_the_recipe_the_ablation_chose():
     cfg = load_config(os.path.join(PRESET_DIR, "cpu_lines.yaml"))
     assert (cfg.model.backbone, cfg.model.pooling, cfg.train.recipe) == ("line_cnn", "max", "aux_seg")
+    for name in ("cpu_lines", "b7_768_tpu", "b5_512_gpu"):  # issue 29's winner, shipped in the CPU, TPU and GPU presets
+        preset = load_config(os.path.join(PRESET_DIR, f"{name}.yaml"))
+        assert (preset.train.recipe, preset.train.tip_loss_weight, preset.model.head) == ("aux_seg", 1.0, "single"), name
     assert cfg.preprocess.image_size % 32 == 0, "the line-mask decoder needs sizes divisible by 32"
     assert cfg.augment.cutout_prob == 0
 
